@@ -1,0 +1,1 @@
+"""trustcap.gateway: the Pi-side services for its HPC (attestation server, committee relay, egress guard)."""

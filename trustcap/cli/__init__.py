@@ -1,0 +1,54 @@
+"""The `trustcap` command.
+
+Each subcommand lives in its own module of this package and exposes `register(subparsers)`; this
+module only wires them together and turns our errors into one clear line on stderr (exit 1), never a
+traceback. Add a subcommand by adding its module name to `_SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from trustcap import __version__
+from trustcap.errors import TrustcapError
+
+_SUBCOMMANDS: tuple[str, ...] = (
+    # "stack" is added with trustcap/cli/stack.py
+)
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trustcap",
+        description="Trusted execution of digital capsules on a network of attested Pi gateways.",
+    )
+    parser.add_argument("--version", action="version", version=f"trustcap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _SUBCOMMANDS:
+        importlib.import_module(f"trustcap.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except TrustcapError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    return rc
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
