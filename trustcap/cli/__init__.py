@@ -18,7 +18,7 @@ from trustcap import __version__
 from trustcap.errors import TrustcapError
 
 _SUBCOMMANDS: tuple[str, ...] = (
-    # "stack" is added with trustcap/cli/stack.py
+    "stack",
 )
 
 err_console = Console(stderr=True, highlight=False)

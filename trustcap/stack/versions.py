@@ -1,0 +1,18 @@
+"""Pinned versions of the tools the local stack builds or installs, and why each (docs/versions.md).
+
+One place, so that the build, the docs and the tests agree. Changing a version here invalidates the
+cached binary (its stamp records the version it was built at).
+"""
+
+from __future__ import annotations
+
+#: k8s.io/kubernetes release for kube-apiserver and kubectl (wrapper module in tools/kube).
+KUBERNETES = "v1.36.3"
+#: kine, k3s's datastore shim: SQLite behind an etcd API (go install, cgo for SQLite).
+KINE = "v0.17.5"
+#: helm v3 CLI (go install).
+HELM = "v3.22.0"
+#: anvil from npm (@foundry-rs/anvil-linux-amd64); no download at run time, the binary is in the package.
+ANVIL_NPM = "1.7.1"
+#: Debian suite the base images are built from (debootstrap against the machine's own apt mirror).
+DEBIAN_SUITE = "bookworm"
