@@ -19,6 +19,7 @@ from trustcap.errors import TrustcapError
 
 _SUBCOMMANDS: tuple[str, ...] = (
     "stack",
+    "demo",
 )
 
 err_console = Console(stderr=True, highlight=False)
