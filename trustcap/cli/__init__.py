@@ -20,6 +20,7 @@ from trustcap.errors import TrustcapError
 _SUBCOMMANDS: tuple[str, ...] = (
     "stack",
     "demo",
+    "netboot",
 )
 
 err_console = Console(stderr=True, highlight=False)
