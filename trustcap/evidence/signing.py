@@ -1,0 +1,64 @@
+"""Recoverable secp256k1 signatures, the form an Ethereum contract can `ecrecover`.
+
+The Signer (shared interface): `address` (EIP-55), `public_key()` (33-byte SEC1 compressed), and
+`sign_digest(digest32) -> 65 bytes r || s || v` with v in {27, 28} and low s. The trust root implements
+it (Zymkey or software); evidence code only ever sees this shape.
+
+Verification is strict where a contract would be: exactly 65 bytes, v in {27, 28}, 1 <= r < n,
+1 <= s <= n/2 (high s is a malleated copy of a valid signature: refusing it keeps one signature per
+message, as OpenZeppelin's ECDSA.recover does).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from eth_keys import keys  # type: ignore[attr-defined]
+from eth_keys.exceptions import BadSignature
+from eth_utils.address import to_checksum_address
+from eth_utils.exceptions import ValidationError
+
+from trustcap.evidence.errors import SignatureError
+
+__all__ = ["SIGNATURE_LEN", "Signer", "address_of", "recover_address"]
+
+SIGNATURE_LEN = 65
+_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+@runtime_checkable
+class Signer(Protocol):
+    @property
+    def address(self) -> str: ...
+
+    def public_key(self) -> bytes: ...
+
+    def sign_digest(self, digest32: bytes) -> bytes: ...
+
+
+def address_of(public_key: bytes) -> str:
+    """The EIP-55 address of a 33-byte compressed secp256k1 public key."""
+    try:
+        return str(keys.PublicKey.from_compressed_bytes(bytes(public_key)).to_checksum_address())
+    except (ValidationError, ValueError, TypeError) as exc:
+        raise SignatureError(f"not a compressed secp256k1 public key: {exc}") from exc
+
+
+def recover_address(digest32: bytes, signature: bytes) -> str:
+    """The EIP-55 address whose key made `signature` over `digest32`; SignatureError if malformed."""
+    if not isinstance(digest32, (bytes, bytearray)) or len(digest32) != 32:
+        raise SignatureError("the signed digest must be 32 bytes")
+    if not isinstance(signature, (bytes, bytearray)) or len(signature) != SIGNATURE_LEN:
+        raise SignatureError(f"a signature must be {SIGNATURE_LEN} bytes (r || s || v)")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    v = signature[64]
+    if v not in (27, 28):
+        raise SignatureError(f"signature v must be 27 or 28, got {v}")
+    if not 1 <= r < _N or not 1 <= s <= _N // 2:
+        raise SignatureError("signature r or s is out of range (high s is refused as malleable)")
+    try:
+        public = keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(bytes(digest32))
+    except (BadSignature, ValidationError, ValueError) as exc:
+        raise SignatureError(f"no public key can be recovered from the signature: {exc}") from exc
+    return str(to_checksum_address(public.to_canonical_address()))

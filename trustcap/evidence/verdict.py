@@ -1,0 +1,164 @@
+"""Verdicts: a verifier's signed judgement of one quote, as EIP-712 typed data a contract can check.
+
+The AttestationLog contract recovers each verifier from its signature (ecrecover over the EIP-712
+digest), so the encoding is the standard one, built by `eth_account.messages.encode_typed_data` rather
+than by hand. The verdict's id is its hashStruct, unique per verdict; it is also what goes, as
+`verdict_leaf(id)`, into the epoch's Merkle batch (`trustcap.merkle`).
+
+    Verdict(bytes32 attestationId,address node,uint8 phase,bool passed,bytes32 quoteDigest,
+            bytes32 policyDigest,uint64 epoch,uint64 issuedAt)
+    domain: name "trustcap", version "1", chainId, verifyingContract = AttestationLog address
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated, Any
+
+from eth_account.messages import encode_typed_data
+from eth_utils.crypto import keccak
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trustcap.evidence.errors import EvidenceFormatError, SignatureError, VerdictError
+from trustcap.evidence.quote import Address, Hex32, Hex65
+from trustcap.evidence.signing import Signer, recover_address
+
+__all__ = [
+    "Domain",
+    "Phase",
+    "SignedVerdict",
+    "Verdict",
+    "decode_signed_verdict",
+    "encode_signed_verdict",
+    "sign_verdict",
+    "typed_data",
+    "verdict_digest",
+    "verdict_id",
+    "verify_verdict",
+]
+
+MAX_VERDICT_BYTES = 16 * 1024
+_U64 = 2**64 - 1
+
+VERDICT_TYPES = {
+    "EIP712Domain": [
+        {"name": "name", "type": "string"},
+        {"name": "version", "type": "string"},
+        {"name": "chainId", "type": "uint256"},
+        {"name": "verifyingContract", "type": "address"},
+    ],
+    "Verdict": [
+        {"name": "attestationId", "type": "bytes32"},
+        {"name": "node", "type": "address"},
+        {"name": "phase", "type": "uint8"},
+        {"name": "passed", "type": "bool"},
+        {"name": "quoteDigest", "type": "bytes32"},
+        {"name": "policyDigest", "type": "bytes32"},
+        {"name": "epoch", "type": "uint64"},
+        {"name": "issuedAt", "type": "uint64"},
+    ],
+}
+
+
+class Phase(IntEnum):
+    BOOT = 0
+    PRE = 1
+    DURING = 2
+    POST = 3
+    WIPE = 4
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Domain(_Model):
+    chain_id: Annotated[int, Field(ge=1, le=_U64)]
+    verifying_contract: Address
+
+
+class Verdict(_Model):
+    attestation_id: Hex32
+    node: Address
+    phase: Annotated[int, Field(ge=0, le=4)]
+    passed: bool
+    quote_digest: Hex32
+    policy_digest: Hex32
+    epoch: Annotated[int, Field(ge=0, le=_U64)]
+    issued_at: Annotated[int, Field(ge=0, le=_U64)]
+
+
+class SignedVerdict(_Model):
+    verdict: Verdict
+    domain: Domain
+    signature: Hex65
+
+
+def typed_data(verdict: Verdict, domain: Domain) -> dict[str, Any]:
+    """The full EIP-712 message (what eth_signTypedData_v4 would sign)."""
+    return {
+        "types": VERDICT_TYPES,
+        "primaryType": "Verdict",
+        "domain": {
+            "name": "trustcap",
+            "version": "1",
+            "chainId": domain.chain_id,
+            "verifyingContract": domain.verifying_contract,
+        },
+        "message": {
+            "attestationId": bytes.fromhex(verdict.attestation_id[2:]),
+            "node": verdict.node,
+            "phase": verdict.phase,
+            "passed": verdict.passed,
+            "quoteDigest": bytes.fromhex(verdict.quote_digest[2:]),
+            "policyDigest": bytes.fromhex(verdict.policy_digest[2:]),
+            "epoch": verdict.epoch,
+            "issuedAt": verdict.issued_at,
+        },
+    }
+
+
+def verdict_id(verdict: Verdict, domain: Domain) -> bytes:
+    """hashStruct(verdict): the verdict's id, and the input of its Merkle leaf."""
+    return bytes(encode_typed_data(full_message=typed_data(verdict, domain)).body)
+
+
+def verdict_digest(verdict: Verdict, domain: Domain) -> bytes:
+    """keccak256(0x19 0x01 || domainSeparator || hashStruct): what the verifier signs."""
+    signable = encode_typed_data(full_message=typed_data(verdict, domain))
+    return keccak(b"\x19" + bytes(signable.version) + bytes(signable.header) + bytes(signable.body))
+
+
+def sign_verdict(verdict: Verdict, domain: Domain, signer: Signer) -> SignedVerdict:
+    sig = signer.sign_digest(verdict_digest(verdict, domain))
+    return SignedVerdict(verdict=verdict, domain=domain, signature="0x" + sig.hex())
+
+
+def verify_verdict(signed: SignedVerdict, expected_signer: str | None = None) -> str:
+    """The EIP-55 address that signed the verdict; VerdictError if malformed or not `expected_signer`."""
+    try:
+        signer = recover_address(verdict_digest(signed.verdict, signed.domain), bytes.fromhex(signed.signature[2:]))
+    except SignatureError as exc:
+        raise VerdictError(f"verdict signature is not valid: {exc}") from exc
+    if expected_signer is not None and signer != expected_signer:
+        raise VerdictError(f"verdict was signed by {signer}, not by the expected verifier {expected_signer}")
+    return signer
+
+
+def encode_signed_verdict(signed: SignedVerdict) -> bytes:
+    from trustcap import canonical
+
+    return canonical.encode(signed.model_dump())
+
+
+def decode_signed_verdict(data: bytes) -> SignedVerdict:
+    if not isinstance(data, (bytes, bytearray)):
+        raise EvidenceFormatError("a signed verdict must be bytes")
+    if len(data) > MAX_VERDICT_BYTES:
+        raise EvidenceFormatError(f"a signed verdict must be at most {MAX_VERDICT_BYTES} bytes")
+    try:
+        return SignedVerdict.model_validate_json(bytes(data))
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
+        raise EvidenceFormatError(f"not a signed verdict: {where}: {err.get('msg', 'invalid')}") from None
