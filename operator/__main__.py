@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    kopf.configure(verbose=args.verbose, debug=args.debug)
+    kopf.configure(verbose=args.verbose, debug=args.debug, log_prefix=True)  # "[ns/name]" on object lines
     namespaces = tuple(args.namespace)
     kopf.run(
         clusterwide=not namespaces,

@@ -57,7 +57,7 @@ def _create(custom: Any, body: dict[str, Any]) -> Any:
 def _refusal(custom: Any, body: dict[str, Any]) -> tuple[int, str, list[str]]:
     with pytest.raises(ApiException) as info:
         _create(custom, body)
-    err = json.loads(info.value.body)
+    err = json.loads(info.value.body or "{}")
     fields = [c.get("field", "") for c in (err.get("details") or {}).get("causes") or []]
     return int(info.value.status), str(err.get("message", "")), fields
 
@@ -187,7 +187,7 @@ def _expect_422(call: Callable[[], Any], field: str) -> str:
     with pytest.raises(ApiException) as info:
         call()
     assert info.value.status == 422, info.value.body
-    err = json.loads(info.value.body)
+    err = json.loads(info.value.body or "{}")
     fields = [c.get("field", "") for c in (err.get("details") or {}).get("causes") or []]
     assert field in fields, (fields, err.get("message"))
     return str(err["message"])
