@@ -19,6 +19,7 @@ from trustcap.errors import TrustcapError
 
 _SUBCOMMANDS: tuple[str, ...] = (
     "stack",
+    "exec",
     "demo",
     "netboot",
 )
