@@ -1,0 +1,49 @@
+"""The errors of the HPC agent (executor, wipe, measurements, channel).
+
+    TrustcapError                      (trustcap.errors)
+    └── AgentError                     anything the agent raises on purpose
+        ├── IsolationError             a run's isolation spec is malformed (field named) or cannot be applied
+        ├── EngineError                the Docker Engine failed or is unreachable (translated in `engine.py`)
+        │   └── ImageMissing           the image is not present locally (no registry is reachable)
+        ├── WipeError                  a wipe step failed or could not be verified; the node is not clean
+        ├── EnrolmentError             boot enrolment cannot proceed (missing cmdline key, bad token)
+        └── ChannelError               the agent<->gateway channel failed (auth, decrypt, framing, rekey)
+
+Docker SDK errors are translated in exactly one place, `trustcap.agent.engine`, so every caller only
+needs `AgentError`; `tests/agent/test_engine.py` checks that every docker error we can meet is mapped.
+"""
+
+from __future__ import annotations
+
+from trustcap.errors import TrustcapError
+
+__all__ = ["AgentError", "ChannelError", "EngineError", "EnrolmentError", "ImageMissing", "IsolationError",
+           "WipeError"]
+
+
+class AgentError(TrustcapError):
+    """Base of every error the agent raises on purpose."""
+
+
+class IsolationError(AgentError):
+    """The isolation spec is malformed (the message names the field) or the host cannot apply it."""
+
+
+class EngineError(AgentError):
+    """The Docker Engine refused or failed an operation, or does not answer."""
+
+
+class ImageMissing(EngineError):
+    """The image is not in the local engine; nothing is pulled implicitly (no registry is reachable)."""
+
+
+class WipeError(AgentError):
+    """A wipe step failed or its verification did not hold: the node must not be declared clean."""
+
+
+class EnrolmentError(AgentError):
+    """Boot enrolment cannot proceed: a required kernel command-line key is missing or malformed."""
+
+
+class ChannelError(AgentError):
+    """The agent<->gateway channel failed: authentication, decryption, framing or key rotation."""

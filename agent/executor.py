@@ -1,0 +1,273 @@
+"""The container executor: one capsule run under `IsolationSpec`, ended by a verified wipe, always.
+
+    caller              Executor                    Docker Engine           kernel / attacher
+      | run(spec) ------> | snapshot pre-state         |                          |
+      |                   | make scratch (loop+ext4)   |                          |
+      |                   | [egress] sandbox ---------> | create+start (net none) |
+      |                   |   attach(pid) ------------------------------------> | veth -> gateway, nft
+      |                   | create+start capsule -----> |                          |
+      |                   | poll: status, cgroup pids, seccomp audit, egress counters (stop on violation)
+      |                   | timeout? kill ------------> |                          |
+      |                   | logs tail, state --------- > |                          |
+      |                   | rm -v containers ---------> | verify gone              |
+      |                   | wipe scratch (overwrite + read-back), detach network, snapshot post-state
+      | <---- RunResult (reason, exit_code, violations, stdout/stderr tails, wipe proof)
+
+Why a sandbox container for egress: the capsule must never run a single instruction before its network
+is confined, so the network namespace is made and wired first (in a sleeping sandbox of the trusted base
+image) and the capsule joins it (`network_mode=container:<sandbox>`).
+Why polling: seccomp records, the pids cgroup and egress counters are only visible while the run lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from trustcap.agent import engine
+from trustcap.agent.audit import AuditReader
+from trustcap.agent.errors import AgentError, EngineError, WipeError
+from trustcap.agent.isolation import SCRATCH_PATH, Endpoint, IsolationSpec, seccomp_profile
+from trustcap.agent.wipe import make_scratch
+
+__all__ = ["DEFAULT_SCRATCH_ROOT", "Executor", "NetworkAttacher", "RunResult", "Violation"]
+
+log = logging.getLogger("trustcap.agent")
+DEFAULT_SCRATCH_ROOT = Path("/var/lib/trustcap/scratch")
+SANDBOX_IMAGE = "trustcap/base:bookworm"
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One attempt the isolation stopped: what kind, what was attempted, and who saw it."""
+
+    kind: str
+    attempted: str
+    source: str
+    count: int = 1
+
+
+class NetworkAttacher(Protocol):
+    """Wires a run's network namespace to its gateway and reports egress attempts (the gateway's guard)."""
+
+    def attach(self, run_id: str, pid: int, egress: Sequence[Endpoint]) -> None: ...
+    def violations(self) -> list[Violation]: ...
+    def detach(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class RunResult:
+    reason: str
+    exit_code: int | None
+    violations: list[Violation]
+    stdout: str
+    stderr: str
+    wipe: dict[str, Any]
+    run_id: str
+    image: str
+    seconds: float
+    egress: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["violations"] = [asdict(v) for v in self.violations]
+        return d
+
+
+def _tail(data: bytes, limit: int) -> str:
+    return data[-limit:].decode("utf-8", "replace") if limit else ""
+
+
+def _read_int_field(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v)
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
+class Executor:
+    """Runs capsules one at a time (an HPC executes one capsule; seccomp records are attributed by window)."""
+
+    def __init__(self, client: Any | None = None, *, scratch_root: Path | None = DEFAULT_SCRATCH_ROOT,
+                 attacher: NetworkAttacher | None = None, sandbox_image: str = SANDBOX_IMAGE,
+                 audit: AuditReader | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client or engine.connect()
+        self.scratch_root = scratch_root
+        self.attacher = attacher
+        self.sandbox_image = sandbox_image
+        self.audit = audit or AuditReader()
+        self.clock = clock
+
+    # -- state snapshots: the post-run state must equal the pre-run state ---------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """What a run could leave behind: our labelled containers and volumes, scratch dirs, loop devices."""
+        with engine.translate("listing run leftovers"):
+            containers = sorted(c.id for c in self.client.containers.list(all=True,
+                                                                          filters={"label": "io.trustcap.run"}))
+            volumes = sorted(v.name for v in self.client.volumes.list(filters={"label": "io.trustcap.run"}))
+        scratch = sorted(p.name for p in self.scratch_root.iterdir()) if self.scratch_root and \
+            self.scratch_root.is_dir() else []
+        state: dict[str, Any] = {"containers": containers, "volumes": volumes, "scratch_dirs": scratch}
+        state["digest"] = "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+        return state
+
+    def run(self, spec: IsolationSpec) -> RunResult:
+        run_id = uuid.uuid4().hex[:12]
+        t0 = self.clock()
+        pre = self.snapshot()
+        with engine.translate(f"looking up image {spec.image}"):
+            self.client.images.get(spec.image)
+        if spec.egress and self.attacher is None:
+            raise AgentError("egress endpoints were declared but no gateway network attacher is configured")
+        scratch = make_scratch(spec.scratch_bytes, self.scratch_root, SCRATCH_PATH)
+        sandbox: Any = None
+        container: Any = None
+        violations: dict[tuple[str, str, str], int] = {}
+        reason, exit_code, error = "error", None, ""
+        stdout = stderr = b""
+        egress_report: dict[str, Any] = {}
+        wipe_items: list[dict[str, Any]] = []
+        self.audit.open()
+        wall0 = time.time()
+        try:
+            settings = spec.container_settings()
+            settings["labels"] = {"io.trustcap.run": run_id}
+            settings["security_opt"] = [*settings["security_opt"],
+                                        f"seccomp={seccomp_profile(allow_inet=bool(spec.egress))}"]
+            settings.update(scratch.docker_settings())
+            if spec.egress:
+                assert self.attacher is not None
+                sandbox = self._start_sandbox(run_id, settings)
+                self.attacher.attach(run_id, int(sandbox.attrs["State"]["Pid"]), spec.egress)
+                settings["network_mode"] = f"container:{sandbox.id}"
+            else:
+                settings["network_mode"] = "none"
+            with engine.translate("creating the capsule container"):
+                container = self.client.containers.create(name=f"trustcap-run-{run_id}", **settings)
+            reason, exit_code = self._supervise(spec, container, violations, wall0)
+            with engine.translate("reading the capsule's output"):
+                stdout = container.logs(stdout=True, stderr=False)
+                stderr = container.logs(stdout=False, stderr=True)
+        except AgentError as exc:
+            reason, error = "error", str(exc)
+            log.warning("run %s failed: %s", run_id, exc)
+        finally:
+            self._collect_audit(violations, wall0)
+            self.audit.close()
+            if self.attacher is not None and spec.egress:
+                for v in self.attacher.violations():
+                    violations[(v.kind, v.attempted, v.source)] = max(violations.get(
+                        (v.kind, v.attempted, v.source), 0), v.count)
+                with contextlib.suppress(AgentError):
+                    egress_report = self.attacher.detach()
+            for c, what in ((container, "capsule container"), (sandbox, "network sandbox container")):
+                if c is not None:
+                    wipe_items.append(self._remove_container(c, what))
+            try:
+                wipe_items.append(scratch.wipe())
+            except WipeError as exc:
+                reason, error = "error", f"wipe failed: {exc}"
+                wipe_items.append({"what": "scratch", "verified": False, "error": str(exc)})
+        post = self.snapshot()
+        wipe = {"run_id": run_id, "level": scratch.level, "items": wipe_items,
+                "images_pulled_for_run": [], "volumes_created_for_run": [],
+                "pre_state_digest": pre["digest"], "post_state_digest": post["digest"],
+                "state_restored": pre["digest"] == post["digest"],
+                "verified": all(i.get("verified") is not False for i in wipe_items)
+                and pre["digest"] == post["digest"]}
+        vlist = [Violation(k, a, s, n) for (k, a, s), n in sorted(violations.items())]
+        return RunResult(reason=reason, exit_code=exit_code, violations=vlist,
+                         stdout=_tail(stdout, spec.output_tail_bytes), stderr=_tail(stderr, spec.output_tail_bytes),
+                         wipe=wipe, run_id=run_id, image=spec.image, seconds=round(self.clock() - t0, 3),
+                         egress=egress_report, error=error)
+
+    def _start_sandbox(self, run_id: str, capsule_settings: dict[str, Any]) -> Any:
+        s = dict(capsule_settings)
+        s.update(image=self.sandbox_image, command=["sleep", "infinity"], network_mode="none",
+                 labels={"io.trustcap.run": run_id}, working_dir="/")
+        s.pop("mounts", None)
+        s.pop("tmpfs", None)
+        with engine.translate("starting the network sandbox"):
+            box = self.client.containers.run(name=f"trustcap-net-{run_id}", detach=True, **s)
+            box.reload()
+        return box
+
+    def _supervise(self, spec: IsolationSpec, container: Any, violations: dict[tuple[str, str, str], int],
+                   wall0: float) -> tuple[str, int | None]:
+        with engine.translate("starting the capsule container"):
+            container.start()
+        start = self.clock()
+        cg_pids = Path(f"/sys/fs/cgroup/pids/docker/{container.id}/pids.events")
+        killed: str | None = None
+        while True:
+            with engine.translate("watching the capsule container"):
+                container.reload()
+            state = container.attrs["State"]
+            forks_denied = _read_int_field(cg_pids, "max")
+            if forks_denied:
+                violations[("pids", f"process creation beyond pids limit {spec.pids_limit}", "cgroup")] = \
+                    max(forks_denied, violations.get(("pids", f"process creation beyond pids limit "
+                                                               f"{spec.pids_limit}", "cgroup"), 0))
+            if state["Status"] in ("exited", "dead"):
+                break
+            if killed is None:
+                if self.clock() - start > spec.timeout_s:
+                    killed = "timeout"
+                elif spec.on_violation == "stop" and self._has_violation(violations, wall0):
+                    killed = "killed-by-policy"
+                if killed:
+                    log.warning("killing capsule %s: %s", container.name, killed)
+                    with engine.translate("killing the capsule container"):
+                        with contextlib.suppress(EngineError):
+                            container.kill()
+            time.sleep(_POLL_S)
+        code = state.get("ExitCode")
+        if killed:
+            return killed, code
+        if state.get("OOMKilled"):
+            violations[("memory", f"memory beyond limit {spec.memory_bytes} bytes", "cgroup")] = 1
+            return "oom", code
+        return "completed", code
+
+    def _has_violation(self, violations: dict[tuple[str, str, str], int], wall0: float) -> bool:
+        self._collect_audit(violations, wall0)
+        if self.attacher is not None:
+            for v in self.attacher.violations():
+                violations[(v.kind, v.attempted, v.source)] = v.count
+        return bool(violations)
+
+    def _collect_audit(self, violations: dict[tuple[str, str, str], int], wall0: float) -> None:
+        for ev in self.audit.read(since=wall0 - 1.0):
+            key = (ev.kind, f"{ev.name} by {ev.comm} ({ev.exe})", "seccomp")
+            violations[key] = violations.get(key, 0) + 1
+
+    def _remove_container(self, c: Any, what: str) -> dict[str, Any]:
+        from docker.errors import NotFound
+
+        cid = c.id
+        try:
+            with engine.translate(f"removing the {what}"):
+                c.remove(force=True, v=True)
+        except EngineError as exc:
+            return {"what": what, "id": cid, "verified": False, "error": str(exc)}
+        try:
+            self.client.containers.get(cid)
+            gone = False
+        except NotFound:
+            gone = True
+        return {"what": what, "id": cid, "how": "force-removed with its anonymous volumes (rm -fv)",
+                "verified": gone}
