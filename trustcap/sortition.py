@@ -54,6 +54,7 @@ __all__ = [
     "commitment",
     "draw",
     "participate",
+    "participate_with",
     "rank",
     "select_committee",
     "select_executor",
@@ -140,13 +141,22 @@ def commitment(alpha: bytes, node_id: str, pi: bytes, salt: bytes) -> bytes:
     ).digest()
 
 
+def participate_with(
+    node_id: str, prove: Callable[[bytes], bytes], alpha: bytes, *, token: Callable[[int], bytes] = secrets.token_bytes
+) -> tuple[bytes, Reveal]:
+    """What a node does at scheduling time: prove, salt, commit. Returns (commitment, private reveal).
+
+    `prove` is the trust root's `vrf_prove`, so the VRF secret stays sealed (DESIGN.md)."""
+    pi = prove(alpha)
+    salt = token(SALT_LEN)
+    return commitment(alpha, node_id, pi, salt), Reveal(node_id, pi, salt)
+
+
 def participate(
     node_id: str, vrf_secret_key: bytes, alpha: bytes, *, token: Callable[[int], bytes] = secrets.token_bytes
 ) -> tuple[bytes, Reveal]:
-    """What a node does at scheduling time: prove, salt, commit. Returns (commitment, private reveal)."""
-    pi = vrf.prove(vrf_secret_key, alpha)
-    salt = token(SALT_LEN)
-    return commitment(alpha, node_id, pi, salt), Reveal(node_id, pi, salt)
+    """`participate_with` for a bare secret key (tests, tools)."""
+    return participate_with(node_id, lambda a: vrf.prove(vrf_secret_key, a), alpha, token=token)
 
 
 def _index(candidates: Iterable[Candidate]) -> dict[str, Candidate]:

@@ -547,3 +547,27 @@ def test_malformed_verdict_signature_is_a_verdict_error() -> None:
     bad = signed.model_copy(update={"signature": "0x" + "00" * 65})
     with pytest.raises(VerdictError, match="signature is not valid"):
         verify_verdict(bad)
+
+
+# --- with the real trust root (software backend) as Signer ---------------------------------------------------
+
+
+def test_quote_and_verdict_signed_by_the_software_trust_root_verify(tmp_path: Any) -> None:
+    """The shared Signer interface, end to end: trustcap.trustroot signs, trustcap.evidence recovers."""
+    from trustcap.trustroot import SoftwareTrustRoot
+
+    (tmp_path / "gw").mkdir()
+    (tmp_path / "agent").mkdir()
+    gateway_root = SoftwareTrustRoot.create(tmp_path / "gw", b"\x01" * 32)
+    agent_root = SoftwareTrustRoot.create(tmp_path / "agent", b"\x02" * 32)
+    assert isinstance(gateway_root, Signer) and address_of(gateway_root.public_key()) == gateway_root.address
+
+    clock, nonces, nonce = _setup()
+    quote = _quote(nonce, gateway=gateway_root.address, agent_key=agent_root.public_key())
+    signed = sign_quote(quote, agent_root, gateway_root)
+    kwargs = {**_kwargs(nonces, nonce, clock), "agent_key": agent_root.public_key(),
+              "gateway_address": gateway_root.address}
+    assert verify_quote(signed, **kwargs).ok
+
+    verdict = sign_verdict(_verdict(node=gateway_root.address), DOMAIN, gateway_root)
+    assert verify_verdict(verdict, expected_signer=gateway_root.address) == gateway_root.address

@@ -292,3 +292,25 @@ def test_winner_is_not_biased_toward_input_order(betas: list[dict[str, bytes]]) 
     chi2 = _chi2(positions, {str(i): ROUNDS / 4 for i in range(4)})
     print(f"equal weights over {ROUNDS} draws: winner positions {dict(sorted(positions.items()))}, chi2 = {chi2:.2f}")
     assert chi2 < CHI2_DF3_P001
+
+
+def test_trust_root_nodes_take_part_without_unsealing_their_vrf_secret(tmp_path: object) -> None:
+    """Gateways prove through trustcap.trustroot (secret sealed); the selection verifies as usual."""
+    from pathlib import Path
+
+    from trustcap.trustroot import SoftwareTrustRoot
+
+    roots = []
+    for i in range(3):
+        home = Path(str(tmp_path)) / f"gw-{i}"
+        home.mkdir()
+        roots.append(SoftwareTrustRoot.create(home, bytes([i + 1]) * 32))
+    cands = [Candidate(f"gw-{i}", r.vrf_public_key(), 10 * (i + 1), 8_000) for i, r in enumerate(roots)]
+    commits: dict[str, bytes] = {}
+    reveals: list[Reveal] = []
+    for c, r in zip(cands, roots, strict=True):
+        com, rev = sortition.participate_with(c.node_id, r.vrf_prove, ALPHA)
+        commits[c.node_id] = com
+        reveals.append(rev)
+    winner = sortition.select_executor(cands, ALPHA, reveals)
+    sortition.verify_selection(cands, ALPHA, commits, reveals, winner)
