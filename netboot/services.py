@@ -44,6 +44,7 @@ class NetbootServices:
         self.refusals: list[Refusal] = []
         self.booted: list[BootSignal] = []
         self.stopped = threading.Event()
+        self._booted_hooks: list[Callable[[BootSignal], None]] = []
         self.store.on_refused(self.refusals.append)
         self.tftp: TftpServer | None = None
         self.http: HttpServer | None = None
@@ -51,6 +52,9 @@ class NetbootServices:
 
     def on_refused(self, hook: Callable[[Refusal], None]) -> None:
         self.store.on_refused(hook)
+
+    def on_booted(self, hook: Callable[[BootSignal], None]) -> None:
+        self._booted_hooks.append(hook)
 
     def start(self) -> NetbootServices:
         try:
@@ -68,6 +72,8 @@ class NetbootServices:
 
     def _booted(self, signal: BootSignal) -> None:
         self.booted.append(signal)
+        for hook in self._booted_hooks:
+            hook(signal)
         if self.cfg.stop_after_boot:
             log.info("boot completed by %s; stopping the boot services (stop_after_boot)", signal["client"])
             threading.Thread(target=self.stop, name="trustcap-netboot-stop", daemon=True).start()

@@ -12,6 +12,7 @@ changed afterwards is refused and reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -40,6 +41,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--mac", action="append", default=[], metavar="MAC=TOKEN", help="serve only this HPC")
     s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
     s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
+    s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
     s.set_defaults(func=_serve)
 
     b = sub.add_parser("build-image", help="build the HPC boot image reproducibly from Debian packages")
@@ -87,7 +89,17 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = NetbootConfig(root=root, bind=args.bind, tftp_port=_port(args.tftp_port, "--tftp-port"),
                         http_port=_port(args.http_port, "--http-port"), dhcp=dhcp, state_dir=args.state_dir,
                         stop_after_boot=args.stop_after_boot)
-    services = NetbootServices(cfg, approval).start()
+    services = NetbootServices(cfg, approval)
+    if args.events:
+        events: Path = args.events
+
+        def record(kind: str, body: dict[str, str]) -> None:
+            with events.open("a") as fh:
+                fh.write(json.dumps({"event": kind, **body}, sort_keys=True) + "\n")
+
+        services.on_refused(lambda r: record("refused", dataclasses.asdict(r)))
+        services.on_booted(lambda b: record("booted", b))
+    services.start()
     assert services.tftp and services.http
     print(json.dumps({"tftp_port": services.tftp.port, "http_port": services.http.port, "bind": args.bind}),
           flush=True)

@@ -1,0 +1,138 @@
+"""A lab HPC link on one machine: network namespaces, a bridge, a tap and a PXE-booting qemu.
+
+Used by the e2e suite and the bench, never by a gateway. Topology (all made here, all removed by
+`close()`, also after a failure):
+
+    netns <gw>:   nbgw0 10.77.0.1/24  <- the gateway's boot services bind here
+                    | veth
+    netns <link>: nbl0 --- br0 --- tap0 <- qemu-system-x86_64 (-boot n, e1000, iPXE ROM)
+
+The HPC's only link is the bridge, whose only other member is the gateway: it reaches nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["LabLink", "QemuHpc", "qemu_available"]
+
+log = logging.getLogger("trustcap.netboot")
+
+GW_IP = "10.77.0.1"
+HPC_MAC = "52:54:00:7c:00:01"
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip", *(["-n", ns] if ns else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=check)
+
+
+def qemu_available() -> str | None:
+    """None when qemu can run here, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "network namespaces and taps need root"
+    for tool in ("qemu-system-x86_64", "ip", "dnsmasq"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            return f"{tool} is not installed"
+    if not Path("/usr/lib/ipxe/qemu/efi-e1000.rom").exists() and not Path("/usr/lib/ipxe/qemu/pxe-e1000.rom").exists():
+        return "ipxe-qemu ROMs are not installed"
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun is missing"
+    return None
+
+
+class LabLink:
+    def __init__(self, tag: str | None = None) -> None:
+        tag = tag or str(os.getpid())
+        self.gw_ns = f"tcnb-gw-{tag}"
+        self.link_ns = f"tcnb-link-{tag}"
+        self.gw_ip = GW_IP
+        self.gw_if = "nbgw0"
+
+    def __enter__(self) -> LabLink:
+        try:
+            self.create()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create(self) -> None:
+        _ip("netns", "add", self.gw_ns)
+        _ip("netns", "add", self.link_ns)
+        _ip("link", "add", self.gw_if, "type", "veth", "peer", "name", "nbl0", "netns", self.link_ns, ns=self.gw_ns)
+        _ip("addr", "add", f"{self.gw_ip}/24", "dev", self.gw_if, ns=self.gw_ns)
+        _ip("link", "set", self.gw_if, "up", ns=self.gw_ns)
+        _ip("link", "set", "lo", "up", ns=self.gw_ns)
+        _ip("link", "add", "br0", "type", "bridge", ns=self.link_ns)
+        _ip("link", "set", "br0", "type", "bridge", "forward_delay", "0", ns=self.link_ns)
+        _ip("tuntap", "add", "dev", "tap0", "mode", "tap", ns=self.link_ns)
+        for dev in ("nbl0", "tap0"):
+            _ip("link", "set", dev, "master", "br0", ns=self.link_ns)
+            _ip("link", "set", dev, "up", ns=self.link_ns)
+        _ip("link", "set", "br0", "up", ns=self.link_ns)
+
+    def close(self) -> None:
+        for ns in (self.link_ns, self.gw_ns):
+            _ip("netns", "del", ns, check=False)
+
+    def in_gw(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.gw_ns, *cmd]
+
+
+class QemuHpc:
+    """A diskless qemu PC on the lab tap that boots from the network; serial console to `serial_log`."""
+
+    def __init__(self, lab: LabLink, serial_log: Path, accel: str | None = None, memory_mb: int = 512) -> None:
+        self.lab = lab
+        self.serial_log = serial_log
+        self.accel = accel or os.environ.get("TRUSTCAP_QEMU_ACCEL", "tcg")
+        self.memory_mb = memory_mb
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> QemuHpc:
+        cmd = [
+            "ip", "netns", "exec", self.lab.link_ns, "qemu-system-x86_64",
+            # -nographic makes SeaBIOS and iPXE print on the serial port too (sercon), so a refused
+            # boot is visible in the log, not only on a VGA screen nobody reads.
+            "-accel", self.accel, "-m", str(self.memory_mb), "-nographic", "-nodefaults", "-no-reboot",
+            "-monitor", "none", "-serial", f"file:{self.serial_log}",
+            "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={HPC_MAC}", "-boot", "n",
+        ]
+        self.serial_log.write_bytes(b"")
+        self.started_at = time.monotonic()
+        with open(self.serial_log.with_suffix(".qemu.log"), "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        return self
+
+    def wait_for(self, markers: tuple[str, ...], timeout: float) -> str | None:
+        """The first marker that appears on the serial console within `timeout` seconds, else None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
+            for m in markers:
+                if m in text:
+                    return m
+            if self.proc and self.proc.poll() is not None:
+                return None
+            time.sleep(0.25)
+        return None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
