@@ -8,6 +8,7 @@ skips it for a single instance.
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -25,12 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--standalone", action="store_true", help="no peering: a single instance")
     peer.add_argument("--peering", default=None, metavar="NAME",
                       help="elect a leader through this kopf peering object (requires kopf's peering CRDs)")
-    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    p.add_argument("--priority", type=int, default=None,
+                   help="peering priority of this replica (default: random, so replicas never tie)")
     p.add_argument("--liveness", default=None, metavar="URL",
                    help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p
+
+
+def default_priority() -> int:
+    """A random priority: kopf pauses *every* replica when two share the highest priority, so identical
+    replicas of one Deployment would all stop. Distinct random values elect one leader without config."""
+    return secrets.randbelow(2**31 - 2) + 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Neither flag: kopf's own choice (peering when its CRDs are installed, else standalone).
         standalone=True if args.standalone else None,
         peering_name=args.peering,
-        priority=args.priority,
+        priority=args.priority if args.priority is not None else default_priority(),
         liveness_endpoint=args.liveness,
     )
     return 0

@@ -90,6 +90,7 @@ class OperatorProcess:
 
     env: dict[str, str]
     log_path: Path
+    args: tuple[str, ...] = ("--standalone",)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -97,7 +98,7 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trustcap.operator", "--namespace", NAMESPACE, "--standalone", "--verbose"],
+                [sys.executable, "-P", "-m", "trustcap.operator", "--namespace", NAMESPACE, *self.args, "--verbose"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )
 
