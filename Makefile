@@ -4,6 +4,10 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 TRUSTCAP := $(VENV)/bin/trustcap
+PYTEST   := $(VENV)/bin/pytest
+# operator/ sits at the repo root (DESIGN.md) and would shadow the standard library's `operator` module
+# for any `python -m` started here: Python 3.11's safe-path mode keeps the working folder off sys.path.
+export PYTHONSAFEPATH := 1
 
 .PHONY: deps stack demo test unit e2e lint bench down clean
 
@@ -21,13 +25,13 @@ lint: deps
 
 # One pytest run over the unit and end-to-end suites, so its closing line counts every test.
 test: stack lint
-	@$(PY) -m pytest tests e2e
+	@$(PYTEST) tests e2e
 
 unit: deps
-	@$(PY) -m pytest tests
+	@$(PYTEST) tests
 
 e2e: stack
-	@$(PY) -m pytest e2e
+	@$(PYTEST) e2e
 
 bench: stack
 	@scripts/bench

@@ -22,7 +22,7 @@ from trustcap.stack import paths
 @pytest.fixture(scope="session")
 def stack() -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "trustcap.cli", "stack", "up"], capture_output=True, text=True, timeout=3000,
+        [sys.executable, "-P", "-m", "trustcap.cli", "stack", "up"], capture_output=True, text=True, timeout=3000,
         check=False,
     )
     if proc.returncode != 0:

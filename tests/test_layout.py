@@ -103,3 +103,17 @@ def test_operator_does_not_shadow_the_standard_library() -> None:
 
     assert trustcap.operator.__file__ is not None
     assert Path(trustcap.operator.__file__).resolve() == (ROOT / "operator" / "__init__.py").resolve()
+
+
+def test_python_subprocesses_run_in_safe_path_mode() -> None:
+    """`sys.executable, "-m"` without `-P` lets operator/ shadow the standard library (decision 0001)."""
+    offenders = []
+    for folder in {*PACKAGE_DIR.values(), "tests", "e2e", "bench"}:
+        for path in (ROOT / folder).rglob("*.py"):
+            if "__pycache__" in path.parts or path == Path(__file__).resolve():
+                continue
+            text = path.read_text()
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if "sys.executable" in line and '"-m"' in line and '"-P"' not in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}")
+    assert not offenders, 'start Python as [sys.executable, "-P", "-m", ...]:\n' + "\n".join(offenders)

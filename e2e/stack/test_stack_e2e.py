@@ -16,7 +16,7 @@ from trustcap.stack.stack import Stack
 
 
 def _up() -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trustcap.cli", "stack", "up", "--no-image"],
+    return subprocess.run([sys.executable, "-P", "-m", "trustcap.cli", "stack", "up", "--no-image"],
                           capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -60,7 +60,7 @@ def test_a_part_that_died_is_restarted(stack: dict[str, Any]) -> None:
 
 
 def test_status_lists_every_part_running(stack: dict[str, Any]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trustcap.cli", "stack", "status"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-P", "-m", "trustcap.cli", "stack", "status"], capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for part in ("docker", "anvil"):

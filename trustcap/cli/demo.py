@@ -70,7 +70,7 @@ def _demo(args: argparse.Namespace) -> int:
             step = bar.add_task("starting the operator", total=None)
             env = dict(os.environ, KUBECONFIG=str(stack.kubeconfig))
             with log.open("wb") as fh:
-                operator = subprocess.Popen([sys.executable, "-m", "trustcap.operator"], stdout=fh,
+                operator = subprocess.Popen([sys.executable, "-P", "-m", "trustcap.operator"], stdout=fh,
                                             stderr=subprocess.STDOUT, env=env)
             bar.update(step, description=f"[green]operator running[/] (log: {log})")
             bar.stop_task(step)
