@@ -99,7 +99,7 @@ class OperatorProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", "-m", "trustcap.operator", "--namespace", NAMESPACE, *self.args, "--verbose"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent,  # not the repo root
             )
 
     def stop(self) -> None:
