@@ -1,0 +1,101 @@
+"""Helpers for the chain e2e tests: verdicts, verifier keys and a deployed, wired set of contracts on anvil.
+
+Verifier keys are anvil's dev accounts 1..5 (funded, so they can register with a deposit); account 0 is the
+owner and the chain-writer's sender. Verdict contents are made up but well formed: the chain only ever
+sees their hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from trustcap import merkle
+from trustcap.chain.anvil import Anvil
+from trustcap.chain.client import ChainClient, Deployment
+from trustcap.chain.keys import ANVIL_KEYS, KeySigner
+from trustcap.evidence.verdict import Domain, Verdict, verdict_id
+
+ETH = 10**18
+OWNER = KeySigner(ANVIL_KEYS[0])
+VERIFIERS = [KeySigner(k) for k in ANVIL_KEYS[1:6]]
+OUTSIDER = KeySigner(ANVIL_KEYS[9])
+VRF_KEY = b"\x02" + hashlib.sha256(b"vrf").digest()
+
+
+@dataclass
+class Chain:
+    anvil: Anvil
+    owner: ChainClient
+    d: Deployment
+
+    def client(self, signer: KeySigner) -> ChainClient:
+        return ChainClient(self.anvil.url, signer)
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(chain_id=self.d.chain_id, verifying_contract=self.d.log)
+
+
+def deploy(anvil: Anvil, *, quorum: int = 3, register: int = 4) -> Chain:
+    """Fresh contracts; the first `register` verifiers registered with 2 ETH each."""
+    owner = ChainClient(anvil.url, OWNER)
+    d = owner.deploy_all(quorum=quorum, min_deposit=ETH, leave_delay=3600, slash_amount=ETH)
+    for v in VERIFIERS[:register]:
+        ChainClient(anvil.url, v).register_node(d, VRF_KEY, hashlib.sha256(v.address.encode()).digest(), 2 * ETH)
+    return Chain(anvil, owner, d)
+
+
+def make_verdict(*, epoch: int = 1, passed: bool = True, phase: int = 3, node: str | None = None,
+                 attestation: bytes | None = None, quote: bytes | None = None) -> Verdict:
+    return Verdict(
+        attestation_id="0x" + (attestation or os.urandom(32)).hex(),
+        node=node or VERIFIERS[0].address,
+        phase=phase,
+        passed=passed,
+        quote_digest="0x" + (quote or os.urandom(32)).hex(),
+        policy_digest="0x" + hashlib.sha256(b"policy").hexdigest(),
+        epoch=epoch,
+        issued_at=1_700_000_000,
+    )
+
+
+def leaf_of(v: Verdict, domain: Domain) -> bytes:
+    return merkle.verdict_leaf(verdict_id(v, domain))
+
+
+def record(chain: Chain, verdicts: list[Verdict], *, epoch: int, signers: list[KeySigner] | None = None
+           ) -> merkle.MerkleTree:
+    """Record `verdicts` as one batch of `epoch`, signed by `signers` (default: the first three verifiers)."""
+    from trustcap.chain.typed import sign_batch
+
+    tree = merkle.MerkleTree([leaf_of(v, chain.domain) for v in verdicts])
+    sigs = sign_batch(signers or VERIFIERS[:3], epoch, tree.root, len(verdicts), chain.d.chain_id, chain.d.log)
+    log = chain.owner.contract("AttestationLog", chain.d.log)
+    chain.owner.transact(log.functions.recordBatch(epoch, tree.root, len(verdicts), sigs))
+    return tree
+
+
+def scan_chain(anvil: Anvil, needles: list[bytes]) -> list[str]:
+    """Every place a needle (raw, or as hex text) appears in any transaction's calldata or any event's
+    topics and data, from block 0 to the head: where task data would show if it ever reached the chain."""
+    forms: list[bytes] = []
+    for n in needles:
+        forms += [n, n.hex().encode()]
+    head = int(anvil.rpc("eth_blockNumber"), 16)
+    hits: list[str] = []
+    for num in range(head + 1):
+        block = anvil.rpc("eth_getBlockByNumber", [hex(num), True])
+        for tx in block["transactions"]:
+            data = bytes.fromhex(tx["input"][2:])
+            for f in forms:
+                if f in data or f.hex().encode() in data:
+                    hits.append(f"calldata of {tx['hash']}")
+    logs = anvil.rpc("eth_getLogs", [{"fromBlock": "0x0", "toBlock": "latest"}])
+    for lg in logs:
+        blob = b"".join(bytes.fromhex(t[2:]) for t in lg["topics"]) + bytes.fromhex(lg["data"][2:])
+        for f in forms:
+            if f in blob:
+                hits.append(f"event in {lg['transactionHash']}")
+    return hits

@@ -1,0 +1,278 @@
+"""The chain-writer: records attestation verdicts on chain in epoch batches, never losing or doubling one.
+
+    controller           Writer                     Journal (SQLite)            chain (AttestationLog)
+        |  add(verdict)    |                              |                              |
+        |----------------->| INSERT OR IGNORE by id ----->|  (a verdict is journaled once)
+        |  seal()          |                              |                              |
+        |----------------->| tree(leaves) -> root, id = hashStruct(Batch(epoch, root, count))
+        |                  | quorum signs Batch (EIP-712) |                              |
+        |                  | batch + verdict->batch ----->|  one atomic step             |
+        |  run()           |                              |                              |
+        |----------------->| recorded(id)? ---------------------------------------------->|  yes: go to confirm
+        |                  | nonce = pending count, fees, sign raw tx                     |
+        |                  | journal raw tx (nonce, hash)>|                              |
+        |                  |      ~ kill point "after_sign"                               |
+        |                  | send raw ---------------------------------------------------->|
+        |                  |      ~ kill point "after_send"                               |
+        |                  | receipt? no: resend same raw (same nonce, same hash); stuck or underpriced:
+        |                  |   re-sign SAME nonce with +25% fees, journal first, send      |
+        |                  | BatchRecorded(id) at block b, head - b + 1 >= N, hash(b) canonical
+        |                  | confirm(id, tx, b) --------->|                              |
+        |<-----------------| record(verdict) = (epoch, root, proof, tx, block)            |
+
+Why it cannot lose or double a record, whatever line it is killed at:
+- every step's facts hit the journal (fsync'd) before the action that depends on them, so a restart
+  knows every verdict, every sealed batch and every transaction it may have sent;
+- a verdict is batched once (its row gets a batch id in the same SQLite transaction that creates the batch);
+- the batch id is deterministic and the contract records an id once, so a resend is harmless, and the
+  writer asks the chain first (`isRecorded` through the BatchRecorded event) before signing anything;
+- one batch is in flight at a time and all its attempts share one nonce, so at most one can be mined and
+  nonces come from the node's pending count with nothing of ours outstanding: they never skip;
+- a batch is confirmed only after N confirmations with its block still canonical; if a reorg drops it,
+  the journaled raw transaction is sent again;
+- RPC errors (refused, timed out) back off exponentially and retry until the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from trustcap import merkle
+from trustcap.chain.client import ChainClient, Deployment, Fees
+from trustcap.chain.errors import ChainError, ContractReverted, NonceConflict, RpcUnavailable, TransactionFailed
+from trustcap.chain.journal import BatchRow, Journal, TxRow
+from trustcap.chain.typed import batch_id, sign_batch
+from trustcap.evidence.signing import Signer
+from trustcap.evidence.verdict import Verdict, verdict_id
+
+__all__ = ["KILLPOINT_ENV", "Record", "Writer"]
+
+log = logging.getLogger("trustcap.chain")
+
+#: Test hook for the reliability tests: when set to a kill point's name, the process SIGKILLs itself there.
+KILLPOINT_ENV = "TRUSTCAP_CHAIN_KILLPOINT"
+_UNDERPRICED = ("underpriced", "fee cap", "feecap", "less than block base fee", "max fee per gas", "too low")
+
+
+def _killpoint(name: str) -> None:
+    if os.environ.get(KILLPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where a verdict is on chain, once its batch is confirmed."""
+
+    verdict_id: str
+    batch_id: str
+    epoch: int
+    root: str
+    proof: list[str]
+    tx_hash: str
+    block: int
+
+
+class Writer:
+    def __init__(
+        self,
+        client: ChainClient,
+        deployment: Deployment,
+        journal: Journal,
+        batch_signers: Sequence[Signer],
+        *,
+        confirmations: int = 1,
+        max_batch: int = 1000,
+        stuck_after: float = 20.0,
+        resend_every: float = 1.0,
+        fees: Callable[[], Fees] | None = None,
+        poll: float = 0.05,
+        backoff: tuple[float, float] = (0.1, 5.0),
+    ) -> None:
+        if confirmations < 1:
+            raise ChainError("confirmations must be at least 1")
+        self.client = client
+        self.d = deployment
+        self.journal = journal
+        self.batch_signers = list(batch_signers)
+        self.confirmations = confirmations
+        self.max_batch = max_batch
+        self.stuck_after = stuck_after
+        self.resend_every = resend_every
+        self.fees = fees or client.suggest_fees
+        self.poll = poll
+        self.backoff = backoff
+        self._last_send: dict[str, float] = {}
+        self._log_contract = client.contract("AttestationLog", deployment.log)
+
+    # -- intake -------------------------------------------------------------------------------------------
+    def add(self, verdict: Verdict, source: str = "") -> bool:
+        """Journal a verdict; False if it was already journaled (whatever its state): idempotent by id."""
+        vid = verdict_id(verdict, _domain(self.d))
+        return self.journal.add_verdict("0x" + vid.hex(), verdict.epoch, merkle.verdict_leaf(vid),
+                                        verdict.model_dump_json(), source)
+
+    def seal(self, before_epoch: int | None = None) -> list[str]:
+        """Close pending verdicts into batches (per epoch, at most max_batch each); returns their ids."""
+        sealed: list[str] = []
+        for epoch in self.journal.pending_epochs():
+            if before_epoch is not None and epoch >= before_epoch:
+                continue
+            while rows := self.journal.pending(epoch, self.max_batch):
+                tree = merkle.MerkleTree([r.leaf for r in rows])
+                bid = batch_id(epoch, tree.root, len(rows))
+                sigs = sign_batch(self.batch_signers, epoch, tree.root, len(rows), self.d.chain_id, self.d.log)
+                self.journal.seal("0x" + bid.hex(), epoch, tree.root, len(rows), sigs, [r.verdict_id for r in rows])
+                log.info("sealed batch %s: epoch %s, %s verdicts", "0x" + bid.hex(), epoch, len(rows))
+                sealed.append("0x" + bid.hex())
+        return sealed
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self, timeout: float = 120.0) -> None:
+        """Seal what is pending and drive every batch to confirmed; RPC outages are waited out."""
+        deadline = time.monotonic() + timeout
+        delay = self.backoff[0]
+        while True:
+            try:
+                self.seal()
+                if not self.step():
+                    return
+                delay = self.backoff[0]
+                time.sleep(self.poll)
+            except RpcUnavailable as exc:
+                log.warning("chain RPC unavailable, retrying in %.1fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+            if time.monotonic() > deadline:
+                raise TransactionFailed(
+                    f"chain-writer: {self.journal.counts()['unconfirmed']} batch(es) still unconfirmed after {timeout}s")
+
+    def step(self) -> bool:
+        """One step on the oldest unconfirmed batch; False when there is nothing left to do."""
+        batches = self.journal.unconfirmed()
+        if not batches:
+            return False
+        self._advance(batches[0])
+        return True
+
+    def _advance(self, b: BatchRow) -> None:
+        bid = bytes.fromhex(b.batch_id[2:])
+        ev = self.client.find_batch(self.d, bid)
+        if ev is not None:
+            self._confirm(b, ev)
+            return
+        attempts = self.journal.txs(b.batch_id)
+        if not attempts:
+            self._sign_and_send(b, self.client.nonce("pending"), self.fees(), gas=None)
+            return
+        for a in attempts:
+            r = self.client.receipt(bytes.fromhex(a.tx_hash[2:]))
+            if r is not None:
+                if r["status"] != 1:
+                    raise TransactionFailed(f"batch {b.batch_id}: transaction {a.tx_hash} reverted in block "
+                                            f"{r['blockNumber']}; the contract refuses this batch")
+                return  # mined: the event query will see it on the next step
+        last = attempts[-1]
+        if self.client.nonce("latest") > last.nonce:
+            # Our nonce is used. Re-check receipts (one may have been mined since we looked) before blaming
+            # an outsider; an attempt of ours being mined is the usual reason.
+            if any(self.client.receipt(bytes.fromhex(a.tx_hash[2:])) for a in attempts):
+                return
+            raise NonceConflict(f"batch {b.batch_id}: nonce {last.nonce} was used by a transaction the writer "
+                                "did not sign; is another process sending from this account?")
+        if time.time() - last.created_at > self.stuck_after:
+            log.warning("batch %s: transaction %s not mined after %.0fs, replacing it with higher fees",
+                        b.batch_id, last.tx_hash, self.stuck_after)
+            self._replace(b, last)
+            return
+        if time.monotonic() - self._last_send.get(last.tx_hash, 0.0) >= self.resend_every:
+            self._send(b, last)
+
+    def _replace(self, b: BatchRow, last: TxRow) -> None:
+        fees = Fees(last.max_fee, last.tip).bumped()
+        gas = _gas_of(last.raw)
+        self._sign_and_send(b, last.nonce, fees, gas=gas)
+
+    def _sign_and_send(self, b: BatchRow, nonce: int, fees: Fees, gas: int | None) -> None:
+        fn = self._log_contract.functions.recordBatch(b.epoch, b.root, b.count, b.signatures)
+        for _ in range(20):
+            tx = self.client.build(fn, nonce=nonce, fees=fees, gas=gas)
+            raw, h = self.client.sign(tx)
+            self.journal.add_tx("0x" + h.hex(), b.batch_id, nonce, raw, fees.max_fee, fees.tip)
+            log.info("batch %s: signed transaction 0x%s (nonce %s, max fee %s)", b.batch_id, h.hex(), nonce,
+                     fees.max_fee)
+            _killpoint("after_sign")
+            row = self.journal.txs(b.batch_id)[-1]
+            if self._send(b, row):
+                return
+            fees = fees.bumped()  # underpriced: same nonce, more fees, journaled before it is sent
+            gas = tx["gas"]
+        raise TransactionFailed(f"batch {b.batch_id}: the node refused every fee up to {fees.max_fee}")
+
+    def _send(self, b: BatchRow, row: TxRow) -> bool:
+        """Send (or re-send) a journaled raw transaction; False if the node calls it underpriced."""
+        self._last_send[row.tx_hash] = time.monotonic()
+        try:
+            self.client.send_raw(row.raw)
+        except RpcUnavailable:
+            raise
+        except ContractReverted:
+            raise
+        except ChainError as exc:
+            msg = str(exc).lower()
+            if "already known" in msg or "known transaction" in msg or "nonce too low" in msg:
+                return True  # in the pool already, or mined: the receipt check decides
+            if any(k in msg for k in _UNDERPRICED):
+                log.warning("batch %s: transaction %s underpriced (%s); raising fees", b.batch_id, row.tx_hash, exc)
+                return False
+            raise
+        if row.state != "sent":
+            self.journal.mark_sent(row.tx_hash)
+        _killpoint("after_send")
+        return True
+
+    def _confirm(self, b: BatchRow, ev: dict[str, Any]) -> None:
+        block = int(ev["blockNumber"])
+        head = self.client.block_number()
+        if head - block + 1 < self.confirmations:
+            return
+        canonical = self.client.block_hash(block)
+        ev_hash = "0x" + bytes(ev["blockHash"]).hex()
+        if canonical != ev_hash:
+            return  # reorganised under us: the next step looks again (and resends if it is gone)
+        tx_hash = "0x" + bytes(ev["transactionHash"]).hex()
+        self.journal.confirm(b.batch_id, tx_hash, block, ev_hash)
+        log.info("batch %s confirmed: transaction %s, block %s (%s confirmations)", b.batch_id, tx_hash, block,
+                 head - block + 1)
+
+    # -- results ------------------------------------------------------------------------------------------
+    def record(self, verdict_id_hex: str) -> Record | None:
+        """Where the verdict is on chain, with its Merkle proof; None until its batch is confirmed."""
+        v = self.journal.verdict(verdict_id_hex)
+        if v is None or v.batch_id is None:
+            return None
+        b = self.journal.batch(v.batch_id)
+        if b is None or b.state != "confirmed" or b.tx_hash is None or b.block_number is None:
+            return None
+        members = self.journal.batch_leaves(b.batch_id)
+        tree = merkle.MerkleTree([leaf for _, leaf in members])
+        idx = tree.leaves.index(v.leaf)
+        return Record(verdict_id_hex, b.batch_id, b.epoch, "0x" + b.root.hex(),
+                      ["0x" + p.hex() for p in tree.proof(idx)], b.tx_hash, b.block_number)
+
+
+def _domain(d: Deployment) -> Any:
+    from trustcap.evidence.verdict import Domain
+
+    return Domain(chain_id=d.chain_id, verifying_contract=d.log)
+
+
+def _gas_of(raw: bytes) -> int:
+    from eth_account.typed_transactions import TypedTransaction
+
+    return int(TypedTransaction.from_bytes(raw).as_dict()["gas"])
