@@ -20,7 +20,8 @@ packets; every name goes through `ApprovedStore.fetch`, and every datagram is ha
 
 Every refusal (bad path, not approved, digest mismatch, upload) answers ERR 2 "Access violation" and
 does not tell which: a prober learns nothing about the root. One thread, non-blocking sockets, and a
-per-session deadline: a client that stalls holds only its own session until it expires.
+per-session deadline: a client that stalls holds only its own session until it expires; a flood of
+requests holds at most `max_per_client` sessions per address (a repeated TID replaces its session).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,11 +81,12 @@ class _Session:
         return len(self.data) // self.blksize + 1
 
 
+_ERR_TEXT = {0: b"Server busy", 2: b"Access violation", 4: b"Illegal TFTP operation", 5: b"Unknown transfer ID"}
+
+
 def _err(code: int) -> bytes:
-    pkt = TftpPacketERR()
-    pkt.errorcode = code
-    out: bytes = pkt.encode().buffer
-    return out
+    # Encoded here: tftpy's TftpPacketERR cannot encode code 0 ("not defined", used for "busy").
+    return struct.pack("!HH", 5, code) + _ERR_TEXT.get(code, b"Error") + b"\0"
 
 
 def _dat(block: int, data: bytes) -> bytes:
@@ -99,12 +102,13 @@ class TftpServer:
 
     def __init__(
         self, store: ApprovedStore, bind: str, port: int, *, timeout: float = 1.0, retries: int = 5,
-        max_sessions: int = 64,
+        max_sessions: int = 64, max_per_client: int = 8,
     ) -> None:
         self.store = store
         self.timeout = timeout
         self.retries = retries
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
         self._factory = TftpPacketFactory()
         self._sessions: dict[socket.socket, _Session] = {}
         self._sel = selectors.DefaultSelector()
@@ -184,7 +188,10 @@ class TftpServer:
             DROPPED.labels("mode").inc()
             self._sock.sendto(_err(TftpErrors.AccessViolation), peer)
             return
-        if len(self._sessions) >= self.max_sessions:
+        for old in [x for x in self._sessions.values() if x.peer == peer]:
+            self._close(old)  # a new request from the same TID replaces its old session
+        per_client = sum(1 for x in self._sessions.values() if x.peer[0] == peer[0])
+        if len(self._sessions) >= self.max_sessions or per_client >= self.max_per_client:
             DROPPED.labels("busy").inc()
             self._sock.sendto(_err(TftpErrors.NotDefined), peer)
             return

@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from pxekit import TOKEN, Gateway, QemuHpc
 from trustcap.netboot.image.builder import INITRD_FILE, BuiltImage
-
-from .conftest import TOKEN, Gateway, QemuHpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,7 +34,9 @@ def test_approved_image_pxe_boots_and_reaches_its_gateway(boot: tuple[Gateway, Q
     assert not [e for e in gw.events_list() if e["event"] == "refused"]
 
 
-def test_tampered_initrd_is_refused_never_boots_and_is_reported(tampered: object, boot: tuple[Gateway, QemuHpc]) -> None:
+def test_tampered_initrd_is_refused_never_boots_and_is_reported(
+    tampered: object, boot: tuple[Gateway, QemuHpc]
+) -> None:
     gw, hpc = boot
     refused = gw.wait_event("refused", BOOT_TIMEOUT)
     assert refused is not None, f"no refusal reported; serve log:\n{gw.log.read_text()[-2000:]}"

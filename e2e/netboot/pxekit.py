@@ -1,0 +1,116 @@
+"""Fixtures for the netboot e2e: a real lab link (namespaces, bridge, tap), real dnsmasq, our TFTP/HTTP
+services in the gateway namespace (`trustcap netboot serve`), and a qemu PC that PXE-boots from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from trustcap.netboot.image.builder import INITRD_FILE, BuildInputs, BuiltImage, build_image, copy_image
+from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
+
+TOKEN = "tok-e2e-0001"  # noqa: S105 -- a test enrolment token, not a secret
+
+
+@pytest.fixture(scope="session")
+def image() -> BuiltImage:
+    return build_image(BuildInputs(gateway_url=f"http://{GW_IP}:8080"))
+
+
+@dataclass
+class Gateway:
+    lab: LabLink
+    root: Path
+    events: Path
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def events_list(self) -> list[dict[str, str]]:
+        if not self.events.exists():
+            return []
+        return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
+
+    def wait_event(self, kind: str, timeout: float) -> dict[str, str] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events_list():
+                if ev["event"] == kind:
+                    return ev
+            time.sleep(0.25)
+        return None
+
+
+def _start_gateway(lab: LabLink, root: Path, manifest: Path, state: Path) -> Gateway:
+    events, log = state / "events.jsonl", state / "serve.log"
+    cmd = lab.in_gw([
+        sys.executable, "-P", "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,
+        "--tftp-port", "69", "--http-port", "8080", "--manifest", str(manifest),
+        "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150",
+        "--mac", f"{HPC_MAC}={TOKEN}", "--state-dir", str(state / "dnsmasq"), "--events", str(events),
+    ])
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and '"tftp_port"' not in log.read_text():
+        if proc.poll() is not None:
+            raise AssertionError(f"netboot serve exited {proc.returncode}: {log.read_text()}")
+        time.sleep(0.2)
+    if '"tftp_port"' not in log.read_text():
+        proc.kill()
+        raise AssertionError(f"netboot serve did not come up: {log.read_text()}")
+    return Gateway(lab, root, events, proc, log)
+
+
+@pytest.fixture
+def pxe_rig(tmp_path: Path, image: BuiltImage) -> Iterator[tuple[LabLink, Path]]:
+    reason = qemu_available()
+    if reason:
+        print(f"SKIP netboot e2e: {reason}")
+        pytest.skip(reason)
+    root = tmp_path / "root"
+    copy_image(image, root)
+    manifest = tmp_path / "approved.json"
+    manifest.write_text(json.dumps(image.digests))
+    with LabLink(tag=f"{os.getpid()}-{int(time.time() * 1000) % 100000}") as lab:
+        yield lab, root
+
+
+@pytest.fixture
+def boot(pxe_rig: tuple[LabLink, Path], tmp_path: Path) -> Iterator[tuple[Gateway, QemuHpc]]:
+    """Start the gateway services, then power the HPC on. Tests may tamper with files before `boot`."""
+    lab, root = pxe_rig
+    state = tmp_path / "state"
+    state.mkdir()
+    gw = _start_gateway(lab, root, tmp_path / "approved.json", state)
+    hpc = QemuHpc(lab, tmp_path / "serial.log")
+    try:
+        hpc.start()
+        yield gw, hpc
+    finally:
+        hpc.stop()
+        if gw.proc.poll() is None:
+            gw.proc.send_signal(signal.SIGTERM)
+            try:
+                gw.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                gw.proc.kill()
+                gw.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def tampered(pxe_rig: tuple[LabLink, Path]) -> Path:
+    """Flip one byte of the approved initrd after approval (the manifest keeps the approved digest)."""
+    _, root = pxe_rig
+    p = root / INITRD_FILE
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    return p
