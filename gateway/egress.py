@@ -1,0 +1,250 @@
+"""The egress guard: during a run the HPC link may reach only the capsule's declared endpoints.
+
+Seed: "Any unexpected trial to connect outside internet will be log and banned by RPI." The gateway owns
+the HPC's only link, so it is the place to enforce and to witness. Per run, one nftables table:
+
+    table inet trustcap_eg_<tag>
+      counters  allowed, denied, denied_gateway          (read back into the run report)
+      set declared    ipv4_addr . inet_proto . inet_service   (the capsule's endpoints, TCP)
+      set attempts    ipv4_addr . inet_proto . inet_service   (dynamic, per-element counter: who was tried)
+      chain forward (hook forward, before Docker's):   HPC -> declared: accept; HPC -> anything else:
+                     add to @attempts, log "trustcap-egress-deny", count, drop
+      chain input   (hook input):   HPC -> the gateway's own services: add @attempts, log, count, drop
+      chain postrouting (nat):      masquerade the HPC link so replies route back
+
+    Executor                LinkAttacher (gateway side)            nft / ip
+      | attach(run, pid) --> | veth pair; far end into the run's netns  |
+      |                      | addresses 169.254.x/30, default route    |
+      |                      | EgressGuard.apply() --------------------> | nft -f - (table above)
+      | violations() ------> | EgressGuard.read() ---------------------> | nft -j list table
+      | detach() ----------> | read, delete table, delete veth           |
+
+Traffic never leaves the machine in tests: the gateway side is a network namespace the test made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from trustcap.gateway.errors import EgressError
+
+__all__ = ["EgressAttempt", "EgressGuard", "LinkAttacher", "LocalGatewayAttacher"]
+
+log = logging.getLogger("trustcap.gateway")
+_PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+
+
+class _EndpointLike(Protocol):
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class EgressAttempt:
+    """One undeclared destination the HPC link tried, as the gateway's nftables saw it."""
+
+    kind: str
+    attempted: str
+    source: str
+    count: int = 1
+
+
+def _run(cmd: Sequence[str], what: str, *, stdin: str | None = None, netns: str | None = None) -> str:
+    full = ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
+    try:
+        proc = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EgressError(f"{what}: {full[0]} could not run: {exc}") from exc
+    if proc.returncode != 0:
+        raise EgressError(f"{what}: `{' '.join(full)}` failed (exit {proc.returncode}): {proc.stderr.strip()[:400]}")
+    return proc.stdout
+
+
+class EgressGuard:
+    """One nftables table that confines one HPC link to declared endpoints and records every other try."""
+
+    def __init__(self, hpc_iface: str, endpoints: Sequence[_EndpointLike], *, netns: str | None = None,
+                 tag: str | None = None, hpc_addr: str | None = None) -> None:
+        if not hpc_iface or len(hpc_iface) > 15:
+            raise EgressError(f"egress guard: interface name {hpc_iface!r} must be 1..15 characters")
+        self.iface = hpc_iface
+        self.netns = netns
+        self.table = f"trustcap_eg_{tag or hpc_iface}".replace("-", "_")
+        self.hpc_addr = hpc_addr
+        self.v4: list[tuple[str, int]] = []
+        for e in endpoints:
+            addr = ipaddress.ip_address(e.host)
+            if addr.version != 4:
+                raise EgressError(f"egress guard: endpoint {e.host}:{e.port}: only IPv4 endpoints are supported "
+                                  "on the HPC link (IPv6 is dropped and counted)")
+            self.v4.append((str(addr), int(e.port)))
+
+    def ruleset(self) -> str:
+        """The nft script for this link (deterministic, so it can be measured and compared)."""
+        i = json.dumps(self.iface)
+        elems = ", ".join(f"{a} . tcp . {p}" for a, p in sorted(set(self.v4)))
+        declared = f"elements = {{ {elems} }}" if elems else ""
+        masq = f"        ip saddr {self.hpc_addr} masquerade\n" if self.hpc_addr else ""
+        return f"""table inet {self.table} {{
+    counter allowed {{ }}
+    counter denied {{ }}
+    counter denied_gateway {{ }}
+    set declared {{ type ipv4_addr . inet_proto . inet_service; {declared} }}
+    set attempts {{ type ipv4_addr . inet_proto . inet_service; flags dynamic; size 4096; counter; }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname {i} ip daddr . meta l4proto . th dport @declared counter name allowed accept
+        oifname {i} ct state established,related accept
+        iifname {i} meta l4proto {{ tcp, udp }} add @attempts {{ ip daddr . meta l4proto . th dport }}
+        iifname {i} log prefix "trustcap-egress-deny " level warn counter name denied drop
+        oifname {i} counter name denied drop
+    }}
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname {i} ct state established,related accept
+        iifname {i} meta l4proto {{ tcp, udp }} add @attempts {{ ip daddr . meta l4proto . th dport }}
+        iifname {i} log prefix "trustcap-gateway-deny " level warn counter name denied_gateway drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+{masq}    }}
+}}
+"""
+
+    def apply(self) -> None:
+        _run(["nft", "-f", "-"], f"installing egress table {self.table}", stdin=self.ruleset(), netns=self.netns)
+        log.info("egress guard %s: %d declared endpoint(s) on %s", self.table, len(self.v4), self.iface)
+
+    def read(self) -> dict[str, Any]:
+        """Counters and attempted destinations, read back from the kernel (not from our own bookkeeping)."""
+        out = _run(["nft", "-j", "list", "table", "inet", self.table], f"reading egress table {self.table}",
+                   netns=self.netns)
+        counters: dict[str, dict[str, int]] = {}
+        attempts: list[dict[str, Any]] = []
+        for item in json.loads(out).get("nftables", []):
+            if "counter" in item:
+                c = item["counter"]
+                counters[c["name"]] = {"packets": int(c.get("packets", 0)), "bytes": int(c.get("bytes", 0))}
+            elif "set" in item and item["set"]["name"] == "attempts":
+                for el in item["set"].get("elem", []):
+                    attempts.append(_attempt(el))
+        return {"table": self.table, "declared": [f"{a}:{p}" for a, p in self.v4], "counters": counters,
+                "attempts": attempts}
+
+    def violations(self) -> list[EgressAttempt]:
+        report = self.read()
+        out = [EgressAttempt("egress", f"{a['proto']} {a['host']}:{a['port']}", "nftables", a["packets"] or 1)
+               for a in report["attempts"]]
+        seen = sum(a["packets"] for a in report["attempts"])
+        other = report["counters"].get("denied", {}).get("packets", 0) + \
+            report["counters"].get("denied_gateway", {}).get("packets", 0) - seen
+        if other > 0:
+            out.append(EgressAttempt("egress", "non-TCP/UDP packets (e.g. ICMP) from the HPC link", "nftables",
+                                     other))
+        return out
+
+    def remove(self) -> None:
+        _run(["nft", "delete", "table", "inet", self.table], f"removing egress table {self.table}", netns=self.netns)
+
+
+def _attempt(el: Any) -> dict[str, Any]:
+    """One element of the attempts set: {"elem": {"val": {"concat": [addr, proto, port]}, "counter": ...}}."""
+    packets = 0
+    val = el
+    if isinstance(el, dict) and "elem" in el:
+        val = el["elem"].get("val")
+        packets = int(el["elem"].get("counter", {}).get("packets", 0))
+    parts = val["concat"] if isinstance(val, dict) else [val, "?", "?"]
+    proto = parts[1]
+    proto = _PROTO.get(proto, str(proto)) if isinstance(proto, int) else str(proto)
+    return {"host": str(parts[0]), "proto": proto, "port": parts[2], "packets": packets}
+
+
+_link_ids = itertools.count(1)
+_link_lock = threading.Lock()
+
+
+class LinkAttacher:
+    """Links a run's network namespace to the gateway (a named netns, or this host) and guards the link.
+
+    Implements the executor's NetworkAttacher protocol by shape; the gateway never imports the agent.
+    """
+
+    def __init__(self, gateway_netns: str | None = None) -> None:
+        self.gateway_netns = gateway_netns
+        self.guard: EgressGuard | None = None
+        self.gw_if = ""
+        self.gw_addr = ""
+        self.hpc_addr = ""
+
+    def attach(self, run_id: str, pid: int, egress: Sequence[_EndpointLike]) -> None:
+        with _link_lock:
+            n = (os.getpid() * 7 + next(_link_ids)) % 16000
+        tag = run_id[:8]
+        self.gw_if, hpc_if = f"tcg{tag}", f"tch{tag}"
+        base = int(ipaddress.IPv4Address("169.254.0.0")) + 4 * (n + 64)  # 169.254.1.0 .. : one /30 per link
+        self.gw_addr, self.hpc_addr = str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
+        _run(["ip", "link", "add", self.gw_if, "type", "veth", "peer", "name", hpc_if], "creating the HPC veth")
+        try:
+            _run(["ip", "link", "set", hpc_if, "netns", str(pid), "name", "eth0"], "moving the veth into the run")
+            if self.gateway_netns:
+                _run(["ip", "link", "set", self.gw_if, "netns", self.gateway_netns], "moving the veth to the gateway")
+            ns = self.gateway_netns
+            _run(["ip", "addr", "add", f"{self.gw_addr}/30", "dev", self.gw_if], "addressing the gateway side",
+                 netns=ns)
+            _run(["ip", "link", "set", self.gw_if, "up"], "raising the gateway side", netns=ns)
+            fwd = _run(["sysctl", "-n", "net.ipv4.ip_forward"], "reading ip_forward", netns=ns).strip()
+            if fwd != "1":
+                if not ns:
+                    raise EgressError("net.ipv4.ip_forward is 0 on this host: declared egress cannot be routed "
+                                      "(enable it, or run without --egress)")
+                _run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], "enabling forwarding in the gateway", netns=ns)
+            enter = ["nsenter", "-t", str(pid), "-n"]
+            _run([*enter, "ip", "addr", "add", f"{self.hpc_addr}/30", "dev", "eth0"], "addressing the run side")
+            _run([*enter, "ip", "link", "set", "lo", "up"], "raising the run's loopback")
+            _run([*enter, "ip", "link", "set", "eth0", "up"], "raising the run side")
+            _run([*enter, "ip", "route", "add", "default", "via", self.gw_addr], "routing the run via the gateway")
+            self.guard = EgressGuard(self.gw_if, egress, netns=ns, tag=tag, hpc_addr=self.hpc_addr)
+            self.guard.apply()
+        except Exception:
+            self._delete_link()
+            raise
+
+    def violations(self) -> list[EgressAttempt]:
+        return self.guard.violations() if self.guard else []
+
+    def detach(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        try:
+            if self.guard:
+                report = self.guard.read()
+                report["gateway_addr"], report["hpc_addr"] = self.gw_addr, self.hpc_addr
+                self.guard.remove()
+        finally:
+            self.guard = None
+            self._delete_link()
+        return report
+
+    def _delete_link(self) -> None:
+        if self.gw_if:
+            # Deleting one end deletes the pair; the run's end may already be gone with its namespace.
+            cmd = ["ip", "link", "del", self.gw_if]
+            if self.gateway_netns:
+                cmd = ["ip", "netns", "exec", self.gateway_netns, *cmd]
+            subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+
+
+class LocalGatewayAttacher(LinkAttacher):
+    """`trustcap exec --egress` on a workstation: this host plays the gateway for the run's link."""
+
+    def __init__(self) -> None:
+        super().__init__(gateway_netns=None)
