@@ -69,7 +69,7 @@ def k8s_api(kubeconfig: Path) -> Iterator[Any]:
     """A `kubernetes.client.ApiClient` bound to the stack's API server."""
     from kubernetes import client, config
 
-    api = config.new_client_from_config(config_file=str(kubeconfig))
+    api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     try:
         yield api
     finally:
