@@ -21,6 +21,8 @@ ETH = 10**18
 OWNER = KeySigner(ANVIL_KEYS[0])
 VERIFIERS = [KeySigner(k) for k in ANVIL_KEYS[1:6]]
 OUTSIDER = KeySigner(ANVIL_KEYS[9])
+#: the chain-writer's own account: only the writer sends from it, so its nonces are the writer's alone
+WRITER = KeySigner(ANVIL_KEYS[6])
 VRF_KEY = b"\x02" + hashlib.sha256(b"vrf").digest()
 
 
@@ -99,3 +101,49 @@ def scan_chain(anvil: Anvil, needles: list[bytes]) -> list[str]:
             if f in blob:
                 hits.append(f"event in {lg['transactionHash']}")
     return hits
+
+
+def audit(chain: Chain, journal_path: object, added: list[Verdict]) -> dict[str, int]:
+    """Zero lost, zero duplicates, no skipped nonce: the invariants every reliability test ends with.
+
+    - every added verdict is in exactly one confirmed batch and provable on chain with its proof;
+    - the chain holds exactly one BatchRecorded per journaled batch, and their counts add up to the verdicts;
+    - the writer account's mined transactions are exactly one per batch, all successful, nonces 0..n-1.
+    """
+    from pathlib import Path
+
+    from trustcap.chain.journal import Journal
+    from trustcap.chain.writer import Writer
+
+    journal = Journal(Path(str(journal_path)))
+    writer = Writer(chain.client(WRITER), chain.d, journal, VERIFIERS[:3])
+    ids = {"0x" + verdict_id(v, chain.domain).hex() for v in added}
+    assert journal.counts()["verdicts"] == len(ids), "the journal lost or invented a verdict"
+    assert journal.counts()["unconfirmed"] == 0 and journal.counts()["pending"] == 0
+    by_id = {"0x" + verdict_id(v, chain.domain).hex(): v for v in added}
+    for vid in sorted(ids):
+        rec = writer.record(vid)
+        assert rec is not None, f"verdict {vid} was lost"
+        assert chain.owner.is_included(chain.d, by_id[vid], bytes.fromhex(rec.root[2:]),
+                                       [bytes.fromhex(p[2:]) for p in rec.proof]), f"{vid} not provable on chain"
+    log = chain.owner.contract("AttestationLog", chain.d.log)
+    events = log.events.BatchRecorded.get_logs(from_block=0)
+    ev_ids = ["0x" + bytes(e["args"]["batchId"]).hex() for e in events]
+    assert len(ev_ids) == len(set(ev_ids)), "a batch was recorded twice"
+    batches = journal.batches()
+    assert sorted(ev_ids) == sorted(b.batch_id for b in batches), "chain and journal disagree on the batches"
+    assert sum(int(e["args"]["count"]) for e in events) == len(ids), "a verdict is counted twice or lost"
+    head = chain.owner.block_number()
+    mined = []
+    for num in range(head + 1):
+        block = chain.owner.w3.eth.get_block(num, full_transactions=True)
+        for tx in block["transactions"]:
+            if tx["from"] == WRITER.address:
+                receipt = chain.owner.receipt(bytes(tx["hash"]))
+                assert receipt is not None and receipt["status"] == 1, f"writer tx {tx['hash'].hex()} reverted"
+                mined.append(int(tx["nonce"]))
+    assert mined == list(range(len(batches))), f"writer nonces skipped or repeated: {mined}"
+    assert chain.owner.w3.eth.get_transaction_count(WRITER.address) == len(batches)
+    attempts = journal.txs()
+    journal.close()
+    return {"verdicts": len(ids), "batches": len(batches), "attempts": len(attempts)}

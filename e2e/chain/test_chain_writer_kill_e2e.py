@@ -1,0 +1,58 @@
+"""The chain-writer is SIGKILLed 20 times between signing and sending, and 20 times between sending and the
+receipt (a real process, killed by the kernel at that line): afterwards every verdict is on chain exactly
+once, provable, and the writer's nonces run 0..n-1 without a gap."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from chainkit import Chain, audit, deploy, make_verdict
+
+from trustcap.chain.anvil import Anvil
+from trustcap.chain.writer import KILLPOINT_ENV
+
+HERE = Path(__file__).parent
+KILLS = 20
+
+
+def _run_child(chain: Chain, tmp: Path, verdicts: list[object], killpoint: str | None) -> int:
+    vfile = tmp / "verdicts.json"
+    vfile.write_text(json.dumps([v.model_dump() for v in verdicts]))  # type: ignore[attr-defined]
+    dep = tmp / "deployment.json"
+    chain.d.save(dep)
+    env = dict(os.environ)
+    env.pop(KILLPOINT_ENV, None)
+    if killpoint:
+        env[KILLPOINT_ENV] = killpoint
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "writer_child.py"), chain.anvil.url, str(dep), str(tmp / "journal.sqlite"),
+         str(vfile), "1"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode not in (0, -signal.SIGKILL):
+        pytest.fail(f"writer child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killpoint", [pytest.param("after_sign", id="between-sign-and-send"),
+                                       pytest.param("after_send", id="between-send-and-receipt")])
+def test_writer_killed_twenty_times_loses_and_doubles_nothing(tmp_path: Path, killpoint: str) -> None:
+    with Anvil(log_file=tmp_path / "anvil.log") as anvil:
+        chain = deploy(anvil)
+        added: list[object] = []
+        kills = 0
+        for epoch in range(1, KILLS + 1):
+            added += [make_verdict(epoch=epoch) for _ in range(3)]
+            # every run re-adds everything so far: the journal must ignore what it already has
+            if _run_child(chain, tmp_path, added, killpoint) == -signal.SIGKILL:
+                kills += 1
+        assert kills == KILLS, f"the writer was killed {kills} times, not {KILLS}"
+        assert _run_child(chain, tmp_path, added, None) == 0
+        result = audit(chain, tmp_path / "journal.sqlite", added)  # type: ignore[arg-type]
+        assert result["batches"] == KILLS
+        print(f"{killpoint}: {result}")
