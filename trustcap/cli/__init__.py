@@ -22,6 +22,8 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "exec",
     "demo",
     "netboot",
+    "keys",
+    "seal",
 )
 
 err_console = Console(stderr=True, highlight=False)
