@@ -107,7 +107,7 @@ def test_authentic_envelope_for_another_capsule_is_a_replay(kw: dict[str, bytes]
 def _resign(blob: bytes, edit_header: dict[str, object] | None = None, edit_body: int | None = None,
             signer: KeyPair = MALLORY) -> bytes:
     """What an attacker with its own key can build from a captured envelope."""
-    header, head = read_header(io.BytesIO(blob))
+    _, head = read_header(io.BytesIO(blob))
     doc = json.loads(head[11:])
     if edit_header:
         doc.update(edit_header)
@@ -132,7 +132,6 @@ def test_resigned_envelope_with_a_new_capsule_id_does_not_open() -> None:
 
 def test_owner_who_signs_a_corrupt_chunk_is_caught_at_the_chunk() -> None:
     blob = _seal(b"x" * 3000, [ALICE])
-    header, head = read_header(io.BytesIO(blob))
     forged = _resign(blob, edit_body=1500, signer=OWNER)
     with pytest.raises(EnvelopeTampered, match="chunk 1 does not authenticate"):
         _open(forged)
@@ -175,7 +174,8 @@ def test_malformed_header_fields_are_named(edit: dict[str, object], message: str
         pytest.param(b"TCENV", EnvelopeTruncated, "shorter than its preamble", id="magic-only"),
         pytest.param(b"PK\x03\x04" + bytes(20), EnvelopeError, "bad magic", id="zip-file"),
         pytest.param(env.MAGIC + b"\x02" + bytes(4), EnvelopeError, "version 2", id="future-version"),
-        pytest.param(env.MAGIC + b"\x01" + (1 << 30).to_bytes(4, "big"), EnvelopeError, "header length", id="huge-hlen"),
+        pytest.param(env.MAGIC + b"\x01" + (1 << 30).to_bytes(4, "big"), EnvelopeError, "header length",
+                     id="huge-hlen"),
         pytest.param(env.MAGIC + b"\x01" + (10).to_bytes(4, "big") + b"{}", EnvelopeTruncated, "ends early",
                      id="header-cut"),
         pytest.param(env.MAGIC + b"\x01" + (2).to_bytes(4, "big") + b"[]", EnvelopeError, "exactly the fields",
