@@ -5,6 +5,8 @@ Our seccomp profile carries SECCOMP_FILTER_FLAG_LOG, so every denial is written 
 executor opens `/dev/kmsg` when a run starts (positioned at its end) and reads only records that arrive
 during the run. An HPC runs one capsule at a time, so the records of the run window are the capsule's;
 the audit timestamp is also checked against the window (docs/decisions/0040-capsule-isolation.md).
+The same stream carries the pids controller's "fork rejected ... in <cgroup>" line, which names the run's
+own cgroup: that is how a fork bomb is reported even when it exits before the next poll.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 
 from trustcap.agent.isolation import SYSCALL_KIND_X86_64
 
-__all__ = ["AuditReader", "SeccompEvent"]
+__all__ = ["AuditReader", "PidsEvent", "SeccompEvent"]
 
 _REC = re.compile(r"type=1326 audit\((?P<ts>\d+\.\d+):\d+\).*?pid=(?P<pid>\d+) comm=\"?(?P<comm>[^\" ]*)\"?"
                   r" exe=\"?(?P<exe>[^\" ]*)\"?.*? syscall=(?P<sc>\d+).*? code=0x(?P<code>[0-9a-f]+)")
+_PIDS = re.compile(r"fork rejected by pids controller in (?P<path>/\S*)")
 _IGNORED_SYSCALLS = {435}  # clone3 -> ENOSYS is a compatibility rule (libc falls back), not an attempt
 _ACT_ALLOW = 0x7FFF0000
 
@@ -44,6 +47,18 @@ class SeccompEvent:
         return str(name)
 
 
+@dataclass(frozen=True)
+class PidsEvent:
+    """The kernel's note that a cgroup refused a fork (printed once per cgroup): a fork bomb hit its wall."""
+
+    cgroup: str
+
+
+def parse_pids(line: str) -> PidsEvent | None:
+    m = _PIDS.search(line)
+    return PidsEvent(m["path"]) if m else None
+
+
 def parse(line: str) -> SeccompEvent | None:
     m = _REC.search(line)
     if not m:
@@ -61,6 +76,7 @@ class AuditReader:
         self.path = path
         self.available = False
         self._fd: int | None = None
+        self._pending_pids = False
 
     def open(self) -> None:
         try:
@@ -71,8 +87,8 @@ class AuditReader:
             self._fd = None
             self.available = False
 
-    def read(self, since: float) -> list[SeccompEvent]:
-        events: list[SeccompEvent] = []
+    def read(self, since: float) -> list[SeccompEvent | PidsEvent]:
+        events: list[SeccompEvent | PidsEvent] = []
         if self._fd is None:
             return events
         while True:
@@ -84,9 +100,18 @@ class AuditReader:
                 continue
             if not rec:
                 break
-            ev = parse(rec.decode("utf-8", "replace"))
+            text = rec.decode("utf-8", "replace")
+            if self._pending_pids:  # the cgroup path may arrive as a continuation record
+                text = "fork rejected by pids controller in " + text.split(";", 1)[-1].strip()
+                self._pending_pids = False
+            ev = parse(text)
             if ev is not None and ev.ts >= since:
                 events.append(ev)
+            pe = parse_pids(text)
+            if pe is not None:
+                events.append(pe)
+            elif text.rstrip().endswith("fork rejected by pids controller in"):
+                self._pending_pids = True
         return events
 
     def close(self) -> None:

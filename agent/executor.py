@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trustcap.agent import engine
-from trustcap.agent.audit import AuditReader
+from trustcap.agent.audit import AuditReader, PidsEvent
+from trustcap.agent.cgroup import RunCgroup
 from trustcap.agent.errors import AgentError, EngineError, WipeError
 from trustcap.agent.isolation import SCRATCH_PATH, Endpoint, IsolationSpec, seccomp_profile
 from trustcap.agent.wipe import make_scratch
@@ -88,17 +89,6 @@ def _tail(data: bytes, limit: int) -> str:
     return data[-limit:].decode("utf-8", "replace") if limit else ""
 
 
-def _read_int_field(path: Path, key: str) -> int:
-    try:
-        for line in path.read_text().splitlines():
-            k, _, v = line.partition(" ")
-            if k == key:
-                return int(v)
-    except (OSError, ValueError):
-        return 0
-    return 0
-
-
 class Executor:
     """Runs capsules one at a time (an HPC executes one capsule; seccomp records are attributed by window)."""
 
@@ -111,6 +101,7 @@ class Executor:
         self.sandbox_image = sandbox_image
         self.audit = audit or AuditReader()
         self.clock = clock
+        self._run_cgroup_name = ""
 
     # -- state snapshots: the post-run state must equal the pre-run state ---------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -143,8 +134,14 @@ class Executor:
         wipe_items: list[dict[str, Any]] = []
         self.audit.open()
         wall0 = time.time()
+        cgroup: RunCgroup | None = None
         try:
             settings = spec.container_settings()
+            cgroup = RunCgroup.create(run_id, spec.pids_limit, self._cgroup_driver())
+            self._run_cgroup_name = cgroup.name if cgroup else ""
+            if cgroup is not None:  # the parent holds the limit (and keeps the count after exit)
+                settings["cgroup_parent"] = cgroup.parent
+                settings["pids_limit"] = spec.pids_limit + 1
             settings["labels"] = {"io.trustcap.run": run_id}
             settings["security_opt"] = [*settings["security_opt"],
                                         f"seccomp={seccomp_profile(allow_inet=bool(spec.egress))}"]
@@ -158,7 +155,7 @@ class Executor:
                 settings["network_mode"] = "none"
             with engine.translate("creating the capsule container"):
                 container = self.client.containers.create(name=f"trustcap-run-{run_id}", **settings)
-            reason, exit_code = self._supervise(spec, container, violations, wall0)
+            reason, exit_code = self._supervise(spec, container, violations, wall0, cgroup)
             with engine.translate("reading the capsule's output"):
                 stdout = container.logs(stdout=True, stderr=False)
                 stderr = container.logs(stdout=False, stderr=True)
@@ -166,7 +163,7 @@ class Executor:
             reason, error = "error", str(exc)
             log.warning("run %s failed: %s", run_id, exc)
         finally:
-            self._collect_audit(violations, wall0)
+            self._collect_audit(violations, wall0, spec)
             self.audit.close()
             if self.attacher is not None and spec.egress:
                 for v in self.attacher.violations():
@@ -177,6 +174,9 @@ class Executor:
             for c, what in ((container, "capsule container"), (sandbox, "network sandbox container")):
                 if c is not None:
                     wipe_items.append(self._remove_container(c, what))
+            if cgroup is not None:
+                self._count_forks(spec, cgroup, violations)
+                cgroup.remove()
             try:
                 wipe_items.append(scratch.wipe())
             except WipeError as exc:
@@ -195,8 +195,24 @@ class Executor:
                          wipe=wipe, run_id=run_id, image=spec.image, seconds=round(self.clock() - t0, 3),
                          egress=egress_report, error=error)
 
+    def _cgroup_driver(self) -> str:
+        if not hasattr(self, "_driver"):
+            with engine.translate("reading the engine's cgroup driver"):
+                self._driver = str(self.client.info().get("CgroupDriver", ""))
+        return self._driver
+
+    @staticmethod
+    def _count_forks(spec: IsolationSpec, cgroup: RunCgroup,
+                     violations: dict[tuple[str, str, str], int]) -> None:
+        denied = cgroup.forks_denied()
+        if denied:
+            key = ("pids", f"process creation beyond pids limit {spec.pids_limit}", "cgroup")
+            violations[key] = max(denied, violations.get(key, 0))
+
     def _start_sandbox(self, run_id: str, capsule_settings: dict[str, Any]) -> Any:
         s = dict(capsule_settings)
+        s.pop("cgroup_parent", None)
+        s["pids_limit"] = 4
         s.update(image=self.sandbox_image, command=["sleep", "infinity"], network_mode="none",
                  labels={"io.trustcap.run": run_id}, working_dir="/")
         s.pop("mounts", None)
@@ -207,27 +223,23 @@ class Executor:
         return box
 
     def _supervise(self, spec: IsolationSpec, container: Any, violations: dict[tuple[str, str, str], int],
-                   wall0: float) -> tuple[str, int | None]:
+                   wall0: float, cgroup: RunCgroup | None) -> tuple[str, int | None]:
         with engine.translate("starting the capsule container"):
             container.start()
         start = self.clock()
-        cg_pids = Path(f"/sys/fs/cgroup/pids/docker/{container.id}/pids.events")
         killed: str | None = None
         while True:
             with engine.translate("watching the capsule container"):
                 container.reload()
             state = container.attrs["State"]
-            forks_denied = _read_int_field(cg_pids, "max")
-            if forks_denied:
-                violations[("pids", f"process creation beyond pids limit {spec.pids_limit}", "cgroup")] = \
-                    max(forks_denied, violations.get(("pids", f"process creation beyond pids limit "
-                                                               f"{spec.pids_limit}", "cgroup"), 0))
+            if cgroup is not None:
+                self._count_forks(spec, cgroup, violations)
             if state["Status"] in ("exited", "dead"):
                 break
             if killed is None:
                 if self.clock() - start > spec.timeout_s:
                     killed = "timeout"
-                elif spec.on_violation == "stop" and self._has_violation(violations, wall0):
+                elif spec.on_violation == "stop" and self._has_violation(violations, wall0, spec):
                     killed = "killed-by-policy"
                 if killed:
                     log.warning("killing capsule %s: %s", container.name, killed)
@@ -243,15 +255,22 @@ class Executor:
             return "oom", code
         return "completed", code
 
-    def _has_violation(self, violations: dict[tuple[str, str, str], int], wall0: float) -> bool:
-        self._collect_audit(violations, wall0)
+    def _has_violation(self, violations: dict[tuple[str, str, str], int], wall0: float,
+                       spec: IsolationSpec) -> bool:
+        self._collect_audit(violations, wall0, spec)
         if self.attacher is not None:
             for v in self.attacher.violations():
                 violations[(v.kind, v.attempted, v.source)] = v.count
         return bool(violations)
 
-    def _collect_audit(self, violations: dict[tuple[str, str, str], int], wall0: float) -> None:
+    def _collect_audit(self, violations: dict[tuple[str, str, str], int], wall0: float,
+                       spec: IsolationSpec) -> None:
         for ev in self.audit.read(since=wall0 - 1.0):
+            if isinstance(ev, PidsEvent):
+                if self._run_cgroup_name and self._run_cgroup_name in ev.cgroup:
+                    key = ("pids", f"process creation beyond pids limit {spec.pids_limit}", "cgroup")
+                    violations[key] = max(1, violations.get(key, 0))
+                continue
             key = (ev.kind, f"{ev.name} by {ev.comm} ({ev.exe})", "seccomp")
             violations[key] = violations.get(key, 0) + 1
 
