@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from trustcap.netboot.errors import ApprovalUnavailable, PathRejected
 
@@ -102,12 +102,14 @@ def _list_with_kubernetes(kubeconfig: str | None) -> ListBootImages:
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
-    api_client = config.new_client_from_config(config_file=kubeconfig)
+    api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
     api = client.CustomObjectsApi(api_client)
 
     def list_all() -> list[dict[str, Any]]:
         try:
-            out = api.list_cluster_custom_object("trustcap.io", "v1alpha1", "bootimages", _request_timeout=10)
+            out = cast(dict[str, Any], api.list_cluster_custom_object(
+                "trustcap.io", "v1alpha1", "bootimages", _request_timeout=10
+            ))
         except (ApiException, OSError) as exc:
             raise ApprovalUnavailable(f"cannot list BootImages: {exc}") from exc
         items: list[dict[str, Any]] = out.get("items", [])

@@ -110,3 +110,26 @@ def test_cli_errors_are_one_clear_line(argv: list[str], message: str, capsys: py
     assert main(["netboot", "serve", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_stop_after_boot_closes_the_boot_services(boot_root: Root) -> None:
+    """Seed Task 3: once the HPC reports it booted, nothing keeps listening on the link."""
+    import socket
+    import time
+
+    from trustcap.netboot.approval import ManifestApproval
+    from trustcap.netboot.services import NetbootConfig, NetbootServices
+
+    cfg = NetbootConfig(root=boot_root.root, bind="127.0.0.1", tftp_port=0, http_port=0, stop_after_boot=True)
+    services = NetbootServices(cfg, ManifestApproval({})).start()
+    assert services.http is not None
+    port = services.http.port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/trustcap/booted?token=t&bootdigest=sha256:" + "b" * 64)
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert services.stopped.wait(10)
+    time.sleep(0.2)
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+    assert [b["token"] for b in services.booted] == ["t"]

@@ -1,0 +1,174 @@
+"""Netboot costs beside C baselines measured in the same run.
+
+    python bench/bench_netboot.py [--quick] [--no-boot]
+
+1. TFTP throughput: our server (tftpy codec + approval and sha256 gate on every request) against
+   tftpd-hpa's `in.tftpd` (C) serving the same file from the same folder, on loopback, with one C client
+   (curl's TFTP) at block sizes 512, 1468 and 8192. Figure: MB/s each, and ours / in.tftpd.
+2. Boot time (root + qemu only): power-on -> the booted image reaches its gateway, PXE through dnsmasq,
+   our TFTP and HTTP (`trustcap netboot serve` in a namespace), against the same kernel and initrd
+   booted directly by qemu (-kernel/-initrd, no firmware or network fetch) in the same run.
+Only ratios mean something; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from trustcap.netboot.approval import ManifestApproval
+from trustcap.netboot.store import ApprovedStore
+from trustcap.netboot.tftp import TftpServer
+
+console = Console()
+BLOCK_SIZES = (512, 1468, 8192)
+
+
+def _curl_tftp(port: int, name: str, blksize: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-s", "-f", "-o", "/dev/null", "--max-time", "120", "--tftp-blksize", str(blksize),
+                    f"tftp://127.0.0.1:{port}/{name}"], check=True, timeout=130)
+    return time.perf_counter() - t0
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def bench_tftp(size: int, rounds: int) -> list[tuple[int, float, float]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tcbench-") as tmp:
+        root = Path(tmp)
+        data = os.urandom(size)
+        (root / "blob").write_bytes(data)
+        os.chmod(root, 0o755)  # noqa: S103 -- in.tftpd -s reads the folder after dropping privileges
+        os.chmod(root / "blob", 0o644)
+        store = ApprovedStore(root, ManifestApproval({"blob": hashlib.sha256(data).digest()}))
+        ours = TftpServer(store, "127.0.0.1", 0).start()
+        port = _free_udp_port()
+        hpa = subprocess.Popen(["in.tftpd", "-L", "-s", "-a", f"127.0.0.1:{port}", str(root)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            for bs in BLOCK_SIZES:
+                ours_t = statistics.median(_curl_tftp(ours.port, "blob", bs) for _ in range(rounds))
+                hpa_t = statistics.median(_curl_tftp(port, "blob", bs) for _ in range(rounds))
+                rows.append((bs, size / ours_t / 1e6, size / hpa_t / 1e6))
+        finally:
+            ours.stop()
+            hpa.terminate()
+            hpa.wait(timeout=10)
+    return rows
+
+
+def bench_boot(timeout: float) -> tuple[float | None, float | None, str]:
+    from trustcap.netboot.image.builder import BuildInputs, build_image, copy_image
+    from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
+
+    reason = qemu_available()
+    if reason:
+        return None, None, reason
+    img = build_image(BuildInputs(gateway_url=f"http://{GW_IP}:8080"))
+    accel = os.environ.get("TRUSTCAP_QEMU_ACCEL", "tcg")
+    with tempfile.TemporaryDirectory(prefix="tcbench-boot-") as tmp:
+        t = Path(tmp)
+        # Baseline: the same kernel and initrd, loaded by qemu itself; the init's hello goes nowhere, so
+        # the end mark is the init's "booted" line, which the PXE run prints at the same point.
+        log = t / "direct.log"
+        cmdline = (f"{img.cmdline} trustcap.gateway=http://127.0.0.1:9 trustcap.token=x "
+                   f"trustcap.bootdigest={img.bootdigest}")
+        t0 = time.monotonic()
+        direct = subprocess.Popen(
+            ["qemu-system-x86_64", "-accel", accel, "-m", "512", "-nographic", "-nodefaults", "-no-reboot",
+             "-monitor", "none", "-serial", f"file:{log}", "-kernel", str(img.path("vmlinuz")),
+             "-initrd", str(img.path("initrd.img")), "-append", cmdline, "-nic", "none"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        direct_s = None
+        try:
+            while time.monotonic() - t0 < timeout:
+                if log.exists() and "TRUSTCAP-BOOTED" in log.read_text(errors="replace"):
+                    direct_s = time.monotonic() - t0
+                    break
+                time.sleep(0.2)
+        finally:
+            direct.kill()
+            direct.wait(timeout=10)
+        root = t / "root"
+        copy_image(img, root)
+        (t / "approved.json").write_text(json.dumps(img.digests))
+        pxe_s = None
+        with LabLink(tag=f"b{os.getpid()}") as lab:
+            serve = subprocess.Popen(lab.in_gw([
+                sys.executable, "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,
+                "--tftp-port", "69", "--http-port", "8080", "--manifest", str(t / "approved.json"),
+                "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150",
+                "--mac", f"{HPC_MAC}=bench", "--state-dir", str(t / "state")]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            hpc = QemuHpc(lab, t / "pxe.log", accel=accel)
+            try:
+                time.sleep(1.5)
+                hpc.start()
+                if hpc.wait_for(("TRUSTCAP-BOOTED",), timeout):
+                    pxe_s = time.monotonic() - hpc.started_at
+            finally:
+                hpc.stop()
+                serve.send_signal(signal.SIGTERM)
+                serve.wait(timeout=15)
+    return direct_s, pxe_s, accel
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="1 MiB file, one round, no boot")
+    ap.add_argument("--no-boot", action="store_true", help="skip the qemu boot-time bench")
+    args = ap.parse_args()
+    if not shutil.which("in.tftpd") or not shutil.which("curl"):
+        console.print("bench_netboot: in.tftpd (tftpd-hpa) and curl are needed for the TFTP baseline")
+        return 1
+    size = (1 if args.quick else 8) * 1024 * 1024
+    rows = bench_tftp(size, 1 if args.quick else 3)
+    table = Table(title=f"TFTP throughput, {size // (1024 * 1024)} MiB file on loopback, curl client (median)")
+    for col in ("blksize", "trustcap (MB/s)", "in.tftpd (MB/s)", "trustcap / in.tftpd"):
+        table.add_column(col, justify="right")
+    for bs, ours, hpa in rows:
+        table.add_row(str(bs), f"{ours:.2f}", f"{hpa:.2f}", f"{ours / hpa:.2f}x")
+    console.print(table)
+    if args.quick or args.no_boot:
+        return 0
+    direct_s, pxe_s, info = bench_boot(300)
+    if direct_s is None and pxe_s is None and info not in ("tcg", "kvm"):
+        console.print(f"boot bench skipped: {info}")
+        return 0
+    boot = Table(title=f"Boot time, power-on -> init reports booted ({info})")
+    for col in ("path", "seconds", "ratio to direct"):
+        boot.add_column(col, justify="right")
+
+    def fmt(v: float | None) -> str:
+        return f"{v:.1f}" if v is not None else "timeout"
+
+    boot.add_row("direct -kernel/-initrd (baseline)", fmt(direct_s), "1.00x")
+    ratio = f"{pxe_s / direct_s:.2f}x" if pxe_s and direct_s else "-"
+    boot.add_row("PXE: DHCP + TFTP script + HTTP kernel/initrd", fmt(pxe_s), ratio)
+    console.print(boot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
