@@ -192,12 +192,18 @@ class ChainClient:
         fn = self.contract("AttestationLog", d.log).functions.isRecorded(batch_id)
         return bool(call("read isRecorded", fn.call))
 
-    def find_batch(self, d: Deployment, batch_id: bytes, from_block: int = 0) -> dict[str, Any] | None:
-        """The BatchRecorded event of `batch_id` (its tx hash and block), or None."""
-        ev = self.contract("AttestationLog", d.log).events.BatchRecorded
+    def find_batch(self, d: Deployment, batch_id: bytes, root: bytes) -> dict[str, Any] | None:
+        """The BatchRecorded event of `batch_id` (tx hash, block), or None when the canonical chain has no
+        such batch. The contract keeps each batch's block number, so only that block's logs are read."""
+        log_c = self.contract("AttestationLog", d.log)
+        rec = call("read batchOfRoot", log_c.functions.batchOfRoot(root).call)
+        block = int(rec[2])
+        if block == 0 or bytes(rec[3]) != batch_id:
+            return None
+        ev = log_c.events.BatchRecorded
 
         def get() -> list[Any]:
-            return list(ev.get_logs(from_block=from_block, argument_filters={"batchId": batch_id}))
+            return list(ev.get_logs(from_block=block, to_block=block, argument_filters={"batchId": batch_id}))
 
         logs = call("read BatchRecorded events", get)
         return dict(logs[0]) if logs else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -80,8 +81,10 @@ class TxRow:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The writer is one loop, but the controller reads records from kopf's threads: steps serialise.
+        self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -96,6 +99,7 @@ class Journal:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One atomic step: all of it reaches the disk, or none of it."""
         try:
+            self._lock.acquire()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -105,6 +109,8 @@ class Journal:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise JournalError(f"chain-writer journal {self.path}: {exc}") from exc
+        finally:
+            self._lock.release()
 
     # -- verdicts -----------------------------------------------------------------------------------------
     def add_verdict(self, verdict_id: str, epoch: int, leaf: bytes, body: str, source: str) -> bool:

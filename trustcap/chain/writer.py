@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ log = logging.getLogger("trustcap.chain")
 
 #: Test hook for the reliability tests: when set to a kill point's name, the process SIGKILLs itself there.
 KILLPOINT_ENV = "TRUSTCAP_CHAIN_KILLPOINT"
+_KNOWN = ("already known", "known transaction", "already imported", "nonce too low")
 _UNDERPRICED = ("underpriced", "fee cap", "feecap", "less than block base fee", "max fee per gas", "too low")
 
 
@@ -108,6 +110,8 @@ class Writer:
         self.poll = poll
         self.backoff = backoff
         self._last_send: dict[str, float] = {}
+        #: what happened, for tests and metrics: sent, resent, replaced, underpriced, rpc_unavailable, confirmed
+        self.stats: Counter[str] = Counter()
         self._log_contract = client.contract("AttestationLog", deployment.log)
 
     # -- intake -------------------------------------------------------------------------------------------
@@ -145,6 +149,7 @@ class Writer:
                 delay = self.backoff[0]
                 time.sleep(self.poll)
             except RpcUnavailable as exc:
+                self.stats["rpc_unavailable"] += 1
                 log.warning("chain RPC unavailable, retrying in %.1fs: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
@@ -162,7 +167,7 @@ class Writer:
 
     def _advance(self, b: BatchRow) -> None:
         bid = bytes.fromhex(b.batch_id[2:])
-        ev = self.client.find_batch(self.d, bid)
+        ev = self.client.find_batch(self.d, bid, b.root)
         if ev is not None:
             self._confirm(b, ev)
             return
@@ -194,6 +199,7 @@ class Writer:
             self._send(b, last)
 
     def _replace(self, b: BatchRow, last: TxRow) -> None:
+        self.stats["replaced"] += 1
         fees = Fees(last.max_fee, last.tip).bumped()
         gas = _gas_of(last.raw)
         self._sign_and_send(b, last.nonce, fees, gas=gas)
@@ -216,6 +222,7 @@ class Writer:
 
     def _send(self, b: BatchRow, row: TxRow) -> bool:
         """Send (or re-send) a journaled raw transaction; False if the node calls it underpriced."""
+        self.stats["resent" if row.tx_hash in self._last_send or row.state == "sent" else "sent"] += 1
         self._last_send[row.tx_hash] = time.monotonic()
         try:
             self.client.send_raw(row.raw)
@@ -225,9 +232,10 @@ class Writer:
             raise
         except ChainError as exc:
             msg = str(exc).lower()
-            if "already known" in msg or "known transaction" in msg or "nonce too low" in msg:
+            if any(k in msg for k in _KNOWN):
                 return True  # in the pool already, or mined: the receipt check decides
             if any(k in msg for k in _UNDERPRICED):
+                self.stats["underpriced"] += 1
                 log.warning("batch %s: transaction %s underpriced (%s); raising fees", b.batch_id, row.tx_hash, exc)
                 return False
             raise
@@ -247,6 +255,7 @@ class Writer:
             return  # reorganised under us: the next step looks again (and resends if it is gone)
         tx_hash = "0x" + bytes(ev["transactionHash"]).hex()
         self.journal.confirm(b.batch_id, tx_hash, block, ev_hash)
+        self.stats["confirmed"] += 1
         log.info("batch %s confirmed: transaction %s, block %s (%s confirmations)", b.batch_id, tx_hash, block,
                  head - block + 1)
 
@@ -274,5 +283,6 @@ def _domain(d: Deployment) -> Any:
 
 def _gas_of(raw: bytes) -> int:
     from eth_account.typed_transactions import TypedTransaction
+    from hexbytes import HexBytes
 
-    return int(TypedTransaction.from_bytes(raw).as_dict()["gas"])
+    return int(TypedTransaction.from_bytes(HexBytes(raw)).as_dict()["gas"])
