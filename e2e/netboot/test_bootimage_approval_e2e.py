@@ -1,0 +1,83 @@
+"""Approval from the real API server: a BootImage's files are served only while its status says Approved.
+
+The stack's kube-apiserver holds the BootImage CRD (crds/bootimage.yaml); the test creates a BootImage,
+flips its status through the status subresource as the operator would, and asks the gateway's store
+(through `BootImageApproval`, the same source `trustcap netboot serve --bootimages` uses) over real HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trustcap.netboot.approval import BootImageApproval
+from trustcap.netboot.http import HttpServer
+from trustcap.netboot.store import ApprovedStore, Refusal
+
+REPO = Path(__file__).resolve().parents[2]
+
+Kubectl = Callable[..., Any]
+
+
+@pytest.fixture
+def bootimage(kubectl: Kubectl, tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
+    kubectl("apply", "-f", str(REPO / "crds" / "bootimage.yaml"))
+    kubectl("wait", "--for=condition=Established", "crd/bootimages.trustcap.io", "--timeout=30s")
+    name = f"nb-e2e-{os.getpid()}"
+    root = tmp_path / "root"
+    files = {"vmlinuz": b"kernel bytes", "initrd.img": b"initrd bytes", "boot.ipxe": b"#!ipxe\n"}
+    spec = {}
+    for part, fname in (("kernel", "vmlinuz"), ("initrd", "initrd.img"), ("ipxeScript", "boot.ipxe")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / fname).write_bytes(files[fname])
+        spec[part] = {"path": f"{name}/{fname}", "digest": "sha256:" + hashlib.sha256(files[fname]).hexdigest()}
+    manifest = {"apiVersion": "trustcap.io/v1alpha1", "kind": "BootImage", "metadata": {"name": name},
+                "spec": {"version": "e2e", **spec}}
+    kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    try:
+        yield name, root, f"{name}/vmlinuz"
+    finally:
+        kubectl("delete", "bootimage", name, "--ignore-not-found", "--wait=false", check=False)
+
+
+def _phase(kubectl: Kubectl, name: str, phase: str) -> None:
+    kubectl("patch", "bootimage", name, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"phase": phase}}))
+
+
+def _get(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_served_only_while_approved(kubectl: Kubectl, kubeconfig: Path, bootimage: tuple[str, Path, str]) -> None:
+    name, root, kernel_path = bootimage
+    store = ApprovedStore(root, BootImageApproval(kubeconfig=str(kubeconfig)))
+    refusals: list[Refusal] = []
+    store.on_refused(refusals.append)
+    server = HttpServer(store, "127.0.0.1", 0).start()
+    try:
+        assert _get(server.port, f"/{kernel_path}") == 403  # no status yet: pending, not served
+        _phase(kubectl, name, "Approved")
+        assert _get(server.port, f"/{kernel_path}") == 200
+        assert _get(server.port, f"/{name}/initrd.img") == 200
+        (root / kernel_path).write_bytes(b"tampered kernel")
+        assert _get(server.port, f"/{kernel_path}") == 403  # approved, but the bytes changed
+        (root / kernel_path).write_bytes(b"kernel bytes")
+        _phase(kubectl, name, "Revoked")
+        assert _get(server.port, f"/{kernel_path}") == 403  # revocation applies at the next request
+    finally:
+        server.stop()
+    assert [r.reason for r in refusals] == ["not-approved", "digest-mismatch", "not-approved"]
