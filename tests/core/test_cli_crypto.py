@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-TRUSTCAP = [sys.executable, "-m", "trustcap.cli"]
+TRUSTCAP = [sys.executable, "-P", "-m", "trustcap.cli"]
 
 
 def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:

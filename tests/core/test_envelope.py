@@ -101,7 +101,7 @@ def test_every_truncation_and_extension_is_refused() -> None:
 )
 def test_authentic_envelope_for_another_capsule_is_a_replay(kw: dict[str, bytes], message: str) -> None:
     with pytest.raises(EnvelopeReplayed, match=message):
-        _open(_seal(b"for capsule a"), **kw)
+        _open(_seal(b"for capsule a"), ALICE, **kw)
 
 
 def _resign(blob: bytes, edit_header: dict[str, object] | None = None, edit_body: int | None = None,

@@ -123,10 +123,15 @@ class Manifest(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{what} has duplicate entries: {', '.join(dupes)}")
-        for d in self.devices:
+        return self
+
+    @field_validator("devices")
+    @classmethod
+    def _no_dotdot(cls, devices: list[str]) -> list[str]:
+        for d in devices:
             if "/../" in d or d.endswith("/.."):
                 raise ValueError(f"device path {d} must not contain '..'")
-        return self
+        return devices
 
     def to_spec(self) -> dict[str, Any]:
         """The spec as the Capsule resource carries it (camelCase, defaults filled in, no nulls)."""
