@@ -1,0 +1,243 @@
+"""The gateway's attestation server for its HPC: accepts the agent's channel, enrols it, asks for quotes.
+
+    agent                       AttestationServer (Pi)                 committee verifier (via relay)
+      |-- TCP connect, HELLO --> | handshake (channel.py), enrol or look up key
+      |<-- WELCOME -------------|
+      |                          |<-- relay(nonce) ------------------------ | nonce from V's registry
+      |<== REQ quote{nonce} =====|                                          |
+      |=== RESP quote, sig_A ===>| countersign with the trust root          |
+      |                          |-- SignedQuote --------------------------> | appraise + policy -> verdict
+      |                          | monitor.py asks the same way, at random times, with its own nonces
+
+One agent per gateway (the Pi's one HPC). Requests are serialized (one outstanding at a time): the
+gateway is the only requester on the channel, which is what makes key rotation race-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from trustcap.gateway.channel import (
+    SecureChannel,
+    decode_msg,
+    derive_keys,
+    encode_msg,
+    new_ephemeral,
+    read_frame,
+    write_frame,
+)
+from trustcap.gateway.enrol import Enrolment, TokenBook
+from trustcap.gateway.errors import ChannelError, EnrolmentRefused, GatewayError, QuoteRejected
+
+from trustcap import canonical
+from trustcap.evidence import Quote, SignedQuote, Signer, recover_address, sign_quote
+from trustcap.evidence.errors import EvidenceError, SignatureError
+
+__all__ = ["AgentSession", "AttestationServer"]
+
+log = logging.getLogger("trustcap.gateway")
+HELLO_DOMAIN = "trustcap/channel/hello/v1"
+WELCOME_DOMAIN = "trustcap/channel/welcome/v1"
+
+
+class _PresignedAgent:
+    """Lets `evidence.sign_quote` countersign an agent signature made on the HPC (the agent key never
+    leaves the agent); checks the gateway's digest matches the agent's before reusing it."""
+
+    def __init__(self, signature: bytes, agent_address: str) -> None:
+        self.signature = signature
+        self.agent_address = agent_address
+
+    @property
+    def address(self) -> str:
+        return self.agent_address
+
+    def public_key(self) -> bytes:  # pragma: no cover - not used by sign_quote
+        raise NotImplementedError
+
+    def sign_digest(self, digest32: bytes) -> bytes:
+        try:
+            ok = recover_address(digest32, self.signature) == self.agent_address
+        except SignatureError as exc:
+            raise QuoteRejected(f"agent quote signature is malformed: {exc}") from exc
+        if not ok:
+            raise QuoteRejected("agent quote signature does not match its enrolled key")
+        return self.signature
+
+
+class AgentSession:
+    """The live channel to the enrolled agent; rotates keys every `rekey_after` requests or seconds."""
+
+    def __init__(self, chan: SecureChannel, enrolment: Enrolment, *, rekey_after: int, rekey_seconds: float) -> None:
+        self.chan = chan
+        self.enrolment = enrolment
+        self.rekey_after = rekey_after
+        self.rekey_seconds = rekey_seconds
+        self.rotations = 0
+        self._lock = threading.Lock()
+
+    def call(self, op: str, **params: Any) -> dict[str, Any]:
+        with self._lock:
+            if (self.chan.records_in_epoch >= 2 * self.rekey_after
+                    or self.chan.clock() - self.chan.epoch_started >= self.rekey_seconds):
+                self._rekey()
+            self.chan.send({"op": op, **params})
+            resp: dict[str, Any] = self.chan.recv()
+        if resp.get("error"):
+            raise GatewayError(f"agent refused {op!r}: {resp['error']}")
+        return resp
+
+    def _rekey(self) -> None:
+        priv, pub = new_ephemeral()
+        self.chan.send({"op": "rekey", "eph": "0x" + pub.hex()})
+        resp = self.chan.recv()
+        peer = _hex(resp, "eph", 32)
+        self.chan.switch_keys(priv, peer)
+        self.rotations += 1
+        log.info("channel to %s rotated to key epoch %s", self.enrolment.node_id, self.chan.epoch)
+
+    def close(self) -> None:
+        self.chan.close()
+
+
+def _hex(msg: dict[str, Any], field: str, n: int | None = None) -> bytes:
+    v = msg.get(field)
+    if not isinstance(v, str) or not v.startswith("0x"):
+        raise ChannelError(f"handshake field {field!r} missing or not 0x-hex")
+    try:
+        b = bytes.fromhex(v[2:])
+    except ValueError as exc:
+        raise ChannelError(f"handshake field {field!r} is not hex") from exc
+    if n is not None and len(b) != n:
+        raise ChannelError(f"handshake field {field!r} must be {n} bytes, got {len(b)}")
+    return b
+
+
+class AttestationServer:
+    """Listens for its agent, enrols it, and answers quote requests (monitor, relay) countersigned."""
+
+    def __init__(self, trust_root: Signer, node_id: str, tokens: TokenBook, *, host: str = "127.0.0.1",
+                 port: int = 0, rekey_after: int = 16, rekey_seconds: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.root = trust_root
+        self.node_id = node_id
+        self.tokens = tokens
+        self.rekey_after = rekey_after
+        self.rekey_seconds = rekey_seconds
+        self.clock = clock
+        self.wall = wall
+        self.session: AgentSession | None = None
+        self.refusals: list[str] = []
+        self._connected = threading.Event()
+        self._sock = socket.create_server((host, port))
+        self.address = self._sock.getsockname()[:2]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="trustcap-gateway-accept", daemon=True)
+        self._thread.start()
+
+    # -- handshake -------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(30)
+                session = self._handshake(conn)
+            except (ChannelError, EnrolmentRefused) as exc:
+                log.warning("agent connection refused: %s", exc)
+                self.refusals.append(str(exc))
+                conn.close()
+                continue
+            old, self.session = self.session, session
+            if old is not None:
+                old.close()
+            self._connected.set()
+
+    def _handshake(self, conn: socket.socket) -> AgentSession:
+        raw_hello = read_frame(conn)
+        hello = decode_msg(raw_hello)
+        if hello.get("type") != "hello" or hello.get("v") != 1:
+            raise ChannelError("first message is not a v1 HELLO")
+        agent_key = _hex(hello, "agent_key", 33)
+        eph_a = _hex(hello, "eph", 32)
+        sig = _hex(hello, "sig", 65)
+        node_id, boot = str(hello.get("node_id", "")), str(hello.get("boot_digest", ""))
+        body = {k: v for k, v in hello.items() if k != "sig"}
+        hello_digest = canonical.digest({"domain": HELLO_DOMAIN, "hello": body})
+        from trustcap.evidence import address_of
+
+        try:
+            if recover_address(hello_digest, sig) != address_of(agent_key):
+                raise ChannelError("HELLO is not signed by the key it presents")
+        except (SignatureError, EvidenceError) as exc:
+            raise ChannelError(f"HELLO signature is invalid: {exc}") from exc
+        if node_id != self.node_id:
+            raise EnrolmentRefused(f"agent claims node {node_id!r}; this gateway serves {self.node_id!r}")
+        key_hex = "0x" + agent_key.hex()
+        enrolment = self.tokens.lookup(key_hex, node_id)
+        if enrolment is None:
+            token = hello.get("token")
+            if not isinstance(token, str) or not token:
+                raise EnrolmentRefused("agent key is not enrolled and no enrolment token was presented")
+            enrolment = self.tokens.enrol(token, node_id, key_hex, boot)
+            log.info("enrolled agent key %s for node %s", key_hex[:12], node_id)
+        elif enrolment.boot_digest != boot.lower():
+            raise EnrolmentRefused("agent reconnects with another boot-image digest than it enrolled with")
+        priv, eph_g = new_ephemeral()
+        nonce_g = hashlib.sha256(eph_g + hello_digest).digest()
+        welcome_body = {"type": "welcome", "v": 1, "eph": "0x" + eph_g.hex(), "nonce": "0x" + nonce_g.hex(),
+                        "gateway": self.root.address}
+        welcome_digest = canonical.digest({"domain": WELCOME_DOMAIN, "hello": hello_digest, "welcome": welcome_body})
+        welcome = {**welcome_body, "sig": "0x" + self.root.sign_digest(welcome_digest).hex()}
+        raw_welcome = encode_msg(welcome)
+        write_frame(conn, raw_welcome)
+        a2g, g2a = derive_keys(priv, eph_a, hashlib.sha256(raw_hello + raw_welcome).digest())
+        chan = SecureChannel(conn, g2a, a2g, role="gateway", clock=self.clock)
+        return AgentSession(chan, enrolment, rekey_after=self.rekey_after, rekey_seconds=self.rekey_seconds)
+
+    # -- requests --------------------------------------------------------------------------------------
+    def wait_for_agent(self, timeout: float = 30) -> AgentSession:
+        if not self._connected.wait(timeout) or self.session is None:
+            raise GatewayError(f"no agent connected within {timeout:g} s")
+        return self.session
+
+    def challenge(self, nonce: bytes, capsule_state: dict[str, Any] | None = None) -> SignedQuote:
+        """Ask the agent for a quote bound to `nonce`; countersign it with the trust root."""
+        session = self.wait_for_agent(0)
+        resp = session.call("quote", nonce="0x" + bytes(nonce).hex())
+        try:
+            quote = Quote.model_validate(resp["quote"])
+            agent_sig = _hex(resp, "agent_signature", 65)
+        except (KeyError, ValueError, ChannelError) as exc:
+            raise QuoteRejected(f"agent sent a malformed quote: {exc}") from exc
+        if quote.nonce != "0x" + bytes(nonce).hex():
+            raise QuoteRejected("agent answered another nonce than the one relayed")
+        if quote.agent_key != session.enrolment.agent_key:
+            raise QuoteRejected("quote names another agent key than the enrolled one")
+        from trustcap.evidence import address_of
+
+        agent = _PresignedAgent(agent_sig, address_of(bytes.fromhex(quote.agent_key[2:])))
+        return sign_quote(quote, agent, self.root)
+
+    def relay(self, nonce: bytes) -> SignedQuote:
+        """A committee verifier's challenge, forwarded unchanged to the agent and countersigned."""
+        return self.challenge(nonce)
+
+    def command(self, op: str, **params: Any) -> dict[str, Any]:
+        """stop/wipe/status requests to the agent (the monitor's actions use these)."""
+        return self.wait_for_agent(0).call(op, **params)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        if self.session is not None:
+            self.session.close()
+        self._thread.join(timeout=5)
