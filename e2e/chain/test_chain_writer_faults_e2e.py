@@ -144,3 +144,33 @@ def test_stuck_transaction_is_replaced_and_only_one_is_mined(tmp_path: Path) -> 
         run.join_ok()
         assert len({t.nonce for t in writer.journal.txs()}) == 1 and len(writer.journal.txs()) >= 3
         audit(chain, tmp_path / "journal.sqlite", added)
+
+
+def test_nonce_used_by_an_outsider_stops_the_writer(tmp_path: Path) -> None:
+    """A transaction the writer did not sign takes its journaled nonce: it must stop, not re-sign at a new
+    nonce (which could record the batch twice if its own transaction still surfaced)."""
+    from trustcap.chain.errors import NonceConflict, RpcUnavailable
+
+    with Anvil(log_file=tmp_path / "anvil.log") as anvil:
+        chain = deploy(anvil)
+        writer = _writer(chain, tmp_path)
+        _add(writer, range(11, 12))
+        writer.seal()
+
+        def lost(raw: bytes) -> bytes:
+            raise RpcUnavailable("injected: the send never reached the node")
+
+        real_send = writer.client.send_raw
+        writer.client.send_raw = lost  # type: ignore[method-assign]
+        with pytest.raises(RpcUnavailable):
+            writer.step()
+        (signed,) = writer.journal.txs()
+        outsider = chain.client(WRITER)  # same key, another process: anvil signs for its dev account
+        outsider.wait(bytes(outsider.w3.eth.send_transaction(  # type: ignore[arg-type]
+            {"from": WRITER.address, "to": VERIFIERS[1].address, "value": 1})))
+        assert outsider.nonce("latest") == signed.nonce + 1
+        writer.client.send_raw = real_send  # type: ignore[method-assign]
+        with pytest.raises(NonceConflict):
+            writer.step()
+        log = chain.owner.contract("AttestationLog", chain.d.log)
+        assert log.events.BatchRecorded.get_logs(from_block=0) == []
