@@ -116,7 +116,7 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, str]:
         pxe_s = None
         with LabLink(tag=f"b{os.getpid()}") as lab:
             serve = subprocess.Popen(lab.in_gw([
-                sys.executable, "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,
+                sys.executable, "-P", "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,
                 "--tftp-port", "69", "--http-port", "8080", "--manifest", str(t / "approved.json"),
                 "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150",
                 "--mac", f"{HPC_MAC}=bench", "--state-dir", str(t / "state")]),
