@@ -1,0 +1,184 @@
+"""Chain-writer controller: decided Attestation rounds -> the chain-writer -> tx hash and block in status.
+
+Thin kopf glue; the logic (journal, batching, nonces, confirmations, reorgs, outages) is
+trustcap.chain.writer and is tested against anvil without Kubernetes.
+
+    Attestation (status.result Passed/Failed)        controller                 Writer / chain
+        | on.create / on.update / on.resume            |                          |
+        |--------------------------------------------->| verdicts_of(spec, status): rebuild each Verdict,
+        |                                              |   check its id == status.verdicts[].verdictId
+        |                                              | add all (one lock: one batch per round)
+        |                                              |------------------------->| journal
+        |                                              |        background loop: seal(); run()  -> chain
+        |   TemporaryError(delay) until confirmed      |<-------------------------| record(verdict)
+        |<---------------------------------------------|                          |
+        | patch status.chain {epoch, merkleRoot, txHash, block, batchId}; Recorded=True
+
+Configuration (environment): TRUSTCAP_CHAIN_RPC, TRUSTCAP_CHAIN_DEPLOYMENT (the Deployment JSON),
+TRUSTCAP_CHAIN_JOURNAL (SQLite path on a persistent volume), TRUSTCAP_CHAIN_KEYS (JSON: {"sender": hex key,
+"batchSigners": [hex keys]}; development only: in production the batch signatures come from the verifier
+gateways' trust roots), TRUSTCAP_CHAIN_CONFIRMATIONS (default 2), TRUSTCAP_CHAIN_BATCH_SECONDS (default 10).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import kopf
+from pydantic import ValidationError
+
+from trustcap.chain.client import ChainClient, Deployment
+from trustcap.chain.errors import ChainError
+from trustcap.chain.journal import Journal
+from trustcap.chain.keys import KeySigner
+from trustcap.chain.writer import Writer
+from trustcap.evidence.verdict import Domain, Phase, Verdict, verdict_id
+
+__all__ = ["ChainWriterController", "verdicts_of"]
+
+log = logging.getLogger("trustcap.operator.chainwriter")
+
+GROUP: Final = "trustcap.io"
+VERSION: Final = "v1alpha1"
+DECIDED: Final = ("Passed", "Failed")
+HANDLER_TIMEOUT_S: Final = 3600
+CONFIRM_POLL_S: Final = 5
+
+
+def verdicts_of(spec: Mapping[str, Any], status: Mapping[str, Any], domain: Domain) -> list[Verdict]:
+    """Each verifier's Verdict of a decided round, rebuilt from the resource and checked against the id the
+    verifier signed. The round's attestationId is its round nonce (spec.nonce: bytes32, unique per round)."""
+    out: list[Verdict] = []
+    for i, item in enumerate(status.get("verdicts") or []):
+        where = f"status.verdicts[{i}]"
+        try:
+            v = Verdict(
+                attestation_id=str(spec["nonce"]),
+                node=str(spec["executor"]),
+                phase=int(Phase[str(spec["phase"]).upper()]),
+                passed=bool(item["passed"]),
+                quote_digest=str(item["quoteDigest"]),
+                policy_digest=str(spec["policyDigest"]),
+                epoch=int(spec["epoch"]),
+                issued_at=int(item["issuedAt"]),
+            )
+        except KeyError as exc:
+            raise kopf.PermanentError(f"{where}: field {exc.args[0]} is missing; cannot rebuild the verdict") from None
+        except (ValidationError, ValueError) as exc:
+            raise kopf.PermanentError(f"{where}: not a valid verdict: {exc}") from None
+        vid = "0x" + verdict_id(v, domain).hex()
+        if vid != str(item.get("verdictId", "")).lower():
+            raise kopf.PermanentError(f"{where}.verdictId is {item.get('verdictId')} but the fields hash to {vid}: "
+                                      "the record would not match what the verifier signed")
+        out.append(v)
+    if not out:
+        raise kopf.PermanentError("status.verdicts is empty: a decided round must carry its verdicts")
+    return out
+
+
+class ChainWriterController:
+    """Owns the Writer and its background loop; handlers only call `submit` and `record`."""
+
+    def __init__(self, writer: Writer, *, batch_seconds: float = 10.0) -> None:
+        self.writer = writer
+        self.batch_seconds = batch_seconds
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(chain_id=self.writer.d.chain_id, verifying_contract=self.writer.d.log)
+
+    def submit(self, verdicts: list[Verdict], source: str) -> list[str]:
+        """Journal a round's verdicts together (no seal can split them); returns their ids."""
+        with self._lock:
+            for v in verdicts:
+                self.writer.add(v, source)
+        return ["0x" + verdict_id(v, self.domain).hex() for v in verdicts]
+
+    def tick(self, timeout: float = 60) -> None:
+        with self._lock:
+            self.writer.seal()
+        self.writer.run(timeout=timeout)
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.batch_seconds):
+                try:
+                    self.tick()
+                except ChainError as exc:
+                    log.warning("chain-writer tick failed, will retry: %s", exc)
+
+        self._thread = threading.Thread(target=loop, name="trustcap-chainwriter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def reconcile(self, spec: Mapping[str, Any], status: Mapping[str, Any], source: str) -> dict[str, Any]:
+        """The status.chain patch for a decided round, or TemporaryError until its batch is confirmed."""
+        ids = self.submit(verdicts_of(spec, status, self.domain), source)
+        records = [self.writer.record(i) for i in ids]
+        if any(r is None for r in records):
+            raise kopf.TemporaryError("verdicts journaled; waiting for their batch to be confirmed on chain",
+                                      delay=CONFIRM_POLL_S)
+        r = records[0]
+        assert r is not None
+        return {"epoch": r.epoch, "merkleRoot": r.root, "txHash": r.tx_hash, "block": r.block, "batchId": r.batch_id}
+
+
+_controller: ChainWriterController | None = None
+
+
+def _from_env() -> ChainWriterController:
+    try:
+        keys = json.loads(Path(os.environ["TRUSTCAP_CHAIN_KEYS"]).read_text())
+        client = ChainClient(os.environ["TRUSTCAP_CHAIN_RPC"], KeySigner(keys["sender"]))
+        dep = Deployment.load(Path(os.environ["TRUSTCAP_CHAIN_DEPLOYMENT"]))
+        journal = Journal(Path(os.environ["TRUSTCAP_CHAIN_JOURNAL"]))
+    except KeyError as exc:
+        raise kopf.PermanentError(f"chain-writer: setting {exc.args[0]} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise kopf.PermanentError(f"chain-writer: cannot read its configuration: {exc}") from None
+    writer = Writer(client, dep, journal, [KeySigner(k) for k in keys["batchSigners"]],
+                    confirmations=int(os.environ.get("TRUSTCAP_CHAIN_CONFIRMATIONS", "2")))
+    return ChainWriterController(writer, batch_seconds=float(os.environ.get("TRUSTCAP_CHAIN_BATCH_SECONDS", "10")))
+
+
+@kopf.on.startup()
+def start_chainwriter(**_: Any) -> None:
+    global _controller
+    if _controller is None:
+        _controller = _from_env()
+        _controller.start()
+
+
+@kopf.on.cleanup()
+def stop_chainwriter(**_: Any) -> None:
+    if _controller is not None:
+        _controller.stop()
+
+
+def _decided(status: Mapping[str, Any], **_: Any) -> bool:
+    return status.get("result") in DECIDED and not (status.get("chain") or {}).get("txHash")
+
+
+@kopf.on.resume(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
+@kopf.on.create(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
+@kopf.on.update(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
+def record_attestation(spec: kopf.Spec, status: kopf.Status, namespace: str, name: str, patch: kopf.Patch,
+                       logger: kopf.Logger, **_: Any) -> None:
+    if _controller is None:
+        raise kopf.TemporaryError("chain-writer not started yet", delay=CONFIRM_POLL_S)
+    chain = _controller.reconcile(spec, status, f"{namespace}/{name}")
+    patch.status["chain"] = chain
+    logger.info("attestation recorded on chain: tx %s, block %s", chain["txHash"], chain["block"])
