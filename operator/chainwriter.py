@@ -175,7 +175,7 @@ def _decided(status: Mapping[str, Any], **_: Any) -> bool:
 @kopf.on.resume(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
 @kopf.on.create(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
 @kopf.on.update(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
-def record_attestation(spec: kopf.Spec, status: kopf.Status, namespace: str, name: str, patch: kopf.Patch,
+def record_attestation(spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, patch: kopf.Patch,
                        logger: kopf.Logger, **_: Any) -> None:
     if _controller is None:
         raise kopf.TemporaryError("chain-writer not started yet", delay=CONFIRM_POLL_S)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from chainkit import ETH, OUTSIDER, OWNER, VERIFIERS, Chain, leaf_of, make_verdict, record
+from chainkit import ETH, OUTSIDER, OWNER, VERIFIERS, Chain, make_verdict, record
 
 from trustcap.chain.errors import ContractReverted
 from trustcap.chain.typed import batch_digest, sign_batch, verdict_tuple

@@ -11,11 +11,11 @@ from typing import Any
 import kopf
 import pytest
 from chainkit import VERIFIERS, WRITER, Chain
+from trustcap.operator.chainwriter import ChainWriterController
 
 from trustcap.chain.journal import Journal
 from trustcap.chain.writer import Writer
 from trustcap.evidence.verdict import Verdict, sign_verdict, verdict_id
-from trustcap.operator.chainwriter import ChainWriterController
 
 
 def _resource(chain: Chain, *, passed: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -75,7 +75,8 @@ def test_passed_post_attestation_pays_executor_and_verifiers(chain: Chain) -> No
     before = ex.w3.eth.get_balance(EXECUTOR.address)
     ex.transact(ex.contract("TaskEscrow", chain.d.escrow).functions.withdraw())
     assert ex.w3.eth.get_balance(EXECUTOR.address) > before + ETH // 2
-    assert chain.owner.contract("NodeRegistry", chain.d.registry).functions.nodeOf(EXECUTOR.address).call()[0] == 2 * ETH
+    reg = chain.owner.contract("NodeRegistry", chain.d.registry)
+    assert reg.functions.nodeOf(EXECUTOR.address).call()[0] == 2 * ETH
 
 
 def test_failed_post_attestation_refunds_and_slashes(chain: Chain) -> None:

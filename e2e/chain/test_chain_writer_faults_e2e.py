@@ -31,7 +31,7 @@ class _Run(threading.Thread):
     def run(self) -> None:
         try:
             self.writer.run(timeout=self.timeout)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             self.error = exc  # type: ignore[assignment]
 
     def join_ok(self) -> None:

@@ -52,5 +52,5 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
 def test_unreadable_journal_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "j.sqlite"
     bad.write_bytes(b"not a database" * 100)
-    with pytest.raises(JournalError, match="j.sqlite"):
+    with pytest.raises(JournalError, match=r"j\.sqlite"):
         Journal(bad)

@@ -117,8 +117,9 @@ class Anvil:
 
     def rpc(self, method: str, params: list[Any] | None = None) -> Any:
         body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []}).encode()
-        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback http only
+        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})  # noqa: S310
+        # our own http://127.0.0.1 URL, never a file: or other scheme
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
             reply = json.loads(r.read())
         if "error" in reply:
             raise ChainError(f"anvil {method}: {reply['error']}")

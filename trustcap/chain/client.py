@@ -93,14 +93,16 @@ class ChainClient:
         tip = 1 * GWEI
         return Fees(max_fee=2 * base + tip, tip=tip)
 
-    def build(self, fn: ContractFunction, *, nonce: int, fees: Fees, value: int = 0, gas: int | None = None) -> dict[str, Any]:
+    def build(
+        self, fn: ContractFunction, *, nonce: int, fees: Fees, value: int = 0, gas: int | None = None
+    ) -> dict[str, Any]:
         tx: dict[str, Any] = {
             "from": self.signer.address, "nonce": nonce, "value": value, "chainId": self.chain_id,
             "maxFeePerGas": fees.max_fee, "maxPriorityFeePerGas": fees.tip,
         }
         if gas is None:
-            gas = int(call(f"estimate gas for {fn.fn_name}", lambda: fn.estimate_gas(
-                {"from": self.signer.address, "value": value})))
+            params: Any = {"from": self.signer.address, "value": value}
+            gas = int(call(f"estimate gas for {fn.fn_name}", lambda: fn.estimate_gas(params)))
             gas = gas * 12 // 10 + 10_000
         tx["gas"] = gas
         return dict(call(f"build {fn.fn_name}", lambda: fn.build_transaction(tx)))  # type: ignore[arg-type]
@@ -155,7 +157,7 @@ class ChainClient:
             "maxFeePerGas": self.suggest_fees().max_fee, "maxPriorityFeePerGas": GWEI, "value": 0,
         }
         tx["gas"] = int(call(f"estimate deploy {name}", lambda: ctor.estimate_gas({"from": self.signer.address})))
-        built = dict(call(f"build deploy {name}", lambda: ctor.build_transaction(tx)))  # type: ignore[arg-type]
+        built = dict(call(f"build deploy {name}", lambda: ctor.build_transaction(tx)))
         raw, _ = self.sign(built)
         receipt = self.wait(self.send_raw(raw))
         return str(receipt["contractAddress"])
@@ -214,7 +216,8 @@ class ChainClient:
 
     def call_fn(self, fn: ContractFunction, value: int = 0) -> Any:
         """eth_call from our account: what the transaction would return, or ContractReverted naming why."""
-        return call(f"call {fn.fn_name}", lambda: fn.call({"from": self.signer.address, "value": value}))
+        params: Any = {"from": self.signer.address, "value": value}
+        return call(f"call {fn.fn_name}", lambda: fn.call(params))
 
     def block_number(self) -> int:
         return int(call("read the block number", lambda: self.w3.eth.block_number))

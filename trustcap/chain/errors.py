@@ -78,7 +78,7 @@ ERROR_SELECTORS: dict[str, tuple[str, list[str]]] = {}
 
 
 def _decode_custom(data: str) -> tuple[str, tuple[Any, ...]]:
-    from eth_abi import decode
+    from eth_abi import decode  # type: ignore[attr-defined]
 
     raw = data[2:] if data.startswith("0x") else data
     sel = "0x" + raw[:8]
@@ -92,7 +92,7 @@ def _decode_custom(data: str) -> tuple[str, tuple[Any, ...]]:
             to_checksum_address(x) if t == "address" else x
             for t, x in zip(types, decode(types, bytes.fromhex(raw[8:])), strict=True)
         )
-    except Exception:  # noqa: BLE001 - malformed revert data: name is still useful
+    except Exception:
         values = ()
     return name, values
 
@@ -138,5 +138,5 @@ def call(what: str, fn: Callable[[], T]) -> T:
     """Run `fn` (one RPC round trip), translating any upstream error into a ChainError."""
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - translate() re-raises what it does not know
+    except Exception as exc:
         raise translate(exc, what) from exc

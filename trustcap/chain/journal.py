@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from trustcap.chain.errors import JournalError
 
@@ -163,11 +164,11 @@ class Journal:
                 if cur.rowcount != 1:
                     raise JournalError(f"verdict {vid} is already in a batch or unknown: refusing to batch it twice")
 
-    def _batch(self, row: tuple[object, ...]) -> BatchRow:
+    def _batch(self, row: Any) -> BatchRow:
         bid, seq, epoch, root, count, sigs, state, txh, bn, bh = row
-        return BatchRow(str(bid), int(seq), int(epoch), bytes(root), int(count),  # type: ignore[call-overload, arg-type]
+        return BatchRow(str(bid), int(seq), int(epoch), bytes(root), int(count),
                         [bytes.fromhex(s) for s in json.loads(str(sigs))], str(state),
-                        txh, bn, bh)  # type: ignore[arg-type]
+                        txh, bn, bh)
 
     _BCOLS = "batch_id, seq, epoch, root, count, signatures, state, tx_hash, block_number, block_hash"
 

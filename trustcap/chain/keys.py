@@ -6,7 +6,7 @@ code only ever sees the Signer interface. Keys are never logged or put in a repr
 
 from __future__ import annotations
 
-from eth_keys import keys
+from eth_keys import keys  # type: ignore[attr-defined]
 
 __all__ = ["ANVIL_KEYS", "KeySigner"]
 
@@ -45,11 +45,12 @@ class KeySigner:
         return self._address
 
     def public_key(self) -> bytes:
-        return bytes(self._key.public_key.to_compressed_bytes())
+        compressed: bytes = self._key.public_key.to_compressed_bytes()
+        return bytes(compressed)
 
     def sign_digest(self, digest32: bytes) -> bytes:
         sig = self._key.sign_msg_hash(bytes(digest32))
-        r, s, v = sig.r, sig.s, sig.v
+        r, s, v = int(sig.r), int(sig.s), int(sig.v)
         if s > _N // 2:  # eth_keys already signs low-s; keep the rule explicit
             s, v = _N - s, v ^ 1
         return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])

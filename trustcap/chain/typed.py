@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from eth_abi import encode
+from eth_abi import encode  # type: ignore[attr-defined]
 from eth_utils.crypto import keccak
 
 from trustcap.evidence.signing import Signer, recover_address

@@ -154,8 +154,8 @@ class Writer:
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
             if time.monotonic() > deadline:
-                raise TransactionFailed(
-                    f"chain-writer: {self.journal.counts()['unconfirmed']} batch(es) still unconfirmed after {timeout}s")
+                left = self.journal.counts()["unconfirmed"]
+                raise TransactionFailed(f"chain-writer: {left} batch(es) still unconfirmed after {timeout}s")
 
     def step(self) -> bool:
         """One step on the oldest unconfirmed batch; False when there is nothing left to do."""
@@ -282,7 +282,7 @@ def _domain(d: Deployment) -> Any:
 
 
 def _gas_of(raw: bytes) -> int:
-    from eth_account.typed_transactions import TypedTransaction
+    from eth_account.typed_transactions import TypedTransaction  # type: ignore[attr-defined]
     from hexbytes import HexBytes
 
     return int(TypedTransaction.from_bytes(HexBytes(raw)).as_dict()["gas"])
