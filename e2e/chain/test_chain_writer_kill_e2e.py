@@ -28,6 +28,7 @@ def _run_child(chain: Chain, tmp: Path, verdicts: list[object], killpoint: str |
     chain.d.save(dep)
     env = dict(os.environ)
     env.pop(KILLPOINT_ENV, None)
+    env["PYTHONPATH"] = str(HERE)  # chainkit; PYTHONSAFEPATH=1 (make test) keeps the script dir off sys.path
     if killpoint:
         env[KILLPOINT_ENV] = killpoint
     proc = subprocess.run(
