@@ -45,7 +45,10 @@ _INFO = b"trustcap/channel/v1"
 def write_frame(sock: socket.socket, body: bytes) -> None:
     if len(body) > MAX_FRAME:
         raise ChannelError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    sock.sendall(struct.pack(">I", len(body)) + body)
+    try:
+        sock.sendall(struct.pack(">I", len(body)) + body)
+    except OSError as exc:
+        raise ChannelError(f"channel write failed: {exc}") from exc
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:
@@ -107,7 +110,7 @@ class SecureChannel:
         self.clock = clock
         self.epoch = 0
         self._send, self._recv = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
-        self._key_material = hashlib.sha256(send_key + recv_key).digest()
+        self._key_material = self._material(send_key, recv_key)
         self._send_seq = 0
         self._recv_seq = 0
         self.records_in_epoch = 0
@@ -145,11 +148,16 @@ class SecureChannel:
         a2g, g2a = derive_keys(private, peer_public, self._key_material + struct.pack(">I", self.epoch + 1))
         send_key, recv_key = (a2g, g2a) if self.role == "agent" else (g2a, a2g)
         self._send, self._recv = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
-        self._key_material = hashlib.sha256(send_key + recv_key).digest()
+        self._key_material = self._material(send_key, recv_key)
         self.epoch += 1
         self._send_seq = self._recv_seq = 0
         self.records_in_epoch = 0
         self.epoch_started = self.clock()
+
+    def _material(self, send_key: bytes, recv_key: bytes) -> bytes:
+        """Both ends must derive the same chaining value: order the keys agent->gateway first."""
+        a2g, g2a = (send_key, recv_key) if self.role == "agent" else (recv_key, send_key)
+        return hashlib.sha256(a2g + g2a).digest()
 
     def key_fingerprint(self) -> str:
         """A digest of the current keys (never the keys): lets tests see that rotation changed them."""
@@ -223,6 +231,12 @@ class AgentChannel:
         self.max_records = max_records_per_epoch
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.chan.close()
+
+    def _serve(self) -> None:
         while True:
             req = self.chan.recv()
             op = str(req.get("op", ""))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trustcap.gateway.errors import GatewayError
+from trustcap.gateway.errors import GatewayError, QuoteRejected
 from trustcap.gateway.policy import GatewayPolicy
 from trustcap.gateway.server import AttestationServer
 
@@ -78,6 +78,9 @@ class Monitor:
                                     max_age_seconds=self.policy.max_quote_age_s)
             report.merge(check_policy(signed.quote, self.policy.attestation))
             severity = None if report.ok else _name(report.max_severity)
+        except QuoteRejected as exc:  # the gateway itself refused the agent's answer (bad signature, nonce)
+            report.add("quote", "quote.rejected_by_gateway", Severity.CRITICAL, str(exc))
+            severity = "critical"
         except GatewayError as exc:
             report.add("agent", "agent.unreachable", Severity.CRITICAL, f"agent did not answer: {exc}")
             severity = "unreachable"

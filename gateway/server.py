@@ -15,6 +15,7 @@ gateway is the only requester on the channel, which is what makes key rotation r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
@@ -237,6 +238,8 @@ class AttestationServer:
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._sock.close()
         if self.session is not None:
             self.session.close()
