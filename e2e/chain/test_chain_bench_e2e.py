@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_fresh_bench_run_reproduces_committed_gas_figures() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_chain_gas.py"), "--check"],
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "bench" / "bench_chain_gas.py"), "--check"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((ROOT / "bench" / "results" / "chain.json").read_text())

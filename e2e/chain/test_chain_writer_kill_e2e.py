@@ -32,7 +32,7 @@ def _run_child(chain: Chain, tmp: Path, verdicts: list[object], killpoint: str |
     if killpoint:
         env[KILLPOINT_ENV] = killpoint
     proc = subprocess.run(
-        [sys.executable, str(HERE / "writer_child.py"), chain.anvil.url, str(dep), str(tmp / "journal.sqlite"),
+        [sys.executable, "-P", str(HERE / "writer_child.py"), chain.anvil.url, str(dep), str(tmp / "journal.sqlite"),
          str(vfile), "1"], env=env, capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode not in (0, -signal.SIGKILL):
         pytest.fail(f"writer child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
