@@ -9,7 +9,8 @@ the HPC's only link, so it is the place to enforce and to witness. Per run, one 
       set attempts    ipv4_addr . inet_proto . inet_service   (dynamic, per-element counter: who was tried)
       chain forward (hook forward, before Docker's):   HPC -> declared: accept; HPC -> anything else:
                      add to @attempts, log "trustcap-egress-deny", count, drop
-      chain input   (hook input):   HPC -> the gateway's own services: add @attempts, log, count, drop
+      chain input   (hook input):   HPC -> a declared endpoint on the gateway host itself: accept;
+                     HPC -> the gateway's own services: add @attempts, log, count, drop
       chain postrouting (nat):      masquerade the HPC link so replies route back
 
     Executor                LinkAttacher (gateway side)            nft / ip
@@ -110,6 +111,7 @@ class EgressGuard:
     }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
+        iifname {i} ip daddr . meta l4proto . th dport @declared counter name allowed accept
         iifname {i} ct state established,related accept
         iifname {i} meta l4proto {{ tcp, udp }} add @attempts {{ ip daddr . meta l4proto . th dport }}
         iifname {i} log prefix "trustcap-gateway-deny " level warn counter name denied_gateway drop
