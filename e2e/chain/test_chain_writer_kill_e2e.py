@@ -57,3 +57,39 @@ def test_writer_killed_twenty_times_loses_and_doubles_nothing(tmp_path: Path, ki
         result = audit(chain, tmp_path / "journal.sqlite", added)  # type: ignore[arg-type]
         assert result["batches"] == KILLS
         print(f"{killpoint}: {result}")
+
+
+@pytest.mark.slow
+def test_writer_killed_at_random_moments_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """Kills from outside at random instants (mid-seal, mid-journal-write, mid-RPC, anywhere), 20 times."""
+    import random
+    import time
+
+    rng = random.Random(0x7C)  # fixed seed: a failure reproduces
+    with Anvil(log_file=tmp_path / "anvil.log") as anvil:
+        chain = deploy(anvil)
+        dep = tmp_path / "deployment.json"
+        chain.d.save(dep)
+        env = dict(os.environ)
+        env.pop(KILLPOINT_ENV, None)
+        env["PYTHONPATH"] = str(HERE)
+        added: list[object] = []
+        killed = 0
+        for epoch in range(1, KILLS + 1):
+            added += [make_verdict(epoch=epoch) for _ in range(3)]
+            vfile = tmp_path / "verdicts.json"
+            vfile.write_text(json.dumps([v.model_dump() for v in added]))  # type: ignore[attr-defined]
+            proc = subprocess.Popen(
+                [sys.executable, "-P", str(HERE / "writer_child.py"), anvil.url, str(dep),
+                 str(tmp_path / "journal.sqlite"), str(vfile), "1"], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(0.3, 1.6))  # the child needs ~0.5 s to import, then works for ~1 s
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed += 1
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-3000:]
+        assert killed >= KILLS // 2, f"only {killed} of {KILLS} runs were killed mid-way"
+        assert _run_child(chain, tmp_path, added, None) == 0
+        result = audit(chain, tmp_path / "journal.sqlite", added)  # type: ignore[arg-type]
+        print(f"random kills: {killed} killed, {result}")
