@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trustcap import merkle
+from trustcap.chain import metrics
 from trustcap.chain.client import ChainClient, Deployment, Fees
 from trustcap.chain.errors import ChainError, ContractReverted, NonceConflict, RpcUnavailable, TransactionFailed
 from trustcap.chain.journal import BatchRow, Journal, TxRow
@@ -114,6 +115,10 @@ class Writer:
         self.stats: Counter[str] = Counter()
         self._log_contract = client.contract("AttestationLog", deployment.log)
 
+    def _event(self, name: str) -> None:
+        self.stats[name] += 1
+        metrics.EVENTS.labels(event=name).inc()
+
     # -- intake -------------------------------------------------------------------------------------------
     def add(self, verdict: Verdict, source: str = "") -> bool:
         """Journal a verdict; False if it was already journaled (whatever its state): idempotent by id."""
@@ -134,6 +139,7 @@ class Writer:
                 self.journal.seal("0x" + bid.hex(), epoch, tree.root, len(rows), sigs, [r.verdict_id for r in rows])
                 log.info("sealed batch %s: epoch %s, %s verdicts", "0x" + bid.hex(), epoch, len(rows))
                 sealed.append("0x" + bid.hex())
+                metrics.BATCH_VERDICTS.set(len(rows))
         return sealed
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -149,7 +155,7 @@ class Writer:
                 delay = self.backoff[0]
                 time.sleep(self.poll)
             except RpcUnavailable as exc:
-                self.stats["rpc_unavailable"] += 1
+                self._event("rpc_unavailable")
                 log.warning("chain RPC unavailable, retrying in %.1fs: %s", delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
@@ -160,6 +166,7 @@ class Writer:
     def step(self) -> bool:
         """One step on the oldest unconfirmed batch; False when there is nothing left to do."""
         batches = self.journal.unconfirmed()
+        metrics.UNCONFIRMED.set(len(batches))
         if not batches:
             return False
         self._advance(batches[0])
@@ -199,7 +206,7 @@ class Writer:
             self._send(b, last)
 
     def _replace(self, b: BatchRow, last: TxRow) -> None:
-        self.stats["replaced"] += 1
+        self._event("replaced")
         fees = Fees(last.max_fee, last.tip).bumped()
         gas = _gas_of(last.raw)
         self._sign_and_send(b, last.nonce, fees, gas=gas)
@@ -222,7 +229,7 @@ class Writer:
 
     def _send(self, b: BatchRow, row: TxRow) -> bool:
         """Send (or re-send) a journaled raw transaction; False if the node calls it underpriced."""
-        self.stats["resent" if row.tx_hash in self._last_send or row.state == "sent" else "sent"] += 1
+        self._event("resent" if row.tx_hash in self._last_send or row.state == "sent" else "sent")
         self._last_send[row.tx_hash] = time.monotonic()
         try:
             self.client.send_raw(row.raw)
@@ -235,7 +242,7 @@ class Writer:
             if any(k in msg for k in _KNOWN):
                 return True  # in the pool already, or mined: the receipt check decides
             if any(k in msg for k in _UNDERPRICED):
-                self.stats["underpriced"] += 1
+                self._event("underpriced")
                 log.warning("batch %s: transaction %s underpriced (%s); raising fees", b.batch_id, row.tx_hash, exc)
                 return False
             raise
@@ -255,7 +262,7 @@ class Writer:
             return  # reorganised under us: the next step looks again (and resends if it is gone)
         tx_hash = "0x" + bytes(ev["transactionHash"]).hex()
         self.journal.confirm(b.batch_id, tx_hash, block, ev_hash)
-        self.stats["confirmed"] += 1
+        self._event("confirmed")
         log.info("batch %s confirmed: transaction %s, block %s (%s confirmations)", b.batch_id, tx_hash, block,
                  head - block + 1)
 
