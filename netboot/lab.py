@@ -115,10 +115,16 @@ class QemuHpc:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         return self
 
-    def wait_for(self, markers: tuple[str, ...], timeout: float) -> str | None:
-        """The first marker that appears on the serial console within `timeout` seconds, else None."""
+    def wait_for(
+        self, markers: tuple[str, ...], timeout: float, alive: subprocess.Popen[str] | None = None
+    ) -> str | None:
+        """The first marker that appears on the serial console within `timeout` seconds, else None (also
+        at once when qemu, or the `alive` process that serves the boot, has exited)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if alive is not None and alive.poll() is not None:
+                alive = None
+                deadline = min(deadline, time.monotonic() + 20)  # what was served may still finish
             text = self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
             for m in markers:
                 if m in text:

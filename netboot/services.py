@@ -79,11 +79,14 @@ class NetbootServices:
             threading.Thread(target=self.stop, name="trustcap-netboot-stop", daemon=True).start()
 
     def stop(self) -> None:
-        if self.dnsmasq:
-            self.dnsmasq.stop()
-        if self.http:
-            self.http.stop()
-        if self.tftp:
-            self.tftp.stop()
-        self.dnsmasq = self.http = self.tftp = None
+        """Stop every service; one that fails to stop does not keep the others running."""
+        for name in ("dnsmasq", "http", "tftp"):
+            svc = getattr(self, name)
+            if svc is None:
+                continue
+            try:
+                svc.stop()
+            except Exception:
+                log.exception("stopping %s failed", name)
+            setattr(self, name, None)
         self.stopped.set()

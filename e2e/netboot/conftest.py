@@ -1,5 +1,5 @@
 """Fixtures live in pxekit (importable by the tests by its unique name); registered here."""
 
-from pxekit import boot, image, pxe_rig, tampered
+from pxekit import boot, container_boot, image, pxe_rig, tampered, workdir
 
-__all__ = ["boot", "image", "pxe_rig", "tampered"]
+__all__ = ["boot", "container_boot", "image", "pxe_rig", "tampered", "workdir"]

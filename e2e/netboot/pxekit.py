@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,27 +71,35 @@ def _start_gateway(lab: LabLink, root: Path, manifest: Path, state: Path) -> Gat
 
 
 @pytest.fixture
-def pxe_rig(tmp_path: Path, image: BuiltImage) -> Iterator[tuple[LabLink, Path]]:
+def workdir() -> Iterator[Path]:
+    """Our own temporary folder: pytest's shared basetemp is pruned by other pytest runs on this machine
+    (it keeps the last three), which deleted a boot root under a running container once."""
+    with tempfile.TemporaryDirectory(prefix="tcnb-e2e-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture
+def pxe_rig(workdir: Path, image: BuiltImage) -> Iterator[tuple[LabLink, Path]]:
     reason = qemu_available()
     if reason:
         print(f"SKIP netboot e2e: {reason}")
         pytest.skip(reason)
-    root = tmp_path / "root"
+    root = workdir / "root"
     copy_image(image, root)
-    manifest = tmp_path / "approved.json"
+    manifest = workdir / "approved.json"
     manifest.write_text(json.dumps(image.digests))
     with LabLink(tag=f"{os.getpid()}-{int(time.time() * 1000) % 100000}") as lab:
         yield lab, root
 
 
 @pytest.fixture
-def boot(pxe_rig: tuple[LabLink, Path], tmp_path: Path) -> Iterator[tuple[Gateway, QemuHpc]]:
+def boot(pxe_rig: tuple[LabLink, Path], workdir: Path) -> Iterator[tuple[Gateway, QemuHpc]]:
     """Start the gateway services, then power the HPC on. Tests may tamper with files before `boot`."""
     lab, root = pxe_rig
-    state = tmp_path / "state"
+    state = workdir / "state"
     state.mkdir()
-    gw = _start_gateway(lab, root, tmp_path / "approved.json", state)
-    hpc = QemuHpc(lab, tmp_path / "serial.log")
+    gw = _start_gateway(lab, root, workdir / "approved.json", state)
+    hpc = QemuHpc(lab, workdir / "serial.log")
     try:
         hpc.start()
         yield gw, hpc
@@ -114,3 +123,54 @@ def tampered(pxe_rig: tuple[LabLink, Path]) -> Path:
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
     return p
+
+
+@pytest.fixture
+def container_boot(pxe_rig: tuple[LabLink, Path], workdir: Path) -> Iterator[tuple[subprocess.Popen[str], Path,
+                                                                                     Path, QemuHpc]]:
+    """Seed Task 3: the boot services in a container that owns the link and exits after the boot."""
+    lab, root = pxe_rig
+    reason = _docker_unavailable()
+    if reason:
+        print(f"SKIP container boot: {reason}")
+        pytest.skip(reason)
+    state = workdir / "state"
+    state.mkdir()
+    events, log = state / "events.jsonl", state / "serve.log"
+    cmd = lab.in_gw([
+        sys.executable, "-m", "trustcap.cli", "netboot", "serve", "--container", "--root", str(root),
+        "--bind", GW_IP, "--tftp-port", "69", "--http-port", "8080", "--manifest", str(workdir / "approved.json"),
+        "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150", "--mac", f"{HPC_MAC}={TOKEN}",
+        "--events", str(events),
+    ])
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    hpc = QemuHpc(lab, workdir / "serial.log")
+    try:
+        deadline = time.monotonic() + 300  # the first run builds the image (apt-get inside docker build)
+        while '"container"' not in log.read_text() and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"netboot serve --container exited {proc.returncode}: {log.read_text()}")
+            time.sleep(0.5)
+        hpc.start()
+        yield proc, events, log, hpc
+    finally:
+        hpc.stop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _docker_unavailable() -> str | None:
+    try:
+        proc = subprocess.run(["docker", "image", "inspect", "trustcap/base:bookworm"], capture_output=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker CLI not usable: {exc}"
+    if proc.returncode != 0:
+        return "trustcap/base:bookworm is missing: run trustcap stack up"
+    return None

@@ -7,7 +7,10 @@ error). Every wait is bounded.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from pxekit import TOKEN, Gateway, QemuHpc
@@ -49,3 +52,17 @@ def test_tampered_initrd_is_refused_never_boots_and_is_reported(
     assert "TRUSTCAP-BOOTED" not in serial and "trustcap-init" not in serial
     assert gw.wait_event("booted", 2) is None
     assert "refused" in gw.log.read_text() and "differs from approved" in gw.log.read_text()
+
+
+def test_boot_services_in_a_container_exit_after_the_boot(
+    container_boot: tuple[subprocess.Popen[str], Path, Path, QemuHpc], image: BuiltImage
+) -> None:
+    proc, events, log, hpc = container_boot
+    seen = hpc.wait_for(("TRUSTCAP-HELLO-OK", "trustcap: boot image refused", "Kernel panic"), BOOT_TIMEOUT,
+                        alive=proc)
+    assert seen == "TRUSTCAP-HELLO-OK", hpc.serial_log.read_text(errors="replace")[-3000:] + log.read_text()[-2000:]
+    # The container stops by itself once the HPC reported its boot; the CLI returns its exit code, 0.
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    booted = [json.loads(ln) for ln in events.read_text().splitlines() if '"booted"' in ln]
+    assert [b["bootdigest"] for b in booted] == [image.bootdigest]
+    assert "boot services stopped" in log.read_text()

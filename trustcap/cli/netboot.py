@@ -12,15 +12,13 @@ changed afterwards is refused and reported.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 from trustcap.errors import ConfigError
+from trustcap.netboot.serve import add_serve_arguments, run_serve
 
 
 def register(subparsers: Any) -> None:
@@ -28,20 +26,10 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="netboot_command", metavar="ACTION", required=True)
 
     s = sub.add_parser("serve", help="serve a folder of approved boot files until stopped")
-    s.add_argument("--root", type=Path, required=True, help="folder holding the boot files")
-    s.add_argument("--tftp-port", type=int, default=69)
-    s.add_argument("--http-port", type=int, default=8080)
-    s.add_argument("--bind", required=True, help="loopback or HPC-link address to listen on")
-    src = s.add_mutually_exclusive_group()
-    src.add_argument("--manifest", type=Path, help='JSON {"path": "sha256:<hex>"} of approved files')
-    src.add_argument("--bootimages", action="store_true", help="approve files of BootImages with phase Approved")
-    s.add_argument("--kubeconfig", help="kubeconfig for --bootimages (default: the usual lookup)")
-    s.add_argument("--dhcp-interface", help="run dnsmasq DHCP on this link interface")
-    s.add_argument("--dhcp-range", help="START,END addresses for HPC leases")
-    s.add_argument("--mac", action="append", default=[], metavar="MAC=TOKEN", help="serve only this HPC")
-    s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
-    s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
-    s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
+    add_serve_arguments(s)
+    s.add_argument("--container", action="store_true",
+                   help="run in a container that owns --dhcp-interface and exits after the boot (seed Task 3)")
+    s.add_argument("--link-prefix", type=int, default=24, help="prefix length of --bind on the link (--container)")
     s.set_defaults(func=_serve)
 
     b = sub.add_parser("build-image", help="build the HPC boot image reproducibly from Debian packages")
@@ -51,65 +39,37 @@ def register(subparsers: Any) -> None:
     b.set_defaults(func=_build)
 
 
-def _port(value: int, field: str) -> int:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{field}: {value} is not a port number (0-65535)")
-    return value
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from trustcap.netboot.approval import ApprovalSource, BootImageApproval, ManifestApproval, pin_directory
-    from trustcap.netboot.dhcp import DhcpConfig
-    from trustcap.netboot.services import NetbootConfig, NetbootServices
+    if not args.container:
+        return int(run_serve(args))
+    from trustcap.netboot.container import BootContainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    root: Path = args.root
-    if not root.is_dir():
-        raise ConfigError(f"--root: {root} is not a directory")
-    approval: ApprovalSource
-    if args.manifest:
-        approval = ManifestApproval.from_json(args.manifest)
-    elif args.bootimages:
-        approval = BootImageApproval(kubeconfig=args.kubeconfig)
-    else:
-        approval = pin_directory(root)
-    dhcp = None
-    if args.dhcp_interface:
-        if not args.dhcp_range or args.dhcp_range.count(",") != 1:
-            raise ConfigError("--dhcp-range: START,END is required with --dhcp-interface")
-        macs = {}
-        for item in args.mac:
-            mac, sep, token = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--mac: {item!r} must be MAC=TOKEN")
-            macs[mac.lower()] = token
-        start, end = args.dhcp_range.split(",")
-        dhcp = DhcpConfig(interface=args.dhcp_interface, gateway_ip=args.bind, range_start=start,
-                          range_end=end, macs=macs)
-    cfg = NetbootConfig(root=root, bind=args.bind, tftp_port=_port(args.tftp_port, "--tftp-port"),
-                        http_port=_port(args.http_port, "--http-port"), dhcp=dhcp, state_dir=args.state_dir,
-                        stop_after_boot=args.stop_after_boot)
-    services = NetbootServices(cfg, approval)
-    if args.events:
-        events: Path = args.events
+    if not args.dhcp_interface or not args.dhcp_range:
+        raise ConfigError("--container: --dhcp-interface and --dhcp-range are required (the link it owns)")
+    if args.bootimages or args.state_dir or args.wait_link:
+        raise ConfigError("--container: --bootimages, --state-dir and --wait-link are not available in a container")
+    if not args.root.is_dir():
+        raise ConfigError(f"--root: {args.root} is not a directory")
+    passthrough = ["--bind", args.bind, "--tftp-port", str(args.tftp_port), "--http-port", str(args.http_port),
+                   "--dhcp-interface", args.dhcp_interface, "--dhcp-range", args.dhcp_range]
+    for mac in args.mac:
+        passthrough += ["--mac", mac]
+    events_dir = args.events.parent if args.events else None
+    box = BootContainer(args.root, args.dhcp_interface, f"{args.bind}/{args.link_prefix}", passthrough,
+                        manifest=args.manifest, events_dir=events_dir)
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
 
-        def record(kind: str, body: dict[str, str]) -> None:
-            with events.open("a") as fh:
-                fh.write(json.dumps({"event": kind, **body}, sort_keys=True) + "\n")
-
-        services.on_refused(lambda r: record("refused", dataclasses.asdict(r)))
-        services.on_booted(lambda b: record("booted", b))
-    services.start()
-    assert services.tftp and services.http
-    print(json.dumps({"tftp_port": services.tftp.port, "http_port": services.http.port, "bind": args.bind}),
-          flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.is_set() and not services.stopped.is_set():
-        done.wait(0.5)
-    services.stop()
-    return 0
+    signal.signal(signal.SIGTERM, interrupted)  # so that `finally` removes the container
+    box.start()
+    print(json.dumps({"container": box.container.short_id, "bind": args.bind}), flush=True)
+    try:
+        code = box.wait(timeout=3600)
+    finally:
+        logs = box.logs()
+        box.stop()
+    print(logs, end="", flush=True)
+    return int(code)
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -1,0 +1,124 @@
+"""`serve`: the boot services in the foreground, from arguments. Shared by `trustcap netboot serve` and
+`python -m trustcap.netboot serve` (the entry point of the boot container, which carries no CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from trustcap.netboot.approval import ApprovalSource, BootImageApproval, ManifestApproval, pin_directory
+from trustcap.netboot.dhcp import DhcpConfig
+from trustcap.netboot.services import NetbootConfig, NetbootServices
+
+from trustcap.errors import ConfigError
+
+__all__ = ["add_serve_arguments", "run_serve"]
+
+log = logging.getLogger("trustcap.netboot")
+
+
+def add_serve_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--root", type=Path, required=True, help="folder holding the boot files")
+    s.add_argument("--tftp-port", type=int, default=69)
+    s.add_argument("--http-port", type=int, default=8080)
+    s.add_argument("--bind", required=True, help="loopback or HPC-link address to listen on")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--manifest", type=Path, help='JSON {"path": "sha256:<hex>"} of approved files')
+    src.add_argument("--bootimages", action="store_true", help="approve files of BootImages with phase Approved")
+    s.add_argument("--kubeconfig", help="kubeconfig for --bootimages (default: the usual lookup)")
+    s.add_argument("--dhcp-interface", help="run dnsmasq DHCP on this link interface")
+    s.add_argument("--dhcp-range", help="START,END addresses for HPC leases")
+    s.add_argument("--mac", action="append", default=[], metavar="MAC=TOKEN", help="serve only this HPC")
+    s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
+    s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
+    s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
+    s.add_argument("--wait-link", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for --bind to exist (the link is moved in after start)")
+
+
+def _port(value: int, field: str) -> int:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{field}: {value} is not a port number (0-65535)")
+    return value
+
+
+def _wait_for_address(addr: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((addr, 0))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL or time.monotonic() >= deadline:
+                    raise ConfigError(f"--bind: {addr} is not an address of this host ({exc.strerror})") from exc
+        time.sleep(0.2)
+
+
+def build_config(args: argparse.Namespace) -> tuple[NetbootConfig, ApprovalSource]:
+    root: Path = args.root
+    if not root.is_dir():
+        raise ConfigError(f"--root: {root} is not a directory")
+    approval: ApprovalSource
+    if args.manifest:
+        approval = ManifestApproval.from_json(args.manifest)
+    elif args.bootimages:
+        approval = BootImageApproval(kubeconfig=args.kubeconfig)
+    else:
+        approval = pin_directory(root)
+    dhcp = None
+    if args.dhcp_interface:
+        if not args.dhcp_range or args.dhcp_range.count(",") != 1:
+            raise ConfigError("--dhcp-range: START,END is required with --dhcp-interface")
+        macs = {}
+        for item in args.mac:
+            mac, sep, token = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--mac: {item!r} must be MAC=TOKEN")
+            macs[mac.lower()] = token
+        start, end = args.dhcp_range.split(",")
+        dhcp = DhcpConfig(interface=args.dhcp_interface, gateway_ip=args.bind, range_start=start,
+                          range_end=end, macs=macs)
+    cfg = NetbootConfig(root=root, bind=args.bind, tftp_port=_port(args.tftp_port, "--tftp-port"),
+                        http_port=_port(args.http_port, "--http-port"), dhcp=dhcp, state_dir=args.state_dir,
+                        stop_after_boot=args.stop_after_boot)
+    return cfg, approval
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, or until the HPC booted with --stop-after-boot. Exit code 0."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg, approval = build_config(args)
+    if args.wait_link:
+        _wait_for_address(args.bind, args.wait_link)
+    services = NetbootServices(cfg, approval)
+    if args.events:
+        events: Path = args.events
+
+        def record(kind: str, body: dict[str, Any]) -> None:
+            with events.open("a") as fh:
+                fh.write(json.dumps({"event": kind, **body}, sort_keys=True) + "\n")
+
+        services.on_refused(lambda r: record("refused", dataclasses.asdict(r)))
+        services.on_booted(lambda b: record("booted", b))
+    services.start()
+    assert services.tftp and services.http
+    print(json.dumps({"tftp_port": services.tftp.port, "http_port": services.http.port, "bind": args.bind}),
+          flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.is_set() and not services.stopped.is_set():
+        done.wait(0.5)
+    services.stop()
+    log.info("boot services stopped")
+    return 0
