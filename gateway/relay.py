@@ -1,0 +1,322 @@
+"""The gateway's outward attestation service: committee challenges in, countersigned quotes out; and
+the node's trust status, which expires.
+
+A committee verifier never talks to an HPC: the HPC's only link is its Pi. The verifier sends its own
+fresh nonce to the executor's gateway, which forwards it over the encrypted channel to its agent and
+returns the agent's quote countersigned by its trust root. The relay does not appraise: the verifier
+does (`trustcap.evidence.appraise_quote`), because only the verifier knows which nonce it sent and a
+relay that "checked" on the verifier's behalf would be one more party to trust.
+
+    verifier V                      RelayService (executor's Pi)       AttestationServer -> agent
+      | nonce = V.nonces.issue()          |                                   |
+      |-- POST /v1/challenge {nonce} ---->| nonce well-formed? slot free?     |
+      |                                   |-- server.relay(nonce) ----------->| REQ quote{nonce} (channel)
+      |                                   |<-- SignedQuote (agent sig + gateway countersig) --|
+      |<-- 200 canonical SignedQuote -----|
+      | appraise: both signatures, V's nonce once, identity, age; V's policy -> verdict
+      |
+      |-- GET /v1/status ---------------->| trusted only if the latest monitor check passed AND
+      |<-- {trusted, reason, ...} --------|   is younger than the freshness limit (CVE-2022-3500)
+
+Bounds (DESIGN.md: a gateway's verifier work is bounded and measured): at most `max_connections` open
+HTTP connections (the next one is closed at once), at most `max_inflight` challenges at a time (the
+next gets 503 + Retry-After), a 1 KiB request body, a per-connection read timeout, and the agent
+channel's own per-request timeout. All counted in `stats`.
+
+Trust expiry: the monitor's last passing check is only evidence for a while. When no passing check is
+younger than `max_age_s` (a dead monitor thread, a wedged channel, a silent agent), the node is reported
+untrusted with reason `attestation.expired`: silence never keeps a node trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from trustcap.gateway.attest_errors import RelayBusy, RelayError
+from trustcap.gateway.errors import GatewayError, QuoteRejected
+
+from trustcap.evidence import SignedQuote, decode_signed_quote, encode_signed_quote
+from trustcap.evidence.errors import EvidenceFormatError
+
+__all__ = ["MAX_BODY", "RelayService", "TrustState", "request_quote", "request_status", "trust_state"]
+
+log = logging.getLogger("trustcap.gateway")
+
+MAX_BODY = 1024
+MAX_RESPONSE = 256 * 1024  # trustcap.evidence's own limit on a signed quote
+_NONCE = re.compile(r"^0x[0-9a-f]{64}$")
+
+
+class _Record(Protocol):
+    at: float
+    ok: bool
+    failed: list[dict[str, str]]
+
+
+class _Challenger(Protocol):
+    node_id: str
+
+    def relay(self, nonce: bytes) -> SignedQuote: ...
+
+
+@dataclass(frozen=True)
+class TrustState:
+    trusted: bool
+    reason: str
+    last_check_at: float | None
+    last_ok_at: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"trusted": self.trusted, "reason": self.reason, "lastCheckAt": self.last_check_at,
+                "lastOkAt": self.last_ok_at}
+
+
+def trust_state(records: Iterable[_Record], *, now: float, max_age_s: float) -> TrustState:
+    """Trusted only if the latest check passed and is younger than `max_age_s`; else the reason, named."""
+    latest: _Record | None = None
+    last_ok: _Record | None = None
+    for r in records:
+        if latest is None or r.at >= latest.at:
+            latest = r
+        if r.ok and (last_ok is None or r.at >= last_ok.at):
+            last_ok = r
+    last_ok_at = None if last_ok is None else last_ok.at
+    if latest is None:
+        return TrustState(False, "attestation.none: no check has run yet", None, None)
+    if not latest.ok:
+        ids = ", ".join(f.get("id", "?") for f in latest.failed) or "unnamed failure"
+        return TrustState(False, f"attestation.failed: {ids}", latest.at, last_ok_at)
+    age = now - latest.at
+    if age > max_age_s:
+        return TrustState(False, f"attestation.expired: last passing check {age:.1f} s ago (limit {max_age_s:g} s)",
+                          latest.at, last_ok_at)
+    return TrustState(True, "attestation.fresh", latest.at, last_ok_at)
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a hard cap on concurrent connections (one thread each)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused_connections = 0
+        super().__init__(addr, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused_connections += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a connection that broke mid-request is the client's business: one log line, no traceback
+        log.info("relay: connection from %s dropped", client_address[0] if client_address else "?")
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class RelayService:
+    """HTTP service on the Pi's cluster side: `POST /v1/challenge`, `GET /v1/status`."""
+
+    def __init__(self, server: _Challenger, *, records: Callable[[], Iterable[_Record]] = lambda: (),
+                 max_age_s: float = 60.0, host: str = "127.0.0.1", port: int = 0, max_inflight: int = 4,
+                 max_connections: int = 32, read_timeout_s: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        if max_inflight < 1 or max_connections < 1 or max_age_s <= 0:
+            raise ValueError("max_inflight, max_connections and max_age_s must be positive")
+        self.server = server
+        self.records = records
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.stats = {"challenges": 0, "refused_busy": 0, "refused_bad_request": 0, "agent_failures": 0}
+        self._inflight = threading.BoundedSemaphore(max_inflight)
+        self._lock = threading.Lock()
+        self._http = _BoundedHTTPServer((host, port), _handler(self, read_timeout_s), max_connections)
+        self.address: tuple[str, int] = self._http.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._http.serve_forever, name="trustcap-relay", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    @property
+    def refused_connections(self) -> int:
+        return self._http.refused_connections
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    def status(self) -> dict[str, Any]:
+        state = trust_state(self.records(), now=self.clock(), max_age_s=self.max_age_s)
+        return {"node": self.server.node_id, **state.as_json()}
+
+    def challenge(self, body: bytes) -> tuple[int, bytes]:
+        """One challenge: (HTTP status, response body). Never raises for a client's or agent's fault."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            self._count("refused_bad_request")
+            return _error(HTTPStatus.BAD_REQUEST, "request body is not JSON")
+        nonce = doc.get("nonce") if isinstance(doc, dict) else None
+        if not isinstance(nonce, str) or not _NONCE.match(nonce):
+            self._count("refused_bad_request")
+            return _error(HTTPStatus.BAD_REQUEST, "field 'nonce' must be 32 bytes of lowercase 0x-hex")
+        if set(doc) != {"nonce"}:
+            self._count("refused_bad_request")
+            return _error(HTTPStatus.BAD_REQUEST, f"unknown field(s) {sorted(set(doc) - {'nonce'})}")
+        if not self._inflight.acquire(blocking=False):
+            self._count("refused_busy")
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, "relay busy: too many challenges in flight")
+        try:
+            signed = self.server.relay(bytes.fromhex(nonce[2:]))
+        except QuoteRejected as exc:
+            self._count("agent_failures")
+            log.warning("relay: agent's answer refused by the gateway: %s", exc)
+            return _error(HTTPStatus.BAD_GATEWAY, f"agent's answer refused: {exc}")
+        except GatewayError as exc:
+            self._count("agent_failures")
+            log.warning("relay: agent unreachable: %s", exc)
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"agent unreachable: {exc}")
+        finally:
+            self._inflight.release()
+        self._count("challenges")
+        return HTTPStatus.OK, encode_signed_quote(signed)
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join(timeout=5)
+
+
+def _error(status: HTTPStatus, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": message}).encode()
+
+
+def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout_s  # a client that stalls mid-request releases its slot
+        protocol_version = "HTTP/1.1"
+        server_version = "trustcap-relay/1"
+        sys_version = ""
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.debug("relay %s: " + fmt, self.client_address[0], *args)
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                self.send_header("Retry-After", "1")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path != "/v1/status":
+                self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
+                return
+            self._send(HTTPStatus.OK, json.dumps(relay.status()).encode())
+
+        def do_POST(self) -> None:
+            if self.path != "/v1/challenge":
+                self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
+                return
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit():
+                self.close_connection = True
+                self._send(*_error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
+                return
+            if int(length) > MAX_BODY:
+                self.close_connection = True
+                self._send(*_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes"))
+                return
+            try:
+                body = self.rfile.read(int(length))
+            except OSError:  # the client stalled past the read timeout, or went away: drop it
+                self.close_connection = True
+                return
+            if len(body) < int(length):
+                self.close_connection = True
+                return
+            self._send(*relay.challenge(body))
+
+    return Handler
+
+
+# --- the verifier's side --------------------------------------------------------------------------------
+def _endpoint(url: str, path: str) -> str:
+    """Only http(s) URLs: a `file:` or custom scheme must never be opened on a gateway's behalf."""
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise RelayError(f"gateway URL {url!r} must be http:// or https:// with a host")
+    return url.rstrip("/") + path
+
+
+def _call(req: urllib.request.Request, url: str, timeout: float, limit: int) -> bytes:
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) URL of a gateway
+            data: bytes = resp.read(limit + 1)
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read(4096)).get("error", "")
+        except (ValueError, AttributeError):
+            reason = ""
+        cls = RelayBusy if exc.code == HTTPStatus.SERVICE_UNAVAILABLE and "busy" in reason else RelayError
+        raise cls(f"gateway {url} refused: HTTP {exc.code} {reason}".rstrip()) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise RelayError(f"gateway {url} unreachable: {getattr(exc, 'reason', exc)}") from None
+    if len(data) > limit:
+        raise RelayError(f"gateway {url} answered more than {limit} bytes")
+    return data
+
+
+def request_quote(url: str, nonce: bytes, *, timeout: float = 30.0) -> SignedQuote:
+    """Send `nonce` through the executor's gateway at `url`; the signed quote it returns, parsed (not
+    appraised: appraise it with your own nonce registry)."""
+    if len(nonce) != 32:
+        raise ValueError("a challenge nonce is 32 bytes")
+    body = json.dumps({"nonce": "0x" + bytes(nonce).hex()}).encode()
+    req = urllib.request.Request(_endpoint(url, "/v1/challenge"), data=body, method="POST",  # noqa: S310
+                                 headers={"Content-Type": "application/json"})
+    data = _call(req, url, timeout, MAX_RESPONSE)
+    try:
+        return decode_signed_quote(data)
+    except EvidenceFormatError as exc:
+        raise RelayError(f"gateway {url} answered something that is not a signed quote: {exc}") from None
+
+
+def request_status(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """The executor gateway's view of its node's trust (advisory: a verifier trusts its own appraisal)."""
+    req = urllib.request.Request(_endpoint(url, "/v1/status"))  # noqa: S310 - scheme checked
+    data = _call(req, url, timeout, 64 * 1024)
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise RelayError(f"gateway {url} status is not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("trusted"), bool):
+        raise RelayError(f"gateway {url} status lacks a boolean 'trusted'")
+    return doc

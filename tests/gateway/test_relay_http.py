@@ -1,0 +1,193 @@
+"""The relay service over real loopback HTTP: a verifier's nonce goes through the gateway to a real agent
+(channel, signatures, appraisal are the real code; fixtures in conftest.py), bad requests are refused by
+name, load is bounded, and the node's trust status expires when checks stop."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from trustcap.gateway.attest_errors import RelayBusy, RelayError
+from trustcap.gateway.relay import MAX_BODY, RelayService, request_quote, request_status, trust_state
+
+from trustcap.evidence import NonceRegistry, SignedQuote, appraise_quote
+
+
+@pytest.fixture
+def relay(pair: Any) -> Iterator[RelayService]:
+    svc = RelayService(pair.server, max_inflight=2, max_connections=4, read_timeout_s=2)
+    yield svc
+    svc.close()
+
+
+def _appraise(pair: Any, signed: SignedQuote, nonces: NonceRegistry, nonce: bytes) -> Any:
+    return appraise_quote(signed, nonces=nonces, expected_nonce=nonce, node_id="hpc-1",
+                          agent_key=pair.agent.key.public_key(), gateway_address=pair.server.root.address,
+                          now=time.time(), max_age_seconds=30)
+
+
+def test_a_verifiers_nonce_comes_back_as_a_countersigned_quote(pair: Any, relay: RelayService) -> None:
+    verifier = NonceRegistry(60)
+    nonce = verifier.issue()
+    signed = request_quote(relay.url, nonce)
+    assert signed.quote.nonce == "0x" + nonce.hex()
+    assert _appraise(pair, signed, verifier, nonce).ok
+    assert relay.stats["challenges"] == 1
+
+
+def _post(relay: RelayService, body: bytes, path: str = "/v1/challenge",
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    host, port = relay.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("POST", path, body=body, headers=headers or {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("body", "path", "status", "needle"), [
+    pytest.param(b"{not json", "/v1/challenge", 400, "not JSON", id="not-json"),
+    pytest.param(b"{}", "/v1/challenge", 400, "'nonce'", id="nonce-missing"),
+    pytest.param(b'{"nonce": "0x1234"}', "/v1/challenge", 400, "'nonce'", id="nonce-short"),
+    pytest.param(json.dumps({"nonce": "0x" + "zz" * 32}).encode(), "/v1/challenge", 400, "'nonce'",
+                 id="nonce-not-hex"),
+    pytest.param(json.dumps({"nonce": "0x" + "AB" * 32}).encode(), "/v1/challenge", 400, "lowercase",
+                 id="nonce-uppercase"),
+    pytest.param(json.dumps({"nonce": 5}).encode(), "/v1/challenge", 400, "'nonce'", id="nonce-not-string"),
+    pytest.param(json.dumps({"nonce": "0x" + "ab" * 32, "extra": 1}).encode(), "/v1/challenge", 400, "extra",
+                 id="unknown-field"),
+    pytest.param(b"[]", "/v1/challenge", 400, "'nonce'", id="not-an-object"),
+    pytest.param(b"x" * (MAX_BODY + 1), "/v1/challenge", 413, "over", id="body-too-large"),
+    pytest.param(b"{}", "/v1/other", 404, "no such resource", id="unknown-path"),
+])
+def test_bad_requests_are_refused_by_name_and_reach_no_agent(
+        pair: Any, relay: RelayService, body: bytes, path: str, status: int, needle: str) -> None:
+    got, doc = _post(relay, body, path)
+    assert got == status and needle in doc["error"], doc
+    assert relay.stats["challenges"] == 0
+    # the channel was never used: the agent's own counter did not move
+    assert pair.server.wait_for_agent(0).chan.records_in_epoch == 0
+
+
+def test_challenges_beyond_the_inflight_bound_get_503_busy(pair: Any, relay: RelayService) -> None:
+    # occupy both slots as two slow challenges would
+    assert relay._inflight.acquire(blocking=False) and relay._inflight.acquire(blocking=False)
+    try:
+        with pytest.raises(RelayBusy, match="busy"):
+            request_quote(relay.url, bytes(32))
+    finally:
+        relay._inflight.release()
+        relay._inflight.release()
+    assert relay.stats["refused_busy"] == 1
+    request_quote(relay.url, NonceRegistry(60).issue())  # and served again once a slot is free
+
+
+def test_connections_beyond_the_bound_are_closed_at_once(relay: RelayService) -> None:
+    idle = [socket.create_connection(relay.address, timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.2)  # let the server take all four
+        extra = socket.create_connection(relay.address, timeout=5)
+        try:
+            assert extra.recv(1) == b""  # closed without a byte
+        finally:
+            extra.close()
+        assert relay.refused_connections >= 1
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_stalled_clients_are_dropped_and_their_slots_come_back(relay: RelayService) -> None:
+    stalled = [socket.create_connection(relay.address, timeout=10) for _ in range(4)]  # every slot
+    try:
+        for s in stalled:  # a header promising a body that never comes
+            s.sendall(b"POST /v1/challenge HTTP/1.1\r\nContent-Length: 80\r\n\r\n{")
+        for s in stalled:  # the server hangs up on each after its 2 s read timeout
+            assert s.recv(1024) == b""
+    finally:
+        for s in stalled:
+            s.close()
+    time.sleep(0.1)
+    assert request_quote(relay.url, NonceRegistry(60).issue()).quote.node_id == "hpc-1"
+
+
+def test_no_agent_gives_503_naming_the_cause(trust_root: Any) -> None:
+    from trustcap.gateway.enrol import TokenBook
+    from trustcap.gateway.server import AttestationServer
+
+    server = AttestationServer(trust_root, "hpc-1", TokenBook(["0x" + "ab" * 32]))
+    svc = RelayService(server)
+    try:
+        with pytest.raises(RelayError, match="503 agent unreachable"):
+            request_quote(svc.url, bytes(32))
+        assert svc.stats["agent_failures"] == 1
+    finally:
+        svc.close()
+        server.close()
+
+
+def test_unreachable_gateway_is_a_relay_error() -> None:
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(RelayError, match="unreachable"):
+        request_quote(f"http://127.0.0.1:{port}", bytes(32), timeout=5)
+
+
+@pytest.mark.parametrize("url", [
+    pytest.param("file:///etc/passwd", id="file-scheme"),
+    pytest.param("ftp://127.0.0.1/x", id="ftp-scheme"),
+    pytest.param("127.0.0.1:8080", id="no-scheme"),
+    pytest.param("http://", id="no-host"),
+])
+def test_only_http_gateway_urls_are_opened(url: str) -> None:
+    with pytest.raises(RelayError, match="must be http"):
+        request_quote(url, bytes(32))
+    with pytest.raises(RelayError, match="must be http"):
+        request_status(url)
+
+
+# --- trust status and its expiry ------------------------------------------------------------------------
+@dataclass
+class Rec:
+    at: float
+    ok: bool
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(("records", "now", "trusted", "reason"), [
+    pytest.param([], 100.0, False, "attestation.none", id="never-checked"),
+    pytest.param([Rec(90, True)], 100.0, True, "attestation.fresh", id="fresh-pass"),
+    pytest.param([Rec(10, True)], 100.0, False, "attestation.expired", id="pass-too-old"),
+    pytest.param([Rec(90, True), Rec(95, False, [{"id": "agent.unreachable"}])], 100.0, False,
+                 "attestation.failed: agent.unreachable", id="latest-failed"),
+    pytest.param([Rec(95, False, [{"id": "policy.measurements.kernel.mismatch"}, {"id": "nonce.replayed"}]),
+                  Rec(99, True)], 100.0, True, "attestation.fresh", id="recovered"),
+    pytest.param([Rec(99, True), Rec(50, False, [{"id": "x"}])], 100.0, True, "attestation.fresh",
+                 id="order-by-time-not-position"),
+])
+def test_trust_state(records: list[Rec], now: float, trusted: bool, reason: str) -> None:
+    state = trust_state(records, now=now, max_age_s=30)
+    assert state.trusted is trusted and state.reason.startswith(reason), state
+
+
+def test_status_expires_when_checks_stop(pair: Any) -> None:
+    clock = [1000.0]
+    records = [Rec(1000.0, True)]
+    svc = RelayService(pair.server, records=lambda: records, max_age_s=30, clock=lambda: clock[0])
+    try:
+        doc = request_status(svc.url)
+        assert doc["trusted"] is True and doc["node"] == "hpc-1"
+        clock[0] += 31  # the monitor went silent: no new record
+        doc = request_status(svc.url)
+        assert doc["trusted"] is False and doc["reason"].startswith("attestation.expired"), doc
+    finally:
+        svc.close()
