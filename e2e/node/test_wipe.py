@@ -72,6 +72,7 @@ def test_wipe_refuses_to_verify_a_device_that_is_not_zero(scratch: BlockScratch,
     import trustcap.agent.wipe as wipe
 
     monkeypatch.setattr(wipe, "_ZERO", b"\x01" * len(wipe._ZERO))  # the "overwrite" writes non-zero
+    monkeypatch.setattr(wipe, "DISCARD", False)  # and no discard zeroes it behind our back
     with pytest.raises(WipeError, match="did not verify"):
         scratch.wipe()
 

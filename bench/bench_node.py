@@ -1,0 +1,152 @@
+"""Node-side costs, each beside a baseline measured in the same run (ratios, never absolute targets).
+
+    launch   isolated capsule run of `true` (Executor: scratch on a loop device, seccomp, limits, wipe with
+             read-back, state snapshots)  vs  `docker run --rm IMAGE true` of the same image
+    wipe     BlockScratch.wipe() of a 1 GiB scratch (hash before, zero-fill + fsync, discard, read back
+             device and backing file)  vs  `dd` zero-fill of 1 GiB (fsync) + one `dd` read-back
+    quote    quote round trip through the gateway (encrypted channel, real measurements, countersign)
+             vs  the agent measuring and signing locally (no transport, no countersignature)
+
+Needs root and a Docker Engine (`trustcap stack up`). Usage:
+    .venv/bin/python bench/bench_node.py [--launches 5] [--wipe-mib 1024] [--quotes 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from trustcap.agent.errors import AgentError
+from trustcap.agent.executor import Executor
+from trustcap.agent.identity import BootConfig, BootKey
+from trustcap.agent.isolation import IsolationSpec
+from trustcap.agent.service import Agent
+from trustcap.agent.wipe import BlockScratch
+from trustcap.gateway.enrol import TokenBook
+from trustcap.gateway.server import AttestationServer
+
+from trustcap.stack.images import ensure_base_image
+from trustcap.trustroot import SoftwareTrustRoot
+
+IMAGE = "trustcap/base:bookworm"
+BOOT = "0x" + "ab" * 32
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def med(fn: Callable[[], object], n: int) -> float:
+    return statistics.median(timed(fn) for _ in range(n))
+
+
+def bench_launch(n: int, root: Path) -> tuple[float, float]:
+    import docker
+
+    client = docker.from_env()
+    ensure_base_image(client)
+    ex = Executor(client, scratch_root=root / "scratch")
+    spec = IsolationSpec(image=IMAGE, command=("true",), timeout_s=60, on_violation="report")
+
+    def isolated() -> None:
+        r = ex.run(spec)
+        assert r.reason == "completed" and r.exit_code == 0 and r.wipe["verified"], r.to_json()
+
+    def plain() -> None:
+        subprocess.run(["docker", "run", "--rm", "--network", "none", IMAGE, "true"], check=True,
+                       capture_output=True, timeout=120)
+
+    plain()
+    isolated()  # warm both paths
+    a, b = [], []
+    for _ in range(n):  # interleaved so drift hits both alike
+        a.append(timed(isolated))
+        b.append(timed(plain))
+    return statistics.median(a), statistics.median(b)
+
+
+def bench_wipe(mib: int, root: Path) -> tuple[float, float]:
+    size = mib * 1024 * 1024
+
+    def ours() -> float:
+        s = BlockScratch(size, root / "wipe")
+        try:
+            subprocess.run(["dd", "if=/dev/urandom", f"of={s.mountpoint}/fill", "bs=4M", f"count={max(1, mib // 8)}",
+                            "status=none"], check=True, timeout=600)
+            return timed(s.wipe)
+        except BaseException:
+            s._teardown_quietly()
+            raise
+
+    def baseline() -> float:
+        f = root / "dd.img"
+        t = timed(lambda: (
+            subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=4M", f"count={mib // 4}", "conv=fsync",
+                            "status=none"], check=True, timeout=600),
+            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "status=none"], check=True, timeout=600)))
+        f.unlink()
+        return t
+
+    return ours(), baseline()
+
+
+def bench_quote(n: int, root: Path) -> tuple[float, float, int]:
+    home = root / "tr"
+    home.mkdir()
+    tr = SoftwareTrustRoot.create(home, os.urandom(32))
+    tokens = TokenBook([BOOT])
+    server = AttestationServer(tr, "hpc-bench", tokens, rekey_after=16)
+    host, port = server.address
+    agent = Agent(BootConfig(str(host), int(port), tokens.issue("hpc-bench"), BOOT, tr.address, "hpc-bench"),
+                  key=BootKey())
+    ch = agent.connect()
+
+    def serve() -> None:
+        with contextlib.suppress(AgentError):  # the channel closes when the bench ends
+            ch.serve()
+
+    threading.Thread(target=serve, daemon=True).start()
+    server.wait_for_agent(10)
+    try:
+        trip = med(lambda: server.relay(os.urandom(32)), n)
+        local = med(lambda: agent.handle_quote({"nonce": "0x" + os.urandom(32).hex()}), n)
+        rotations = server.wait_for_agent(0).rotations
+    finally:
+        server.close()
+        tr.close()
+    return trip, local, rotations
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--launches", type=int, default=5)
+    p.add_argument("--wipe-mib", type=int, default=1024)
+    p.add_argument("--quotes", type=int, default=30)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench_node needs root (loop devices, cgroups, seccomp audit)")
+    with tempfile.TemporaryDirectory(prefix="trustcap-bench-node-", dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        iso, plain = bench_launch(args.launches, root)
+        print(f"launch  isolated run {iso:7.3f} s  | docker run --rm {plain:7.3f} s | ratio {iso / plain:5.2f}x "
+              f"(median of {args.launches})")
+        w, dd = bench_wipe(args.wipe_mib, root)
+        print(f"wipe    {args.wipe_mib} MiB verified {w:7.3f} s | dd fill+read-back {dd:7.3f} s | "
+              f"ratio {w / dd:5.2f}x")
+        trip, local, rot = bench_quote(args.quotes, root)
+        print(f"quote   via gateway {trip * 1000:8.2f} ms | local measure+sign {local * 1000:8.2f} ms | "
+              f"ratio {trip / local:5.2f}x ({rot} key rotations, median of {args.quotes})")
+
+
+if __name__ == "__main__":
+    main()
