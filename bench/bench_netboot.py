@@ -85,14 +85,14 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, str]:
     reason = qemu_available()
     if reason:
         return None, None, reason
-    img = build_image(BuildInputs(gateway_url=f"http://{GW_IP}:8080"))
+    img = build_image(BuildInputs())
     accel = os.environ.get("TRUSTCAP_QEMU_ACCEL", "tcg")
     with tempfile.TemporaryDirectory(prefix="tcbench-boot-") as tmp:
         t = Path(tmp)
         # Baseline: the same kernel and initrd, loaded by qemu itself; the init's hello goes nowhere, so
         # the end mark is the init's "booted" line, which the PXE run prints at the same point.
         log = t / "direct.log"
-        cmdline = (f"{img.cmdline} trustcap.gateway=http://127.0.0.1:9 trustcap.token=x "
+        cmdline = (f"{img.cmdline} trustcap.netboot=127.0.0.1:9 trustcap.token=x "
                    f"trustcap.bootdigest={img.bootdigest}")
         t0 = time.monotonic()
         direct = subprocess.Popen(

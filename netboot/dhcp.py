@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trustcap.netboot.errors import ServiceError
-from trustcap.netboot.ipxe import TOKEN_OPTION
+from trustcap.netboot.ipxe import AGENT_ENDPOINT_OPTION, GATEWAY_ADDRESS_OPTION, NODE_OPTION, TOKEN_OPTION
 
 __all__ = ["DhcpConfig", "Dnsmasq", "render_config"]
 
@@ -46,6 +46,9 @@ class DhcpConfig:
     boot_file: str = "boot.ipxe"
     lease_seconds: int = 600
     macs: dict[str, str] = field(default_factory=dict)  # MAC -> enrolment token; empty = any client
+    nodes: dict[str, str] = field(default_factory=dict)  # MAC -> HPCNode name (default hpc-<mac hex>)
+    agent_endpoint: str = ""  # HOST:PORT of the attestation server; default <gateway_ip>:7443
+    gateway_address: str = ""  # 0x + 40 hex: the trust root the agent pins; not sent when empty
 
     def validate(self) -> None:
         if not _IFACE.match(self.interface):
@@ -62,6 +65,13 @@ class DhcpConfig:
                 raise ServiceError(f"dhcp.macs: {mac!r} is not a lowercase MAC address")
             if not _TOKEN.match(token):
                 raise ServiceError(f"dhcp.macs[{mac}]: token must be 1-128 of [A-Za-z0-9._-]")
+        for mac, node in self.nodes.items():
+            if mac not in self.macs or not re.match(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$", node):
+                raise ServiceError(f"dhcp.nodes[{mac}]: {node!r} must be a DNS-1123 name of a MAC in dhcp.macs")
+        if self.agent_endpoint and not re.match(r"^[0-9.]{7,15}:[0-9]{1,5}$", self.agent_endpoint):
+            raise ServiceError(f"dhcp.agent_endpoint: {self.agent_endpoint!r} is not IPv4:PORT")
+        if self.gateway_address and not re.match(r"^0x[0-9a-fA-F]{40}$", self.gateway_address):
+            raise ServiceError(f"dhcp.gateway_address: {self.gateway_address!r} is not 0x + 40 hex")
         if not re.match(r"^[A-Za-z0-9_.+-]{1,128}$", self.boot_file):
             raise ServiceError(f"dhcp.boot_file: {self.boot_file!r} is not a plain file name")
 
@@ -83,7 +93,10 @@ def render_config(cfg: DhcpConfig, state_dir: Path) -> str:
         "dhcp-option=option:router",
         "dhcp-option=option:dns-server",
         f"dhcp-boot={cfg.boot_file},,{cfg.gateway_ip}",
+        f'dhcp-option-force={AGENT_ENDPOINT_OPTION},"{cfg.agent_endpoint or cfg.gateway_ip + ":7443"}"',
     ]
+    if cfg.gateway_address:
+        lines.append(f'dhcp-option-force={GATEWAY_ADDRESS_OPTION},"{cfg.gateway_address}"')
     if cfg.macs:
         lines.append(f"dhcp-range={cfg.range_start},static,{cfg.netmask},{cfg.lease_seconds}")
         start = ipaddress.IPv4Address(cfg.range_start)
@@ -91,6 +104,8 @@ def render_config(cfg: DhcpConfig, state_dir: Path) -> str:
             tag = f"hpc{i}"
             lines.append(f"dhcp-host={mac},{start + i},set:{tag}")
             lines.append(f'dhcp-option-force=tag:{tag},{TOKEN_OPTION},"{token}"')
+            node = cfg.nodes.get(mac) or "hpc-" + mac.replace(":", "")
+            lines.append(f'dhcp-option-force=tag:{tag},{NODE_OPTION},"{node}"')
     else:
         lines.append(f"dhcp-range={cfg.range_start},{cfg.range_end},{cfg.netmask},{cfg.lease_seconds}")
     return "\n".join(lines) + "\n"

@@ -37,7 +37,10 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kubeconfig", help="kubeconfig for --bootimages (default: the usual lookup)")
     s.add_argument("--dhcp-interface", help="run dnsmasq DHCP on this link interface")
     s.add_argument("--dhcp-range", help="START,END addresses for HPC leases")
-    s.add_argument("--mac", action="append", default=[], metavar="MAC=TOKEN", help="serve only this HPC")
+    s.add_argument("--mac", action="append", default=[], metavar="MAC=TOKEN[@NODE]",
+                   help="serve only this HPC, with its one-time enrolment token and HPCNode name")
+    s.add_argument("--agent-endpoint", default="", help="HOST:PORT of the attestation server (default BIND:7443)")
+    s.add_argument("--gateway-address", default="", help="0x... address of this gateway's trust root")
     s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
     s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
     s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
@@ -79,15 +82,19 @@ def build_config(args: argparse.Namespace) -> tuple[NetbootConfig, ApprovalSourc
     if args.dhcp_interface:
         if not args.dhcp_range or args.dhcp_range.count(",") != 1:
             raise ConfigError("--dhcp-range: START,END is required with --dhcp-interface")
-        macs = {}
+        macs, nodes = {}, {}
         for item in args.mac:
-            mac, sep, token = item.partition("=")
+            mac, sep, rest = item.partition("=")
             if not sep:
-                raise ConfigError(f"--mac: {item!r} must be MAC=TOKEN")
+                raise ConfigError(f"--mac: {item!r} must be MAC=TOKEN[@NODE]")
+            token, _, node = rest.partition("@")
             macs[mac.lower()] = token
+            if node:
+                nodes[mac.lower()] = node
         start, end = args.dhcp_range.split(",")
         dhcp = DhcpConfig(interface=args.dhcp_interface, gateway_ip=args.bind, range_start=start,
-                          range_end=end, macs=macs)
+                          range_end=end, macs=macs, nodes=nodes, agent_endpoint=args.agent_endpoint,
+                          gateway_address=args.gateway_address)
     cfg = NetbootConfig(root=root, bind=args.bind, tftp_port=_port(args.tftp_port, "--tftp-port"),
                         http_port=_port(args.http_port, "--http-port"), dhcp=dhcp, state_dir=args.state_dir,
                         stop_after_boot=args.stop_after_boot)

@@ -23,7 +23,7 @@ TOKEN = "tok-e2e-0001"  # noqa: S105 -- a test enrolment token, not a secret
 
 @pytest.fixture(scope="session")
 def image() -> BuiltImage:
-    return build_image(BuildInputs(gateway_url=f"http://{GW_IP}:8080"))
+    return build_image(BuildInputs())
 
 
 @dataclass

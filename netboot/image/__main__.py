@@ -1,4 +1,4 @@
-"""`python -m trustcap.netboot.image --gateway-url URL [--out DIR]`: build the boot image, print its manifest."""
+"""`python -m trustcap.netboot.image [--http-port PORT] [--out DIR]`: build the boot image, print its manifest."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from trustcap.errors import TrustcapError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="build-image", description="Build the HPC netboot image reproducibly.")
-    ap.add_argument("--gateway-url", required=True, help="HTTP root of the gateway on the HPC link")
+    ap.add_argument("--http-port", type=int, default=8080, help="the gateways' boot HTTP port")
     ap.add_argument("--out", type=Path, help="output folder (default: the cache)")
     ap.add_argument("--no-cache", action="store_true", help="rebuild even when the cache has this image")
     args = ap.parse_args(argv)
     try:
-        img = build_image(BuildInputs(gateway_url=args.gateway_url), args.out, use_cache=not args.no_cache)
+        img = build_image(BuildInputs(http_port=args.http_port), args.out, use_cache=not args.no_cache)
     except TrustcapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

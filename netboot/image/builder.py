@@ -29,7 +29,7 @@ __all__ = ["BuildInputs", "BuiltImage", "build_image", "cache_dir", "ensure_debs
 
 log = logging.getLogger("trustcap.netboot")
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 HERE = Path(__file__).resolve().parent
 KERNEL_FILE, INITRD_FILE, SCRIPT_FILE = "vmlinuz", "initrd.img", "boot.ipxe"
 
@@ -77,9 +77,9 @@ def ensure_debs(debs: Path | None = None) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class BuildInputs:
-    """Everything that decides the image's bytes. `gateway_url` goes into the iPXE script only."""
+    """Everything that decides the image's bytes. Nothing names a gateway: one image boots behind all."""
 
-    gateway_url: str
+    http_port: int = 8080
     cmdline: str = "console=ttyS0 panic=30 loglevel=4"
     modules: tuple[str, ...] = ("e1000",)
     source_date_epoch: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH", "1700000000")))
@@ -104,7 +104,7 @@ def _sha(data: bytes) -> str:
 
 def _cache_key(inputs: BuildInputs, debs: Mapping[str, Path]) -> str:
     h = hashlib.sha256()
-    for part in (RECIPE_VERSION, inputs.gateway_url, inputs.cmdline, ",".join(inputs.modules),
+    for part in (RECIPE_VERSION, str(inputs.http_port), inputs.cmdline, ",".join(inputs.modules),
                  str(inputs.source_date_epoch)):
         h.update(part.encode() + b"\0")
     for name in ("kernel", "busybox"):
@@ -163,7 +163,7 @@ def build_image(inputs: BuildInputs, out_dir: Path | None = None, use_cache: boo
         kernel = vmlinuz[0].read_bytes()
         initrd = pack(_initramfs(ktree, btree, inputs), inputs.source_date_epoch)
     bootdigest = boot_digest(hashlib.sha256(kernel).digest(), hashlib.sha256(initrd).digest(), inputs.cmdline)
-    script = render_script(inputs.gateway_url, KERNEL_FILE, INITRD_FILE, inputs.cmdline, bootdigest).encode()
+    script = render_script(inputs.http_port, KERNEL_FILE, INITRD_FILE, inputs.cmdline, bootdigest).encode()
     out.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, data in ((KERNEL_FILE, kernel), (INITRD_FILE, initrd), (SCRIPT_FILE, script)):

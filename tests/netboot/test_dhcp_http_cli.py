@@ -28,7 +28,8 @@ def test_config_is_link_only_without_dns_or_route(tmp_path: Path) -> None:
     for required in ("port=0", "interface=nbgw0", "bind-interfaces", "no-resolv", "no-hosts",
                      "dhcp-option=option:router", "dhcp-option=option:dns-server", "dhcp-boot=boot.ipxe,,10.77.0.1",
                      "dhcp-host=52:54:00:00:00:01,10.77.0.100,set:hpc0", 'dhcp-option-force=tag:hpc0,224,"tok"',
-                     "dhcp-range=10.77.0.100,static,255.255.255.0,600"):
+                     "dhcp-range=10.77.0.100,static,255.255.255.0,600", 'dhcp-option-force=227,"10.77.0.1:7443"',
+                     'dhcp-option-force=tag:hpc0,225,"hpc-525400000001"'):
         assert required in lines, required
     assert not any(ln.startswith(("server=", "enable-tftp", "resolv-file")) for ln in lines)
 
@@ -40,6 +41,10 @@ def test_config_is_link_only_without_dns_or_route(tmp_path: Path) -> None:
     pytest.param({"macs": {"52:54:00:00:00:0G": "t"}}, "dhcp.macs", id="bad-mac"),
     pytest.param({"macs": {"52:54:00:00:00:01": 'x"\nserver=8.8.8.8'}}, "token", id="token-injection"),
     pytest.param({"boot_file": "a b"}, "dhcp.boot_file", id="bootfile"),
+    pytest.param({"agent_endpoint": 'x",1'}, "dhcp.agent_endpoint", id="endpoint-injection"),
+    pytest.param({"gateway_address": "0x12"}, "dhcp.gateway_address", id="short-address"),
+    pytest.param({"macs": {"52:54:00:00:00:01": "t"}, "nodes": {"52:54:00:00:00:01": "Bad_Name"}}, "dhcp.nodes",
+                 id="bad-node-name"),
 ])
 def test_bad_dhcp_config_names_the_field(tmp_path: Path, kw: dict[str, object], match: str) -> None:
     with pytest.raises(ServiceError, match=match):

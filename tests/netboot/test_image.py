@@ -40,10 +40,12 @@ def test_duplicate_paths_are_an_error() -> None:
 
 def test_script_carries_digest_gateway_and_dhcp_token() -> None:
     bd = boot_digest(b"\x01" * 32, b"\x02" * 32, "console=ttyS0")
-    text = render_script("http://10.77.0.1:8080/", "vmlinuz", "initrd.img", "console=ttyS0", bd)
+    text = render_script(8080, "vmlinuz", "initrd.img", "console=ttyS0", bd)
     assert text.startswith("#!ipxe\n")
-    assert f"kernel http://10.77.0.1:8080/vmlinuz console=ttyS0 trustcap.gateway=http://10.77.0.1:8080 " \
-           f"trustcap.token=${{224:string}} trustcap.bootdigest={bd} || goto failed" in text
+    assert "kernel http://${next-server}:8080/vmlinuz console=ttyS0 trustcap.netboot=${next-server}:8080 " \
+           "trustcap.gateway=${227:string} trustcap.token=${224:string} trustcap.node=${225:string} " \
+           f"trustcap.gatewayaddr=${{226:string}} trustcap.bootdigest={bd} || goto failed" in text
+    assert "10.77" not in text  # no gateway is named: one approved image for every gateway
     assert bd != boot_digest(b"\x01" * 32, b"\x03" * 32, "console=ttyS0")
 
 
@@ -54,13 +56,13 @@ def test_same_inputs_same_digests(tmp_path: Path) -> None:
     except Exception as exc:  # no apt reachable and nothing cached
         print(f"SKIP reproducibility: Debian packages unavailable: {exc}")
         pytest.skip(f"Debian packages unavailable: {exc}")
-    inputs = BuildInputs(gateway_url="http://10.77.0.1:8080", debs=debs, source_date_epoch=1700000000)
+    inputs = BuildInputs(debs=debs, source_date_epoch=1700000000)
     a = build_image(inputs, tmp_path / "a", use_cache=False)
     b = build_image(inputs, tmp_path / "b", use_cache=False)
     assert a.digests == b.digests and a.bootdigest == b.bootdigest
     for name in a.digests:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    c = build_image(BuildInputs(gateway_url="http://10.77.0.1:8080", debs=debs, source_date_epoch=1700000001),
+    c = build_image(BuildInputs(debs=debs, source_date_epoch=1700000001),
                     tmp_path / "c", use_cache=False)
     assert c.digests["initrd.img"] != a.digests["initrd.img"]  # a real input changes the digest
     assert c.digests["vmlinuz"] == a.digests["vmlinuz"]

@@ -3,7 +3,7 @@
     trustcap netboot serve --root DIR --tftp-port PORT --http-port PORT --bind ADDR
         [--manifest approved.json | --bootimages [--kubeconfig FILE]]
         [--dhcp-interface IFACE --dhcp-range START,END [--mac MAC=TOKEN ...]] [--stop-after-boot]
-    trustcap netboot build-image --gateway-url URL [--out DIR] [--no-cache]
+    trustcap netboot build-image [--http-port 8080] [--out DIR] [--no-cache]
 
 Without --manifest or --bootimages, `serve` pins the digests of the folder's files at start: anything
 changed afterwards is refused and reported.
@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     s.set_defaults(func=_serve)
 
     b = sub.add_parser("build-image", help="build the HPC boot image reproducibly from Debian packages")
-    b.add_argument("--gateway-url", required=True, help="HTTP root of the gateway on the HPC link")
+    b.add_argument("--http-port", type=int, default=8080, help="the gateways' boot HTTP port")
     b.add_argument("--out", type=Path)
     b.add_argument("--no-cache", action="store_true")
     b.set_defaults(func=_build)
@@ -75,6 +75,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from trustcap.netboot.image.builder import BuildInputs, build_image
 
-    img = build_image(BuildInputs(gateway_url=args.gateway_url), args.out, use_cache=not args.no_cache)
+    img = build_image(BuildInputs(http_port=args.http_port), args.out, use_cache=not args.no_cache)
     print(json.dumps({"dir": str(img.out_dir), "digests": img.digests, "bootdigest": img.bootdigest}, indent=2))
     return 0
