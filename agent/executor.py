@@ -102,6 +102,12 @@ class Executor:
         self.audit = audit or AuditReader()
         self.clock = clock
         self._run_cgroup_name = ""
+        self._stop_reason: str | None = None
+        self.running = False
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the current run from outside (the gateway's stop action, or the gateway being lost)."""
+        self._stop_reason = reason
 
     # -- state snapshots: the post-run state must equal the pre-run state ---------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -117,6 +123,14 @@ class Executor:
         return state
 
     def run(self, spec: IsolationSpec) -> RunResult:
+        self._stop_reason = None
+        self.running = True
+        try:
+            return self._run(spec)
+        finally:
+            self.running = False
+
+    def _run(self, spec: IsolationSpec) -> RunResult:
         run_id = uuid.uuid4().hex[:12]
         t0 = self.clock()
         pre = self.snapshot()
@@ -156,6 +170,8 @@ class Executor:
             with engine.translate("creating the capsule container"):
                 container = self.client.containers.create(name=f"trustcap-run-{run_id}", **settings)
             reason, exit_code = self._supervise(spec, container, violations, wall0, cgroup)
+            if reason == "killed-by-policy" and self._stop_reason:
+                error = f"stopped: {self._stop_reason}"
             with engine.translate("reading the capsule's output"):
                 stdout = container.logs(stdout=True, stderr=False)
                 stderr = container.logs(stdout=False, stderr=True)
@@ -239,7 +255,8 @@ class Executor:
             if killed is None:
                 if self.clock() - start > spec.timeout_s:
                     killed = "timeout"
-                elif spec.on_violation == "stop" and self._has_violation(violations, wall0, spec):
+                elif self._stop_reason is not None or (
+                        spec.on_violation == "stop" and self._has_violation(violations, wall0, spec)):
                     killed = "killed-by-policy"
                 if killed:
                     log.warning("killing capsule %s: %s", container.name, killed)

@@ -97,4 +97,10 @@ class Agent:
                 self.connect().serve()
             except ChannelError as exc:
                 log.warning("channel to gateway lost: %s", exc)
+                self.gateway_lost(str(exc))
             stop.wait(retry_s)
+
+    def gateway_lost(self, why: str) -> None:
+        """Fail closed: a run its gateway can no longer monitor is stopped, and the reason recorded."""
+        if self._stop is not None:
+            self._stop(f"gateway lost: {why}")

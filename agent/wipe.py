@@ -189,7 +189,8 @@ class BlockScratch(Scratch):
         verified = all_zero and after == expected
         proof = {"what": "scratch", "path_used": "software-overwrite", "bytes": self.size, "passes": 1,
                  "pattern": "zeros", "discard": discarded, "device": self.device,
-                 "how": "unmounted; whole loop device overwritten with zeros, fsynced, discarded; backing store read back",
+                 "how": "unmounted; whole loop device overwritten with zeros, fsynced, discarded; "
+                        "backing store read back",
                  "digest_before": before, "digest_after": after, "expected_after": expected,
                  "verified": verified,
                  "seconds": round(time.monotonic() - t0, 3)}
