@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,6 @@ class AgentProc:
 
     proc: subprocess.Popen[bytes]
     log: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def agent_pid(self, timeout: float = 10) -> int:
         """The agent's host pid: `unshare --fork`'s only child (pid 1 of the agent's pid namespace)."""
@@ -173,30 +172,40 @@ class AgentProc:
         raise AssertionError(f"{needle!r} never appeared in the agent's log:\n{self.text()}")
 
 
+def start_agent(lab: Lab, port: int, gateway_address: str, token: str, log: Path, *, node: str = NODE,
+                boot: str = BOOT_HEX) -> AgentProc:
+    """`python3 -m trustcap.agent` in the hpc namespace, in pid and mount namespaces of its own."""
+    with log.open("wb") as out:
+        proc = lab.exec_in_hpc(
+            "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+            sys.executable, "-P", "-m", "trustcap.agent",
+            "--gateway", f"{GW_IP}:{port}", "--token", token, "--bootdigest", f"sha256:{boot}",
+            "--gatewayaddr", gateway_address, "--node", node,
+            stdout=out, stderr=subprocess.STDOUT, cwd="/",
+        )
+    return AgentProc(proc, log)
+
+
+def stop_agent(agent: AgentProc) -> None:
+    if agent.proc.poll() is None:
+        agent.proc.send_signal(signal.SIGKILL)  # --kill-child takes the agent down with it
+        agent.proc.wait(timeout=10)
+
+
 @pytest.fixture
 def spawn_agent(lab: Lab, gateway: Gateway, tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     started: list[AgentProc] = []
 
     def spawn(token: str | None = None, *, node: str = NODE, boot: str = BOOT_HEX) -> AgentProc:
         token = token if token is not None else gateway.tokens.issue(NODE)
-        log = tmp_path / f"agent-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = lab.exec_in_hpc(
-                "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
-                sys.executable, "-P", "-m", "trustcap.agent",
-                "--gateway", f"{GW_IP}:{gateway.port}", "--token", token, "--bootdigest", f"sha256:{boot}",
-                "--gatewayaddr", gateway.root.address, "--node", node,
-                stdout=out, stderr=subprocess.STDOUT, cwd="/",
-            )
-        agent = AgentProc(proc, log)
+        agent = start_agent(lab, gateway.port, gateway.root.address, token,
+                            tmp_path / f"agent-{len(started)}.log", node=node, boot=boot)
         started.append(agent)
         return agent
 
     yield spawn
     for agent in started:
-        if agent.proc.poll() is None:
-            agent.proc.send_signal(signal.SIGKILL)  # --kill-child takes the agent down with it
-            agent.proc.wait(timeout=10)
+        stop_agent(agent)
 
 
 @contextmanager

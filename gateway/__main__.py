@@ -1,0 +1,108 @@
+"""`python3 -m trustcap.gateway`: the Pi's attestation services for its one HPC, wired together.
+
+    trust root (--trustroot DIR)  ->  AttestationServer (--listen, the HPC link)  <- agent enrols, answers
+    TokenBook (--boot-digest ...)     one one-time token per start, written to --token-file (0600) for
+                                      netboot to hand to the HPC (DHCP option 224 -> trustcap.token=)
+    GatewayPolicy (--policy FILE) ->  Monitor: checks at exponential random times, actions
+                                  ->  RelayService (--relay, the cluster side): committee challenges and
+                                      the node's expiring trust status
+
+Only wiring lives here; each part's module says why it is built the way it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from trustcap.errors import TrustcapError
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _digest(value: str) -> str:
+    hexpart = value.removeprefix("sha256:").removeprefix("0x").lower()
+    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise argparse.ArgumentTypeError(f"{value!r} is not sha256:<64 hex>")
+    return "0x" + hexpart
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m trustcap.gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trustroot", type=Path, required=True, help="trust root home (Zymkey or software store)")
+    p.add_argument("--kek-file", type=Path, help="KEK of a software trust root (else $TRUSTCAP_TRUSTROOT_KEK)")
+    p.add_argument("--node", required=True, help="the HPCNode this gateway serves")
+    p.add_argument("--boot-digest", type=_digest, action="append", required=True,
+                   help="an approved boot-image digest (sha256:HEX); repeat for several")
+    p.add_argument("--policy", type=Path, required=True, help="GatewayPolicy YAML (monitoring and attestation)")
+    p.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT for the agent, on the HPC link")
+    p.add_argument("--relay", type=_hostport, required=True, help="HOST:PORT of the relay, on the cluster side")
+    p.add_argument("--token-file", type=Path, required=True,
+                   help="where to write this boot's one-time enrolment token (mode 0600)")
+    p.add_argument("--rekey-after", type=int, default=16, help="rotate channel keys every N requests")
+    p.add_argument("--rekey-seconds", type=float, default=300.0, help="...or every T seconds")
+    p.add_argument("--status-max-age", type=float, default=0.0,
+                   help="seconds a passing check counts as fresh (default: max(maxQuoteAge, 10 x mean interval))")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from trustcap.gateway.enrol import TokenBook
+    from trustcap.gateway.monitor import Monitor
+    from trustcap.gateway.policy import load_gateway_policy
+    from trustcap.gateway.relay import RelayService
+    from trustcap.gateway.server import AttestationServer
+
+    from trustcap.trustroot import open_trust_root
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        policy = load_gateway_policy(args.policy)
+        root = open_trust_root(args.trustroot, kek_file=args.kek_file)
+        tokens = TokenBook(args.boot_digest)
+        server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
+                                   rekey_after=args.rekey_after, rekey_seconds=args.rekey_seconds)
+        token = tokens.issue(args.node)
+        fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        monitor = Monitor(server, policy)
+        max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
+        relay = RelayService(server, records=lambda: list(monitor.records), max_age_s=max_age,
+                             host=args.relay[0], port=args.relay[1])
+    except (TrustcapError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    log = logging.getLogger("trustcap.gateway")
+    log.info("gateway %s for node %s: agents on %s:%s, relay on %s, policy %s", root.address, args.node,
+             *server.address, relay.url, policy.digest)
+    print(f"ready agent={server.address[0]}:{server.address[1]} relay={relay.url} gateway={root.address}",
+          flush=True)
+    monitor.start()
+    try:
+        stop.wait()
+    finally:
+        monitor.stop()
+        relay.close()
+        server.close()
+        root.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
