@@ -6,8 +6,9 @@
     baseline     = the agent key signs the quote's agent digest and the verifier recovers the signer:
                    the two secp256k1 operations any attestation needs, with no transport, measuring or
                    countersigning
-Two round trips are timed: with fixed measurements (what the protocol itself costs) and with real
-readings of this machine (what a check costs the HPC). Printed as median seconds and ratios to the
+Three round trips are timed: with fixed measurements (what the protocol itself costs), the same through
+the relay's HTTP service as a committee verifier on another Pi would call it (loopback here), and with
+real readings of this machine (what a check costs the HPC). Printed as median seconds and ratios to the
 baseline; channel key rotations during the run are counted (rotation is part of the cost).
 
     .venv/bin/python bench/bench_attest.py [--rounds 200]
@@ -30,6 +31,7 @@ from trustcap.agent import measure
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
 from trustcap.gateway.enrol import TokenBook
+from trustcap.gateway.relay import RelayService, request_quote
 from trustcap.gateway.server import AttestationServer
 
 from trustcap.evidence import NonceRegistry, appraise_quote, check_policy, quote_digest, recover_address
@@ -69,9 +71,12 @@ def run(rounds: int, real_rounds: int) -> None:
         policy = Policy(boot_images=[BOOT], allow_unlisted_measurements=True)
         agent_key = agent.key.public_key()
 
+        relay = RelayService(server)
+        via = {"http": False}
+
         def round_trip() -> None:
             nonce = nonces.issue()
-            signed = server.relay(nonce)
+            signed = request_quote(relay.url, nonce) if via["http"] else server.relay(nonce)
             report = appraise_quote(signed, nonces=nonces, expected_nonce=nonce, node_id="hpc-bench",
                                     agent_key=agent_key, gateway_address=root.address, now=time.time(),
                                     max_age_seconds=60)
@@ -90,9 +95,13 @@ def run(rounds: int, real_rounds: int) -> None:
 
         t_base = median_time(baseline, rounds)
         t_fixed = median_time(round_trip, rounds)
+        via["http"] = True
+        t_http = median_time(round_trip, rounds)
+        via["http"] = False
         mode["real"] = True
         t_real = median_time(round_trip, real_rounds)
         rotations = session.rotations
+        relay.close()
         server.close()
         root.close()
         t.join(timeout=5)
@@ -102,6 +111,7 @@ def run(rounds: int, real_rounds: int) -> None:
         table.add_column(col, justify="right" if col != "what" else "left")
     table.add_row("local sign+verify (baseline)", f"{t_base:.6f}", "1.0")
     table.add_row("round trip, fixed measurements", f"{t_fixed:.6f}", f"{t_fixed / t_base:.1f}")
+    table.add_row("round trip via relay HTTP, fixed", f"{t_http:.6f}", f"{t_http / t_base:.1f}")
     table.add_row("round trip, real measurements", f"{t_real:.6f}", f"{t_real / t_base:.1f}")
     Console().print(table)
     print(f"channel key rotations during the run: {rotations}")
