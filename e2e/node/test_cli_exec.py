@@ -17,7 +17,7 @@ KEYS = {"reason", "exit_code", "violations", "wipe", "stdout", "stderr"}
 
 
 def _exec(*args: str, timeout: float = 120) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run([sys.executable, "-m", "trustcap.cli", "exec", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-P", "-m", "trustcap.cli", "exec", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
     assert proc.stdout.strip(), f"no JSON on stdout (exit {proc.returncode}): {proc.stderr}"
     return proc.returncode, json.loads(proc.stdout)
@@ -38,7 +38,7 @@ def test_exec_reports_a_violation_and_exits_2(docker_engine: Any) -> None:
 
 
 def test_exec_usage_errors_are_one_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "trustcap.cli", "exec", "--egress", "example.com:80", "--", "true"],
+    proc = subprocess.run([sys.executable, "-P", "-m", "trustcap.cli", "exec", "--egress", "example.com:80", "--", "true"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and "must be an IP address" in proc.stderr and "Traceback" not in proc.stderr
 
