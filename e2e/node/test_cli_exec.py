@@ -38,8 +38,8 @@ def test_exec_reports_a_violation_and_exits_2(docker_engine: Any) -> None:
 
 
 def test_exec_usage_errors_are_one_line() -> None:
-    proc = subprocess.run([sys.executable, "-P", "-m", "trustcap.cli", "exec", "--egress", "example.com:80", "--", "true"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run([sys.executable, "-P", "-m", "trustcap.cli", "exec", "--egress", "example.com:80", "--",
+                           "true"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and "must be an IP address" in proc.stderr and "Traceback" not in proc.stderr
 
 
