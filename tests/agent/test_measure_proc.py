@@ -146,3 +146,30 @@ HOST_SHARED = {"block_devices", "hw_fingerprint"}
 def test_isolated_hpc_change_changes_exactly_its_reading(
         isolated: dict[str, list[str]], step: str, expected: set[str]) -> None:
     assert set(isolated[step]) - HOST_SHARED == expected
+
+
+# --- known defects, pinned (strict: the test turns red when fixed, and the marker must go) -----------------
+@pytest.mark.xfail(strict=True, reason="defect: kernel threads enter the processes reading by name, and kworker "
+                   "names carry their current workqueue (kworker/0:1-events -> kworker/0:1-mm_percpu_wq), so on a "
+                   "real HPC (host pid namespace) a pinned 'processes' reading flaps every few seconds")
+def test_processes_reading_leaves_out_volatile_kernel_thread_names() -> None:
+    from pathlib import Path
+
+    def comm(d: Path) -> str:
+        try:
+            return (d / "comm").read_text()
+        except OSError:
+            return ""
+
+    if not any(comm(d).startswith("kworker") for d in Path("/proc").iterdir() if d.name.isdigit()):
+        pytest.skip("no kworker threads visible here (own pid namespace): the defect cannot show")
+    kthreads = [p for p in measure.processes() if p.startswith("[kworker")]
+    assert not kthreads, kthreads[:3]
+
+
+@pytest.mark.xfail(strict=True, reason="defect: the hardware fingerprint includes every /sys/block entry with its "
+                   "size, so attaching a loop device (a wipe test, a capsule volume) changes the 'hardware'")
+def test_hardware_fingerprint_leaves_out_virtual_block_devices() -> None:
+    if not any(d.startswith("loop") for d in os.listdir("/sys/block")):
+        pytest.skip("no loop devices on this machine: the defect cannot show here")
+    assert "loop" not in measure.hardware_readings()["disks"]
