@@ -1,0 +1,78 @@
+"""`python3 -m trustcap.gateway` refuses bad configuration with one line naming the cause, before it
+listens anywhere, mints a token or touches the trust root's secrets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
+
+BOOT = "sha256:" + "ab" * 32
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-P", "-m", "trustcap.gateway", *args], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=cwd)
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> dict[str, str]:
+    home, kek = tmp_path / "tr", tmp_path / "kek"
+    home.mkdir()
+    SoftwareTrustRoot.create(home, new_kek_file(kek)).close()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("kind: GatewayPolicy\nattestation:\n  bootImages: ['0x" + "ab" * 32 + "']\n")
+    return {"--trustroot": str(home), "--kek-file": str(kek), "--node": "hpc-1", "--boot-digest": BOOT,
+            "--policy": str(policy), "--listen": "127.0.0.1:0", "--relay": "127.0.0.1:0",
+            "--token-file": str(tmp_path / "token")}
+
+
+@pytest.mark.parametrize(("flag", "value", "code", "needle"), [
+    pytest.param("--listen", "no-port", 2, "is not HOST:PORT", id="bad-listen"),
+    pytest.param("--relay", "host:99999", 2, "is not HOST:PORT", id="bad-relay-port"),
+    pytest.param("--boot-digest", "md5:abc", 2, "is not sha256:<64 hex>", id="bad-boot-digest"),
+    pytest.param("--policy", "/nonexistent/policy.yaml", 1, "cannot read gateway policy", id="missing-policy"),
+    pytest.param("--trustroot", "/nonexistent", 1, "no trust root in /nonexistent", id="missing-trust-root"),
+    pytest.param("--kek-file", "/nonexistent/kek", 1, "/nonexistent/kek", id="missing-kek"),
+])
+def test_bad_configuration_is_one_line_naming_the_cause(good: dict[str, str], tmp_path: Path, flag: str, value: str,
+                                                        code: int, needle: str) -> None:
+    args = {**good, flag: value}
+    proc = _run(*[x for kv in args.items() for x in kv], cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(good["--token-file"])  # nothing minted
+
+
+def test_a_malformed_policy_names_its_field(good: dict[str, str], tmp_path: Path) -> None:
+    Path(good["--policy"]).write_text("kind: GatewayPolicy\nmonitor: {meanIntervalSeconds: -1}\nattestation:\n"
+                                      "  bootImages: ['0x" + "ab" * 32 + "']\n")
+    proc = _run(*[x for kv in good.items() for x in kv], cwd=tmp_path)
+    assert proc.returncode == 1 and "monitor.meanIntervalSeconds" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_starts_mints_one_private_token_and_stops_cleanly_on_sigterm(good: dict[str, str], tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "trustcap.gateway", *[x for kv in good.items() for x in kv]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert ready.startswith("ready agent=127.0.0.1:") and " relay=http://127.0.0.1:" in ready, ready
+        token = Path(good["--token-file"])
+        assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) >= 16
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _out, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err, err
