@@ -17,6 +17,7 @@ relay that "checked" on the verifier's behalf would be one more party to trust.
       |
       |-- GET /v1/status ---------------->| trusted only if the latest monitor check passed AND
       |<-- {trusted, reason, ...} --------|   is younger than the freshness limit (CVE-2022-3500)
+    Prometheus scrapes GET /metrics (trustcap_gateway_relay_*, trustcap_gateway_node_trusted).
 
 Bounds (DESIGN.md: a gateway's verifier work is bounded and measured): at most `max_connections` open
 HTTP connections (the next one is closed at once), at most `max_inflight` challenges at a time (the
@@ -43,6 +44,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from trustcap.gateway.attest_errors import RelayBusy, RelayError
 from trustcap.gateway.errors import GatewayError, QuoteRejected
 
@@ -56,6 +58,17 @@ log = logging.getLogger("trustcap.gateway")
 MAX_BODY = 1024
 MAX_RESPONSE = 256 * 1024  # trustcap.evidence's own limit on a signed quote
 _NONCE = re.compile(r"^0x[0-9a-f]{64}$")
+
+CHALLENGES = Counter("trustcap_gateway_relay_challenges_total", "Committee challenges through the relay, by result.",
+                     ["result"])
+CHALLENGE_SECONDS = Histogram("trustcap_gateway_relay_challenge_seconds",
+                              "Time from a served challenge's request to its countersigned quote.")
+REFUSED_CONNECTIONS = Counter("trustcap_gateway_relay_refused_connections_total",
+                              "Relay connections closed at once because every connection slot was taken.")
+_RESULT = {"challenges": "served", "refused_bad_request": "bad_request", "refused_busy": "busy",
+           "agent_failures": "agent_failure"}  # bounded label values
+NODE_TRUSTED = Gauge("trustcap_gateway_node_trusted",
+                     "1 if the node's latest check passed and is fresh, else 0 (evaluated at scrape).", ["node"])
 
 
 class _Record(Protocol):
@@ -118,6 +131,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.refused_connections += 1
+            REFUSED_CONNECTIONS.inc()
             self.shutdown_request(request)
             return
         try:
@@ -155,6 +169,7 @@ class RelayService:
         self._lock = threading.Lock()
         self._http = _BoundedHTTPServer((host, port), _handler(self, read_timeout_s), max_connections)
         self.address: tuple[str, int] = self._http.server_address[:2]  # type: ignore[assignment]
+        NODE_TRUSTED.labels(server.node_id).set_function(lambda: float(self.status()["trusted"]))
         self._thread = threading.Thread(target=self._http.serve_forever, name="trustcap-relay", daemon=True)
         self._thread.start()
 
@@ -170,6 +185,7 @@ class RelayService:
     def _count(self, key: str) -> None:
         with self._lock:
             self.stats[key] += 1
+        CHALLENGES.labels(_RESULT[key]).inc()
 
     def status(self) -> dict[str, Any]:
         state = trust_state(self.records(), now=self.clock(), max_age_s=self.max_age_s)
@@ -192,6 +208,7 @@ class RelayService:
         if not self._inflight.acquire(blocking=False):
             self._count("refused_busy")
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "relay busy: too many challenges in flight")
+        started = time.perf_counter()
         try:
             signed = self.server.relay(bytes.fromhex(nonce[2:]))
         except QuoteRejected as exc:
@@ -204,10 +221,15 @@ class RelayService:
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"agent unreachable: {exc}")
         finally:
             self._inflight.release()
+        CHALLENGE_SECONDS.observe(time.perf_counter() - started)
         self._count("challenges")
         return HTTPStatus.OK, encode_signed_quote(signed)
 
     def close(self) -> None:
+        try:
+            NODE_TRUSTED.remove(self.server.node_id)  # a closed relay must not keep reporting
+        except KeyError:
+            pass
         self._http.shutdown()
         self._http.server_close()
         self._thread.join(timeout=5)
@@ -227,9 +249,9 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("relay %s: " + fmt, self.client_address[0], *args)
 
-        def _send(self, status: int, body: bytes) -> None:
+        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if status == HTTPStatus.SERVICE_UNAVAILABLE:
                 self.send_header("Retry-After", "1")
@@ -237,6 +259,9 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(HTTPStatus.OK, generate_latest(), CONTENT_TYPE_LATEST)
+                return
             if self.path != "/v1/status":
                 self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
                 return

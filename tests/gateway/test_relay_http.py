@@ -155,6 +155,19 @@ def test_only_http_gateway_urls_are_opened(url: str) -> None:
         request_status(url)
 
 
+def test_metrics_count_results_and_report_trust(pair: Any, relay: RelayService) -> None:
+    import urllib.request
+
+    request_quote(relay.url, NonceRegistry(60).issue())
+    _post(relay, b"{}")
+    with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as resp:  # noqa: S310 - our loopback URL
+        text = resp.read().decode()
+    assert 'trustcap_gateway_relay_challenges_total{result="served"}' in text
+    assert 'trustcap_gateway_relay_challenges_total{result="bad_request"}' in text
+    assert "trustcap_gateway_relay_challenge_seconds_count" in text
+    assert 'trustcap_gateway_node_trusted{node="hpc-1"} 0.0' in text  # no monitor records: never trusted
+
+
 # --- trust status and its expiry ------------------------------------------------------------------------
 @dataclass
 class Rec:
