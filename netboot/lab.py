@@ -134,6 +134,9 @@ class QemuHpc:
             time.sleep(0.25)
         return None
 
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

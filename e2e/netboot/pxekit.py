@@ -3,6 +3,7 @@ services in the gateway namespace (`trustcap netboot serve`), and a qemu PC that
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -11,14 +12,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from trustcap.netboot.image.builder import INITRD_FILE, BuildInputs, BuiltImage, build_image, copy_image
 from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
 
 TOKEN = "tok-e2e-0001"  # noqa: S105 -- a test enrolment token, not a secret
+NODE = "hpc-netboot-e2e"
+AGENT_PORT = 7443
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +54,13 @@ class Gateway:
         return None
 
 
-def _start_gateway(lab: LabLink, root: Path, manifest: Path, state: Path) -> Gateway:
+def _start_gateway(lab: LabLink, root: Path, manifest: Path, state: Path, extra: list[str] | None = None) -> Gateway:
     events, log = state / "events.jsonl", state / "serve.log"
     cmd = lab.in_gw([
         sys.executable, "-P", "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,
         "--tftp-port", "69", "--http-port", "8080", "--manifest", str(manifest),
         "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150",
-        "--mac", f"{HPC_MAC}={TOKEN}", "--state-dir", str(state / "dnsmasq"), "--events", str(events),
+        *(extra or ["--mac", f"{HPC_MAC}={TOKEN}"]), "--state-dir", str(state / "dnsmasq"), "--events", str(events),
     ])
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
@@ -174,3 +179,91 @@ def _docker_unavailable() -> str | None:
     if proc.returncode != 0:
         return "trustcap/base:bookworm is missing: run trustcap stack up"
     return None
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the block with this thread in network namespace `name`; sockets made here stay there."""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+        try:
+            yield
+        finally:
+            if _libc.setns(back, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back failed")
+    finally:
+        os.close(target)
+        os.close(back)
+
+
+@pytest.fixture(scope="session")
+def agent_image() -> BuiltImage:
+    """The boot image with Python and the trustcap agent inside (init starts it after the network)."""
+    return build_image(BuildInputs(with_agent=True))
+
+
+@dataclass
+class AgentBoot:
+    gw: Gateway
+    hpc: QemuHpc
+    server: Any
+    tokens: Any
+    root: Any
+    image: BuiltImage
+
+
+@pytest.fixture
+def agent_boot(agent_image: BuiltImage, workdir: Path) -> Iterator[AgentBoot]:
+    """The real gateway attestation server in the gateway namespace, a token for this boot, the netboot
+    services handing out its endpoint, address and token by DHCP, and the HPC PXE-booting the agent image."""
+    from trustcap.gateway.enrol import TokenBook
+    from trustcap.gateway.server import AttestationServer
+
+    from trustcap.trustroot import SoftwareTrustRoot
+
+    reason = qemu_available()
+    if reason:
+        print(f"SKIP netboot e2e: {reason}")
+        pytest.skip(reason)
+    root = workdir / "root"
+    copy_image(agent_image, root)
+    (workdir / "approved.json").write_text(json.dumps(agent_image.digests))
+    (workdir / "tr").mkdir()
+    trust_root = SoftwareTrustRoot.create(workdir / "tr", os.urandom(32))
+    tokens = TokenBook(["0x" + agent_image.bootdigest.split(":", 1)[1]])
+    token = tokens.issue(NODE)
+    state = workdir / "state"
+    state.mkdir()
+    with LabLink(tag=f"a{os.getpid()}-{int(time.time() * 1000) % 100000}") as lab:
+        with in_netns(lab.gw_ns):
+            server = AttestationServer(trust_root, NODE, tokens, host=GW_IP, port=AGENT_PORT)
+        gw = _start_gateway(lab, root, workdir / "approved.json", state, extra=[
+            "--mac", f"{HPC_MAC}={token}@{NODE}", "--agent-endpoint", f"{GW_IP}:{AGENT_PORT}",
+            "--gateway-address", trust_root.address,
+        ])
+        hpc = QemuHpc(lab, workdir / "serial.log", memory_mb=1024)
+        try:
+            hpc.start()
+            yield AgentBoot(gw, hpc, server, tokens, trust_root, agent_image)
+        finally:
+            hpc.stop()
+            server.close()
+            _stop(gw.proc)
+            trust_root.close()
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from trustcap.netboot.errors import ImageBuildError
 from trustcap.netboot.image.cpio import Entry, pack
+from trustcap.netboot.image.python import PY_DEBS, agent_entries, entries_digest, python_entries
 from trustcap.netboot.ipxe import boot_digest, render_script
 
 __all__ = ["BuildInputs", "BuiltImage", "build_image", "cache_dir", "ensure_debs"]
@@ -75,6 +76,29 @@ def ensure_debs(debs: Path | None = None) -> dict[str, Path]:
     return {"kernel": kernel, "busybox": busybox}
 
 
+def ensure_python_debs(debs: Path | None = None) -> dict[str, Path]:
+    """The .debs of the Python interpreter and its libraries (python.PY_DEBS), downloaded once."""
+    debs = debs or cache_dir() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path] = {}
+    missing = []
+    for name in PY_DEBS:
+        hits = sorted(debs.glob(f"{name}_*_amd64.deb"))
+        if hits:
+            found[name] = hits[-1]
+        else:
+            missing.append(name)
+    if missing:
+        _run(["apt-get", "download", *missing], cwd=debs)
+        return ensure_python_debs(debs) if all(sorted(debs.glob(f"{n}_*_amd64.deb")) for n in missing) else \
+            _missing(missing, debs)
+    return found
+
+
+def _missing(names: list[str], debs: Path) -> dict[str, Path]:
+    raise ImageBuildError(f"{', '.join(names)}: .deb missing in {debs} after apt-get download")
+
+
 @dataclass(frozen=True)
 class BuildInputs:
     """Everything that decides the image's bytes. Nothing names a gateway: one image boots behind all."""
@@ -85,6 +109,7 @@ class BuildInputs:
     source_date_epoch: int = field(default_factory=lambda: int(os.environ.get("SOURCE_DATE_EPOCH", "1700000000")))
     extra_files: Mapping[str, bytes] = field(default_factory=dict)  # initramfs path -> content (e.g. the agent)
     debs: Mapping[str, Path] = field(default_factory=dict)  # {"kernel": .deb, "busybox": .deb}; default: cache
+    with_agent: bool = False  # Python 3.11 from Debian + the trustcap agent, started by init
 
 
 @dataclass(frozen=True)
@@ -102,21 +127,22 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _cache_key(inputs: BuildInputs, debs: Mapping[str, Path]) -> str:
+def _cache_key(inputs: BuildInputs, debs: Mapping[str, Path], extra: str = "") -> str:
     h = hashlib.sha256()
     for part in (RECIPE_VERSION, str(inputs.http_port), inputs.cmdline, ",".join(inputs.modules),
                  str(inputs.source_date_epoch)):
         h.update(part.encode() + b"\0")
     for name in ("kernel", "busybox"):
         h.update(hashlib.sha256(debs[name].read_bytes()).digest())
-    for f in ("init", "udhcpc.script", "builder.py", "cpio.py"):
+    for f in ("init", "udhcpc.script", "builder.py", "cpio.py", "python.py"):
         h.update(hashlib.sha256((HERE / f).read_bytes()).digest())
+    h.update(extra.encode())
     for k in sorted(inputs.extra_files):
         h.update(k.encode() + b"\0" + hashlib.sha256(inputs.extra_files[k]).digest())
     return h.hexdigest()[:32]
 
 
-def _initramfs(kernel_tree: Path, busybox_tree: Path, inputs: BuildInputs) -> list[Entry]:
+def _initramfs(kernel_tree: Path, busybox_tree: Path, inputs: BuildInputs, more: list[Entry]) -> list[Entry]:
     entries = [Entry(d, "dir") for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "run", "sys",
                                           "tmp", "usr", "usr/bin", "usr/share", "usr/share/udhcpc", "www")]
     entries.append(Entry("dev/console", "chardev", mode=0o600, rdev=(5, 1)))
@@ -130,6 +156,8 @@ def _initramfs(kernel_tree: Path, busybox_tree: Path, inputs: BuildInputs) -> li
         if len(hits) != 1:
             raise ImageBuildError(f"module {mod}: expected one {mod}.ko in the kernel package, found {len(hits)}")
         entries.append(Entry(f"lib/modules/{mod}.ko", "file", hits[0].read_bytes(), mode=0o644))
+    have = {e.path for e in entries}
+    entries += [e for e in more if e.path not in have]  # shared folders (usr, lib, ...) once
     dirs = {e.path for e in entries if e.kind == "dir"}
     for path, data in sorted(inputs.extra_files.items()):
         parts = path.split("/")
@@ -145,7 +173,12 @@ def _initramfs(kernel_tree: Path, busybox_tree: Path, inputs: BuildInputs) -> li
 def build_image(inputs: BuildInputs, out_dir: Path | None = None, use_cache: bool = True) -> BuiltImage:
     """Build (or reuse from the cache) the image for `inputs`; returns where it is and its digests."""
     debs = dict(inputs.debs) if inputs.debs else ensure_debs()
-    key = _cache_key(inputs, debs)
+    agent: list[Entry] = agent_entries() if inputs.with_agent else []
+    if inputs.with_agent:
+        debs.update({k: v for k, v in ensure_python_debs().items() if k not in debs})
+    extra = entries_digest(agent) + "".join(
+        hashlib.sha256(debs[n].read_bytes()).hexdigest() for n in PY_DEBS if inputs.with_agent)
+    key = _cache_key(inputs, debs, extra)
     out = out_dir or cache_dir() / "images" / key
     manifest = out / "manifest.json"
     if use_cache and manifest.exists():
@@ -161,7 +194,8 @@ def build_image(inputs: BuildInputs, out_dir: Path | None = None, use_cache: boo
         if len(vmlinuz) != 1:
             raise ImageBuildError(f"{debs['kernel'].name}: expected one boot/vmlinuz-*, found {len(vmlinuz)}")
         kernel = vmlinuz[0].read_bytes()
-        initrd = pack(_initramfs(ktree, btree, inputs), inputs.source_date_epoch)
+        more = (python_entries(debs, Path(tmp)) + agent) if inputs.with_agent else []
+        initrd = pack(_initramfs(ktree, btree, inputs, more), inputs.source_date_epoch)
     bootdigest = boot_digest(hashlib.sha256(kernel).digest(), hashlib.sha256(initrd).digest(), inputs.cmdline)
     script = render_script(inputs.http_port, KERNEL_FILE, INITRD_FILE, inputs.cmdline, bootdigest).encode()
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,10 @@ def pack(entries: list[Entry], mtime: int) -> bytes:
         if e.path in seen:
             raise ValueError(f"duplicate initramfs path {e.path}")
         seen[e.path] = e
+    for path in list(seen):  # the kernel's unpacker creates no parents: add any missing folder
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            seen.setdefault("/".join(parts[:i]), Entry("/".join(parts[:i]), "dir"))
     out = bytearray()
     for ino, path in enumerate(sorted(seen), start=1):
         e = seen[path]

@@ -66,3 +66,10 @@ def test_same_inputs_same_digests(tmp_path: Path) -> None:
                     tmp_path / "c", use_cache=False)
     assert c.digests["initrd.img"] != a.digests["initrd.img"]  # a real input changes the digest
     assert c.digests["vmlinuz"] == a.digests["vmlinuz"]
+
+
+def test_pack_adds_missing_parent_folders() -> None:
+    raw = gzip.decompress(pack([Entry("a/b/c", "file", b"x")], 0))
+    names = [n for n in (b"a\0", b"a/b\0", b"a/b/c\0") if n in raw]
+    assert len(names) == 3
+    assert raw.index(b"a/b\0") < raw.index(b"a/b/c\0")
