@@ -1,0 +1,364 @@
+"""HPCNode enrolment: the operator verifies the evidence its gateway publishes, never the gateway's word.
+
+A netbooted HPC's agent enrols with its gateway (one-time token, boot key, boot-image digest). The
+gateway then asks the agent for a quote bound to a single-use nonce the *operator* issued, countersigns
+it with its trust root and writes it into the HPCNode's status. The operator re-checks every claim
+against what the cluster says (the Gateway's signing key, the BootImage's approved digest) and only then
+calls the node `Enrolled`; anything wrong quarantines it with every failed claim named.
+
+    operator (this module)        kube-apiserver (HPCNode status)      gateway (publish.py)        agent
+     | create/resume: phase Registered,   |                                  |                        |
+     | enrolmentChallenge{nonce,issuedAt}>|                                  |                        |
+     |                                    |                                  |<-- HELLO + token ------| enrol
+     |                                    |<-- read enrolmentChallenge ------|                        |
+     |                                    |                                  |--- quote{nonce} ------>|
+     |                                    |                                  |<-- quote, agent sig ---|
+     |                                    |<-- status.enrolment{agentKey, bootImageDigest, quote       |
+     |                                    |    (countersigned), time}, phase Booting                    |
+     | timer: unchecked evidence? ------->|                                  |                        |
+     | verify: gateway sig -> Gateway.spec.signingKey, agent sig -> agentKey, nonce == challenge,       |
+     |         boot digest == approved BootImage.status.imageDigest, dated after the challenge         |
+     |-- phase Enrolled, agentKey, lastQuote, Ready=False/Enrolled   (or Quarantined + reason + event) |
+     |-- enrolmentChecked = evidence id, a fresh enrolmentChallenge (the old nonce is spent)           |
+
+Why a timer and not an update handler: kopf keeps status out of its diff base, so a status-only change
+never reaches `on.update`/`on.field`; a short timer sees it and also retries after an operator restart.
+Every step is idempotent: the evidence id (`enrolmentChecked`) and the spent challenge are written in the
+same patch as the verdict, so an operator killed at any line decides the same evidence the same way.
+Quarantine is sticky: only a person clears it (patching the phase), never the operator or the gateway.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+from pydantic import ValidationError
+from trustcap.operator import conditions as cond
+
+from trustcap import canonical
+from trustcap.evidence import NonceRegistry, Report, Severity, SignedQuote, address_of, appraise_quote, quote_digest
+from trustcap.evidence.errors import SignatureError
+
+__all__ = [
+    "REASON_AWAITING_ENROLMENT",
+    "REASON_ENROLLED",
+    "REASON_QUARANTINED",
+    "Decision",
+    "decide",
+    "evidence_id",
+    "new_challenge",
+    "verify_enrolment",
+]
+
+GROUP: Final = "trustcap.io"
+VERSION: Final = "v1alpha1"
+
+REASON_AWAITING_ENROLMENT: Final = "AwaitingEnrolment"
+REASON_ENROLLED: Final = "Enrolled"
+REASON_QUARANTINED: Final = "Quarantined"
+
+PHASE_REGISTERED: Final = "Registered"
+PHASE_BOOTING: Final = "Booting"
+PHASE_ENROLLED: Final = "Enrolled"
+PHASE_QUARANTINED: Final = "Quarantined"
+
+MAX_SKEW_S: Final = 5.0           # clocks of agent and operator may differ this much either way
+REFERENCE_GRACE_S: Final = 30.0   # how long a missing Gateway/BootImage may still be on its way (watch lag)
+TIMER_INTERVAL_S: Final = 2.0
+HANDLER_TIMEOUT_S: Final = 60.0
+MAX_REASON: Final = 1024          # the CRD's maxLength of quarantineReason
+
+
+def new_challenge(now: datetime) -> dict[str, str]:
+    """A fresh single-use nonce for the next enrolment quote of this node."""
+    return {"nonce": "0x" + secrets.token_bytes(32).hex(), "issuedAt": cond.format_time(now)}
+
+
+def evidence_id(enrolment: Mapping[str, Any]) -> str:
+    """The identity of one published enrolment (whatever its content, malformed included)."""
+    return "sha256:" + canonical.digest(_plain(enrolment)).hex()
+
+
+def _plain(value: Any) -> Any:
+    """kopf hands out read-only mapping views; canonical encoding wants plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def _hex_bytes(value: Any, n: int) -> bytes | None:
+    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 2 + 2 * n:
+        return None
+    try:
+        return bytes.fromhex(value[2:])
+    except ValueError:
+        return None
+
+
+def verify_enrolment(
+    *,
+    node_name: str,
+    enrolment: Mapping[str, Any],
+    challenge: Mapping[str, Any] | None,
+    gateway: Mapping[str, Any] | None,
+    boot_image: Mapping[str, Any] | None,
+    now: datetime,
+) -> tuple[Report, SignedQuote | None]:
+    """Check every claim of the published enrolment; the report names each one that failed.
+
+    `gateway` is the Gateway's spec (address, signingKey), `boot_image` the BootImage's status (phase,
+    imageDigest), `challenge` this node's current enrolmentChallenge. None means "not found".
+    """
+    report = Report()
+    signed: SignedQuote | None = None
+    raw = enrolment.get("quote")
+    try:
+        if not isinstance(raw, str):
+            raise ValueError("status.enrolment.quote is missing or not a string")
+        signed = SignedQuote.model_validate_json(raw)
+    except (ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()[0][:200]
+        report.add("enrolment", "enrolment.quote.malformed", Severity.CRITICAL,
+                   f"status.enrolment.quote is not a countersigned quote: {first}")
+
+    agent_key = _hex_bytes(enrolment.get("agentKey"), 33)
+    if agent_key is None:
+        report.add("enrolment", "enrolment.agent_key.malformed", Severity.CRITICAL,
+                   "status.enrolment.agentKey is not a 33-byte 0x-hex key")
+
+    gateway_address = _gateway_address(gateway, report)
+
+    approved = _approved_digest(boot_image, report)
+    reported_boot = enrolment.get("bootImageDigest")
+    if approved is not None and reported_boot != approved:
+        report.add("boot", "boot.digest.not_approved", Severity.HIGH,
+                   "the enrolled boot-image digest is not the approved one", expected=approved, got=reported_boot)
+
+    nonce = _hex_bytes((challenge or {}).get("nonce"), 32)
+    challenged_at = _parse_time((challenge or {}).get("issuedAt"))
+    if signed is None:
+        return report, None
+
+    quote = signed.quote
+    quoted_boot = "sha256:" + quote.boot_image_digest[2:]
+    if quoted_boot != reported_boot:
+        report.add("enrolment", "enrolment.boot_digest.mismatch", Severity.CRITICAL,
+                   "status.enrolment.bootImageDigest differs from the digest in the signed quote",
+                   reported=reported_boot, quoted=quoted_boot)
+    if approved is not None and quoted_boot != approved and reported_boot == approved:
+        report.add("boot", "boot.digest.not_approved", Severity.HIGH,
+                   "the quoted boot-image digest is not the approved one", expected=approved, got=quoted_boot)
+
+    # The evidence layer's own appraisal: signatures, identity, nonce (single use) and age. The registry
+    # holds exactly the operator's one outstanding challenge, so any other nonce is refused as unknown.
+    registry = NonceRegistry(window_seconds=10 * 365 * 86400.0, capacity=1,
+                             token=lambda _n: nonce if nonce is not None else b"")
+    if nonce is not None:
+        registry.issue()
+    else:
+        report.add("nonce", "nonce.no_challenge", Severity.CRITICAL,
+                   "this node has no outstanding enrolment challenge, so no quote can be fresh")
+    now_s = now.timestamp()
+    since_challenge = now_s - challenged_at.timestamp() if challenged_at is not None else 0.0
+    appraisal = appraise_quote(
+        signed, nonces=registry, expected_nonce=nonce, node_id=node_name,
+        agent_key=agent_key if agent_key is not None else b"",
+        gateway_address=gateway_address or "0x0000000000000000000000000000000000000000",
+        now=now_s, max_age_seconds=max(since_challenge, 0.0) + MAX_SKEW_S, max_skew_seconds=MAX_SKEW_S,
+    )
+    for failure in appraisal.failures:
+        if failure.event_id == "quote.expired":
+            report.add("quote", "quote.predates_challenge", Severity.CRITICAL,
+                       "the quote is dated before the operator issued its challenge (not fresh)")
+        elif gateway_address is None and failure.event_id in ("quote.signature.gateway", "quote.identity.gateway"):
+            continue  # already reported as the missing or inconsistent Gateway
+        elif agent_key is None and failure.event_id in ("quote.signature.agent", "quote.identity.agent_key"):
+            continue  # already reported as the malformed agentKey
+        elif nonce is None and failure.event_id == "nonce.unknown":
+            continue  # already reported as nonce.no_challenge
+        else:
+            report.failures.append(failure)
+    return report, signed
+
+
+def _gateway_address(gateway: Mapping[str, Any] | None, report: Report) -> str | None:
+    """The address the countersignature must recover to: derived from the Gateway's signing key."""
+    if gateway is None:
+        report.add("gateway", "gateway.missing", Severity.CRITICAL, "the HPCNode's Gateway resource does not exist")
+        return None
+    key = _hex_bytes(gateway.get("signingKey"), 33)
+    try:
+        derived = address_of(key) if key is not None else None
+    except SignatureError:
+        derived = None
+    if derived is None:
+        report.add("gateway", "gateway.signing_key.malformed", Severity.CRITICAL,
+                   "the Gateway's spec.signingKey is not a secp256k1 public key")
+        return None
+    declared = str(gateway.get("address", ""))
+    if declared.lower() != derived.lower():
+        report.add("gateway", "gateway.identity.inconsistent", Severity.CRITICAL,
+                   "the Gateway's spec.address is not the address of its spec.signingKey",
+                   declared=declared, derived=derived)
+        return None
+    return derived
+
+
+def _approved_digest(boot_image: Mapping[str, Any] | None, report: Report) -> str | None:
+    """The digest quotes must carry: `status.imageDigest` of a BootImage whose phase is Approved (the
+    same rule netboot's `BootImageApproval` serves by)."""
+    if boot_image is None:
+        report.add("boot", "boot.image.missing", Severity.HIGH, "the HPCNode's BootImage resource does not exist")
+        return None
+    if boot_image.get("phase") != "Approved":
+        report.add("boot", "boot.image.not_approved", Severity.HIGH,
+                   f"the BootImage is not approved (phase {boot_image.get('phase') or 'unset'})")
+        return None
+    digest = boot_image.get("imageDigest")
+    if not isinstance(digest, str) or not digest.startswith("sha256:"):
+        report.add("boot", "boot.image.no_digest", Severity.HIGH, "the approved BootImage has no status.imageDigest")
+        return None
+    return digest
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to write for one piece of evidence: the status patch and, when it failed, the event."""
+
+    status: dict[str, Any]
+    enrolled: bool
+    warning: tuple[str, str] | None = None
+    failed_claims: list[str] = field(default_factory=list)
+
+
+def decide(
+    *,
+    node_name: str,
+    status: Mapping[str, Any],
+    generation: int,
+    gateway: Mapping[str, Any] | None,
+    boot_image: Mapping[str, Any] | None,
+    now: datetime,
+) -> Decision | None:
+    """The status patch for the node's unchecked enrolment evidence, or None when there is nothing new."""
+    enrolment = status.get("enrolment")
+    if not isinstance(enrolment, Mapping):
+        return None
+    eid = evidence_id(enrolment)
+    if status.get("enrolmentChecked") == eid:
+        return None
+    report, signed = verify_enrolment(node_name=node_name, enrolment=enrolment,
+                                      challenge=status.get("enrolmentChallenge"), gateway=gateway,
+                                      boot_image=boot_image, now=now)
+    gen = max(generation, 0)
+    patch: dict[str, Any] = {"enrolmentChecked": eid, "enrolmentChallenge": new_challenge(now)}
+    sticky = status.get("phase") == PHASE_QUARANTINED
+    if report.ok and signed is not None and not sticky:
+        quote = signed.quote
+        message = "agent enrolled with an approved boot image; Ready after the first passed monitoring round"
+        update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
+                                    reason=REASON_ENROLLED, message=message, observed_generation=gen, now=now)
+        patch.update({
+            "phase": PHASE_ENROLLED, "agentKey": quote.agent_key, "quarantineReason": None,
+            "observedGeneration": gen, "conditions": update.conditions,
+            "lastQuote": {"digest": "sha256:" + quote_digest(quote).hex(),
+                          "bootImageDigest": "sha256:" + quote.boot_image_digest[2:],
+                          "time": cond.format_time(datetime.fromtimestamp(quote.issued_at, UTC))},
+        })
+        return Decision(status=patch, enrolled=True)
+    if report.ok:  # genuine evidence, but a person quarantined this node: it stays quarantined
+        reason = f"enrolment evidence arrived while quarantined; unchanged ({status.get('quarantineReason') or ''})"
+        return Decision(status=patch, enrolled=False, warning=(REASON_QUARANTINED, reason[:MAX_REASON]))
+    reason = ("enrolment refused: " + report.summary())[:MAX_REASON]
+    update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
+                                reason=REASON_QUARANTINED, message=reason, observed_generation=gen, now=now)
+    patch.update({"phase": PHASE_QUARANTINED, "quarantineReason": reason, "observedGeneration": gen,
+                  "conditions": update.conditions})
+    return Decision(status=patch, enrolled=False, warning=(REASON_QUARANTINED, reason),
+                    failed_claims=report.event_ids)
+
+
+# -- kopf wiring ---------------------------------------------------------------------------------------
+
+@kopf.index(GROUP, VERSION, "gateways")
+def trustcap_gateways(name: str, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, Any]]:
+    """Gateway name -> the identity fields a countersignature is checked against."""
+    return {name: {"address": spec.get("address"), "signingKey": spec.get("signingKey")}}
+
+
+@kopf.index(GROUP, VERSION, "bootimages")
+def trustcap_bootimages(name: str, status: kopf.Status, **_: Any) -> dict[str, dict[str, Any]]:
+    """BootImage name -> its approval state and the digest quotes must carry."""
+    return {name: {"phase": status.get("phase"), "imageDigest": status.get("imageDigest")}}
+
+
+def _one(index: Mapping[str, Iterable[dict[str, Any]]], key: Any) -> dict[str, Any] | None:
+    if not isinstance(key, str) or key not in index:
+        return None
+    return next(iter(index[key]), None)
+
+
+@kopf.on.resume(GROUP, VERSION, "hpcnodes", timeout=HANDLER_TIMEOUT_S, retries=10, backoff=2)
+@kopf.on.create(GROUP, VERSION, "hpcnodes", timeout=HANDLER_TIMEOUT_S, retries=10, backoff=2)
+def register_hpcnode(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+                     logger: kopf.Logger, **_: Any) -> None:
+    """Give a new node its phase, its Ready condition and its first enrolment challenge (once)."""
+    now = cond.utcnow()
+    if not status.get("enrolmentChallenge"):
+        patch.status["enrolmentChallenge"] = new_challenge(now)
+    if status.get("phase") or cond.get_condition(status.get("conditions"), cond.READY) is not None:
+        return
+    gen = int(meta.get("generation") or 0)
+    message = "waiting for the node's agent to enrol through its gateway"
+    update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
+                                reason=REASON_AWAITING_ENROLMENT, message=message, observed_generation=gen, now=now)
+    patch.status.update({"phase": PHASE_REGISTERED, "observedGeneration": gen, "conditions": update.conditions})
+    logger.info("HPCNode registered; awaiting enrolment")
+    kopf.warn(body, reason=REASON_AWAITING_ENROLMENT, message=message)
+
+
+@kopf.timer(GROUP, VERSION, "hpcnodes", interval=TIMER_INTERVAL_S, idle=None)
+def judge_enrolment(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
+                    patch: kopf.Patch, logger: kopf.Logger, **kwargs: Any) -> None:
+    """Verify newly published enrolment evidence and write the verdict (see the module docstring).
+
+    The two indexes arrive as keyword arguments named after their functions (kopf's index injection)."""
+    enrolment = status.get("enrolment")
+    if not isinstance(enrolment, Mapping) or status.get("enrolmentChecked") == evidence_id(enrolment):
+        return
+    now = cond.utcnow()
+    gateway = _one(kwargs["trustcap_gateways"], spec.get("gateway"))
+    boot_image = _one(kwargs["trustcap_bootimages"], spec.get("bootImage"))
+    published = _parse_time(enrolment.get("time"))
+    if (gateway is None or boot_image is None) and published is not None \
+            and (now - published).total_seconds() < REFERENCE_GRACE_S:
+        logger.info("enrolment evidence names a Gateway/BootImage not seen yet; waiting")
+        return
+    decision = decide(node_name=name, status=status, generation=int(meta.get("generation") or 0),
+                      gateway=gateway, boot_image=boot_image, now=now)
+    if decision is None:
+        return
+    patch.status.update(decision.status)
+    if decision.enrolled:
+        logger.info("enrolment verified: phase Enrolled, agent key %s", decision.status["agentKey"][:12])
+    else:
+        logger.warning("enrolment refused; failed claims: %s", ", ".join(decision.failed_claims) or "none")
+    if decision.warning is not None:
+        kopf.warn(body, reason=decision.warning[0], message=decision.warning[1])
