@@ -8,10 +8,12 @@
                    countersigning
 Three round trips are timed: with fixed measurements (what the protocol itself costs), the same through
 the relay's HTTP service as a committee verifier on another Pi would call it (loopback here), and with
-real readings of this machine (what a check costs the HPC). Printed as median seconds and ratios to the
-baseline; channel key rotations during the run are counted (rotation is part of the cost).
+real readings of this machine (what a check costs the HPC). A burst of simultaneous verifiers then
+shows the relay's bound at work: at most `relay_bound` challenges in flight, the rest refused (503).
+Printed as median seconds and ratios to the baseline; channel key rotations during the run are counted
+(rotation is part of the cost).
 
-    .venv/bin/python bench/bench_attest.py [--rounds 200]
+    .venv/bin/python -P bench/bench_attest.py [--rounds 200] [--real-rounds 20] [--burst 32]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from trustcap.evidence.policy import Policy
 from trustcap.trustroot import SoftwareTrustRoot
 
 BOOT = "0x" + "ab" * 32
+relay_bound = 4
 FIXED = {"kernel": "0x" + "11" * 32, "modules": "0x" + "22" * 32}
 
 
@@ -51,7 +54,7 @@ def median_time(fn: Callable[[], object], rounds: int) -> float:
     return statistics.median(times)
 
 
-def run(rounds: int, real_rounds: int) -> None:
+def run(rounds: int, real_rounds: int, burst_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "tr"
         home.mkdir()
@@ -71,7 +74,7 @@ def run(rounds: int, real_rounds: int) -> None:
         policy = Policy(boot_images=[BOOT], allow_unlisted_measurements=True)
         agent_key = agent.key.public_key()
 
-        relay = RelayService(server)
+        relay = RelayService(server, max_inflight=relay_bound, max_connections=burst_size + 8)
         via = {"http": False}
 
         def round_trip() -> None:
@@ -100,6 +103,8 @@ def run(rounds: int, real_rounds: int) -> None:
         via["http"] = False
         mode["real"] = True
         t_real = median_time(round_trip, real_rounds)
+        mode["real"] = False
+        burst_result = burst(relay.url, burst_size, nonces)
         rotations = session.rotations
         relay.close()
         server.close()
@@ -114,7 +119,48 @@ def run(rounds: int, real_rounds: int) -> None:
     table.add_row("round trip via relay HTTP, fixed", f"{t_http:.6f}", f"{t_http / t_base:.1f}")
     table.add_row("round trip, real measurements", f"{t_real:.6f}", f"{t_real / t_base:.1f}")
     Console().print(table)
+    served, busy, lat = burst_result
+    print(f"burst of {burst_size} simultaneous verifiers (relay bound {relay_bound} in flight): {served} served, "
+          f"{busy} told busy (503, retry); served median {statistics.median(lat):.6f} s = "
+          f"{statistics.median(lat) / t_base:.1f}x baseline, max {max(lat):.6f} s = {max(lat) / t_base:.1f}x")
     print(f"channel key rotations during the run: {rotations}")
+
+
+def burst(url: str, n: int, nonces: NonceRegistry) -> tuple[int, int, list[float]]:
+    """n verifiers challenge at once: the relay serves up to its bound and refuses the rest at once."""
+    from trustcap.gateway.attest_errors import RelayBusy, RelayError
+
+    start = threading.Barrier(n)
+    lat: list[float] = []
+    busy = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        nonce = nonces.issue()
+        start.wait()
+        t0 = time.perf_counter()
+        try:
+            request_quote(url, nonce)
+        except RelayBusy:
+            with lock:
+                busy[0] += 1
+            return
+        except RelayError as exc:
+            with lock:
+                errors.append(str(exc))
+            return
+        with lock:
+            lat.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} verifiers failed outright (neither served nor told busy): {errors[0]}")
+    return len(lat), busy[0], lat or [float("nan")]
 
 
 def _serve(chan: object) -> None:
@@ -130,8 +176,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--real-rounds", type=int, default=20)
+    ap.add_argument("--burst", type=int, default=32, help="simultaneous verifiers in the burst")
     args = ap.parse_args()
-    run(args.rounds, args.real_rounds)
+    run(args.rounds, args.real_rounds, args.burst)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
         self.refused_connections = 0
+        # the listen backlog must hold a burst up to the bound, or the kernel resets connections that the
+        # bound would have served or refused by name (socketserver's default backlog is 5)
+        self.request_queue_size = max_connections
         super().__init__(addr, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:

@@ -90,6 +90,38 @@ def test_challenges_beyond_the_inflight_bound_get_503_busy(pair: Any, relay: Rel
     request_quote(relay.url, NonceRegistry(60).issue())  # and served again once a slot is free
 
 
+def test_a_burst_of_verifiers_is_each_served_or_told_busy_never_reset(pair: Any) -> None:
+    import threading
+
+    svc = RelayService(pair.server, max_inflight=2, max_connections=32)
+    nonces = NonceRegistry(60)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(24)
+
+    def one() -> None:
+        nonce = nonces.issue()
+        barrier.wait()
+        try:
+            request_quote(svc.url, nonce)
+            outcomes.append("served")
+        except RelayBusy:
+            outcomes.append("busy")
+        except RelayError as exc:
+            outcomes.append(f"error: {exc}")
+
+    threads = [threading.Thread(target=one) for _ in range(24)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        svc.close()
+    assert set(outcomes) <= {"busy", "served"}, outcomes
+    assert len(outcomes) == 24 and outcomes.count("served") >= 2
+    assert svc.stats["challenges"] + svc.stats["refused_busy"] == 24
+
+
 def test_connections_beyond_the_bound_are_closed_at_once(relay: RelayService) -> None:
     idle = [socket.create_connection(relay.address, timeout=5) for _ in range(4)]
     try:
