@@ -12,19 +12,45 @@ The HPC's only link is the bridge, whose only other member is the gateway: it re
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LabLink", "QemuHpc", "qemu_available"]
+__all__ = ["LabLink", "QemuHpc", "in_netns", "qemu_available"]
 
 log = logging.getLogger("trustcap.netboot")
 
 GW_IP = "10.77.0.1"
 HPC_MAC = "52:54:00:7c:00:01"
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the block with this thread in network namespace `name`; sockets made here stay there (so an
+    in-process server, e.g. the gateway's attestation server, can listen on the lab link)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+        try:
+            yield
+        finally:
+            if libc.setns(back, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back failed")
+    finally:
+        os.close(target)
+        os.close(back)
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

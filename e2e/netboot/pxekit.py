@@ -3,7 +3,6 @@ services in the gateway namespace (`trustcap netboot serve`), and a qemu PC that
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -12,14 +11,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from trustcap.netboot.image.builder import INITRD_FILE, BuildInputs, BuiltImage, build_image, copy_image
-from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
+from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available
 
 TOKEN = "tok-e2e-0001"  # noqa: S105 -- a test enrolment token, not a secret
 NODE = "hpc-netboot-e2e"
@@ -179,28 +177,6 @@ def _docker_unavailable() -> str | None:
     if proc.returncode != 0:
         return "trustcap/base:bookworm is missing: run trustcap stack up"
     return None
-
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the block with this thread in network namespace `name`; sockets made here stay there."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
-        try:
-            yield
-        finally:
-            if _libc.setns(back, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back failed")
-    finally:
-        os.close(target)
-        os.close(back)
 
 
 @pytest.fixture(scope="session")

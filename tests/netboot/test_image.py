@@ -73,3 +73,26 @@ def test_pack_adds_missing_parent_folders() -> None:
     names = [n for n in (b"a\0", b"a/b\0", b"a/b/c\0") if n in raw]
     assert len(names) == 3
     assert raw.index(b"a/b\0") < raw.index(b"a/b/c\0")
+
+
+@pytest.mark.slow
+def test_agent_image_is_reproducible_and_carries_the_agent(tmp_path: Path) -> None:
+    try:
+        debs = ensure_debs()
+    except Exception as exc:
+        print(f"SKIP reproducibility: Debian packages unavailable: {exc}")
+        pytest.skip(f"Debian packages unavailable: {exc}")
+    inputs = BuildInputs(debs=debs, with_agent=True)
+    a = build_image(inputs, tmp_path / "a", use_cache=False)
+    b = build_image(inputs, tmp_path / "b", use_cache=False)
+    assert a.digests == b.digests
+    listing = subprocess.run(["cpio", "-it"], input=gzip.decompress((tmp_path / "a" / "initrd.img").read_bytes()),
+                             capture_output=True, timeout=60, check=True).stdout.decode()
+    names = set(listing.split())
+    for needed in ("init", "usr/bin/python3.11", "lib64/ld-linux-x86-64.so.2",
+                   "usr/lib/python3/dist-packages/trustcap/agent/__main__.py",
+                   "usr/lib/python3/dist-packages/trustcap/evidence/__init__.py",
+                   "usr/lib/python3/dist-packages/cryptography/__init__.py"):
+        assert needed in names, needed
+    assert not any("__pycache__" in n or n.startswith("usr/share/doc") for n in names)
+    assert not any(n.startswith("usr/lib/python3/dist-packages/trustcap/cli") for n in names)
