@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rekey-seconds", type=float, default=300.0, help="...or every T seconds")
     p.add_argument("--status-max-age", type=float, default=0.0,
                    help="seconds a passing check counts as fresh (default: max(maxQuoteAge, 10 x mean interval))")
+    p.add_argument("--kubeconfig", default=None,
+                   help="publish each enrolment into the node's HPCNode status through this kubeconfig "
+                        "('in-cluster' for a service account; default: no Kubernetes)")
     return p
 
 
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         tokens = TokenBook(args.boot_digest)
         server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
                                    rekey_after=args.rekey_after, rekey_seconds=args.rekey_seconds)
+        if args.kubeconfig:
+            from trustcap.gateway.publish import EnrolmentPublisher, KubeHPCNodes
+
+            store = KubeHPCNodes(None if args.kubeconfig == "in-cluster" else args.kubeconfig)
+            server.on_session = EnrolmentPublisher(server, args.node, store).on_session
         token = tokens.issue(args.node)
         fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -135,6 +135,8 @@ class AttestationServer:
         self.wall = wall
         self.session: AgentSession | None = None
         self.refusals: list[str] = []
+        # Optional hook, called with each new session (e.g. publish.EnrolmentPublisher.on_session); must not block.
+        self.on_session: Callable[[AgentSession], None] | None = None
         self._connected = threading.Event()
         self._sock = socket.create_server((host, port))
         self.address = self._sock.getsockname()[:2]
@@ -161,6 +163,11 @@ class AttestationServer:
             if old is not None:
                 old.close()
             self._connected.set()
+            if self.on_session is not None:
+                try:
+                    self.on_session(session)
+                except Exception:  # a broken hook must never stop the gateway from serving its agent
+                    log.exception("on_session hook failed")
 
     def _handshake(self, conn: socket.socket) -> AgentSession:
         raw_hello = read_frame(conn)
