@@ -141,7 +141,7 @@ def container_boot(pxe_rig: tuple[LabLink, Path], workdir: Path) -> Iterator[tup
     state.mkdir()
     events, log = state / "events.jsonl", state / "serve.log"
     cmd = lab.in_gw([
-        sys.executable, "-m", "trustcap.cli", "netboot", "serve", "--container", "--root", str(root),
+        sys.executable, "-P", "-m", "trustcap.cli", "netboot", "serve", "--container", "--root", str(root),
         "--bind", GW_IP, "--tftp-port", "69", "--http-port", "8080", "--manifest", str(workdir / "approved.json"),
         "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150", "--mac", f"{HPC_MAC}={TOKEN}",
         "--events", str(events),
