@@ -44,6 +44,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
     s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
     s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
+    s.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics (trustcap_netboot_*) on 127.0.0.1:PORT (0: off)")
     s.add_argument("--wait-link", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for --bind to exist (the link is moved in after start)")
 
@@ -117,6 +119,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
         services.on_refused(lambda r: record("refused", dataclasses.asdict(r)))
         services.on_booted(lambda b: record("booted", b))
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        # Loopback only: the metrics are for the Pi's own Prometheus, never for the HPC link.
+        start_http_server(_port(args.metrics_port, "--metrics-port"), addr="127.0.0.1")
     services.start()
     assert services.tftp and services.http
     print(json.dumps({"tftp_port": services.tftp.port, "http_port": services.http.port, "bind": args.bind}),

@@ -138,3 +138,38 @@ def test_stop_after_boot_closes_the_boot_services(boot_root: Root) -> None:
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):
         s.connect(("127.0.0.1", port))
     assert [b["token"] for b in services.booted] == ["t"]
+
+
+def test_serve_reports_refusals_in_its_metrics_and_events(boot_root: Root, tmp_path: Path) -> None:
+    """The whole `serve` entry point on loopback: a refusal shows in the log, the events file and the
+    Prometheus counter; SIGTERM stops it with exit 0."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    events = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "trustcap.netboot", "serve", "--root", str(boot_root.root), "--bind",
+         "127.0.0.1", "--tftp-port", "0", "--http-port", "0", "--metrics-port", str(mport), "--events", str(events)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ports = json.loads(proc.stdout.readline())
+        conn = http.client.HTTPConnection("127.0.0.1", ports["http_port"], timeout=5)
+        conn.request("GET", "/escape")  # a symlink out of the root; pin_directory never approved it
+        assert conn.getresponse().status == 403
+        conn.close()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        assert 'trustcap_netboot_refused_total{protocol="http",reason="not-approved"} 1.0' in body
+        assert [json.loads(x)["reason"] for x in events.read_text().splitlines()] == ["not-approved"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "refused '/escape'" in err
