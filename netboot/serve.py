@@ -44,6 +44,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
     s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
     s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
+    s.add_argument("--report-node", metavar="HPCNODE",
+                   help="post refusals as Warning events on this HPCNode (uses --kubeconfig)")
     s.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics (trustcap_netboot_*) on 127.0.0.1:PORT (0: off)")
     s.add_argument("--wait-link", type=float, default=0.0, metavar="SECONDS",
@@ -119,6 +121,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
         services.on_refused(lambda r: record("refused", dataclasses.asdict(r)))
         services.on_booted(lambda b: record("booted", b))
+    if args.report_node:
+        from trustcap.netboot.events import KubeEventReporter
+
+        services.on_refused(KubeEventReporter(args.report_node, kubeconfig=args.kubeconfig))
     if args.metrics_port:
         from prometheus_client import start_http_server
 

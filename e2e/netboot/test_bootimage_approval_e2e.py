@@ -81,3 +81,31 @@ def test_served_only_while_approved(kubectl: Kubectl, kubeconfig: Path, bootimag
     finally:
         server.stop()
     assert [r.reason for r in refusals] == ["not-approved", "digest-mismatch", "not-approved"]
+
+
+def test_a_tampered_file_becomes_a_warning_event_on_the_hpcnode(
+    kubectl: Kubectl, kubeconfig: Path, bootimage: tuple[str, Path, str]
+) -> None:
+    from trustcap.netboot.events import KubeEventReporter
+
+    name, root, kernel_path = bootimage
+    node = f"{name}-node"
+    _phase(kubectl, name, "Approved")
+    store = ApprovedStore(root, BootImageApproval(kubeconfig=str(kubeconfig)))
+    reporter = KubeEventReporter(node, kubeconfig=str(kubeconfig))
+    store.on_refused(reporter)
+    server = HttpServer(store, "127.0.0.1", 0).start()
+    try:
+        (root / kernel_path).write_bytes(b"tampered kernel")
+        assert _get(server.port, f"/{kernel_path}") == 403
+        reporter.flush()
+        out = kubectl("get", "events", "-n", "default", "--field-selector", f"involvedObject.name={node}",
+                      "-o", "json").stdout
+        events = json.loads(out)["items"]
+        assert [(e["type"], e["reason"], e["involvedObject"]["kind"]) for e in events] == \
+            [("Warning", "BootFileTampered", "HPCNode")]
+        assert kernel_path in events[0]["message"]
+    finally:
+        server.stop()
+        reporter.close()
+        kubectl("delete", "events", "-n", "default", "--field-selector", f"involvedObject.name={node}", check=False)
