@@ -2,13 +2,16 @@
 
     caller              Executor                    Docker Engine           kernel / attacher
       | run(spec) ------> | snapshot pre-state         |                          |
-      |                   | make scratch (loop+ext4)   |                          |
+      |                   | make scratch (loop+ext4), owned by the run's own uid                  |
+      |                   | audit stream (netlink) + exit rules for that uid -------------------> | auditctl -a
+
       |                   | [egress] sandbox ---------> | create+start (net none) |
       |                   |   attach(pid) ------------------------------------> | veth -> gateway, nft
       |                   | create+start capsule -----> |                          |
-      |                   | poll: status, cgroup pids, seccomp audit, egress counters (stop on violation)
+      |                   | poll: status, cgroup pids, audit (seccomp, EROFS, /dev opens), egress counters
       |                   | timeout? kill ------------> |                          |
       |                   | logs tail, state --------- > |                          |
+      |                   | remove audit rules (always), say if reporting was degraded ---------> | auditctl -D
       |                   | rm -v containers ---------> | verify gone              |
       |                   | wipe scratch (overwrite + read-back), detach network, snapshot post-state
       | <---- RunResult (reason, exit_code, violations, stdout/stderr tails, wipe proof)
@@ -17,6 +20,8 @@ Why a sandbox container for egress: the capsule must never run a single instruct
 is confined, so the network namespace is made and wired first (in a sleeping sandbox of the trusted base
 image) and the capsule joins it (`network_mode=container:<sandbox>`).
 Why polling: seccomp records, the pids cgroup and egress counters are only visible while the run lives.
+Why a uid per run: the kernel's audit rules filter on it, so every record they yield is this run's
+(docs/decisions/0045-audit-file-attempts.md); a machine without kernel audit gets `reporting: degraded`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,10 +39,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trustcap.agent import engine
-from trustcap.agent.audit import AuditReader, PidsEvent
+from trustcap.agent.audit import (
+    KEY_PREFIX,
+    AuditReader,
+    AuditRules,
+    AuditStream,
+    FileEvent,
+    PidsEvent,
+    file_violation,
+    rule_keys,
+)
 from trustcap.agent.cgroup import RunCgroup
 from trustcap.agent.errors import AgentError, EngineError, WipeError
-from trustcap.agent.isolation import SCRATCH_PATH, Endpoint, IsolationSpec, seccomp_profile
+from trustcap.agent.isolation import CAPSULE_USER, SCRATCH_PATH, Endpoint, IsolationSpec, seccomp_profile
 from trustcap.agent.wipe import make_scratch
 
 __all__ = ["DEFAULT_SCRATCH_ROOT", "Executor", "NetworkAttacher", "RunResult", "Violation"]
@@ -45,6 +60,15 @@ log = logging.getLogger("trustcap.agent")
 DEFAULT_SCRATCH_ROOT = Path("/var/lib/trustcap/scratch")
 SANDBOX_IMAGE = "trustcap/base:bookworm"
 _POLL_S = 0.1
+_RUN_UID_BASE = 1_000_000_000  # run uids: [1e9, 2e9), no account on any Debian image, below 2**31
+
+
+def run_uid(spec: IsolationSpec, run_id: str) -> int | None:
+    """The uid a run executes as: unique per run for the default user, else the spec's numeric uid."""
+    if spec.user == CAPSULE_USER:
+        return _RUN_UID_BASE + int(run_id, 16) % _RUN_UID_BASE
+    uid = spec.user.split(":", 1)[0]
+    return int(uid) if uid.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,7 @@ class RunResult:
     seconds: float
     egress: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    reporting: dict[str, Any] = field(default_factory=lambda: {"status": "full", "reasons": []})
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,6 +127,8 @@ class Executor:
         self.audit = audit or AuditReader()
         self.clock = clock
         self._run_cgroup_name = ""
+        self._uid: int | None = None
+        self._stream: AuditStream | None = None
         self._stop_reason: str | None = None
         self.running = False
 
@@ -138,7 +165,11 @@ class Executor:
             self.client.images.get(spec.image)
         if spec.egress and self.attacher is None:
             raise AgentError("egress endpoints were declared but no gateway network attacher is configured")
+        uid = self._uid = run_uid(spec, run_id)
         scratch = make_scratch(spec.scratch_bytes, self.scratch_root, SCRATCH_PATH)
+        mountpoint = getattr(scratch, "mountpoint", None)
+        if mountpoint is not None and uid is not None:
+            os.chown(mountpoint, uid, uid)
         sandbox: Any = None
         container: Any = None
         violations: dict[tuple[str, str, str], int] = {}
@@ -149,8 +180,13 @@ class Executor:
         self.audit.open()
         wall0 = time.time()
         cgroup: RunCgroup | None = None
+        reasons: list[str] = []
+        rules: AuditRules | None = None
         try:
             settings = spec.container_settings()
+            if uid is not None and spec.user == CAPSULE_USER:
+                settings["user"] = f"{uid}:{uid}"
+            rules = self._start_reporting(uid, f"{KEY_PREFIX}{run_id}", reasons)
             cgroup = RunCgroup.create(run_id, spec.pids_limit, self._cgroup_driver())
             self._run_cgroup_name = cgroup.name if cgroup else ""
             if cgroup is not None:  # the parent holds the limit (and keeps the count after exit)
@@ -179,8 +215,11 @@ class Executor:
             reason, error = "error", str(exc)
             log.warning("run %s failed: %s", run_id, exc)
         finally:
+            if self._stream is not None:
+                self._stream.stop()
             self._collect_audit(violations, wall0, spec)
             self.audit.close()
+            reasons.extend(self._stop_reporting(rules))
             if self.attacher is not None and spec.egress:
                 for v in self.attacher.violations():
                     violations[(v.kind, v.attempted, v.source)] = max(violations.get(
@@ -209,7 +248,58 @@ class Executor:
         return RunResult(reason=reason, exit_code=exit_code, violations=vlist,
                          stdout=_tail(stdout, spec.output_tail_bytes), stderr=_tail(stderr, spec.output_tail_bytes),
                          wipe=wipe, run_id=run_id, image=spec.image, seconds=round(self.clock() - t0, 3),
-                         egress=egress_report, error=error)
+                         egress=egress_report, error=error,
+                         reporting={"status": "degraded" if reasons else "full", "reasons": reasons})
+
+    def _start_reporting(self, uid: int | None, key: str, reasons: list[str]) -> AuditRules | None:
+        """Join the audit stream, then install the run's rules; any gap becomes a stated reason."""
+        self._stream = None
+        self.audit.seccomp = True
+        if uid is None:
+            reasons.append("capsule user is not a numeric uid: kernel audit rules cannot name it")
+            return None
+        stream = AuditStream(uid, key)
+        if not stream.start():
+            reasons.append(stream.error)
+            return None
+        self._stream = stream
+        self.audit.seccomp = False
+        self._purge_stale_rules()
+        rules = AuditRules(uid, key)
+        why = rules.install()
+        if why:
+            reasons.append(why)
+            return None
+        return rules
+
+    def _stop_reporting(self, rules: AuditRules | None) -> list[str]:
+        reasons: list[str] = []
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            if stream.error:
+                reasons.append(stream.error)
+            if stream.overruns:
+                reasons.append(f"audit stream overflowed {stream.overruns} time(s): records were lost")
+        if rules is not None:
+            lost = rules.lost_since_install()
+            if lost:
+                reasons.append(f"the kernel dropped {lost} audit record(s) during the run (backlog full)")
+            reasons.extend(rules.remove())
+        return reasons
+
+    def _purge_stale_rules(self) -> None:
+        """Rules of a run that no longer exists (an agent killed mid-run) must not outlive it."""
+        try:
+            keys = rule_keys()
+        except (OSError, ValueError):
+            return
+        for key in keys:
+            rid = key[len(KEY_PREFIX):]
+            with engine.translate("listing run containers"):
+                live = self.client.containers.list(all=True, filters={"label": f"io.trustcap.run={rid}"})
+            if not live:
+                log.warning("removing stale audit rules %s of a run that is gone", key)
+                AuditRules(0, key).remove_key()
 
     def _cgroup_driver(self) -> str:
         if not hasattr(self, "_driver"):
@@ -282,12 +372,23 @@ class Executor:
 
     def _collect_audit(self, violations: dict[tuple[str, str, str], int], wall0: float,
                        spec: IsolationSpec) -> None:
-        for ev in self.audit.read(since=wall0 - 1.0):
+        events: list[Any] = list(self.audit.read(since=wall0 - 1.0))
+        if self._stream is not None:
+            events.extend(self._stream.drain())
+        for ev in events:
+            if isinstance(ev, FileEvent):
+                found = file_violation(ev)
+                if found is not None:
+                    fkey = (found[0], found[1], "audit")
+                    violations[fkey] = violations.get(fkey, 0) + 1
+                continue
             if isinstance(ev, PidsEvent):
                 if self._run_cgroup_name and self._run_cgroup_name in ev.cgroup:
                     key = ("pids", f"process creation beyond pids limit {spec.pids_limit}", "cgroup")
                     violations[key] = max(1, violations.get(key, 0))
                 continue
+            if self._uid is not None and ev.uid not in (-1, self._uid):
+                continue  # another process's denial, not this run's
             key = (ev.kind, f"{ev.name} by {ev.comm} ({ev.exe})", "seccomp")
             violations[key] = violations.get(key, 0) + 1
 

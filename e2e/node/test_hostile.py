@@ -1,14 +1,18 @@
 """The hostile-capsule battery: every attempt is STOPPED (it fails, seen from inside and from outside) and
-REPORTED (a violation in the run result, from the kernel's seccomp audit, the pids/memory cgroup, or the
-gateway's nftables counters). Each class has a positive control in the same run, so a broken sandbox
-that simply runs nothing cannot pass.
+REPORTED (a violation in the run result, from the kernel's seccomp audit, the run's syscall-exit audit
+rules, the pids/memory cgroup, or the gateway's nftables counters). Each class has a positive control in
+the same run, so a broken sandbox that simply runs nothing cannot pass; and a normal capsule (Python
+importing modules, writing scratch) is proven to yield no violation at all (no noise).
 
 Real Docker Engine, real namespaces, real nftables; run as root (CI does).
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,17 @@ def _kinds(result: RunResult) -> set[str]:
     return {v.kind for v in result.violations}
 
 
+def _audited(result: RunResult, kind: str) -> list[str]:
+    """What the kernel's audit rules saw attempted, of one kind (each names the path)."""
+    assert result.reporting == {"status": "full", "reasons": []}, result.reporting
+    return [v.attempted for v in result.violations if v.kind == kind and v.source == "audit"]
+
+
+def _our_audit_rules() -> list[str]:
+    out = subprocess.run(["auditctl", "-l"], capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line for line in out.splitlines() if "trustcap-" in line]
+
+
 @pytest.mark.parametrize(("action", "inside", "kind"), [
     pytest.param("mount", "mount rc=-1 errno=Operation not permitted", "mount", id="mount"),
     # EPERM, or ENOSYS on a kernel built without module support: refused either way
@@ -43,7 +58,7 @@ def _kinds(result: RunResult) -> set[str]:
     pytest.param("packetsock", "packet socket rc=-1 errno=Operation not permitted", "socket", id="packet-socket"),
     pytest.param("blockdev", "mknod /scratch/blk b 7 0 rc=-1 errno=Operation not permitted", "device",
                  id="block-device"),
-    pytest.param("setuid", "euid-after=65534", "privilege", id="setuid-binary"),
+    pytest.param("setuid", "setuid(0) rc=-1 errno=Operation not permitted", "privilege", id="setuid-binary"),
 ])
 def test_denied_call_is_stopped_and_reported(docker_engine: Any, hostile_image: str, scratch_root: Path,
                                              action: str, inside: str, kind: str) -> None:
@@ -53,13 +68,44 @@ def test_denied_call_is_stopped_and_reported(docker_engine: Any, hostile_image: 
     assert "status=0" in r.stdout, f"the forbidden call succeeded: {r.stdout}"
     assert kind in _kinds(r), f"attempt not reported: {r.violations}"
     assert r.reason == "completed"
+    if action == "setuid":  # the run's own (non-root) uid before and after: the setuid bit granted nothing
+        before, after = re.findall(r"euid(?:-after)?=(\d+)", r.stdout)
+        assert before == after and int(after) >= 1_000_000_000, r.stdout
 
 
-def test_block_devices_are_absent(docker_engine: Any, hostile_image: str, scratch_root: Path) -> None:
-    r = _run(docker_engine, scratch_root, hostile_image, "hostile blockdev; ls /dev")
-    for dev in ("/dev/sda", "/dev/vda", "/dev/loop0"):
+@pytest.mark.usefixtures("kernel_audit")
+def test_normal_capsule_yields_no_violation(docker_engine: Any, hostile_image: str, scratch_root: Path) -> None:
+    """Positive control for the audit rules: a program that imports modules, looks for files that are not
+    there (ENOENT on every start-up), reads /dev/null and /dev/urandom and writes scratch is not reported."""
+    program = ("import os, re, collections, hashlib, struct, functools; "
+               "open('/scratch/out', 'w').write(hashlib.sha256(os.urandom(8)).hexdigest()); "
+               "os.makedirs('/scratch/a/b'); os.rename('/scratch/out', '/scratch/a/b/out'); "
+               "print('py', len(open('/scratch/a/b/out').read()), os.path.exists('/etc/nonexistent'))")
+    r = _run(docker_engine, scratch_root, hostile_image,
+             f'python3 -c "{program}"; cat /dev/null; head -c 4 /dev/urandom >/dev/null; ls /nonexistent 2>/dev/null;'
+             " echo sh > /scratch/sh && cat /scratch/sh")
+    assert "py 64 False" in r.stdout and "sh" in r.stdout, (r.stdout, r.stderr)
+    assert r.violations == [], r.violations
+    assert r.reporting == {"status": "full", "reasons": []}, r.reporting
+
+
+@pytest.mark.usefixtures("kernel_audit")
+def test_block_device_open_is_stopped_and_reported(docker_engine: Any, hostile_image: str,
+                                                   scratch_root: Path) -> None:
+    """Stopped: no device node exists (ENOENT). Reported: the run's audit rule on failed opens, each with
+    the path, however it was spelled (relative to the cwd, doubled slashes, through /proc/self/root)."""
+    r = _run(docker_engine, scratch_root, hostile_image,
+             f"{CONTROL}; hostile blockdev; cd /scratch && cat ../dev/sdb; cat //dev/./sdc /proc/self/root/dev/sdd; "
+             "ls /dev")
+    assert "helper ran" in r.stdout, r.stdout
+    devs = ("/dev/sda", "/dev/vda", "/dev/nvme0n1", "/dev/loop0", "/dev/mmcblk0")
+    for dev in devs:
         assert f"open {dev} rc=-1 errno=No such file or directory" in r.stdout, r.stdout
     assert "loop" not in r.stdout.split("errno")[-1]
+    seen = _audited(r, "device")
+    for dev in (*devs, "/dev/sdb", "/dev/sdc", "/dev/sdd"):
+        assert any(f" {dev} by " in a for a in seen), (dev, seen)
+    assert any(a.startswith("openat /dev/sda by hostile (/usr/local/bin/hostile)") for a in seen), seen
 
 
 @pytest.mark.parametrize(("action", "kind"), [
@@ -74,18 +120,61 @@ def test_uncovered_call_kills_the_process_and_is_reported(docker_engine: Any, ho
     assert kind in _kinds(r), r.violations
 
 
-def test_write_outside_scratch_is_stopped(docker_engine: Any, hostile_image: str, scratch_root: Path) -> None:
-    """Stopped by the read-only root; the kernel gives no audit record for EROFS, so the report is the
-    run's own stderr and the outside check (a later container of the same image sees no change)."""
+@pytest.mark.usefixtures("kernel_audit")
+def test_write_outside_scratch_is_stopped_and_reported(docker_engine: Any, hostile_image: str,
+                                                       scratch_root: Path) -> None:
+    """Stopped by the read-only root (EROFS); reported by the run's audit rule on EROFS, with the path: the
+    file for an existing one, its directory for a new one (the kernel records no more for a create)."""
     r = _run(docker_engine, scratch_root, hostile_image,
              "echo ok > /scratch/in && cat /scratch/in; for p in /etc/evil /usr/evil /evil /tmp/evil /var/evil; "
-             "do echo x > $p || echo blocked $p; done")
+             "do echo x > $p || echo blocked $p; done; echo x >> /etc/passwd || echo blocked passwd; "
+             "chmod 777 /bin/sh || echo blocked chmod; mkdir /opt/x || echo blocked mkdir; "
+             "rm -f /etc/hostname || echo blocked rm")
     assert "ok" in r.stdout
     for p in ("/etc/evil", "/usr/evil", "/evil", "/tmp/evil", "/var/evil"):  # noqa: S108 - inside the capsule
         assert f"blocked {p}" in r.stdout, r.stdout
+    for what in ("passwd", "chmod", "mkdir", "rm"):
+        assert f"blocked {what}" in r.stdout, r.stdout
     assert "Read-only file system" in r.stderr
+    seen = _audited(r, "write")
+    for expected in ("openat entry in /etc/ by sh", "openat entry in /usr/ by sh",
+                     "openat entry in / by sh", "openat entry in /tmp/ by sh",
+                     "openat entry in /var/ by sh",
+                     "openat /etc/passwd by sh (/usr/bin/dash)", "fchmodat /bin/sh by chmod",
+                     "mkdir entry in /opt/ by mkdir", "unlinkat entry in /etc/ by rm"):
+        assert any(a.startswith(expected) for a in seen), (expected, seen)
+    assert "ok" not in " ".join(seen) and "/scratch" not in " ".join(seen)  # scratch writes are not attempts
     after = _run(docker_engine, scratch_root, hostile_image, "ls /etc/evil /usr/evil /evil /tmp/evil 2>&1 || true")
     assert after.stdout.count("No such file") == 4, after.stdout
+
+
+@pytest.mark.usefixtures("kernel_audit")
+def test_audit_rules_live_only_during_their_run(docker_engine: Any, hostile_image: str, scratch_root: Path) -> None:
+    """The run's rules are in the kernel while it runs (seen from outside) and gone after, also after a run
+    that failed to start; the next run's rules carry its own key (nothing leaks between runs)."""
+    assert _our_audit_rules() == []
+    during: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and not during:
+            during.extend(_our_audit_rules())
+            done.wait(0.1)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        r = _run(docker_engine, scratch_root, hostile_image, "sleep 3; echo x > /etc/evil")
+    finally:
+        done.set()
+        t.join(timeout=30)
+    assert during and all(f"trustcap-{r.run_id}" in line for line in during), during
+    assert any("exit=-EROFS" in line and "arch=b64" in line for line in during), during
+    assert _our_audit_rules() == []
+    failed = _run(docker_engine, scratch_root, hostile_image, "exec /no/such/binary")
+    assert failed.reason == "error" or failed.exit_code != 0, failed
+    assert _our_audit_rules() == []
+    assert _audited(r, "write") and failed.run_id != r.run_id
 
 
 def test_fork_bomb_hits_the_pids_limit_and_is_reported(docker_engine: Any, scratch_root: Path,
