@@ -50,6 +50,14 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(a, "ptrace")) return report("ptrace(TRACEME)", ptrace(PTRACE_TRACEME, 0, 0, 0));
     if (!strcmp(a, "userns")) return report("unshare(CLONE_NEWUSER)", unshare(CLONE_NEWUSER));
+    if (!strcmp(a, "write32")) { /* the i386 ABI from a 64-bit process: audit rules must cover it too */
+        static const char path[] = "/etc/evil32";
+        long rc;
+        __asm__ volatile("int $0x80" : "=a"(rc) : "a"(5L), "b"(path), "c"(0101L), "d"(0644L) : "memory");
+        printf("open32 /etc/evil32 rc=%ld\n", rc);
+        fflush(stdout);
+        return rc < 0 ? 0 : 3;
+    }
     if (!strcmp(a, "true")) { puts("helper ran"); return 0; }
     return 2;
 }

@@ -149,6 +149,17 @@ def test_write_outside_scratch_is_stopped_and_reported(docker_engine: Any, hosti
 
 
 @pytest.mark.usefixtures("kernel_audit")
+def test_write_through_the_i386_abi_is_reported(docker_engine: Any, hostile_image: str, scratch_root: Path) -> None:
+    """A 64-bit process can make i386 syscalls (int 0x80), which b64 audit rules do not see: the run's b32
+    rules must report it (an evasion attempt, not a curiosity)."""
+    r = _run(docker_engine, scratch_root, hostile_image, f"{CONTROL}; hostile write32; echo status=$?")
+    assert "helper ran" in r.stdout and "open32 /etc/evil32 rc=-30" in r.stdout, r.stdout  # -EROFS: stopped
+    assert "status=0" in r.stdout, r.stdout
+    seen = _audited(r, "write")
+    assert "open entry in /etc/ by hostile (/usr/local/bin/hostile)" in seen, seen
+
+
+@pytest.mark.usefixtures("kernel_audit")
 def test_audit_rules_live_only_during_their_run(docker_engine: Any, hostile_image: str, scratch_root: Path) -> None:
     """The run's rules are in the kernel while it runs (seen from outside) and gone after, also after a run
     that failed to start; the next run's rules carry its own key (nothing leaks between runs)."""
