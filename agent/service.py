@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from trustcap.agent import measure
@@ -25,6 +26,7 @@ from trustcap.evidence import new_quote, sign_quote
 __all__ = ["Agent"]
 
 log = logging.getLogger("trustcap.agent")
+DEFAULT_SCRATCH_ROOT = Path("/var/lib/trustcap/scratch")  # the executor's (trustcap.agent.executor)
 
 
 class _NoCountersign:
@@ -39,20 +41,55 @@ class _NoCountersign:
         return bytes(64) + b"\x1b"
 
 
+def _connect_engine() -> Any:
+    from trustcap.agent import engine
+
+    return engine.connect(timeout=10)
+
+
 class Agent:
     def __init__(self, config: BootConfig, *, key: BootKey | None = None,
                  state: Callable[[], dict[str, Any]] | None = None,
                  stop: Callable[[str], None] | None = None,
                  measurements: Callable[[], dict[str, str]] | None = None,
+                 docker_client: Callable[[], Any] | None = None,
+                 scratch_root: Path = DEFAULT_SCRATCH_ROOT,
                  wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.key = key or BootKey()
         self._state = state or (lambda: {"phase": "idle", "containers": 0})
         self._stop = stop
-        self._measure = measurements or (lambda: measure.measure(agent_config=self._config_reading()))
+        self._docker_client = docker_client or _connect_engine
+        self._engine: Any = None
+        self.scratch_root = scratch_root
+        self._measure = measurements or self.measure
         self.wall = wall
         self.enrolled = False
         self.channel: AgentChannel | None = None
+
+    def measure(self) -> dict[str, str]:
+        """The default measurements: the machine, the engine's containers, the scratch area, our own code
+        and configuration (DESIGN.md: configuration that decides trust is measured)."""
+        out: dict[str, str] = measure.measure(containers=self._containers_reading, scratch_root=self.scratch_root,
+                                              agent_config=self._config_reading())
+        return out
+
+    def _containers_reading(self) -> Any:
+        """The engine's state through the Docker SDK; an engine that does not answer is a reading of its
+        own ("unavailable"), never an empty state, so an idle-node policy fails closed."""
+        from trustcap.agent import engine
+
+        from trustcap.errors import TrustcapError
+
+        try:
+            if self._engine is None:
+                self._engine = self._docker_client()
+            with engine.translate("measuring the container state"):
+                return measure.docker_state(self._engine)
+        except TrustcapError as exc:
+            log.warning("container state not measurable: %s", exc)
+            self._engine = None  # reconnect at the next quote
+            return {"engine": "unavailable"}
 
     def _config_reading(self) -> dict[str, Any]:
         c = self.config

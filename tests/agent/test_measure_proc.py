@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,7 +80,7 @@ def test_a_connection_is_seen_by_its_peer_endpoint() -> None:
 
 @pytest.mark.parametrize(("name", "kwargs"), [
     pytest.param("agent_config", {"agent_config": {"node": "hpc-2"}}, id="agent-config"),
-    pytest.param("scratch", {"scratch_listing": lambda: ["leftover 0x00"]}, id="scratch"),
+    pytest.param("scratch", {"scratch_root": Path("/nonexistent-scratch-root")}, id="scratch"),
     pytest.param("containers", {"containers": lambda: ["capsule-1 sha256:aa running"]}, id="containers"),
 ])
 def test_inputs_that_decide_trust_are_measured(name: str, kwargs: dict[str, Any]) -> None:
@@ -148,13 +149,8 @@ def test_isolated_hpc_change_changes_exactly_its_reading(
     assert set(isolated[step]) - HOST_SHARED == expected
 
 
-# --- known defects, pinned (strict: the test turns red when fixed, and the marker must go) -----------------
-@pytest.mark.xfail(strict=True, reason="defect: kernel threads enter the processes reading by name, and kworker "
-                   "names carry their current workqueue (kworker/0:1-events -> kworker/0:1-mm_percpu_wq), so on a "
-                   "real HPC (host pid namespace) a pinned 'processes' reading flaps every few seconds")
+# --- formerly pinned defects (issue 4): kernel threads in the processes reading, loop devices as hardware ---
 def test_processes_reading_leaves_out_volatile_kernel_thread_names() -> None:
-    from pathlib import Path
-
     def comm(d: Path) -> str:
         try:
             return (d / "comm").read_text()
@@ -167,8 +163,6 @@ def test_processes_reading_leaves_out_volatile_kernel_thread_names() -> None:
     assert not kthreads, kthreads[:3]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: the hardware fingerprint includes every /sys/block entry with its "
-                   "size, so attaching a loop device (a wipe test, a capsule volume) changes the 'hardware'")
 def test_hardware_fingerprint_leaves_out_virtual_block_devices() -> None:
     if not any(d.startswith("loop") for d in os.listdir("/sys/block")):
         pytest.skip("no loop devices on this machine: the defect cannot show here")
