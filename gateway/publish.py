@@ -40,7 +40,7 @@ log = logging.getLogger("trustcap.gateway")
 GROUP, VERSION, PLURAL = "trustcap.io", "v1alpha1", "hpcnodes"
 
 
-class PublishError(GatewayError):
+class PublishError(GatewayError):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
     """The enrolment evidence could not be published (no HPCNode, no challenge, API unreachable)."""
 
 
