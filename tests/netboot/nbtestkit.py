@@ -87,25 +87,39 @@ def first_reply(server: TftpServer, packet: bytes) -> tuple[int, int, bytes]:
 
 
 def download(server: TftpServer, name: str, blksize: int | None = None, timeout: float = 5.0) -> bytes:
-    """A strict little RFC 1350/2348 client over real UDP (independent of the server code)."""
+    """A strict little RFC 1350/2348 client over real UDP (independent of the server code). Like any
+    TFTP client it retransmits its last packet on a timeout (UDP may drop it under a flood), 4 times."""
     opts = {b"blksize": str(blksize).encode()} if blksize else None
     out = bytearray()
-    with udp(timeout) as s:
-        s.sendto(rrq(name.encode(), options=opts), ("127.0.0.1", server.port))
+    with udp(timeout / 4) as s:
+        last, dest = rrq(name.encode(), options=opts), ("127.0.0.1", server.port)
+        s.sendto(last, dest)
         size = blksize or 512
         expect = 1
+        misses = 0
         while True:
-            data, peer = s.recvfrom(70000)
+            try:
+                data, peer = s.recvfrom(70000)
+            except TimeoutError:
+                misses += 1
+                if misses > 4:
+                    raise
+                s.sendto(last, dest)
+                continue
+            misses = 0
             op, num = struct.unpack("!HH", data[:4])
             if op == 5:
                 raise PermissionError(num)
+            dest = peer
             if op == 6:
-                s.sendto(struct.pack("!HH", 4, 0), peer)
+                last = struct.pack("!HH", 4, 0)
+                s.sendto(last, peer)
                 continue
             assert op == 3
             if num == expect % 65536:
                 out += data[4:]
                 expect += 1
-            s.sendto(struct.pack("!HH", 4, num), peer)
+            last = struct.pack("!HH", 4, num)
+            s.sendto(last, peer)
             if num == (expect - 1) % 65536 and len(data) - 4 < size:
                 return bytes(out)
