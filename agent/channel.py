@@ -2,7 +2,9 @@
 
 The agent dials its gateway (the only address it knows), presents its boot key and, on first contact,
 its one-time enrolment token; it pins the gateway's trust-root address from the kernel command line, so
-a machine in the middle cannot pose as the gateway. It then serves the gateway's requests: quotes,
+a machine in the middle cannot pose as the gateway. Its first record under the new keys is FINISHED, its
+boot key's signature over the gateway's WELCOME (fresh nonce): the gateway installs the channel only
+then, so a replayed HELLO cannot displace the live one. It then serves the gateway's requests: quotes,
 key rotations, status, stop. It refuses to run more than `max_records_per_epoch` records on one key:
 rotation is enforced from both ends.
 
@@ -34,6 +36,7 @@ __all__ = ["AgentChannel", "SecureChannel", "connect"]
 log = logging.getLogger("trustcap.agent")
 HELLO_DOMAIN = "trustcap/channel/hello/v1"
 WELCOME_DOMAIN = "trustcap/channel/welcome/v1"
+FINISHED_DOMAIN = "trustcap/channel/finished/v1"
 
 # --- shared record layer (keep identical to agent/channel.py) ---
 MAX_FRAME = 1024 * 1024
@@ -214,8 +217,15 @@ def connect(host: str, port: int, *, signer: Any, node_id: str, boot_digest: str
         if who != gateway_address:
             raise ChannelError(f"WELCOME is signed by {who}, not the pinned gateway {gateway_address}")
         a2g, g2a = derive_keys(priv, _hexfield(welcome, "eph", 32), hashlib.sha256(raw_hello + raw_welcome).digest())
+        chan = SecureChannel(sock, a2g, g2a, role="agent", clock=clock)
+        # FINISHED, the first record under the new keys: proves to the gateway that this is a live handshake
+        # (our ephemeral secret, our boot key over its fresh nonce), not a replayed HELLO; only then does it
+        # let this channel replace the one it has.
+        fdigest = canonical.digest({"domain": FINISHED_DOMAIN, "welcome": wdigest})
+        chan.send({"type": "finished", "sig": "0x" + signer.sign_digest(fdigest).hex()})
+        chan.records_in_epoch = 0  # the handshake's record is not a request: rotation counts requests
         sock.settimeout(None)
-        return SecureChannel(sock, a2g, g2a, role="agent", clock=clock)
+        return chan
     except BaseException:
         sock.close()
         raise

@@ -10,7 +10,10 @@ small Noise-like protocol on the primitives of `cryptography` (decision 0042):
       | <---- WELCOME {eG, nG, G} sig_G(hello digest, eG, nG) -- |   (token burnt, A bound to node)
       | sig_G recovers to pinned G?                              |
       | keys = HKDF(X25519(eA, eG), salt = sha256(hello||welcome)) -> k_a2g, k_g2a (epoch 0)
-      |                                                          |
+      | ==== FINISHED {sig_A(welcome digest)} (first record) ===> | decrypts (eA proven) and sig_A over
+      |                                                          |   nG (A live now): only then is the
+      |                                                          |   session installed (a replayed HELLO
+      |                                                          |   never displaces the live one)
       | <==== REQ {op, ...} (ChaCha20-Poly1305, epoch, seq) ==== |  gateway is the only requester
       | ===== RESP {...} =======================================>|
       | <==== REKEY {eG'} (every N requests or T seconds) ====== |  fresh X25519 each time:

@@ -1,8 +1,10 @@
 """The gateway's attestation server for its HPC: accepts the agent's channel, enrols it, asks for quotes.
 
     agent                       AttestationServer (Pi)                 committee verifier (via relay)
-      |-- TCP connect, HELLO --> | handshake (channel.py), enrol or look up key
-      |<-- WELCOME -------------|
+      |-- TCP connect, HELLO --> | handshake thread (channel.py): enrol or look up key
+      |<-- WELCOME -------------|   (fresh gateway nonce nG, signed by the trust root)
+      |== FINISHED sig_A(nG) ==>| first record under the new keys: only now does the session
+      |                          |   replace the live one (a replayed HELLO never gets this far)
       |                          |<-- relay(nonce) ------------------------ | nonce from V's registry
       |<== REQ quote{nonce} =====|                                          |
       |=== RESP quote, sig_A ===>| countersign with the trust root          |
@@ -11,6 +13,15 @@
 
 One agent per gateway (the Pi's one HPC). Requests are serialized (one outstanding at a time): the
 gateway is the only requester on the channel, which is what makes key rotation race-free.
+
+Availability (issue 4): a handshake that has not proven the agent's boot key *and* its ephemeral key
+(FINISHED, bound to this connection's fresh nonce) never disturbs the established session, so a HELLO
+replayed from the link cannot disconnect the genuine agent. Each handshake runs in its own thread with a
+hard total deadline (`handshake_seconds`, enforced by shutting the socket down, so a byte-a-second
+sender cannot stretch it), at most `max_handshakes` at once (the next connection is closed at once and
+counted in `refusals`): one silent connection never holds off the agent's reconnect. The accept loop
+waits on a selector with a wake-up socket, and `close()` also shuts every pending handshake down, so
+close returns at once instead of waiting out a join timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import selectors
 import socket
 import threading
 import time
@@ -45,6 +57,7 @@ __all__ = ["AgentSession", "AttestationServer"]
 log = logging.getLogger("trustcap.gateway")
 HELLO_DOMAIN = "trustcap/channel/hello/v1"
 WELCOME_DOMAIN = "trustcap/channel/welcome/v1"
+FINISHED_DOMAIN = "trustcap/channel/finished/v1"
 
 
 class _PresignedAgent:
@@ -125,6 +138,7 @@ class AttestationServer:
 
     def __init__(self, trust_root: Signer, node_id: str, tokens: TokenBook, *, host: str = "127.0.0.1",
                  port: int = 0, rekey_after: int = 16, rekey_seconds: float = 300.0,
+                 handshake_seconds: float = 5.0, max_handshakes: int = 8,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.root = trust_root
         self.node_id = node_id
@@ -137,37 +151,105 @@ class AttestationServer:
         self.refusals: list[str] = []
         # Optional hook, called with each new session (e.g. publish.EnrolmentPublisher.on_session); must not block.
         self.on_session: Callable[[AgentSession], None] | None = None
+        self.handshake_seconds = handshake_seconds
+        self.max_handshakes = max_handshakes
         self._connected = threading.Event()
-        self._sock = socket.create_server((host, port))
+        self._session_lock = threading.Lock()
+        self._pending: dict[socket.socket, threading.Thread] = {}
+        self._pending_lock = threading.Lock()
+        self._sock = socket.create_server((host, port), backlog=max(16, 2 * max_handshakes))
         self.address = self._sock.getsockname()[:2]
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._accept_loop, name="trustcap-gateway-accept", daemon=True)
         self._thread.start()
 
     # -- handshake -------------------------------------------------------------------------------------
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            try:
-                conn.settimeout(30)
-                session = self._handshake(conn)
-            except (ChannelError, EnrolmentRefused) as exc:
-                log.warning("agent connection refused: %s", exc)
-                self.refusals.append(str(exc))
-                conn.close()
-                continue
-            old, self.session = self.session, session
-            if old is not None:
-                old.close()
-            self._connected.set()
-            if self.on_session is not None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                ready = {key.fileobj for key, _ in sel.select()}
+                if self._wake_r in ready or self._stop.is_set():
+                    return
                 try:
-                    self.on_session(session)
-                except Exception:  # a broken hook must never stop the gateway from serving its agent
-                    log.exception("on_session hook failed")
+                    conn, _ = self._sock.accept()
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    continue  # the peer gave up between select and accept
+                self._start_handshake(conn)
+
+    def _start_handshake(self, conn: socket.socket) -> None:
+        with self._pending_lock:
+            if len(self._pending) >= self.max_handshakes:
+                busy = True
+            else:
+                busy = False
+                t = threading.Thread(target=self._handshake_thread, args=(conn,), daemon=True,
+                                     name="trustcap-gateway-handshake")
+                self._pending[conn] = t
+        if busy:
+            self._refuse(conn, f"too many handshakes in progress ({self.max_handshakes}); connection closed")
+            return
+        t.start()
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        log.warning("agent connection refused: %s", why)
+        self.refusals.append(why)
+        if len(self.refusals) > 1000:  # bounded: a flood of bad handshakes must not grow memory
+            del self.refusals[:-500]
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+    def _handshake_thread(self, conn: socket.socket) -> None:
+        """One handshake under a hard total deadline; only a confirmed one replaces the live session."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv: the deadline is total
+
+        timer = threading.Timer(self.handshake_seconds, expire)
+        timer.daemon = True
+        timer.start()
+        session: AgentSession | None = None
+        try:
+            conn.settimeout(self.handshake_seconds)
+            session = self._handshake(conn)
+            conn.settimeout(None)
+        except (ChannelError, EnrolmentRefused) as exc:
+            why = (f"handshake not completed within {self.handshake_seconds:g} s" if expired.is_set()
+                   else str(exc))
+            self._refuse(conn, why)
+        except Exception as exc:  # a bug in one handshake must not leak the socket or stop the gateway
+            log.exception("handshake failed unexpectedly")
+            self._refuse(conn, f"handshake failed: {type(exc).__name__}")
+        finally:
+            timer.cancel()
+            with self._pending_lock:
+                self._pending.pop(conn, None)
+        if session is None:
+            return
+        if expired.is_set() or self._stop.is_set():  # confirmed just as the deadline or close hit
+            session.close()
+            return
+        self._install(session)
+
+    def _install(self, session: AgentSession) -> None:
+        with self._session_lock:
+            old, self.session = self.session, session
+        if old is not None:
+            old.close()
+        self._connected.set()
+        if self.on_session is not None:
+            try:
+                self.on_session(session)
+            except Exception:  # a broken hook must never stop the gateway from serving its agent
+                log.exception("on_session hook failed")
 
     def _handshake(self, conn: socket.socket) -> AgentSession:
         raw_hello = read_frame(conn)
@@ -209,6 +291,18 @@ class AttestationServer:
         write_frame(conn, raw_welcome)
         a2g, g2a = derive_keys(priv, eph_a, hashlib.sha256(raw_hello + raw_welcome).digest())
         chan = SecureChannel(conn, g2a, a2g, role="gateway", clock=self.clock)
+        # FINISHED: decrypting it proves the agent's ephemeral secret, its signature over this WELCOME (which
+        # holds our fresh nonce) proves the boot key is live now: a replayed HELLO can produce neither.
+        finished = chan.recv()
+        if finished.get("type") != "finished":
+            raise ChannelError("first record after WELCOME is not FINISHED")
+        fdigest = canonical.digest({"domain": FINISHED_DOMAIN, "welcome": welcome_digest})
+        try:
+            if recover_address(fdigest, _hex(finished, "sig", 65)) != address_of(agent_key):
+                raise ChannelError("FINISHED is not signed by the agent's key")
+        except (SignatureError, EvidenceError) as exc:
+            raise ChannelError(f"FINISHED signature is invalid: {exc}") from exc
+        chan.records_in_epoch = 0  # the handshake's record is not a request: rotation counts requests
         return AgentSession(chan, enrolment, rekey_after=self.rekey_after, rekey_seconds=self.rekey_seconds)
 
     # -- requests --------------------------------------------------------------------------------------
@@ -244,10 +338,22 @@ class AttestationServer:
         return self.wait_for_agent(0).call(op, **params)
 
     def close(self) -> None:
+        """Stop accepting, end pending handshakes and the session; returns once every thread is done."""
         self._stop.set()
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        self._sock.close()
-        if self.session is not None:
-            self.session.close()
+            self._wake_w.send(b"x")  # wakes the selector the accept loop waits on
         self._thread.join(timeout=5)
+        self._sock.close()
+        with self._pending_lock:
+            pending = list(self._pending.items())
+        for conn, _ in pending:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for _, t in pending:
+            t.join(timeout=5)
+        with self._session_lock:
+            session = self.session
+        if session is not None:
+            session.close()
+        self._wake_r.close()
+        self._wake_w.close()
