@@ -3,7 +3,8 @@
     trust root (--trustroot DIR)  ->  AttestationServer (--listen, the HPC link)  <- agent enrols, answers
     TokenBook (--boot-digest ...)     one one-time token per start, written to --token-file (0600) for
                                       netboot to hand to the HPC (DHCP option 224 -> trustcap.token=)
-    GatewayPolicy (--policy FILE) ->  Monitor: checks at exponential random times, actions
+    GatewayPolicy (--policy FILE) ->  Monitor: checks at exponential random times, actions; every record
+                                      to --journal (JSON lines, rotated) before memory's bounded window
                                   ->  RelayService (--relay, the cluster side): committee challenges and
                                       the node's expiring trust status
 
@@ -54,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rekey-seconds", type=float, default=300.0, help="...or every T seconds")
     p.add_argument("--status-max-age", type=float, default=0.0,
                    help="seconds a passing check counts as fresh (default: max(maxQuoteAge, 10 x mean interval))")
+    p.add_argument("--journal", type=Path, default=None,
+                   help="append every monitor check record here as JSON lines, rotated by size (default: none; "
+                        "records then live only in memory, the latest 1000, and in the Prometheus counters)")
+    p.add_argument("--journal-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the journal at this size")
+    p.add_argument("--journal-backups", type=int, default=5, help="rotated journal files kept (journal.1 ... .N)")
     p.add_argument("--kubeconfig", default=None,
                    help="publish each enrolment into the node's HPCNode status through this kubeconfig "
                         "('in-cluster' for a service account; default: no Kubernetes)")
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from trustcap.gateway.enrol import TokenBook
-    from trustcap.gateway.monitor import Monitor
+    from trustcap.gateway.monitor import JournalSink, Monitor
     from trustcap.gateway.policy import load_gateway_policy
     from trustcap.gateway.relay import RelayService
     from trustcap.gateway.server import AttestationServer
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         policy = load_gateway_policy(args.policy)
+        sinks = [JournalSink(args.journal, node_id=args.node, max_bytes=args.journal_max_bytes,
+                             backups=args.journal_backups)] if args.journal else []
         root = open_trust_root(args.trustroot, kek_file=args.kek_file)
         tokens = TokenBook(args.boot_digest)
         server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        monitor = Monitor(server, policy)
+        monitor = Monitor(server, policy, sinks=sinks)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
         relay = RelayService(server, records=lambda: list(monitor.records), max_age_s=max_age,
                              host=args.relay[0], port=args.relay[1])

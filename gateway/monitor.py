@@ -10,28 +10,47 @@
 
 Intervals are exponential (memoryless): knowing when the last check ran tells nothing about the next.
 `check_once()` is the unit the loop repeats, and what tests drive with a frozen clock.
+
+What is kept where (issue 4: records must never be lost to the in-memory bound):
+- every record goes to each sink *before* it enters memory: `JournalSink` appends it as one JSON line
+  (fsynced) to a journal file that rotates by size (`path`, `path.1` ... `path.N`; the oldest beyond N
+  is deleted, the only place records are ever dropped, and only after N+1 files of them);
+- the Prometheus counter `trustcap_gateway_monitor_checks_total{outcome, action}` counts every check
+  (outcome: passed | failed | unreachable), and `..._sink_failures_total` counts exports that failed;
+- `Monitor.records` keeps only the latest `keep` records (default 1000) for the relay's trust status.
+A sink that fails is logged and counted and never stops monitoring.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
 from trustcap.gateway.errors import GatewayError, QuoteRejected
 from trustcap.gateway.policy import GatewayPolicy
 from trustcap.gateway.server import AttestationServer
 
 from trustcap.evidence import NonceRegistry, Report, Severity, appraise_quote, check_policy
 
-__all__ = ["CheckRecord", "Monitor"]
+__all__ = ["CHECKS", "CheckRecord", "JournalSink", "Monitor"]
 
 log = logging.getLogger("trustcap.gateway")
+
+CHECKS = Counter("trustcap_gateway_monitor_checks_total",
+                 "Monitor checks of the HPC, by outcome (passed, failed, unreachable) and action taken.",
+                 ["outcome", "action"])
+SINK_FAILURES = Counter("trustcap_gateway_monitor_sink_failures_total",
+                        "Check records a sink (journal, publisher) failed to export.")
 
 
 @dataclass
@@ -45,16 +64,71 @@ class CheckRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class JournalSink:
+    """Appends each record as one JSON line to `path`, rotating by size; callable as a Monitor sink.
+
+    Rotation keeps `backups` older files (`path.1` newest ... `path.N` oldest). Each line is flushed and
+    fsynced before the record enters the monitor's memory, so a crash loses no exported record.
+    """
+
+    def __init__(self, path: str | Path, *, node_id: str, max_bytes: int = 10 * 1024 * 1024,
+                 backups: int = 5) -> None:
+        if max_bytes < 1024:
+            raise GatewayError(f"journal max_bytes={max_bytes}: must be at least 1024")
+        if backups < 1:
+            raise GatewayError(f"journal backups={backups}: must be at least 1")
+        self.path = Path(path)
+        self.node_id = node_id
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch(mode=0o600, exist_ok=True)
+        except OSError as exc:
+            raise GatewayError(f"cannot open the monitor journal {self.path}: {exc.strerror}") from exc
+
+    def __call__(self, rec: CheckRecord) -> None:
+        line = (json.dumps({"node": self.node_id, **asdict(rec)}, sort_keys=True, separators=(",", ":"))
+                + "\n").encode()
+        with self._lock:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size and size + len(line) > self.max_bytes:
+                self._rotate()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _rotate(self) -> None:
+        oldest = self.path.with_name(f"{self.path.name}.{self.backups}")
+        oldest.unlink(missing_ok=True)
+        for i in range(self.backups - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i}")
+            if src.exists():
+                src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
+        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+
+    def files(self) -> list[Path]:
+        """The journal's files, oldest first (read them in this order to replay every kept record)."""
+        rotated = [self.path.with_name(f"{self.path.name}.{i}") for i in range(self.backups, 0, -1)]
+        return [p for p in [*rotated, self.path] if p.exists()]
+
+
 class Monitor:
     def __init__(self, server: AttestationServer, policy: GatewayPolicy, *,
                  on_action: dict[str, Callable[[CheckRecord], None]] | None = None,
+                 sinks: Sequence[Callable[[CheckRecord], None]] = (), keep: int = 1000,
                  rng: random.Random | None = None, wall: Callable[[], float] = time.time) -> None:
         self.server = server
         self.policy = policy
         self.rng = rng or random.SystemRandom()
         self.wall = wall
         self.nonces = NonceRegistry(policy.max_quote_age_s * 2, clock=wall)
-        self.records: deque[CheckRecord] = deque(maxlen=1000)
+        self.sinks = list(sinks)
+        self.records: deque[CheckRecord] = deque(maxlen=keep)
         self.on_action = on_action or {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,11 +161,24 @@ class Monitor:
         action = "none" if severity is None else self.policy.actions[severity]
         rec = CheckRecord(at=self.wall(), ok=report.ok, action=action, policy_digest=self.policy.digest,
                           quote_digest=qd, failed=[{"id": f.event_id, "message": f.message} for f in report.failures])
+        outcome = "passed" if rec.ok else ("unreachable" if severity == "unreachable" else "failed")
+        CHECKS.labels(outcome=outcome, action=action).inc()
+        self._export(rec)
         self.records.append(rec)
         if not rec.ok:
             log.warning("check failed on %s (%s): %s", self.server.node_id, action, report.summary())
             self._act(rec)
         return rec
+
+    def _export(self, rec: CheckRecord) -> None:
+        """Hand the record to every sink before memory holds it (and may later drop it)."""
+        for sink in self.sinks:
+            try:
+                sink(rec)
+            except Exception as exc:  # a full disk must not stop the monitoring itself; it is counted
+                SINK_FAILURES.inc()
+                log.error("monitor record not exported by %s: %s", getattr(sink, "__name__", type(sink).__name__),
+                          exc)
 
     def _act(self, rec: CheckRecord) -> None:
         if rec.action in ("stop", "quarantine", "reboot"):

@@ -29,7 +29,7 @@ def good(tmp_path: Path) -> dict[str, str]:
     policy.write_text("kind: GatewayPolicy\nattestation:\n  bootImages: ['0x" + "ab" * 32 + "']\n")
     return {"--trustroot": str(home), "--kek-file": str(kek), "--node": "hpc-1", "--boot-digest": BOOT,
             "--policy": str(policy), "--listen": "127.0.0.1:0", "--relay": "127.0.0.1:0",
-            "--token-file": str(tmp_path / "token")}
+            "--token-file": str(tmp_path / "token"), "--journal": str(tmp_path / "monitor.jsonl")}
 
 
 @pytest.mark.parametrize(("flag", "value", "code", "needle"), [
@@ -39,6 +39,8 @@ def good(tmp_path: Path) -> dict[str, str]:
     pytest.param("--policy", "/nonexistent/policy.yaml", 1, "cannot read gateway policy", id="missing-policy"),
     pytest.param("--trustroot", "/nonexistent", 1, "no trust root in /nonexistent", id="missing-trust-root"),
     pytest.param("--kek-file", "/nonexistent/kek", 1, "/nonexistent/kek", id="missing-kek"),
+    pytest.param("--journal", "/proc/version/monitor.jsonl", 1, "cannot open the monitor journal",
+                 id="unwritable-journal"),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(good: dict[str, str], tmp_path: Path, flag: str, value: str,
                                                         code: int, needle: str) -> None:
@@ -69,6 +71,7 @@ def test_starts_mints_one_private_token_and_stops_cleanly_on_sigterm(good: dict[
         assert ready.startswith("ready agent=127.0.0.1:") and " relay=http://127.0.0.1:" in ready, ready
         token = Path(good["--token-file"])
         assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) >= 16
+        assert Path(good["--journal"]).exists(), "the journal is opened at start"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
