@@ -10,6 +10,7 @@ sorted, with fixed owners and times (`cpio.pack`), so equal inputs give equal by
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -80,8 +81,13 @@ def python_entries(debs: dict[str, Path], workdir: Path) -> list[Entry]:
 
 
 _CLOSURE = """
-import json, os, sys
+import importlib, json, os, sys
 import trustcap.agent.__main__, trustcap.agent.service  # noqa: F401
+for name in sys.argv[1:]:  # imports made inside functions (lazy), found in the agent's source
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
 site = sorted(p for p in sys.path if p.endswith("site-packages"))
 tops = set()
 for m in list(sys.modules.values()):
@@ -100,14 +106,33 @@ print(json.dumps(sorted(tops)))
 """
 
 
+def _imports_in(folder: Path) -> set[str]:
+    """Every absolute module an agent source file imports, at any depth (lazy imports included)."""
+    names: set[str] = set()
+    for py in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(py.read_text(), filename=str(py))):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+    other = ("trustcap.cli", "trustcap.stack", "trustcap.operator", "trustcap.gateway", "trustcap.netboot")
+    return {n for n in names if not n.startswith(other)}
+
+
 def agent_entries() -> list[Entry]:
     """trustcap core + agent as files, and the site-packages the agent's imports reach."""
     import importlib.util
 
     import trustcap
 
-    proc = subprocess.run([sys.executable, "-P", "-c", _CLOSURE], capture_output=True, text=True, timeout=120,
-                          check=False)
+    # The agent is packaged as files, never imported here (components do not import each other).
+    spec = importlib.util.find_spec("trustcap" + ".agent")
+    if spec is None or not spec.origin:
+        raise ImageBuildError("trustcap.agent is not installed; cannot put the agent into the image")
+    agent = Path(spec.origin).parent
+    lazy = sorted(_imports_in(agent))
+    proc = subprocess.run([sys.executable, "-P", "-c", _CLOSURE, *lazy], capture_output=True, text=True,
+                          timeout=120, check=False)
     if proc.returncode != 0:
         raise ImageBuildError(f"cannot import the agent to find its dependencies: {proc.stderr.strip()[-400:]}")
     entries: list[Entry] = []
@@ -130,11 +155,6 @@ def agent_entries() -> list[Entry]:
             entries += tree_entries(sub, f"{DIST}/trustcap/{sub.name}/", keep=False)
         elif sub.is_file():
             entries.append(Entry(f"{DIST}/trustcap/{sub.name}", "file", sub.read_bytes(), mode=0o644))
-    # The agent is packaged as files, never imported here (components do not import each other).
-    spec = importlib.util.find_spec("trustcap" + ".agent")
-    if spec is None or not spec.origin:
-        raise ImageBuildError("trustcap.agent is not installed; cannot put the agent into the image")
-    agent = Path(spec.origin).parent
     entries.append(Entry(f"{DIST}/trustcap/agent", "dir"))
     entries += tree_entries(agent, f"{DIST}/trustcap/agent/", keep=False)
     return [Entry(e.path, e.kind, e.data, 0o644 if e.kind == "file" and not e.mode & 0o111 else e.mode, e.rdev)
