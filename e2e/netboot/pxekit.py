@@ -193,13 +193,24 @@ class AgentBoot:
     tokens: Any
     root: Any
     image: BuiltImage
+    node: str
+    cluster: Any  # enrolkit.Cluster on the stack's API server
+    objects: Any  # joinkit.JoinObjects: the Gateway, BootImage and HPCNode of this boot
+    publisher: Any  # gateway.publish.EnrolmentPublisher, hooked to the server
+    operator: Any  # enrolkit.Proc of the operator process
 
 
 @pytest.fixture
-def agent_boot(agent_image: BuiltImage, workdir: Path) -> Iterator[AgentBoot]:
-    """The real gateway attestation server in the gateway namespace, a token for this boot, the netboot
-    services handing out its endpoint, address and token by DHCP, and the HPC PXE-booting the agent image."""
+def agent_boot(request: pytest.FixtureRequest, agent_image: BuiltImage, workdir: Path, stack: dict[str, Any],
+               kubeconfig: Path, join_cluster: Any, join_operator: Any) -> Iterator[AgentBoot]:
+    """The whole join: the real gateway attestation server in the gateway namespace (publishing the
+    enrolment into the HPCNode through the cluster link), a token for this boot, the netboot services
+    handing out its endpoint, address and token by DHCP and reporting refusals on the HPCNode, the
+    operator judging the evidence, and the HPC PXE-booting the agent image. Parametrize indirectly with
+    "tampered" to flip one byte of the initrd after approval (the approval keeps the approved digest)."""
+    from joinkit import ClusterLink, apiserver_port, create_join_objects
     from trustcap.gateway.enrol import TokenBook
+    from trustcap.gateway.publish import EnrolmentPublisher, KubeHPCNodes
     from trustcap.gateway.server import AttestationServer
 
     from trustcap.trustroot import SoftwareTrustRoot
@@ -208,31 +219,53 @@ def agent_boot(agent_image: BuiltImage, workdir: Path) -> Iterator[AgentBoot]:
     if reason:
         print(f"SKIP netboot e2e: {reason}")
         pytest.skip(reason)
+    tamper = getattr(request, "param", None) == "tampered"
+    tag = f"{os.getpid()}-{int(time.time() * 1000) % 100000}"
     root = workdir / "root"
     copy_image(agent_image, root)
     (workdir / "approved.json").write_text(json.dumps(agent_image.digests))
     (workdir / "tr").mkdir()
     trust_root = SoftwareTrustRoot.create(workdir / "tr", os.urandom(32))
+    objects = create_join_objects(join_cluster, tag, agent_image, trust_root.address, trust_root.public_key())
+    node = objects.node
+    if tamper:
+        p = root / INITRD_FILE
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
     tokens = TokenBook(["0x" + agent_image.bootdigest.split(":", 1)[1]])
-    token = tokens.issue(NODE)
+    token = tokens.issue(node)
     state = workdir / "state"
     state.mkdir()
-    with LabLink(tag=f"a{os.getpid()}-{int(time.time() * 1000) % 100000}") as lab:
-        with in_netns(lab.gw_ns):
-            server = AttestationServer(trust_root, NODE, tokens, host=GW_IP, port=AGENT_PORT)
-        gw = _start_gateway(lab, root, workdir / "approved.json", state, extra=[
-            "--mac", f"{HPC_MAC}={token}@{NODE}", "--agent-endpoint", f"{GW_IP}:{AGENT_PORT}",
-            "--gateway-address", trust_root.address,
-        ])
-        hpc = QemuHpc(lab, workdir / "serial.log", memory_mb=1024)
-        try:
-            hpc.start()
-            yield AgentBoot(gw, hpc, server, tokens, trust_root, agent_image)
-        finally:
-            hpc.stop()
-            server.close()
-            _stop(gw.proc)
-            trust_root.close()
+    try:
+        with LabLink(tag=f"a{tag}") as lab:
+            link = ClusterLink(lab.gw_ns, apiserver_port(stack))
+            server = None
+            gw = None
+            hpc = QemuHpc(lab, workdir / "serial.log", memory_mb=1024)
+            try:
+                with in_netns(lab.gw_ns):
+                    server = AttestationServer(trust_root, node, tokens, host=GW_IP, port=AGENT_PORT)
+                # The publisher's threads start from the server's (gateway-namespace) threads, so they reach
+                # the API server the way the Pi's gateway does: through the cluster link.
+                publisher = EnrolmentPublisher(server, node, KubeHPCNodes(str(kubeconfig)), wait_s=120)
+                server.on_session = publisher.on_session
+                gw = _start_gateway(lab, root, workdir / "approved.json", state, extra=[
+                    "--mac", f"{HPC_MAC}={token}@{node}", "--agent-endpoint", f"{GW_IP}:{AGENT_PORT}",
+                    "--gateway-address", trust_root.address, "--report-node", node, "--kubeconfig", str(kubeconfig),
+                ])
+                hpc.start()
+                yield AgentBoot(gw, hpc, server, tokens, trust_root, agent_image, node, join_cluster, objects,
+                                publisher, join_operator)
+            finally:
+                hpc.stop()
+                if server is not None:
+                    server.close()
+                if gw is not None:
+                    _stop(gw.proc)
+                link.close()
+    finally:
+        trust_root.close()
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

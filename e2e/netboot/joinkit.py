@@ -1,0 +1,108 @@
+"""The cluster side of the PXE join (issue 6 item 5): the HPCNode of a netbooted HPC becomes `Enrolled`.
+
+The PXE rig (pxekit) boots qemu from the gateway namespace; this module adds what the cluster needs to
+judge that boot: our CRDs on the stack's real API server, a Gateway (the trust root's address and key),
+an Approved BootImage (the built image's files and boot digest), the HPCNode for the qemu NIC's MAC,
+the operator as a real process, and the gateway namespace's cluster link (127.0.0.1:<apiserver port>
+inside it, forwarded to the host), through which the in-process gateway publishes its enrolment evidence
+and `netboot serve --report-node` posts its refusals as events.
+
+    host: kube-apiserver <-- ClusterLink <-- gateway netns: AttestationServer + EnrolmentPublisher,
+          operator process                                  netboot serve (dnsmasq, TFTP, HTTP)
+                                                               | veth / bridge / tap
+                                                            qemu HPC (iPXE -> kernel -> agent)
+
+The enrolment e2e's helpers (e2e/enrol/enrolkit.py) are reused, not copied: its folder is put on
+sys.path here because pytest only adds it when that folder's conftest is collected too.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+_ENROL = str(Path(__file__).resolve().parents[1] / "enrol")
+if _ENROL not in sys.path:
+    sys.path.append(_ENROL)
+
+from enrolkit import OPERATOR_NS, Cluster, ClusterLink, Proc, start_operator, wait_for  # noqa: E402
+from trustcap.netboot.image.builder import INITRD_FILE, KERNEL_FILE, SCRIPT_FILE, BuiltImage  # noqa: E402
+from trustcap.netboot.lab import HPC_MAC  # noqa: E402
+
+__all__ = ["ClusterLink", "JoinObjects", "apiserver_port", "create_join_objects", "join_cluster", "join_crds",
+           "join_operator", "wait_for"]
+
+CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+
+
+@pytest.fixture(scope="session")
+def join_crds(kubectl: Any) -> None:
+    """The CRDs the join needs, and the operator's namespace (kopf watches nothing while its namespace
+    filter matches none); the same objects e2e/enrol applies, so either suite may run first."""
+    files = [str(CRD_DIR / f) for f in ("hpcnode.yaml", "gateway.yaml", "bootimage.yaml")]
+    kubectl("apply", *(a for f in files for a in ("-f", f)))
+    kubectl("wait", "--for=condition=Established", "crd/hpcnodes.trustcap.io", "crd/gateways.trustcap.io",
+            "crd/bootimages.trustcap.io", "--timeout=60s", timeout=90)
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}))
+
+
+@pytest.fixture
+def join_cluster(k8s_api: Any, join_crds: None) -> Iterator[Cluster]:
+    from kubernetes import client
+
+    tracker = Cluster(client.CustomObjectsApi(k8s_api), client.CoreV1Api(k8s_api))
+    try:
+        yield tracker
+    finally:
+        tracker.cleanup()
+
+
+@pytest.fixture(scope="module")
+def join_operator(kube_env: dict[str, str], join_crds: None,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """`python -m trustcap.operator` as a real process (chain-writer off: not under test here)."""
+    env = dict(kube_env)
+    env.pop("PYTHONPATH", None)  # never let the repo root shadow the stdlib `operator` module
+    env.pop("TRUSTCAP_CHAIN_DEPLOYMENT", None)
+    op = start_operator(env, tmp_path_factory.mktemp("nb-operator") / "operator.log")
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+def apiserver_port(stack: dict[str, Any]) -> int:
+    return int(str(stack["apiserver"]).rsplit(":", 1)[1])
+
+
+@dataclass
+class JoinObjects:
+    node: str
+    gateway: str
+    boot_image: str
+    approved: str  # the BootImage's status.imageDigest, sha256:<hex>
+
+
+def create_join_objects(cluster: Cluster, tag: str, image: BuiltImage, address: str, signing_key: bytes) -> JoinObjects:
+    """Gateway, Approved BootImage and HPCNode for one boot, all removed by the cluster fixture."""
+    gw, bi, node = f"gw-nb-{tag}", f"bi-nb-{tag}", f"hpc-nb-{tag}"
+    cluster.create("gateways", {"apiVersion": "trustcap.io/v1alpha1", "kind": "Gateway", "metadata": {"name": gw},
+                                "spec": {"address": address, "signingKey": "0x" + signing_key.hex(),
+                                         "vrfKey": "0x02" + "00" * 32, "trustRoot": "software",
+                                         "endpoint": "gw.local:7443"}})
+    files = {"kernel": KERNEL_FILE, "initrd": INITRD_FILE, "ipxeScript": SCRIPT_FILE}
+    spec = {part: {"path": name, "digest": image.digests[name]} for part, name in files.items()}
+    cluster.create("bootimages", {"apiVersion": "trustcap.io/v1alpha1", "kind": "BootImage",
+                                  "metadata": {"name": bi}, "spec": {"version": "e2e", **spec}})
+    cluster.patch_status("bootimages", bi, {"phase": "Approved", "approvedOnChain": True,
+                                            "imageDigest": image.bootdigest})
+    cluster.create("hpcnodes", {"apiVersion": "trustcap.io/v1alpha1", "kind": "HPCNode", "metadata": {"name": node},
+                                "spec": {"gateway": gw, "mac": HPC_MAC, "bootImage": bi}})
+    return JoinObjects(node, gw, bi, image.bootdigest)
