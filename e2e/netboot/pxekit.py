@@ -121,7 +121,12 @@ def boot(pxe_rig: tuple[LabLink, Path], workdir: Path) -> Iterator[tuple[Gateway
 def tampered(pxe_rig: tuple[LabLink, Path]) -> Path:
     """Flip one byte of the approved initrd after approval (the manifest keeps the approved digest)."""
     _, root = pxe_rig
-    p = root / INITRD_FILE
+    return tamper_initrd(root)
+
+
+def tamper_initrd(root: Path) -> Path:
+    """Flip one byte in the middle of the initrd under `root`: the bytes no longer match the approval."""
+    p: Path = root / INITRD_FILE
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
@@ -229,10 +234,7 @@ def agent_boot(request: pytest.FixtureRequest, agent_image: BuiltImage, workdir:
     objects = create_join_objects(join_cluster, tag, agent_image, trust_root.address, trust_root.public_key())
     node = objects.node
     if tamper:
-        p = root / INITRD_FILE
-        data = bytearray(p.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        p.write_bytes(bytes(data))
+        tamper_initrd(root)
     tokens = TokenBook(["0x" + agent_image.bootdigest.split(":", 1)[1]])
     token = tokens.issue(node)
     state = workdir / "state"
