@@ -76,6 +76,10 @@ def _demo(args: argparse.Namespace) -> int:
             bar.stop_task(step)
 
             step = bar.add_task(f"submitting capsule {namespace}/{name}", total=None)
+            # A capsule left by an earlier run is removed first (the operator releases its finalizer), so
+            # every demo shows the operator picking up a fresh object.
+            _kubectl(stack, "delete", "-f", "-", "--ignore-not-found", "--wait=true", "--timeout=60s",
+                     input=manifest)
             _kubectl(stack, "apply", "-f", "-", input=manifest)
             deadline = time.monotonic() + args.timeout
             phase = ""
