@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from trustcap.errors import TrustcapError
@@ -62,15 +63,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--journal-backups", type=int, default=5, help="rotated journal files kept (journal.1 ... .N)")
     p.add_argument("--kubeconfig", default=None,
                    help="publish each enrolment into the node's HPCNode status through this kubeconfig "
-                        "('in-cluster' for a service account; default: no Kubernetes)")
+                        "('in-cluster' for a service account; default: no Kubernetes); with it, a check whose "
+                        "policy action is quarantine also puts the HPCNode in Quarantined")
+    p.add_argument("--reboot-command", default=None,
+                   help="command that power-cycles this HPC (GPIO relay, IPMI, Wake-on-LAN), run when a check's "
+                        "policy action is reboot, with TRUSTCAP_NODE and TRUSTCAP_REASON set")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from trustcap.gateway.actions import QuarantineReporter, RebootCommand
     from trustcap.gateway.enrol import TokenBook
-    from trustcap.gateway.monitor import JournalSink, Monitor
+    from trustcap.gateway.monitor import CheckRecord, JournalSink, Monitor
     from trustcap.gateway.policy import load_gateway_policy
     from trustcap.gateway.relay import RelayService
     from trustcap.gateway.server import AttestationServer
@@ -88,16 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         tokens = TokenBook(args.boot_digest)
         server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
                                    rekey_after=args.rekey_after, rekey_seconds=args.rekey_seconds)
+        on_action: dict[str, Callable[[CheckRecord], None]] = {}
         if args.kubeconfig:
             from trustcap.gateway.publish import EnrolmentPublisher, KubeHPCNodes
 
             store = KubeHPCNodes(None if args.kubeconfig == "in-cluster" else args.kubeconfig)
             server.on_session = EnrolmentPublisher(server, args.node, store).on_session
+            on_action["quarantine"] = QuarantineReporter(args.node, store)
+        if args.reboot_command:
+            on_action["reboot"] = RebootCommand(args.node, args.reboot_command)
         token = tokens.issue(args.node)
         fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        monitor = Monitor(server, policy, sinks=sinks)
+        monitor = Monitor(server, policy, sinks=sinks, on_action=on_action)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
         relay = RelayService(server, records=lambda: list(monitor.records), max_age_s=max_age,
                              host=args.relay[0], port=args.relay[1])

@@ -86,21 +86,24 @@ def _challenged(cluster: Cluster, node: str) -> dict[str, Any]:
     return obj
 
 
-def _policy(tmp_path: Path, node: str) -> Path:
+def _policy(tmp_path: Path, node: str, actions: dict[str, str] | None = None) -> Path:
     path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump({
+    doc: dict[str, Any] = {
         "apiVersion": "trustcap.io/v1alpha1", "kind": "GatewayPolicy",
         "monitor": {"meanIntervalSeconds": 2, "minIntervalSeconds": 0.5, "maxQuoteAgeSeconds": 30},
         "attestation": {"node": node, "bootImages": ["0x" + APPROVED_HEX], "allowUnlistedMeasurements": True},
-    }))
+    }
+    if actions:
+        doc["actions"] = actions
+    path.write_text(yaml.safe_dump(doc))
     return path
 
 
 def _boot(lab: Lab, w: World, tmp_path: Path, env: dict[str, str], kubeconfig: Path, *, serves: list[str],
-          boots: str) -> tuple[Proc, Proc]:
+          boots: str, actions: dict[str, str] | None = None) -> tuple[Proc, Proc]:
     token_file = tmp_path / "token"
     gw = start_gateway(lab, env=env, home=w.root_home, kek=w.kek, node=w.node,
-                       boot_digests=[f"sha256:{h}" for h in serves], policy=_policy(tmp_path, w.node),
+                       boot_digests=[f"sha256:{h}" for h in serves], policy=_policy(tmp_path, w.node, actions),
                        token_file=token_file, kubeconfig=kubeconfig, log=tmp_path / "gateway.log")
     agent = start_agent(lab, env=env, gateway_address=w.gateway_address, token=token_file.read_text().strip(),
                         node=w.node, boot_hex=boots, log=tmp_path / "agent.log")
@@ -135,6 +138,31 @@ def test_approved_image_enrols_and_the_operator_verifies_it(
         assert (ready["status"], ready["reason"]) == ("False", "Enrolled")
         assert st["enrolmentChallenge"]["nonce"] != "0x" + _signed_nonce(st)  # the answered nonce is spent
         assert "published enrolment of node" in gw.text()
+    finally:
+        agent.stop()
+        assert gw.stop() == 0, gw.text()
+
+
+def test_a_failed_monitor_check_quarantines_the_node_naming_the_claim(
+        lab: tuple[Lab, ClusterLink], cluster: Cluster, operator_proc: Proc, child_env: dict[str, str],
+        kubeconfig: Path, tmp_path: Path) -> None:
+    """Seed Task 5: on a failed check the gateway can quarantine its HPC. Here the policy maps a silent
+    agent to quarantine; killing the enrolled agent puts the HPCNode in Quarantined, naming the claim."""
+    w = _world(cluster, tmp_path)
+    _challenged(cluster, w.node)
+    gw, agent = _boot(lab[0], w, tmp_path, child_env, kubeconfig, serves=[APPROVED_HEX], boots=APPROVED_HEX,
+                      actions={"unreachable": "quarantine"})
+    try:
+        wait_for("the HPCNode to become Enrolled", lambda: _phase(cluster, w.node, "Enrolled"), timeout=90)
+        assert _phase(cluster, w.node, "Quarantined") is None  # positive control: a healthy node is not
+        agent.stop()
+        obj = wait_for("the gateway's monitor to quarantine the node",
+                       lambda: _phase(cluster, w.node, "Quarantined"), timeout=60)
+        reason = obj["status"]["quarantineReason"]
+        assert reason.startswith("gateway monitor: ") and "agent.unreachable" in reason, reason
+        assert f"HPCNode {w.node} quarantined" in gw.text(), gw.text()[-2000:]
+        time.sleep(3)  # quarantine is sticky: the operator never moves the node back by itself
+        assert _phase(cluster, w.node, "Quarantined") is not None
     finally:
         agent.stop()
         assert gw.stop() == 0, gw.text()

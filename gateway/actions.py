@@ -1,0 +1,94 @@
+"""What the gateway's monitor does beyond stopping the run: quarantine the node, reboot the HPC.
+
+The monitor decides an action per failed check from the policy (`report | stop | reboot | quarantine`);
+`stop` reaches the agent over the channel, and `reboot` and `quarantine` stop the run first as well. The
+two hooks here take the rest of the way:
+
+    Monitor check fails ──► action "quarantine" ──► QuarantineReporter ──► HPCNode status
+                                                     phase Quarantined, quarantineReason = every failed
+                                                     claim (sticky: only a person clears it)
+                         ──► action "reboot" ─────► RebootCommand ──► the deployment's power-cycle
+                                                     command (GPIO relay, IPMI, Wake-on-LAN; in the lab a
+                                                     qemu reset), with TRUSTCAP_NODE and TRUSTCAP_REASON
+
+A hook that fails is recorded in the check record (`extra`) and logged; it never stops the monitoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from typing import Any, Protocol
+
+from trustcap.gateway.monitor import CheckRecord
+
+from trustcap.errors import ConfigError
+
+__all__ = ["QuarantineReporter", "RebootCommand", "failed_claims"]
+
+log = logging.getLogger("trustcap.gateway")
+_REASON_MAX = 1024  # crds/hpcnode.yaml: status.quarantineReason maxLength
+
+
+class StatusStore(Protocol):
+    def patch_status(self, name: str, body: dict[str, Any]) -> None: ...
+
+
+def failed_claims(rec: CheckRecord, limit: int = _REASON_MAX) -> str:
+    """Every failed claim of a check, `id: message; ...`, cut to fit the CRD's bound."""
+    text = "; ".join(f"{f.get('id', '?')}: {f.get('message', '')}" for f in rec.failed) or "check failed"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class QuarantineReporter:
+    """Monitor hook for `quarantine`: the node's HPCNode goes to Quarantined, naming every failed claim."""
+
+    def __init__(self, node: str, store: StatusStore) -> None:
+        self.node = node
+        self.store = store
+
+    def __call__(self, rec: CheckRecord) -> None:
+        reason = failed_claims(rec, _REASON_MAX - len("gateway monitor: "))
+        body = {"status": {"phase": "Quarantined", "quarantineReason": f"gateway monitor: {reason}"}}
+        try:
+            self.store.patch_status(self.node, body)
+        except Exception as exc:  # the API being down must not stop monitoring; the record says it
+            rec.extra["quarantine_error"] = str(exc)
+            log.error("could not quarantine HPCNode %s: %s", self.node, exc)
+            return
+        rec.extra["quarantined"] = True
+        log.warning("HPCNode %s quarantined: %s", self.node, reason)
+
+
+class RebootCommand:
+    """Monitor hook for `reboot`: run the deployment's power-cycle command for this HPC.
+
+    The HPC then PXE-boots a fresh approved image from this gateway and must enrol again with a new
+    one-time token: the strongest clean (DESIGN.md, verified wipe). The command is the deployment's
+    (a relay on the Pi's GPIO, IPMI, Wake-on-LAN); it gets TRUSTCAP_NODE and TRUSTCAP_REASON.
+    """
+
+    def __init__(self, node: str, command: str, *, timeout_s: float = 120.0) -> None:
+        self.node = node
+        self.argv = shlex.split(command)
+        if not self.argv:
+            raise ConfigError("--reboot-command is empty: give the command that power-cycles this HPC")
+        self.timeout_s = timeout_s
+
+    def __call__(self, rec: CheckRecord) -> None:
+        env = dict(os.environ, TRUSTCAP_NODE=self.node, TRUSTCAP_REASON=failed_claims(rec))
+        try:
+            proc = subprocess.run(self.argv, env=env, capture_output=True, text=True, timeout=self.timeout_s,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            rec.extra["reboot_error"] = str(exc)
+            log.error("reboot command for %s failed: %s", self.node, exc)
+            return
+        if proc.returncode != 0:
+            rec.extra["reboot_error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            log.error("reboot command for %s exited %s: %s", self.node, proc.returncode, proc.stderr.strip()[-300:])
+            return
+        rec.extra["rebooted"] = True
+        log.warning("HPC %s power-cycled by %s", self.node, self.argv[0])
