@@ -16,21 +16,18 @@ even when a test fails.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from netlab import Lab, in_netns, need_root, veth_lab
 from trustcap.gateway.enrol import TokenBook
 from trustcap.gateway.server import AttestationServer
 
@@ -40,73 +37,15 @@ GW_IP, HPC_IP = "169.254.77.1", "169.254.77.2"
 NODE = "hpc-e2e"
 BOOT_HEX = "5e" * 32
 BOOT = "0x" + BOOT_HEX
-_CLONE_NEWNET = 0x40000000
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("attestation e2e needs root (network, pid and mount namespaces); run it as root in CI")
-    for tool in ("ip", "unshare"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"attestation e2e needs {tool!r} (iproute2 / util-linux)")
-
-
-def _run(*cmd: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the block with the calling thread in network namespace `name` (sockets made here stay there)."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
-        try:
-            yield
-        finally:
-            if _libc.setns(back, _CLONE_NEWNET) != 0:  # pragma: no cover - would leave the thread stranded
-                raise OSError(ctypes.get_errno(), "setns back to the test's namespace failed")
-    finally:
-        os.close(target)
-        os.close(back)
-
-
-@dataclass
-class Lab:
-    gw: str
-    hpc: str
-
-    def exec_in_hpc(self, *cmd: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", self.hpc, *cmd], **kw)
 
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    _need_root()
-    tag = uuid.uuid4().hex[:6]
-    lab = Lab(gw=f"tcgw{tag}", hpc=f"tchpc{tag}")
-    vg, vh = f"tcg{tag}", f"tch{tag}"
-    try:
-        _run("ip", "netns", "add", lab.gw)
-        _run("ip", "netns", "add", lab.hpc)
-        _run("ip", "link", "add", vg, "netns", lab.gw, "type", "veth", "peer", "name", vh, "netns", lab.hpc)
-        _run("ip", "-n", lab.gw, "addr", "add", f"{GW_IP}/30", "dev", vg)
-        _run("ip", "-n", lab.hpc, "addr", "add", f"{HPC_IP}/30", "dev", vh)
-        for ns, dev in ((lab.gw, vg), (lab.hpc, vh)):
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "link", "set", dev, "up")
-        yield lab
-    finally:
-        for ns in (lab.hpc, lab.gw):  # deleting a namespace removes its veth end and the peer with it
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
-
+    need_root("attestation e2e")
+    with veth_lab("tc", GW_IP, HPC_IP) as made:
+        yield made
 
 @pytest.fixture
 def trust_root(tmp_path: Path) -> Iterator[SoftwareTrustRoot]:

@@ -16,90 +16,34 @@ removed at teardown, even when a test fails; no address outside this machine is 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from netlab import Lab, in_netns, need_root, veth_lab
 
 GW_IP, HPC_IP = "169.254.78.1", "169.254.78.2"
 AGENT_PORT = 7790
 RELAY = "127.0.0.1:7791"  # the relay on the gateway namespace's own loopback (unused by these tests)
 GROUP, VERSION = "trustcap.io", "v1alpha1"
 OPERATOR_NS = "trustcap-e2e-enrol"  # the operator's namespace filter; HPCNode & co. are cluster-scoped
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("enrolment e2e needs root (network, pid and mount namespaces); run it as root in CI")
-    for tool in ("ip", "unshare"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"enrolment e2e needs {tool!r} (iproute2 / util-linux)")
 
-
-def _run(*cmd: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the block with the calling thread in network namespace `name` (sockets made here stay there)."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
-        try:
-            yield
-        finally:
-            if _libc.setns(back, _CLONE_NEWNET) != 0:  # pragma: no cover - would strand the thread
-                raise OSError(ctypes.get_errno(), "setns back to the test's namespace failed")
-    finally:
-        os.close(target)
-        os.close(back)
-
-
-@dataclass
-class Lab:
-    gw: str
-    hpc: str
 
 
 @contextlib.contextmanager
 def make_lab() -> Iterator[Lab]:
-    need_root()
-    tag = uuid.uuid4().hex[:6]
-    lab = Lab(gw=f"tcegw{tag}", hpc=f"tcehpc{tag}")
-    vg, vh = f"tceg{tag}", f"tceh{tag}"
-    try:
-        _run("ip", "netns", "add", lab.gw)
-        _run("ip", "netns", "add", lab.hpc)
-        _run("ip", "link", "add", vg, "netns", lab.gw, "type", "veth", "peer", "name", vh, "netns", lab.hpc)
-        _run("ip", "-n", lab.gw, "addr", "add", f"{GW_IP}/30", "dev", vg)
-        _run("ip", "-n", lab.hpc, "addr", "add", f"{HPC_IP}/30", "dev", vh)
-        for ns, dev in ((lab.gw, vg), (lab.hpc, vh)):
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "link", "set", dev, "up")
+    need_root("enrolment e2e")
+    with veth_lab("tce", GW_IP, HPC_IP) as lab:
         yield lab
-    finally:
-        for ns in (lab.hpc, lab.gw):  # deleting a namespace removes its veth end and the peer with it
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
-
 
 class ClusterLink:
     """A TCP forwarder: 127.0.0.1:port inside the gateway namespace -> 127.0.0.1:port on the host.
