@@ -198,9 +198,12 @@ class ChainClient:
         """The BatchRecorded event of `batch_id` (tx hash, block), or None when the canonical chain has no
         such batch. The contract keeps each batch's block number, so only that block's logs are read."""
         log_c = self.contract("AttestationLog", d.log)
-        rec = call("read batchOfRoot", log_c.functions.batchOfRoot(root).call)
+        # State and logs are read at one pinned head: read at "latest" while a reorg rewinds the chain,
+        # the state could name a block the node no longer has (BlockOutOfRangeError from eth_getLogs).
+        head = self.block_number()
+        rec = call("read batchOfRoot", lambda: log_c.functions.batchOfRoot(root).call(block_identifier=head))
         block = int(rec[2])
-        if block == 0 or bytes(rec[3]) != batch_id:
+        if block == 0 or block > head or bytes(rec[3]) != batch_id:
             return None
         ev = log_c.events.BatchRecorded
 
