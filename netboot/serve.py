@@ -38,7 +38,11 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dhcp-interface", help="run dnsmasq DHCP on this link interface")
     s.add_argument("--dhcp-range", help="START,END addresses for HPC leases")
     s.add_argument("--mac", action="append", default=[], metavar="MAC=TOKEN[@NODE]",
-                   help="serve only this HPC, with its one-time enrolment token and HPCNode name")
+                   help="serve only this HPC, with its one-time enrolment token and HPCNode name; with "
+                        "--token-file give MAC[@NODE] and the token comes from that file")
+    s.add_argument("--token-file", type=Path,
+                   help="the gateway's token file (its --token-file): serve the one --mac only while it holds "
+                        "a token armed for the next boot, and hand out that token")
     s.add_argument("--agent-endpoint", default="", help="HOST:PORT of the attestation server (default BIND:7443)")
     s.add_argument("--gateway-address", default="", help="0x... address of this gateway's trust root")
     s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
@@ -83,15 +87,25 @@ def build_config(args: argparse.Namespace) -> tuple[NetbootConfig, ApprovalSourc
     else:
         approval = pin_directory(root)
     dhcp = None
+    if args.token_file and not args.dhcp_interface:
+        raise ConfigError("--token-file needs --dhcp-interface: the token reaches the HPC by DHCP")
     if args.dhcp_interface:
         if not args.dhcp_range or args.dhcp_range.count(",") != 1:
             raise ConfigError("--dhcp-range: START,END is required with --dhcp-interface")
         macs, nodes = {}, {}
+        if args.token_file and len(args.mac) != 1:
+            raise ConfigError("--token-file: give exactly one --mac MAC[@NODE] (a gateway boots one HPC)")
         for item in args.mac:
-            mac, sep, rest = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--mac: {item!r} must be MAC=TOKEN[@NODE]")
-            token, _, node = rest.partition("@")
+            if args.token_file:
+                if "=" in item:
+                    raise ConfigError(f"--mac: {item!r}: with --token-file give MAC[@NODE], no token")
+                mac, _, node = item.partition("@")
+                token = "armed-from-token-file"  # noqa: S105 -- placeholder until the file is read, never served
+            else:
+                mac, sep, rest = item.partition("=")
+                if not sep:
+                    raise ConfigError(f"--mac: {item!r} must be MAC=TOKEN[@NODE]")
+                token, _, node = rest.partition("@")
             macs[mac.lower()] = token
             if node:
                 nodes[mac.lower()] = node
@@ -112,6 +126,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.wait_link:
         _wait_for_address(args.bind, args.wait_link)
     services = NetbootServices(cfg, approval)
+    watch = None
+    if args.token_file:
+        from trustcap.netboot.tokens import TokenFileWatch
+
+        assert cfg.dhcp is not None
+        watch = TokenFileWatch(args.token_file, next(iter(cfg.dhcp.macs)), services)
     if args.events:
         events: Path = args.events
 
@@ -131,6 +151,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # Loopback only: the metrics are for the Pi's own Prometheus, never for the HPC link.
         start_http_server(_port(args.metrics_port, "--metrics-port"), addr="127.0.0.1")
     services.start()
+    if watch is not None:
+        watch.start()
     assert services.tftp and services.http
     print(json.dumps({"tftp_port": services.tftp.port, "http_port": services.http.port, "bind": args.bind}),
           flush=True)
@@ -139,6 +161,8 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: done.set())
     while not done.is_set() and not services.stopped.is_set():
         done.wait(0.5)
+    if watch is not None:
+        watch.stop()
     services.stop()
     log.info("boot services stopped")
     return 0

@@ -46,8 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not args.dhcp_interface or not args.dhcp_range:
         raise ConfigError("--container: --dhcp-interface and --dhcp-range are required (the link it owns)")
-    if args.bootimages or args.state_dir or args.wait_link:
-        raise ConfigError("--container: --bootimages, --state-dir and --wait-link are not available in a container")
+    if args.bootimages or args.state_dir or args.wait_link or args.token_file:
+        raise ConfigError("--container: --bootimages, --state-dir, --wait-link and --token-file are not available in "
+                          "a container (it serves one boot and exits; give the token with --mac MAC=TOKEN@NODE)")
     if not args.root.is_dir():
         raise ConfigError(f"--root: {args.root} is not a directory")
     passthrough = ["--bind", args.bind, "--tftp-port", str(args.tftp_port), "--http-port", str(args.http_port),
