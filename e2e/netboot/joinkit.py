@@ -12,70 +12,53 @@ and `netboot serve --report-node` posts its refusals as events.
                                                                | veth / bridge / tap
                                                             qemu HPC (iPXE -> kernel -> agent)
 
-The enrolment e2e's helpers (e2e/enrol/enrolkit.py) are reused, not copied: its folder is put on
-sys.path here because pytest only adds it when that folder's conftest is collected too.
+The cluster side (CRDs, object tracker, operator process, ClusterLink) is e2e/clusterkit.py, shared with
+the enrolment e2e; the fixtures here are thin wrappers that keep this suite's names.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-
-_ENROL = str(Path(__file__).resolve().parents[1] / "enrol")
-if _ENROL not in sys.path:
-    sys.path.append(_ENROL)
-
-from enrolkit import OPERATOR_NS, Cluster, ClusterLink, Proc, start_operator, wait_for  # noqa: E402
-from trustcap.netboot.image.builder import INITRD_FILE, KERNEL_FILE, SCRIPT_FILE, BuiltImage  # noqa: E402
-from trustcap.netboot.lab import HPC_MAC  # noqa: E402
+from clusterkit import (
+    Cluster,
+    ClusterLink,
+    Proc,
+    apply_node_crds,
+    operator_env,
+    running_operator,
+    tracked_cluster,
+    wait_for,
+)
+from trustcap.netboot.image.builder import INITRD_FILE, KERNEL_FILE, SCRIPT_FILE, BuiltImage
+from trustcap.netboot.lab import HPC_MAC
 
 __all__ = ["ClusterLink", "JoinObjects", "apiserver_port", "create_join_objects", "join_cluster", "join_crds",
            "join_operator", "wait_for"]
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
-
 
 @pytest.fixture(scope="session")
 def join_crds(kubectl: Any) -> None:
-    """The CRDs the join needs, and the operator's namespace (kopf watches nothing while its namespace
-    filter matches none); the same objects e2e/enrol applies, so either suite may run first."""
-    files = [str(CRD_DIR / f) for f in ("hpcnode.yaml", "gateway.yaml", "bootimage.yaml")]
-    kubectl("apply", *(a for f in files for a in ("-f", f)))
-    kubectl("wait", "--for=condition=Established", "crd/hpcnodes.trustcap.io", "crd/gateways.trustcap.io",
-            "crd/bootimages.trustcap.io", "--timeout=60s", timeout=90)
-    kubectl("apply", "-f", "-", input=yaml.safe_dump(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}))
+    """The CRDs the join needs, and the operator's namespace; the same objects e2e/enrol applies, so
+    either suite may run first."""
+    apply_node_crds(kubectl)
 
 
 @pytest.fixture
 def join_cluster(k8s_api: Any, join_crds: None) -> Iterator[Cluster]:
-    from kubernetes import client
-
-    tracker = Cluster(client.CustomObjectsApi(k8s_api), client.CoreV1Api(k8s_api))
-    try:
+    with tracked_cluster(k8s_api) as tracker:
         yield tracker
-    finally:
-        tracker.cleanup()
 
 
 @pytest.fixture(scope="module")
 def join_operator(kube_env: dict[str, str], join_crds: None,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     """`python -m trustcap.operator` as a real process (chain-writer off: not under test here)."""
-    env = dict(kube_env)
-    env.pop("PYTHONPATH", None)  # never let the repo root shadow the stdlib `operator` module
-    env.pop("TRUSTCAP_CHAIN_DEPLOYMENT", None)
-    op = start_operator(env, tmp_path_factory.mktemp("nb-operator") / "operator.log")
-    try:
+    with running_operator(operator_env(kube_env), tmp_path_factory.mktemp("nb-operator") / "operator.log") as op:
         yield op
-    finally:
-        op.stop()
 
 
 def apiserver_port(stack: dict[str, Any]) -> int:
