@@ -7,8 +7,8 @@ from `cryptography` (OpenSSL); quote sign (agent + gateway) and appraisal agains
 verify from `cryptography`; a 1024-verdict Merkle batch against the raw keccak calls it needs. Only
 ratios are meaningful (both sides ran on this machine, now); nothing here is asserted.
 
-The quote signers are software secp256k1 keys (eth_keys), standing in for the trust root, whose
-Zymkey backend signs in hardware at a very different speed.
+The quote signers are software secp256k1 keys (trustcap.chain.keys.KeySigner, on eth_keys), standing in
+for the trust root, whose Zymkey backend signs in hardware at a very different speed.
 """
 
 from __future__ import annotations
@@ -21,32 +21,13 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from eth_keys import keys  # type: ignore[attr-defined]
 from eth_utils.crypto import keccak
 from rich.console import Console
 from rich.table import Table
 
 from trustcap import merkle, vrf
+from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry, appraise_quote, new_quote, sign_quote
-
-SECP_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-
-
-class _SoftwareSigner:
-    def __init__(self, seed: bytes) -> None:
-        self._key = keys.PrivateKey(hashlib.sha256(seed).digest())
-
-    @property
-    def address(self) -> str:
-        return str(self._key.public_key.to_checksum_address())
-
-    def public_key(self) -> bytes:
-        return bytes(self._key.public_key.to_compressed_bytes())
-
-    def sign_digest(self, digest32: bytes) -> bytes:
-        sig = self._key.sign_msg_hash(digest32)
-        s, v = (sig.s, sig.v) if sig.s <= SECP_N // 2 else (SECP_N - sig.s, 1 - sig.v)
-        return sig.r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])
 
 
 def per_op(fn: Callable[[], object], n: int, repeats: int = 5) -> float:
@@ -84,7 +65,7 @@ def main() -> int:
     sk = hashlib.sha256(b"bench-vrf").digest()
     pk = vrf.public_key(sk)
     pi = vrf.prove(sk, b"capsule")
-    agent, gateway = _SoftwareSigner(b"agent"), _SoftwareSigner(b"gateway")
+    agent, gateway = (KeySigner(hashlib.sha256(seed).digest()) for seed in (b"agent", b"gateway"))
     nonce = b"\x01" * 32
     quote = new_quote(
         nonce=nonce, issued_at=1000, node_id="hpc-1", gateway=gateway.address, agent_key=agent.public_key(),

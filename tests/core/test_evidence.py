@@ -10,10 +10,10 @@ import pytest
 from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
-from eth_keys import keys  # type: ignore[attr-defined]
 from eth_utils.crypto import keccak
 
 from trustcap import canonical
+from trustcap.chain.keys import KeySigner
 from trustcap.evidence import (
     Domain,
     EvidenceFormatError,
@@ -55,25 +55,10 @@ from trustcap.evidence.signing import Signer
 SECP_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
-class KeySigner:
-    """A software Signer for tests: the shared interface over an in-memory secp256k1 key."""
-
-    def __init__(self, seed: bytes) -> None:
-        self._key = keys.PrivateKey(hashlib.sha256(seed).digest())
-
-    @property
-    def address(self) -> str:
-        return str(self._key.public_key.to_checksum_address())
-
-    def public_key(self) -> bytes:
-        return bytes(self._key.public_key.to_compressed_bytes())
-
-    def sign_digest(self, digest32: bytes) -> bytes:
-        sig = self._key.sign_msg_hash(digest32)
-        r, s, v = sig.r, sig.s, sig.v
-        if s > SECP_N // 2:  # low s, as the shared interface promises
-            s, v = SECP_N - s, 1 - v
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])
+def _signer(seed: bytes) -> KeySigner:
+    """A software Signer (the shared interface) over a secp256k1 key derived from `seed`: deterministic,
+    so every run signs with the same keys. The chain's in-memory KeySigner, not a copy of it."""
+    return KeySigner(hashlib.sha256(seed).digest())
 
 
 class Clock:
@@ -84,9 +69,9 @@ class Clock:
         return self.now
 
 
-AGENT = KeySigner(b"agent")
-GATEWAY = KeySigner(b"gateway")
-MALLORY = KeySigner(b"mallory")
+AGENT = _signer(b"agent")
+GATEWAY = _signer(b"gateway")
+MALLORY = _signer(b"mallory")
 BOOT = hashlib.sha256(b"boot-image").digest()
 KERNEL = "0x" + hashlib.sha256(b"vmlinuz").hexdigest()
 CONFIG = "0x" + hashlib.sha256(b"agent.yaml").hexdigest()
@@ -459,7 +444,7 @@ def test_recover_refuses_high_s_and_bad_v() -> None:
 # --- verdicts ----------------------------------------------------------------------------------------------
 
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
-VERIFIER = KeySigner(b"verifier-1")
+VERIFIER = _signer(b"verifier-1")
 
 
 def _verdict(**over: Any) -> Verdict:

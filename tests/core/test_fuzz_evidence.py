@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from eth_keys import keys  # type: ignore[attr-defined]
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trustcap import merkle, vrf
+from trustcap.chain.keys import KeySigner
 from trustcap.errors import TrustcapError
 from trustcap.evidence import (
     Domain,
@@ -38,27 +38,9 @@ from trustcap.evidence import (
 FUZZ = settings(
     max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-SECP_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
-class _Signer:
-    def __init__(self, seed: bytes) -> None:
-        self._key = keys.PrivateKey(hashlib.sha256(seed).digest())
-
-    @property
-    def address(self) -> str:
-        return str(self._key.public_key.to_checksum_address())
-
-    def public_key(self) -> bytes:
-        return bytes(self._key.public_key.to_compressed_bytes())
-
-    def sign_digest(self, digest32: bytes) -> bytes:
-        sig = self._key.sign_msg_hash(digest32)
-        s, v = (sig.s, sig.v) if sig.s <= SECP_N // 2 else (SECP_N - sig.s, 1 - sig.v)
-        return sig.r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v + 27])
-
-
-AGENT, GATEWAY = _Signer(b"fuzz-agent"), _Signer(b"fuzz-gateway")
+AGENT, GATEWAY = (KeySigner(hashlib.sha256(seed).digest()) for seed in (b"fuzz-agent", b"fuzz-gateway"))
 NONCE = b"\x33" * 32
 VALID_QUOTE = encode_signed_quote(
     sign_quote(
