@@ -1,8 +1,12 @@
 """`python3 -m trustcap.gateway`: the Pi's attestation services for its one HPC, wired together.
 
     trust root (--trustroot DIR)  ->  AttestationServer (--listen, the HPC link)  <- agent enrols, answers
-    TokenBook (--boot-digest ...)     one one-time token per start, written to --token-file (0600) for
-                                      netboot to hand to the HPC (DHCP option 224 -> trustcap.token=)
+    TokenBook (--boot-digest ...)     BootArming: one one-time token per boot in --token-file (0600), which
+                                      netboot follows (DHCP serves the HPC only while one is armed, option
+                                      224 -> trustcap.token=); cleared once that boot enrolled
+    Rebooter (--reboot-command)       the `reboot` wipe: revoke the boot key, arm a token, power-cycle, wait
+                                      for a fresh enrolment, sign the proof (journal + HPCNode lastWipe);
+                                      asked by the monitor's `reboot` action or trustcap.io/reboot=<id>
     GatewayPolicy (--policy FILE) ->  Monitor: checks at exponential random times, actions; every record
                                       to --journal (JSON lines, rotated) before memory's bounded window
                                   ->  RelayService (--relay, the cluster side): committee challenges and
@@ -15,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trustcap.errors import TrustcapError
+
+if TYPE_CHECKING:
+    from trustcap.gateway.server import AgentSession
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -51,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT for the agent, on the HPC link")
     p.add_argument("--relay", type=_hostport, required=True, help="HOST:PORT of the relay, on the cluster side")
     p.add_argument("--token-file", type=Path, required=True,
-                   help="where to write this boot's one-time enrolment token (mode 0600)")
+                   help="the one-time enrolment token armed for the HPC's next boot (mode 0600, replaced "
+                        "atomically, empty when no boot is armed); give the same path to netboot serve")
     p.add_argument("--rekey-after", type=int, default=16, help="rotate channel keys every N requests")
     p.add_argument("--rekey-seconds", type=float, default=300.0, help="...or every T seconds")
     p.add_argument("--status-max-age", type=float, default=0.0,
@@ -67,14 +75,30 @@ def parser() -> argparse.ArgumentParser:
                         "policy action is quarantine also puts the HPCNode in Quarantined")
     p.add_argument("--reboot-command", default=None,
                    help="command that power-cycles this HPC (GPIO relay, IPMI, Wake-on-LAN), run when a check's "
-                        "policy action is reboot, with TRUSTCAP_NODE and TRUSTCAP_REASON set")
+                        "policy action is reboot, with TRUSTCAP_NODE and TRUSTCAP_REASON set; the gateway then "
+                        "waits for the fresh boot to enrol and signs a wipe proof")
+    p.add_argument("--boot-timeout", type=float, default=600.0,
+                   help="seconds a rebooted HPC has to enrol again before the reboot counts as failed")
     return p
+
+
+def _fan_out(hooks: list[Callable[[AgentSession], None]]) -> Callable[[AgentSession], None] | None:
+    """One server hook that calls each in turn (each must not block: they start their own threads)."""
+    if not hooks:
+        return None
+
+    def call(session: AgentSession) -> None:
+        for hook in hooks:
+            hook(session)
+
+    return call
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from trustcap.gateway.actions import QuarantineReporter, RebootCommand
+    from trustcap.gateway.boot import BootArming, Rebooter, RebootRequests
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.monitor import CheckRecord, JournalSink, Monitor
     from trustcap.gateway.policy import load_gateway_policy
@@ -95,18 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
                                    rekey_after=args.rekey_after, rekey_seconds=args.rekey_seconds)
         on_action: dict[str, Callable[[CheckRecord], None]] = {}
+        hooks: list[Callable[[AgentSession], None]] = []
+        store = None
         if args.kubeconfig:
             from trustcap.gateway.publish import EnrolmentPublisher, KubeHPCNodes
 
             store = KubeHPCNodes(None if args.kubeconfig == "in-cluster" else args.kubeconfig)
-            server.on_session = EnrolmentPublisher(server, args.node, store).on_session
+            hooks.append(EnrolmentPublisher(server, args.node, store).on_session)
             on_action["quarantine"] = QuarantineReporter(args.node, store)
+        arming = BootArming(tokens, args.node, args.token_file)
+        rebooter = requests = None
         if args.reboot_command:
-            on_action["reboot"] = RebootCommand(args.node, args.reboot_command)
-        token = tokens.issue(args.node)
-        fd = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+            power = RebootCommand(args.node, args.reboot_command)
+            rebooter = Rebooter(server, arming, power.run, root, boot_timeout_s=args.boot_timeout, store=store,
+                                sinks=[sinks[0].write] if sinks else [])
+            hooks.append(rebooter.on_session)
+            on_action["reboot"] = rebooter
+            if store is not None:
+                requests = RebootRequests(rebooter, store)
+        server.on_session = _fan_out(hooks)
+        arming.arm()
         monitor = Monitor(server, policy, sinks=sinks, on_action=on_action)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
         relay = RelayService(server, records=lambda: list(monitor.records), max_age_s=max_age,
@@ -120,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ready agent={server.address[0]}:{server.address[1]} relay={relay.url} gateway={root.address}",
           flush=True)
     monitor.start()
+    arming.start()
+    if requests is not None:
+        requests.start()
     try:
         stop.wait()
     finally:
+        if requests is not None:
+            requests.stop()
+        arming.stop()
         monitor.stop()
         relay.close()
         server.close()

@@ -22,6 +22,7 @@ import shlex
 import subprocess
 from typing import Any, Protocol
 
+from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.monitor import CheckRecord
 
 from trustcap.errors import ConfigError
@@ -77,18 +78,25 @@ class RebootCommand:
             raise ConfigError("--reboot-command is empty: give the command that power-cycles this HPC")
         self.timeout_s = timeout_s
 
-    def __call__(self, rec: CheckRecord) -> None:
-        env = dict(os.environ, TRUSTCAP_NODE=self.node, TRUSTCAP_REASON=failed_claims(rec))
+    def run(self, reason: str) -> None:
+        """Power-cycle now; GatewayError says why the command failed."""
+        env = dict(os.environ, TRUSTCAP_NODE=self.node, TRUSTCAP_REASON=reason)
         try:
             proc = subprocess.run(self.argv, env=env, capture_output=True, text=True, timeout=self.timeout_s,
                                   check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            rec.extra["reboot_error"] = str(exc)
-            log.error("reboot command for %s failed: %s", self.node, exc)
-            return
+            raise GatewayError(f"reboot command {self.argv[0]!r} failed: {exc}") from exc
         if proc.returncode != 0:
-            rec.extra["reboot_error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
-            log.error("reboot command for %s exited %s: %s", self.node, proc.returncode, proc.stderr.strip()[-300:])
+            raise GatewayError(f"reboot command {self.argv[0]!r} failed: exit {proc.returncode}: "
+                               f"{proc.stderr.strip()[-300:]}")
+        log.warning("HPC %s power-cycled by %s", self.node, self.argv[0])
+
+    def __call__(self, rec: CheckRecord) -> None:
+        """Monitor hook without a Rebooter (no token file): power-cycle only; the record says how it went."""
+        try:
+            self.run(failed_claims(rec))
+        except GatewayError as exc:
+            rec.extra["reboot_error"] = str(exc)
+            log.error("%s", exc)
             return
         rec.extra["rebooted"] = True
-        log.warning("HPC %s power-cycled by %s", self.node, self.argv[0])

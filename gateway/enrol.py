@@ -4,6 +4,10 @@ The gateway mints a token per boot and puts it on the kernel command line it ser
 (`trustcap.token=...`, the netboot component). The agent makes its key pair at boot and presents the
 token once, with the boot-image digest; the gateway binds that key to the node and burns the token. A
 second use, an unknown token, an expired one or a boot digest the gateway does not serve is refused.
+
+A node has one boot key at a time: a new enrolment replaces the node's earlier key (that boot is over;
+its key must not reconnect), and `revoke` forgets a node's key and unused tokens at once (the `reboot`
+wipe, gateway/boot.py). `on_enrolled` hooks see every enrolment (BootArming disarms the token file).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class TokenBook:
         self._pending: dict[str, tuple[str, float]] = {}
         self._used: set[str] = set()
         self.enrolled: dict[str, Enrolment] = {}
+        self.on_enrolled: list[Callable[[Enrolment], None]] = []
         self._lock = threading.Lock()
 
     def issue(self, node_id: str) -> str:
@@ -66,8 +71,31 @@ class TokenBook:
             del self._pending[match]
             self._used.add(match)
             e = Enrolment(node_id, agent_key, boot_digest.lower(), self.clock())
+            for key in [k for k, old in self.enrolled.items() if old.node_id == node_id]:
+                del self.enrolled[key]  # the node's earlier boot is over: its key never reconnects
             self.enrolled[agent_key] = e
-            return e
+        for hook in list(self.on_enrolled):
+            hook(e)
+        return e
+
+    def revoke(self, node_id: str) -> tuple[list[str], int]:
+        """Forget the node's enrolled boot key(s) and its unused tokens: (keys revoked, tokens dropped)."""
+        with self._lock:
+            keys = [k for k, e in self.enrolled.items() if e.node_id == node_id]
+            for k in keys:
+                del self.enrolled[k]
+            return keys, self._drop_pending(node_id)
+
+    def drop_pending(self, node_id: str) -> int:
+        """Drop the node's unused tokens (its boot has enrolled: no second enrolment from that boot)."""
+        with self._lock:
+            return self._drop_pending(node_id)
+
+    def _drop_pending(self, node_id: str) -> int:
+        toks = [t for t, (n, _) in self._pending.items() if n == node_id]
+        for t in toks:
+            del self._pending[t]
+        return len(toks)
 
     def lookup(self, agent_key: str, node_id: str) -> Enrolment | None:
         with self._lock:

@@ -89,7 +89,11 @@ class JournalSink:
             raise GatewayError(f"cannot open the monitor journal {self.path}: {exc.strerror}") from exc
 
     def __call__(self, rec: CheckRecord) -> None:
-        line = (json.dumps({"node": self.node_id, **asdict(rec)}, sort_keys=True, separators=(",", ":"))
+        self.write(asdict(rec))
+
+    def write(self, entry: dict[str, Any]) -> None:
+        """Append one JSON line (a check record, a signed reboot proof) durably."""
+        line = (json.dumps({"node": self.node_id, **entry}, sort_keys=True, separators=(",", ":"))
                 + "\n").encode()
         with self._lock:
             size = self.path.stat().st_size if self.path.exists() else 0

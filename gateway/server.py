@@ -311,6 +311,26 @@ class AttestationServer:
             raise GatewayError(f"no agent connected within {timeout:g} s")
         return self.session
 
+    def drop_session(self) -> AgentSession | None:
+        """End the live session (its boot is being thrown away); the dropped session, if any."""
+        with self._session_lock:
+            old, self.session = self.session, None
+            self._connected.clear()
+        if old is not None:
+            old.close()
+        return old
+
+    def wait_for_new_session(self, old_key: str | None, timeout: float, poll_s: float = 0.5) -> AgentSession:
+        """Block until an agent whose key is not `old_key` holds the session (a fresh boot enrolled)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            session = self.session
+            if session is not None and session.enrolment.agent_key != old_key:
+                return session
+            if time.monotonic() >= deadline or self._stop.is_set():
+                raise GatewayError(f"no newly enrolled agent within {timeout:g} s")
+            time.sleep(poll_s)
+
     def challenge(self, nonce: bytes, capsule_state: dict[str, Any] | None = None) -> SignedQuote:
         """Ask the agent for a quote bound to `nonce`; countersign it with the trust root."""
         session = self.wait_for_agent(0)

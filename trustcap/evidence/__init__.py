@@ -47,6 +47,7 @@ from trustcap.evidence.verdict import (
     verdict_id,
     verify_verdict,
 )
+from trustcap.evidence.wipeproof import sign_wipe_proof, verify_wipe_proof, wipe_proof_digest
 
 __all__ = [
     "Domain",
@@ -89,9 +90,12 @@ __all__ = [
     "recover_address",
     "sign_quote",
     "sign_verdict",
+    "sign_wipe_proof",
     "typed_data",
     "verdict_digest",
     "verdict_id",
     "verify_quote",
     "verify_verdict",
+    "verify_wipe_proof",
+    "wipe_proof_digest",
 ]

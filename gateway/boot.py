@@ -1,0 +1,350 @@
+"""The HPC's boots as the gateway runs them: one one-time token per boot, and the `reboot` wipe.
+
+Per-boot tokens (`BootArming`). The gateway arms a token when the HPC is meant to boot (at start, and for
+a reboot) and writes it to the token file that the boot services follow (netboot `--token-file`): DHCP
+answers the HPC only while a token is armed and hands out exactly that one. When the boot enrols, the
+token is burnt and the file cleared, so the HPC is not served again until the gateway means it to boot
+(DESIGN.md: netboot serves a node only while it is meant to boot). An armed token that waits long is
+replaced at half its lifetime; the one it replaces stays valid to the end of its own, so a boot already
+in flight with it still enrols.
+
+The `reboot` wipe (`Rebooter`), the strongest clean (DESIGN.md, verified wipe; HPCNode policy
+`wipe: Reboot`): nothing of a boot survives a power cycle into a fresh image from the gateway, and the
+gateway, not the agent being thrown away, proves it:
+
+    request (monitor action `reboot`, or annotation trustcap.io/reboot=<id> on the HPCNode)
+      | HPCNode phase Wiping, lastWipe{request, state InProgress}
+      | TokenBook.revoke(node): the old boot key can never reconnect; drop the live session
+      | BootArming.arm(): a fresh token -> token file -> netboot DHCP serves the HPC again
+      | power-cycle command (GPIO relay, IPMI, Wake-on-LAN; in the lab a qemu reset)
+      |                                   HPC: PXE -> approved image -> new boot key -> enrols with the token
+      | wait for a session under a new key; quote it on a fresh nonce (the next reboot's baseline too)
+      | proof: before/after keys, approved image, measurements after vs the old boot's first quote
+      v signed by the trust root -> journal line + HPCNode lastWipe (the operator also re-verifies the
+        new enrolment and calls the node Enrolled again)
+
+RAM: a real power cycle clears it; in the qemu lab the reset is a `system_reset`, which does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from trustcap.gateway.actions import failed_claims
+from trustcap.gateway.enrol import Enrolment, TokenBook
+from trustcap.gateway.errors import GatewayError
+from trustcap.gateway.monitor import CheckRecord
+from trustcap.gateway.server import AgentSession, AttestationServer
+
+from trustcap.evidence import Signer, quote_digest, sign_wipe_proof, wipe_proof_digest
+
+__all__ = ["REBOOT_ANNOTATION", "BootArming", "RebootRequests", "Rebooter", "write_private"]
+
+log = logging.getLogger("trustcap.gateway")
+REBOOT_ANNOTATION = "trustcap.io/reboot"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, mode 0600 (a reader never sees half a token)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class BootArming:
+    """The token armed for the HPC's next boot, kept in the token file netboot follows."""
+
+    def __init__(self, tokens: TokenBook, node: str, path: Path, *, refresh_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tokens = tokens
+        self.node = node
+        self.path = path
+        self.refresh_s = refresh_s if refresh_s is not None else tokens.ttl / 2
+        self.clock = clock
+        self.token: str | None = None
+        self.armed_at = 0.0
+        self.armed_count = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        tokens.on_enrolled.append(self._enrolled)
+
+    def arm(self) -> str:
+        """Mint the next boot's token and publish it to the boot services."""
+        with self._lock:
+            self.token = self.tokens.issue(self.node)
+            self.armed_at = self.clock()
+            self.armed_count += 1
+            write_private(self.path, self.token + "\n")
+        log.info("boot of %s armed: one-time token written to %s", self.node, self.path)
+        return self.token
+
+    def disarm(self) -> None:
+        with self._lock:
+            self.token = None
+            self.tokens.drop_pending(self.node)
+            write_private(self.path, "")
+
+    def _enrolled(self, e: Enrolment) -> None:
+        if e.node_id == self.node:
+            self.disarm()
+            log.info("boot of %s enrolled: token burnt, DHCP stops serving it", self.node)
+
+    def refresh_due(self) -> bool:
+        with self._lock:
+            return self.token is not None and self.clock() - self.armed_at >= self.refresh_s
+
+    def start(self, poll_s: float = 5.0) -> BootArming:
+        def loop() -> None:
+            while not self._stop.wait(poll_s):
+                if self.refresh_due():
+                    self.arm()
+
+        self._thread = threading.Thread(target=loop, name="trustcap-boot-arming", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class StatusStore(Protocol):
+    def get(self, name: str) -> dict[str, Any]: ...
+    def patch_status(self, name: str, body: dict[str, Any]) -> None: ...
+
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Rebooter:
+    """Runs the `reboot` wipe for one HPC and signs what it saw (one at a time; see the module doc)."""
+
+    def __init__(self, server: AttestationServer, arming: BootArming, power: Callable[[str], None],
+                 root: Signer, *, boot_timeout_s: float = 600.0, store: StatusStore | None = None,
+                 sinks: list[Callable[[dict[str, Any]], None]] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.server = server
+        self.arming = arming
+        self.tokens = arming.tokens
+        self.node = arming.node
+        self.power = power
+        self.root = root
+        self.boot_timeout_s = boot_timeout_s
+        self.store = store
+        self.sinks = list(sinks or [])
+        self.wall = wall
+        self.proofs: list[dict[str, Any]] = []
+        self._boot_quotes: dict[str, dict[str, Any]] = {}  # agent key -> its boot's first quote (summary)
+        self._quote_lock = threading.Lock()
+        self._busy = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # -- each boot's first quote: the baseline the next reboot is compared with -----------------------------
+    def on_session(self, session: AgentSession) -> None:
+        """Server hook: quote each newly enrolled boot once, off the accept thread."""
+        key = session.enrolment.agent_key
+        if key not in self._boot_quotes:
+            threading.Thread(target=self._boot_quote_quietly, args=(key,), daemon=True,
+                             name="trustcap-boot-quote").start()
+
+    def _boot_quote_quietly(self, key: str) -> None:
+        try:
+            self.boot_quote(key)
+        except GatewayError as exc:
+            log.warning("first quote of boot key %s not taken: %s", key[:12], exc)
+
+    def boot_quote(self, key: str) -> dict[str, Any]:
+        with self._quote_lock:
+            if key in self._boot_quotes:
+                return self._boot_quotes[key]
+            nonce = os.urandom(32)
+            signed = self.server.challenge(nonce)
+            if signed.quote.agent_key != key:
+                raise GatewayError("the connected agent is not the boot being quoted")
+            q = {"agentKey": key, "bootImageDigest": signed.quote.boot_image_digest, "nonce": "0x" + nonce.hex(),
+                 "quoteDigest": "0x" + quote_digest(signed.quote).hex(),
+                 "measurements": dict(signed.quote.measurements)}
+            self._boot_quotes[key] = q
+            return q
+
+    # -- the reboot ------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._busy.locked()
+
+    def request(self, reason: str, request_id: str = "") -> bool:
+        """Start a reboot in the background; False (and nothing done) while one is running."""
+        if not self._busy.acquire(blocking=False):
+            log.info("reboot of %s already in progress; request %r joins it", self.node, request_id or reason)
+            return False
+        self._thread = threading.Thread(target=self._run_locked, args=(reason, request_id), daemon=True,
+                                        name="trustcap-reboot")
+        self._thread.start()
+        return True
+
+    def __call__(self, rec: CheckRecord) -> None:
+        """Monitor hook for the policy action `reboot`."""
+        started = self.request(f"monitor: {failed_claims(rec)}")
+        rec.extra["reboot"] = "started" if started else "already-in-progress"
+
+    def reboot(self, reason: str, request_id: str = "") -> dict[str, Any]:
+        """Blocking: the whole reboot; the signed proof (also when it failed: `clean` false, `error`)."""
+        with self._busy:
+            return self._reboot(reason, request_id)
+
+    def _run_locked(self, reason: str, request_id: str) -> None:
+        try:
+            self._reboot(reason, request_id)
+        except Exception:  # never lose the lock to a bug: the next request must be able to run
+            log.exception("reboot of %s failed unexpectedly", self.node)
+        finally:
+            self._busy.release()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _reboot(self, reason: str, request_id: str) -> dict[str, Any]:
+        started = self.wall()
+        t0 = time.monotonic()
+        session = self.server.session
+        before = None if session is None else {"agentKey": session.enrolment.agent_key,
+                                               "bootImageDigest": session.enrolment.boot_digest}
+        baseline = None if before is None else self._boot_quotes.get(before["agentKey"])
+        self._patch({"phase": "Wiping"}, {"level": "Reboot", "request": request_id, "state": "InProgress",
+                                          "startedAt": _time(started)}, keep_quarantine=True)
+        log.warning("rebooting HPC %s: %s", self.node, reason)
+        revoked, _ = self.tokens.revoke(self.node)
+        self.server.drop_session()
+        self.arming.arm()
+        proof: dict[str, Any] = {
+            "version": 1, "level": "reboot", "node": self.node, "gateway": self.root.address,
+            "request": request_id, "reason": reason[:1024], "requestedAt": int(started),
+            "before": before, "after": None, "baseline": None if baseline is None else {
+                "agentKey": baseline["agentKey"], "quoteDigest": baseline["quoteDigest"]},
+            "measurements": {"same": [], "differ": []}, "revokedKeys": len(revoked), "error": "",
+        }
+        after = None
+        checks: dict[str, bool | None] = {"powerCycled": False, "newBootKey": None, "approvedImage": None,
+                                          "matchesBaseline": None}
+        try:
+            self.power(reason)
+            checks["powerCycled"] = True
+            new = self.server.wait_for_new_session(None if before is None else before["agentKey"],
+                                                   self.boot_timeout_s)
+            after = self.boot_quote(new.enrolment.agent_key)
+        except (GatewayError, OSError) as exc:
+            proof["error"] = str(exc)[:1024]
+            log.error("reboot of %s did not complete: %s", self.node, exc)
+        proof["seconds"] = round(time.monotonic() - t0, 1)
+        if after is not None:
+            proof["enrolledAt"] = int(self.wall())
+            proof["after"] = {k: after[k] for k in ("agentKey", "bootImageDigest", "quoteDigest", "nonce")}
+            checks["newBootKey"] = before is None or after["agentKey"] != before["agentKey"]
+            checks["approvedImage"] = after["bootImageDigest"] in self.tokens.allowed
+            if baseline is not None:
+                names = sorted(set(baseline["measurements"]) | set(after["measurements"]))
+                same = [n for n in names if baseline["measurements"].get(n) == after["measurements"].get(n)]
+                proof["measurements"] = {"same": same, "differ": [n for n in names if n not in same]}
+                checks["matchesBaseline"] = not proof["measurements"]["differ"]
+        proof["checks"] = checks
+        proof["clean"] = after is not None and all(v is not False for v in checks.values())
+        signed = sign_wipe_proof(proof, self.root)
+        self._finish(signed)
+        return signed
+
+    def _finish(self, signed: dict[str, Any]) -> None:
+        proof = signed["proof"]
+        self.proofs.append(signed)
+        for sink in self.sinks:
+            try:
+                sink(signed)
+            except Exception as exc:  # a full disk must not lose the HPCNode status below
+                log.error("reboot proof not exported: %s", exc)
+        text = json.dumps(signed, sort_keys=True, separators=(",", ":"))
+        self._patch(None, {"level": "Reboot", "request": proof["request"],
+                           "state": "Clean" if proof["clean"] else "Failed", "clean": proof["clean"],
+                           "startedAt": _time(proof["requestedAt"]), "time": _time(self.wall()),
+                           "proof": text, "proofDigest": "sha256:" + wipe_proof_digest(proof).hex(),
+                           "message": proof["error"] or ("clean" if proof["clean"] else "checks failed: " + ", ".join(
+                               k for k, v in proof["checks"].items() if v is False))})
+        log.warning("reboot of %s finished: clean=%s in %.1f s", self.node, proof["clean"], proof["seconds"])
+
+    def _patch(self, phase: dict[str, str] | None, last_wipe: dict[str, Any], keep_quarantine: bool = False) -> None:
+        if self.store is None:
+            return
+        status: dict[str, Any] = {"lastWipe": last_wipe}
+        try:
+            current = (self.store.get(self.node).get("status") or {}).get("phase") if keep_quarantine else None
+            if current == "Quarantined":
+                phase = None  # quarantine is sticky: a reboot does not clear it
+            if phase:
+                status.update(phase)
+            self.store.patch_status(self.node, {"status": status})
+        except Exception as exc:  # the API being down must not stop the reboot; the journal has the proof
+            log.error("HPCNode %s status not updated for the reboot: %s", self.node, exc)
+
+
+class RebootRequests:
+    """Follow the HPCNode's `trustcap.io/reboot` annotation: each new value is one reboot request.
+
+    `kubectl annotate hpcnode NODE trustcap.io/reboot=$(date +%s) --overwrite` asks for a reboot; the
+    operator will do the same for a capsule whose node's policy says `wipe: Reboot`. A value already in
+    `status.lastWipe.request`, or already taken by this process, is not served twice.
+    """
+
+    def __init__(self, rebooter: Rebooter, store: StatusStore, *, poll_s: float = 2.0) -> None:
+        self.rebooter = rebooter
+        self.store = store
+        self.poll_s = poll_s
+        self.taken: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> str | None:
+        """Check once; the request id started, if any."""
+        try:
+            node = self.store.get(self.rebooter.node)
+        except Exception as exc:
+            log.debug("HPCNode not readable for reboot requests: %s", exc)
+            return None
+        value = ((node.get("metadata") or {}).get("annotations") or {}).get(REBOOT_ANNOTATION)
+        served = ((node.get("status") or {}).get("lastWipe") or {}).get("request")
+        if not value or value == served or value in self.taken:
+            return None
+        if len(value) > 253:
+            log.error("%s annotation on %s is longer than 253 characters; ignored", REBOOT_ANNOTATION,
+                      self.rebooter.node)
+            self.taken.add(value)
+            return None
+        if not self.rebooter.request(f"requested by annotation {REBOOT_ANNOTATION}={value}", request_id=value):
+            return None  # one is running; this value is seen again on a later poll
+        self.taken.add(value)
+        return str(value)
+
+    def start(self) -> RebootRequests:
+        def loop() -> None:
+            while not self._stop.wait(self.poll_s):
+                self.poll()
+
+        self._thread = threading.Thread(target=loop, name="trustcap-reboot-requests", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
