@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import pytest
 
 from trustcap import merkle
 from trustcap.chain.anvil import Anvil
 from trustcap.chain.client import ChainClient, Deployment
+from trustcap.chain.errors import ContractReverted
 from trustcap.chain.keys import ANVIL_KEYS, KeySigner
 from trustcap.evidence.verdict import Domain, Verdict, verdict_id
 
@@ -24,6 +28,20 @@ OUTSIDER = KeySigner(ANVIL_KEYS[9])
 #: the chain-writer's own account: only the writer sends from it, so its nonces are the writer's alone
 WRITER = KeySigner(ANVIL_KEYS[6])
 VRF_KEY = b"\x02" + hashlib.sha256(b"vrf").digest()
+
+
+def new_epoch() -> int:
+    """A random epoch, so no test's batch collides with one an earlier test recorded on the shared anvil."""
+    return int.from_bytes(os.urandom(6), "big")
+
+
+def reverts(fn: Callable[[], object], error: str) -> ContractReverted:
+    """Call `fn`, which must revert with the contract's custom error `error`; the revert, for more checks
+    (its error_args). The adversarial tests of every contract assert their refusals through this."""
+    with pytest.raises(ContractReverted) as info:
+        fn()
+    assert info.value.error == error, str(info.value)
+    return info.value
 
 
 @dataclass

@@ -7,24 +7,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from chainkit import ETH, OUTSIDER, OWNER, VERIFIERS, Chain, make_verdict, record
+from chainkit import ETH, OUTSIDER, OWNER, VERIFIERS, Chain, make_verdict, new_epoch, record, reverts
 
-from trustcap.chain.errors import ContractReverted
 from trustcap.chain.typed import batch_digest, sign_batch, verdict_tuple
 from trustcap.evidence.verdict import Verdict, verdict_id
 
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-
-
-def _epoch() -> int:
-    return int.from_bytes(os.urandom(6), "big")
-
-
-def _reverts(fn: object, error: str) -> ContractReverted:
-    with pytest.raises(ContractReverted) as info:
-        fn()  # type: ignore[operator]
-    assert info.value.error == error, str(info.value)
-    return info.value
 
 
 def _high_s(sig: bytes) -> bytes:
@@ -34,7 +22,7 @@ def _high_s(sig: bytes) -> bytes:
 
 # -- AttestationLog ---------------------------------------------------------------------------------------
 def test_quorum_signed_batch_is_recorded_once_and_proves_each_verdict(chain: Chain) -> None:
-    epoch = _epoch()
+    epoch = new_epoch()
     verdicts = [make_verdict(epoch=epoch) for _ in range(7)]
     tree = record(chain, verdicts, epoch=epoch)
     log = chain.owner.contract("AttestationLog", chain.d.log)
@@ -49,7 +37,7 @@ def test_quorum_signed_batch_is_recorded_once_and_proves_each_verdict(chain: Cha
 
 
 def _batch_args(chain: Chain, case: str) -> tuple[int, bytes, int, list[bytes]]:
-    epoch = _epoch()
+    epoch = new_epoch()
     tree_root = os.urandom(32)
     count = 3
     d = chain.d
@@ -97,31 +85,30 @@ def _batch_args(chain: Chain, case: str) -> tuple[int, bytes, int, list[bytes]]:
 def test_forged_or_undersigned_batch_is_refused(chain: Chain, case: str, error: str) -> None:
     epoch, root, count, sigs = _batch_args(chain, case)
     log = chain.owner.contract("AttestationLog", chain.d.log)
-    _reverts(lambda: chain.owner.transact(log.functions.recordBatch(epoch, root, count, sigs)), error)
+    reverts(lambda: chain.owner.transact(log.functions.recordBatch(epoch, root, count, sigs)), error)
     assert log.functions.rootOfBatch(log.functions.batchId(epoch, root, count).call()).call() == b"\0" * 32
 
 
 def test_replayed_batch_and_reused_root_are_refused(chain: Chain) -> None:
-    epoch = _epoch()
+    epoch = new_epoch()
     verdicts = [make_verdict(epoch=epoch) for _ in range(3)]
     tree = record(chain, verdicts, epoch=epoch)
     log = chain.owner.contract("AttestationLog", chain.d.log)
     sigs = sign_batch(VERIFIERS[:3], epoch, tree.root, 3, chain.d.chain_id, chain.d.log)
-    _reverts(lambda: chain.owner.transact(log.functions.recordBatch(epoch, tree.root, 3, sigs)),
-             "BatchAlreadyRecorded")
+    reverts(lambda: chain.owner.transact(log.functions.recordBatch(epoch, tree.root, 3, sigs)),
+            "BatchAlreadyRecorded")
     # the same root under another (epoch, count): a different batch id, still refused
     sigs2 = sign_batch(VERIFIERS[:3], epoch + 1, tree.root, 3, chain.d.chain_id, chain.d.log)
-    _reverts(lambda: chain.owner.transact(log.functions.recordBatch(epoch + 1, tree.root, 3, sigs2)),
-             "RootAlreadyRecorded")
+    reverts(lambda: chain.owner.transact(log.functions.recordBatch(epoch + 1, tree.root, 3, sigs2)),
+            "RootAlreadyRecorded")
 
 
 def test_a_verifier_that_is_leaving_no_longer_counts(chain: Chain) -> None:
     leaver = chain.client(VERIFIERS[2])
     leaver.transact(leaver.contract("NodeRegistry", chain.d.registry).functions.requestLeave())
-    epoch = _epoch()
-    with pytest.raises(ContractReverted) as info:
-        record(chain, [make_verdict(epoch=epoch)], epoch=epoch)
-    assert info.value.error == "UnknownVerifier" and info.value.error_args == (VERIFIERS[2].address,)
+    epoch = new_epoch()
+    refused = reverts(lambda: record(chain, [make_verdict(epoch=epoch)], epoch=epoch), "UnknownVerifier")
+    assert refused.error_args == (VERIFIERS[2].address,)
 
 
 def _forge(case: str, verdicts: list[Verdict], tree: object, root: bytes) -> tuple[Verdict, bytes, list[bytes]]:
@@ -159,43 +146,43 @@ def _forge(case: str, verdicts: list[Verdict], tree: object, root: bytes) -> tup
     ],
 )
 def test_forged_inclusion_proof_is_refused(chain: Chain, case: str) -> None:
-    epoch = _epoch()
+    epoch = new_epoch()
     verdicts = [make_verdict(epoch=epoch) for _ in range(4)]
     tree = record(chain, verdicts, epoch=epoch)
     assert chain.owner.is_included(chain.d, verdicts[0], tree.root, tree.proof(0))  # the honest one passes
     v, root, proof = _forge(case, verdicts, tree, tree.root)
     assert not chain.owner.is_included(chain.d, v, root, proof)
     log = chain.owner.contract("AttestationLog", chain.d.log)
-    _reverts(lambda: chain.owner.call_fn(log.functions.proveOutcome([verdict_tuple(v)], [root], [proof], 1)),
-             "VerdictNotIncluded")
+    reverts(lambda: chain.owner.call_fn(log.functions.proveOutcome([verdict_tuple(v)], [root], [proof], 1)),
+            "VerdictNotIncluded")
 
 
 # -- NodeRegistry -----------------------------------------------------------------------------------------
 def test_registry_leave_waits_for_the_delay_and_owner_governs_boot_images(chain: Chain) -> None:
     me = chain.client(VERIFIERS[3])
     reg = me.contract("NodeRegistry", chain.d.registry)
-    _reverts(lambda: me.transact(reg.functions.withdraw()), "LeaveNotRequested")
+    reverts(lambda: me.transact(reg.functions.withdraw()), "LeaveNotRequested")
     me.transact(reg.functions.requestLeave())
-    _reverts(lambda: me.transact(reg.functions.withdraw()), "LeaveDelayNotOver")
+    reverts(lambda: me.transact(reg.functions.withdraw()), "LeaveDelayNotOver")
     chain.anvil.rpc("evm_increaseTime", [3601])
     chain.anvil.rpc("evm_mine")
     before = me.w3.eth.get_balance(me.signer.address)
     me.transact(reg.functions.withdraw())
     assert me.w3.eth.get_balance(me.signer.address) > before + ETH  # the 2 ETH deposit came back (minus gas)
-    _reverts(lambda: me.transact(reg.functions.register(b"\x02" * 33, b"\x00" * 32)), "DepositTooLow")
+    reverts(lambda: me.transact(reg.functions.register(b"\x02" * 33, b"\x00" * 32)), "DepositTooLow")
     digest = os.urandom(32)
-    _reverts(lambda: me.transact(reg.functions.approveBootImage(digest)), "OwnableUnauthorizedAccount")
+    reverts(lambda: me.transact(reg.functions.approveBootImage(digest)), "OwnableUnauthorizedAccount")
     chain.owner.transact(chain.owner.contract("NodeRegistry", chain.d.registry).functions.approveBootImage(digest))
     assert reg.functions.approvedBootImage(digest).call()
-    _reverts(lambda: chain.client(OUTSIDER).transact(reg.functions.register(b"\x02" * 10, b"\x00" * 32)),
-             "DepositTooLow")
+    reverts(lambda: chain.client(OUTSIDER).transact(reg.functions.register(b"\x02" * 10, b"\x00" * 32)),
+            "DepositTooLow")
 
 
 def test_slash_only_through_the_escrow(chain: Chain) -> None:
     outsider = chain.client(OUTSIDER)
     reg = outsider.contract("NodeRegistry", chain.d.registry)
-    _reverts(lambda: outsider.transact(reg.functions.slash(VERIFIERS[0].address, ETH, OUTSIDER.address)),
-             "NotSlasher")
-    _reverts(lambda: chain.owner.transact(
+    reverts(lambda: outsider.transact(reg.functions.slash(VERIFIERS[0].address, ETH, OUTSIDER.address)),
+            "NotSlasher")
+    reverts(lambda: chain.owner.transact(
         chain.owner.contract("NodeRegistry", chain.d.registry).functions.setSlasher(OWNER.address)),
         "SlasherAlreadySet")

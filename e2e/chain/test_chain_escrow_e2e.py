@@ -7,18 +7,13 @@ from __future__ import annotations
 import os
 
 import pytest
-from chainkit import ETH, OUTSIDER, VERIFIERS, Chain, make_verdict, record
+from chainkit import ETH, OUTSIDER, VERIFIERS, Chain, make_verdict, new_epoch, record, reverts
 
-from trustcap.chain.errors import ContractReverted
 from trustcap.chain.typed import verdict_tuple
 from trustcap.evidence.verdict import Verdict, verdict_id
 
 EXECUTOR = VERIFIERS[0]
 PAYER = VERIFIERS[4]  # a funded account that is not registered
-
-
-def _epoch() -> int:
-    return int.from_bytes(os.urandom(6), "big")
 
 
 def _args(chain: Chain, vs: list[Verdict], *, recorded: bool = True) -> list[object]:
@@ -34,7 +29,7 @@ def _args(chain: Chain, vs: list[Verdict], *, recorded: bool = True) -> list[obj
 
 def _verdicts(*, passed: bool, n: int = 3, phase: int = 3, node: str | None = None, attestation: bytes,
               epoch: int | None = None) -> list[Verdict]:
-    e = epoch or _epoch()
+    e = epoch or new_epoch()
     return [make_verdict(epoch=e, passed=passed, phase=phase, node=node or EXECUTOR.address,
                          attestation=attestation) for _ in range(n)]
 
@@ -57,12 +52,6 @@ def _task(chain: Chain, att: bytes) -> bytes:
     return task
 
 
-def _reverts(fn: object, error: str) -> None:
-    with pytest.raises(ContractReverted) as info:
-        fn()  # type: ignore[operator]
-    assert info.value.error == error, str(info.value)
-
-
 def test_passed_post_attestation_pays_executor_and_verifiers(chain: Chain) -> None:
     att, args = _round(chain, passed=True)
     task = _task(chain, att)
@@ -70,7 +59,7 @@ def test_passed_post_attestation_pays_executor_and_verifiers(chain: Chain) -> No
     chain.owner.transact(esc.functions.settle(task, *args))
     assert esc.functions.owed(EXECUTOR.address).call() == ETH * 7000 // 10000
     assert esc.functions.owed(VERIFIERS[1].address).call() == (ETH - ETH * 7000 // 10000) // 3
-    _reverts(lambda: chain.owner.transact(esc.functions.settle(task, *args)), "WrongState")  # paid once
+    reverts(lambda: chain.owner.transact(esc.functions.settle(task, *args)), "WrongState")  # paid once
     ex = chain.client(EXECUTOR)
     before = ex.w3.eth.get_balance(EXECUTOR.address)
     ex.transact(ex.contract("TaskEscrow", chain.d.escrow).functions.withdraw())
@@ -117,7 +106,7 @@ def _bad_settlement(chain: Chain, case: str) -> tuple[bytes, list[object], str]:
         return _task(chain, att), [vs * 2, roots * 2, proofs * 2], "VerdictsNotAscending"  # type: ignore[operator]
     if case == "mixed-outcomes":
         att = os.urandom(32)
-        e = _epoch()
+        e = new_epoch()
         vs = _verdicts(passed=False, n=2, attestation=att, epoch=e) + _verdicts(passed=True, n=1, attestation=att,
                                                                                epoch=e)
         return _task(chain, att), _args(chain, vs), "InconsistentVerdicts"
@@ -139,7 +128,7 @@ def test_no_slash_without_a_proven_failed_post_attestation(chain: Chain, case: s
     reg = chain.owner.contract("NodeRegistry", chain.d.registry)
     deposit = reg.functions.nodeOf(EXECUTOR.address).call()[0]
     esc = chain.client(OUTSIDER).contract("TaskEscrow", chain.d.escrow)
-    _reverts(lambda: chain.client(OUTSIDER).transact(esc.functions.settle(task, *args)), error)
+    reverts(lambda: chain.client(OUTSIDER).transact(esc.functions.settle(task, *args)), error)
     assert reg.functions.nodeOf(EXECUTOR.address).call()[0] == deposit
 
 
@@ -148,9 +137,9 @@ def test_only_the_coordinator_binds_a_task(chain: Chain) -> None:
     esc = payer.contract("TaskEscrow", chain.d.escrow)
     task = os.urandom(32)
     payer.transact(esc.functions.createTask(task, 2), value=ETH)
-    _reverts(lambda: payer.transact(esc.functions.assign(task, os.urandom(32), PAYER.address, [PAYER.address])),
-             "NotCoordinator")
-    _reverts(lambda: payer.transact(esc.functions.createTask(task, 2), value=ETH), "TaskExists")
+    reverts(lambda: payer.transact(esc.functions.assign(task, os.urandom(32), PAYER.address, [PAYER.address])),
+            "NotCoordinator")
+    reverts(lambda: payer.transact(esc.functions.createTask(task, 2), value=ETH), "TaskExists")
 
 
 def test_reputation_rises_slowly_and_a_failure_lasts_years(chain: Chain) -> None:
@@ -160,7 +149,7 @@ def test_reputation_rises_slowly_and_a_failure_lasts_years(chain: Chain) -> None
         _, args = _round(chain, passed=True, node=node)
         chain.owner.transact(rep.functions.record(*args))
     assert rep.functions.scoreOf(node).call() == 3
-    _reverts(lambda: chain.owner.transact(rep.functions.record(*args)), "AttestationAlreadyCounted")
+    reverts(lambda: chain.owner.transact(rep.functions.record(*args)), "AttestationAlreadyCounted")
     _, failed = _round(chain, passed=False, node=node)
     chain.owner.transact(rep.functions.record(*failed))
     assert rep.functions.scoreOf(node).call() == 0
