@@ -11,6 +11,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from trustcap.chain.anvil import Anvil
 from trustcap.chain.client import ChainClient, Deployment
 from trustcap.chain.errors import ContractReverted
 from trustcap.chain.keys import ANVIL_KEYS, KeySigner
-from trustcap.evidence.verdict import Domain, Verdict, verdict_id
+from trustcap.evidence.verdict import Domain, Verdict, sign_verdict, verdict_id
 
 ETH = 10**18
 OWNER = KeySigner(ANVIL_KEYS[0])
@@ -165,3 +166,21 @@ def audit(chain: Chain, journal_path: object, added: list[Verdict]) -> dict[str,
     attempts = journal.txs()
     journal.close()
     return {"verdicts": len(ids), "batches": len(batches), "attempts": len(attempts)}
+
+
+def decided_round(chain: Chain, *, epoch: int, passed: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(spec, status) of an Attestation round whose committee (VERIFIERS[1:4], quorum 2) has decided:
+    each member's signed post-execution verdict, as the operator writes them, for the chain-writer."""
+    spec = {"node": "hpc-1", "executor": VERIFIERS[0].address, "phase": "post", "capsule": "psi",
+            "nonce": "0x" + os.urandom(32).hex(), "epoch": epoch, "policyDigest": "0x" + os.urandom(32).hex(),
+            "committee": {"quorum": 2, "members": [{"address": v.address} for v in VERIFIERS[1:4]]}}
+    verdicts = []
+    for i, signer in enumerate(VERIFIERS[1:4]):
+        v = Verdict(attestation_id=spec["nonce"], node=spec["executor"], phase=3, passed=passed,
+                    quote_digest="0x" + os.urandom(32).hex(), policy_digest=spec["policyDigest"],
+                    epoch=spec["epoch"], issued_at=1_700_000_000 + i)
+        signed = sign_verdict(v, chain.domain, signer)
+        verdicts.append({"verifier": signer.address, "passed": passed, "quoteDigest": v.quote_digest,
+                         "verdictId": "0x" + verdict_id(v, chain.domain).hex(), "signature": signed.signature,
+                         "issuedAt": v.issued_at})
+    return spec, {"result": "Passed" if passed else "Failed", "verdicts": verdicts}

@@ -4,34 +4,20 @@ patch carries the real transaction and block; a tampered or incomplete resource 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
-from chainkit import VERIFIERS, WRITER, Chain
+from chainkit import VERIFIERS, WRITER, Chain, decided_round
 from trustcap.operator.chainwriter import ChainWriterController
 
 from trustcap.chain.journal import Journal
 from trustcap.chain.writer import Writer
-from trustcap.evidence.verdict import Verdict, sign_verdict, verdict_id
 
 
 def _resource(chain: Chain, *, passed: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-    spec = {"node": "hpc-1", "executor": VERIFIERS[0].address, "phase": "post", "nonce": "0x" + os.urandom(32).hex(),
-            "epoch": 4242, "policyDigest": "0x" + os.urandom(32).hex(), "capsule": "psi",
-            "committee": {"quorum": 2, "members": [{"address": v.address} for v in VERIFIERS[1:4]]}}
-    verdicts = []
-    for i, signer in enumerate(VERIFIERS[1:4]):
-        v = Verdict(attestation_id=spec["nonce"], node=spec["executor"], phase=3, passed=passed,
-                    quote_digest="0x" + os.urandom(32).hex(), policy_digest=spec["policyDigest"],
-                    epoch=spec["epoch"], issued_at=1_700_000_000 + i)
-        signed = sign_verdict(v, chain.domain, signer)
-        verdicts.append({"verifier": signer.address, "passed": passed, "quoteDigest": v.quote_digest,
-                         "verdictId": "0x" + verdict_id(v, chain.domain).hex(), "signature": signed.signature,
-                         "issuedAt": v.issued_at})
-    return spec, {"result": "Passed" if passed else "Failed", "verdicts": verdicts}
+    return decided_round(chain, epoch=4242, passed=passed)
 
 
 def test_decided_round_is_recorded_once_and_status_gets_tx_and_block(chain: Chain, tmp_path: Path) -> None:

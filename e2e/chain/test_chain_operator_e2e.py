@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chainkit import VERIFIERS, WRITER, Chain
+from chainkit import WRITER, Chain, decided_round
 from kubernetes import client
 
 from trustcap.chain.keys import ANVIL_KEYS
-from trustcap.evidence.verdict import Verdict, sign_verdict, verdict_id
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "trustcap-e2e-chain"
@@ -103,22 +102,10 @@ def operator(operator_env: dict[str, str], tmp_path: Path) -> Iterator[Operator]
 
 
 def _decided_round(chain: Chain, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    spec = {"node": "hpc-1", "executor": VERIFIERS[0].address, "phase": "post", "capsule": "psi",
-            "nonce": "0x" + os.urandom(32).hex(), "epoch": 7100 + int.from_bytes(os.urandom(2), "big"),
-            "policyDigest": "0x" + os.urandom(32).hex(),
-            "committee": {"quorum": 2, "members": [{"address": v.address} for v in VERIFIERS[1:4]]}}
-    verdicts = []
-    for i, signer in enumerate(VERIFIERS[1:4]):
-        v = Verdict(attestation_id=spec["nonce"], node=spec["executor"], phase=3, passed=True,
-                    quote_digest="0x" + os.urandom(32).hex(), policy_digest=spec["policyDigest"],
-                    epoch=spec["epoch"], issued_at=1_700_000_000 + i)
-        signed = sign_verdict(v, chain.domain, signer)
-        verdicts.append({"verifier": signer.address, "passed": True, "quoteDigest": v.quote_digest,
-                         "verdictId": "0x" + verdict_id(v, chain.domain).hex(), "signature": signed.signature,
-                         "issuedAt": v.issued_at})
+    spec, status = decided_round(chain, epoch=7100 + int.from_bytes(os.urandom(2), "big"))
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Attestation",
             "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
-    return body, {"result": "Passed", "verdicts": verdicts}
+    return body, status
 
 
 def _chain_status(custom: client.CustomObjectsApi, name: str) -> dict[str, Any]:
