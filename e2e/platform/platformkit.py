@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import clusterkit
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,16 +72,8 @@ class Tracker:
                     raise
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0, every: float = 0.3) -> Any:
-    """Poll until probe() is truthy; a bounded wait, never a speed assertion."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+#: the e2e's one bounded poll (e2e/clusterkit.py), at this suite's interval
+wait_for = functools.partial(clusterkit.wait_for, every=0.3)
 
 
 @dataclass
