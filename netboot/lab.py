@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LabLink", "QemuHpc", "in_netns", "qemu_available"]
+__all__ = ["LabLink", "QemuHpc", "in_netns", "qemu_available", "qmp_system_reset"]
 
 log = logging.getLogger("trustcap.netboot")
 
@@ -117,11 +117,13 @@ class LabLink:
 class QemuHpc:
     """A diskless qemu PC on the lab tap that boots from the network; serial console to `serial_log`."""
 
-    def __init__(self, lab: LabLink, serial_log: Path, accel: str | None = None, memory_mb: int = 512) -> None:
+    def __init__(self, lab: LabLink, serial_log: Path, accel: str | None = None, memory_mb: int = 512,
+                 qmp: Path | None = None) -> None:
         self.lab = lab
         self.serial_log = serial_log
         self.accel = accel or os.environ.get("TRUSTCAP_QEMU_ACCEL", "tcg")
         self.memory_mb = memory_mb
+        self.qmp = qmp  # with a QMP socket the PC can be reset (the lab's power cycle); else it exits on reboot
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -130,7 +132,8 @@ class QemuHpc:
             "ip", "netns", "exec", self.lab.link_ns, "qemu-system-x86_64",
             # -nographic makes SeaBIOS and iPXE print on the serial port too (sercon), so a refused
             # boot is visible in the log, not only on a VGA screen nobody reads.
-            "-accel", self.accel, "-m", str(self.memory_mb), "-nographic", "-nodefaults", "-no-reboot",
+            "-accel", self.accel, "-m", str(self.memory_mb), "-nographic", "-nodefaults",
+            *(["-qmp", f"unix:{self.qmp},server=on,wait=off"] if self.qmp else ["-no-reboot"]),
             "-monitor", "none", "-serial", f"file:{self.serial_log}",
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", f"e1000,netdev=n0,mac={HPC_MAC}", "-boot", "n",
@@ -171,3 +174,44 @@ class QemuHpc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+def qmp_system_reset(socket_path: Path, timeout: float = 10.0) -> None:
+    """Press the qemu PC's reset button over QMP: the lab's stand-in for the Pi's power-cycle relay.
+
+    A reset reboots the PC into its firmware, which PXE-boots again; unlike a real power cycle it does not
+    clear the PC's RAM (qemu keeps guest memory across a reset).
+    """
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(socket_path))
+        f = s.makefile("rwb")
+
+        def reply() -> dict[str, object]:
+            while True:  # skip asynchronous events until the command's answer
+                line = f.readline()
+                if not line:
+                    raise ConnectionError("qemu closed the QMP socket")
+                msg: dict[str, object] = json.loads(line)
+                if "return" in msg or "error" in msg:
+                    return msg
+
+        if "QMP" not in json.loads(f.readline()):
+            raise ConnectionError(f"{socket_path} is not a QMP socket")
+        for cmd in ("qmp_capabilities", "system_reset"):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            answer = reply()
+            if "error" in answer:
+                raise RuntimeError(f"qemu refused {cmd}: {answer['error']}")
+
+
+if __name__ == "__main__":  # `python -P -m trustcap.netboot.lab reset QMP_SOCKET`: the lab's --reboot-command
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "reset":
+        sys.exit("usage: python -P -m trustcap.netboot.lab reset QMP_SOCKET")
+    qmp_system_reset(Path(sys.argv[2]))

@@ -187,8 +187,34 @@ def test_annotation_requests_are_served_once(pair: Pair, tmp_path: Path) -> None
 
 
 def test_one_reboot_at_a_time(pair: Pair, tmp_path: Path) -> None:
+    import threading
+
     rb, power, _ = _rebooter(pair, tmp_path)
+    gate = threading.Event()
+    rb.power = lambda reason: (gate.wait(10), power(reason))[1]  # held until the second request was made
     assert rb.request("first")
     assert not rb.request("second")  # joins the running one
+    gate.set()
     rb.join(15)
     assert power.calls == ["first"]
+
+
+def test_the_monitor_reboot_action_starts_one_reboot(pair: Pair, tmp_path: Path) -> None:
+    import threading
+
+    from trustcap.gateway.monitor import CheckRecord
+
+    rb, power, _ = _rebooter(pair, tmp_path)
+    gate = threading.Event()
+    rb.power = lambda reason: (gate.wait(10), power(reason))[1]  # held until both checks have acted
+    rec = CheckRecord(at=0.0, ok=False, failed=[{"id": "agent.unreachable", "message": "gone"}], action="reboot",
+                      policy_digest="0x00")
+    rb(rec)
+    again = CheckRecord(at=1.0, ok=False, failed=[{"id": "agent.unreachable", "message": "gone"}], action="reboot",
+                        policy_digest="0x00")
+    rb(again)
+    gate.set()
+    rb.join(15)
+    assert (rec.extra["reboot"], again.extra["reboot"]) == ("started", "already-in-progress")
+    assert power.calls == ["monitor: agent.unreachable: gone"]
+    assert rb.proofs[0]["proof"]["reason"] == "monitor: agent.unreachable: gone"
