@@ -13,8 +13,8 @@ machines' hardware erase fails, osism #2552). So every run's scratch is one of:
   pages are released when the container dies; the proof says `tmpfs-drop` and whether the kernel zeroes
   freed pages (`init_on_free`). This is weaker and the proof says so.
 
-The `reboot` level (re-PXE-boot the HPC into a fresh image) is requested from the gateway/netboot and is
-recorded by them; this module never claims it.
+The `reboot` level (re-PXE-boot the HPC into a fresh image) is run and proven by the gateway
+(`trustcap.gateway.boot.Rebooter`, decision 0049); this module never claims it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ two hooks here take the rest of the way:
     Monitor check fails ──► action "quarantine" ──► QuarantineReporter ──► HPCNode status
                                                      phase Quarantined, quarantineReason = every failed
                                                      claim (sticky: only a person clears it)
-                         ──► action "reboot" ─────► RebootCommand ──► the deployment's power-cycle
+                         ──► action "reboot" ─────► boot.Rebooter (the reboot wipe, decision 0049), which
+                                                     runs RebootCommand: the deployment's power-cycle
                                                      command (GPIO relay, IPMI, Wake-on-LAN; in the lab a
                                                      qemu reset), with TRUSTCAP_NODE and TRUSTCAP_REASON
 
