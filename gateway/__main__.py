@@ -30,6 +30,7 @@ from trustcap.errors import TrustcapError
 
 if TYPE_CHECKING:
     from trustcap.gateway.server import AgentSession
+    from trustcap.gateway.verifiers import VerifierDirectory
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -57,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", type=Path, required=True, help="GatewayPolicy YAML (monitoring and attestation)")
     p.add_argument("--listen", type=_hostport, required=True, help="HOST:PORT for the agent, on the HPC link")
     p.add_argument("--relay", type=_hostport, required=True, help="HOST:PORT of the relay, on the cluster side")
+    p.add_argument("--verifier", action="append", default=[], metavar="ADDR",
+                   help="a committee verifier's trust-root address (0x...) allowed to challenge through the relay; "
+                        "repeat for several. With --kubeconfig, every Gateway object's spec.address is allowed too. "
+                        "One of the two is required: the relay serves only signed challenges of known verifiers")
     p.add_argument("--token-file", type=Path, required=True,
                    help="the one-time enrolment token armed for the HPC's next boot (mode 0600, replaced "
                         "atomically, empty when no boot is armed); give the same path to netboot serve")
@@ -94,6 +99,22 @@ def _fan_out(hooks: list[Callable[[AgentSession], None]]) -> Callable[[AgentSess
     return call
 
 
+def _verifier_directory(args: argparse.Namespace) -> VerifierDirectory:
+    """`--verifier` addresses and/or the cluster's Gateway objects; none at all is a configuration error."""
+    from trustcap.gateway.attest_errors import DirectoryError
+    from trustcap.gateway.verifiers import AnyDirectory, KubeGatewayDirectory, StaticDirectory
+
+    sources: list[VerifierDirectory] = []
+    if args.verifier:
+        sources.append(StaticDirectory(args.verifier))
+    if args.kubeconfig:
+        sources.append(KubeGatewayDirectory(None if args.kubeconfig == "in-cluster" else args.kubeconfig))
+    if not sources:
+        raise DirectoryError("no verifier directory: give --verifier ADDR (repeatable) or --kubeconfig (every "
+                             "Gateway object's spec.address), or no committee can challenge this relay")
+    return sources[0] if len(sources) == 1 else AnyDirectory(*sources)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -111,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        verifiers = _verifier_directory(args)  # first: a gateway no committee can reach must not start at all
         policy = load_gateway_policy(args.policy)
         sinks = [JournalSink(args.journal, node_id=args.node, max_bytes=args.journal_max_bytes,
                              backups=args.journal_backups)] if args.journal else []
@@ -141,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         arming.arm()
         monitor = Monitor(server, policy, sinks=sinks, on_action=on_action)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
-        relay = RelayService(server, records=lambda: list(monitor.records), max_age_s=max_age,
-                             host=args.relay[0], port=args.relay[1])
+        relay = RelayService(server, verifiers=verifiers, records=lambda: list(monitor.records),
+                             max_age_s=max_age, host=args.relay[0], port=args.relay[1])
     except (TrustcapError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

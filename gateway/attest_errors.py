@@ -2,9 +2,11 @@
 
     TrustcapError                      (trustcap.errors)
     └── GatewayError                   (trustcap.gateway.errors) anything the gateway raises on purpose
-        └── RelayError                 a relay request failed: unreachable gateway, refused request
-            │                          (HTTP status and the gateway's one-line reason named), bad answer
-            └── RelayBusy              the executor's gateway is at its bound of concurrent challenges
+        ├── RelayError                 a relay request failed: unreachable gateway, refused request
+        │   │                          (HTTP status and the gateway's one-line reason named), bad answer
+        │   └── RelayBusy              the executor's gateway is at its bound of concurrent challenges
+        └── DirectoryError             the verifier directory is misconfigured (bad address, no source,
+                                       unreadable kubeconfig); a failed refresh is logged, not raised
 
 The rest of the gateway's errors stay in `trustcap.gateway.errors`; this branch hangs under the same
 `GatewayError`, so a caller catching that still catches these.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from trustcap.gateway.errors import GatewayError
 
-__all__ = ["RelayBusy", "RelayError"]
+__all__ = ["DirectoryError", "RelayBusy", "RelayError"]
 
 
 # mypy cannot follow `trustcap.gateway` to this folder (setuptools package-dir editable installs use an
@@ -25,3 +27,7 @@ class RelayError(GatewayError):  # type: ignore[misc]
 
 class RelayBusy(RelayError):
     """The gateway refused for load (HTTP 503 with Retry-After); retrying later can help."""
+
+
+class DirectoryError(GatewayError):  # type: ignore[misc]
+    """The relay's verifier directory cannot be built; the message names the address or source."""

@@ -7,22 +7,37 @@ returns the agent's quote countersigned by its trust root. The relay does not ap
 does (`trustcap.evidence.appraise_quote`), because only the verifier knows which nonce it sent and a
 relay that "checked" on the verifier's behalf would be one more party to trust.
 
-    verifier V                      RelayService (executor's Pi)       AttestationServer -> agent
-      | nonce = V.nonces.issue()          |                                   |
-      |-- POST /v1/challenge {nonce} ---->| nonce well-formed? slot free?     |
-      |                                   |-- server.relay(nonce) ----------->| REQ quote{nonce} (channel)
-      |                                   |<-- SignedQuote (agent sig + gateway countersig) --|
-      |<-- 200 canonical SignedQuote -----|
+Only committee verifiers may ask (decision 0072): each is a Pi gateway whose trust root signs its request
+(`trustcap.evidence.sign_challenge`), and the relay serves only an address its verifier directory holds
+(`gateway/verifiers.py`: `--verifier` addresses and/or the cluster's Gateway objects). Every refusal is
+answered by name and counted, and none reaches the agent.
+
+    verifier V (a Pi, trust root)       RelayService (executor's Pi)             AttestationServer -> agent
+      | nonce = V.nonces.issue()            |                                         |
+      | sig = V.root.sign(digest{domain,    |                                         |
+      |   nonce, node, verifier, issuedAt}) |                                         |
+      |-- POST /v1/challenge -------------->| 1 fields well-formed, none unknown   400 |
+      |   {nonce,node,verifier,issuedAt,sig}| 2 |now - issuedAt| <= max_skew_s     401 |
+      |                                     | 3 node == this relay's node          403 |
+      |                                     | 4 signature recovers to `verifier`   401 |
+      |                                     | 5 directory.allowed(verifier)        403 |
+      |                                     | 6 an in-flight slot is free          503 |
+      |                                     | 7 digest unseen for 2 x max_skew_s   409 |
+      |                                     |-- server.relay(nonce) ----------------->| REQ quote{nonce} (channel)
+      |                                     |<-- SignedQuote (agent sig + gateway countersig) --|
+      |<-- 200 canonical SignedQuote -------|
       | appraise: both signatures, V's nonce once, identity, age; V's policy -> verdict
       |
-      |-- GET /v1/status ---------------->| trusted only if the latest monitor check passed AND
-      |<-- {trusted, reason, ...} --------|   is younger than the freshness limit (CVE-2022-3500)
+      |-- GET /v1/status (unsigned) ------->| trusted only if the latest monitor check passed AND
+      |<-- {trusted, reason, ...} ----------|   is younger than the freshness limit (CVE-2022-3500)
     Prometheus scrapes GET /metrics (trustcap_gateway_relay_*, trustcap_gateway_node_trusted).
 
 Bounds (DESIGN.md: a gateway's verifier work is bounded and measured): at most `max_connections` open
 HTTP connections (the next one is closed at once), at most `max_inflight` challenges at a time (the
 next gets 503 + Retry-After), a 1 KiB request body, a per-connection read timeout, and the agent
-channel's own per-request timeout. All counted in `stats`.
+channel's own per-request timeout; at most `max_recent` remembered challenge digests (when full of
+unexpired ones, the next challenge gets 503 rather than forgetting one and opening a replay). All counted
+in `stats`.
 
 Trust expiry: the monitor's last passing check is only evidence for a while. When no passing check is
 younger than `max_age_s` (a dead monitor thread, a wedged channel, a silent agent), the node is reported
@@ -38,6 +53,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -47,9 +63,19 @@ from typing import Any, Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from trustcap.gateway.attest_errors import RelayBusy, RelayError
 from trustcap.gateway.errors import GatewayError, QuoteRejected
+from trustcap.gateway.verifiers import VerifierDirectory
 
-from trustcap.evidence import SignedQuote, decode_signed_quote, encode_signed_quote
-from trustcap.evidence.errors import EvidenceFormatError
+from trustcap.evidence import (
+    Challenge,
+    ChallengeFormatError,
+    SignedQuote,
+    Signer,
+    decode_signed_quote,
+    encode_signed_quote,
+    sign_challenge,
+    verify_challenge,
+)
+from trustcap.evidence.errors import EvidenceFormatError, SignatureError
 
 __all__ = ["MAX_BODY", "RelayService", "TrustState", "request_quote", "request_status", "trust_state"]
 
@@ -57,7 +83,6 @@ log = logging.getLogger("trustcap.gateway")
 
 MAX_BODY = 1024
 MAX_RESPONSE = 256 * 1024  # trustcap.evidence's own limit on a signed quote
-_NONCE = re.compile(r"^0x[0-9a-f]{64}$")
 
 CHALLENGES = Counter("trustcap_gateway_relay_challenges_total", "Committee challenges through the relay, by result.",
                      ["result"])
@@ -66,7 +91,9 @@ CHALLENGE_SECONDS = Histogram("trustcap_gateway_relay_challenge_seconds",
 REFUSED_CONNECTIONS = Counter("trustcap_gateway_relay_refused_connections_total",
                               "Relay connections closed at once because every connection slot was taken.")
 _RESULT = {"challenges": "served", "refused_bad_request": "bad_request", "refused_busy": "busy",
-           "agent_failures": "agent_failure"}  # bounded label values
+           "agent_failures": "agent_failure", "refused_bad_signature": "bad_signature", "refused_stale": "stale",
+           "refused_unknown_verifier": "unknown_verifier", "refused_wrong_node": "wrong_node",
+           "refused_replay": "replay"}  # bounded label values
 NODE_TRUSTED = Gauge("trustcap_gateway_node_trusted",
                      "1 if the node's latest check passed and is fresh, else 0 (evaluated at scrape).", ["node"])
 
@@ -157,17 +184,22 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 class RelayService:
     """HTTP service on the Pi's cluster side: `POST /v1/challenge`, `GET /v1/status`."""
 
-    def __init__(self, server: _Challenger, *, records: Callable[[], Iterable[_Record]] = lambda: (),
-                 max_age_s: float = 60.0, host: str = "127.0.0.1", port: int = 0, max_inflight: int = 4,
-                 max_connections: int = 32, read_timeout_s: float = 10.0,
+    def __init__(self, server: _Challenger, *, verifiers: VerifierDirectory,
+                 records: Callable[[], Iterable[_Record]] = lambda: (), max_age_s: float = 60.0,
+                 host: str = "127.0.0.1", port: int = 0, max_inflight: int = 4, max_connections: int = 32,
+                 read_timeout_s: float = 10.0, max_skew_s: float = 60.0, max_recent: int = 4096,
                  clock: Callable[[], float] = time.time) -> None:
-        if max_inflight < 1 or max_connections < 1 or max_age_s <= 0:
-            raise ValueError("max_inflight, max_connections and max_age_s must be positive")
+        if max_inflight < 1 or max_connections < 1 or max_age_s <= 0 or max_skew_s <= 0 or max_recent < 1:
+            raise ValueError("max_inflight, max_connections, max_age_s, max_skew_s and max_recent must be positive")
         self.server = server
+        self.verifiers = verifiers
+        self.max_skew_s = max_skew_s
+        self.max_recent = max_recent
+        self._recent: OrderedDict[bytes, float] = OrderedDict()  # challenge digest -> forget-at (clock time)
         self.records = records
         self.max_age_s = max_age_s
         self.clock = clock
-        self.stats = {"challenges": 0, "refused_busy": 0, "refused_bad_request": 0, "agent_failures": 0}
+        self.stats = {key: 0 for key in _RESULT}
         self._inflight = threading.BoundedSemaphore(max_inflight)
         self._lock = threading.Lock()
         self._http = _BoundedHTTPServer((host, port), _handler(self, read_timeout_s), max_connections)
@@ -196,24 +228,73 @@ class RelayService:
 
     def challenge(self, body: bytes) -> tuple[int, bytes]:
         """One challenge: (HTTP status, response body). Never raises for a client's or agent's fault."""
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            self._count("refused_bad_request")
-            return _error(HTTPStatus.BAD_REQUEST, "request body is not JSON")
-        nonce = doc.get("nonce") if isinstance(doc, dict) else None
-        if not isinstance(nonce, str) or not _NONCE.match(nonce):
-            self._count("refused_bad_request")
-            return _error(HTTPStatus.BAD_REQUEST, "field 'nonce' must be 32 bytes of lowercase 0x-hex")
-        if set(doc) != {"nonce"}:
-            self._count("refused_bad_request")
-            return _error(HTTPStatus.BAD_REQUEST, f"unknown field(s) {sorted(set(doc) - {'nonce'})}")
+        checked = self._authenticate(body)
+        if isinstance(checked, tuple):
+            return checked
         if not self._inflight.acquire(blocking=False):
             self._count("refused_busy")
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, "relay busy: too many challenges in flight")
+        try:
+            refused = self._remember(checked)
+            if refused is not None:
+                return refused
+            return self._forward(checked)
+        finally:
+            self._inflight.release()
+
+    def _refuse(self, key: str, status: HTTPStatus, field: str, cause: str) -> tuple[int, bytes]:
+        self._count(key)
+        log.info("relay: challenge refused (%s): field %s: %s", _RESULT[key], field, cause)
+        return _error(status, f"field {field!r}: {cause}", field)
+
+    def _authenticate(self, body: bytes) -> Challenge | tuple[int, bytes]:
+        """The verified challenge, or the refusal naming the field; the order is the module diagram's."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return self._refuse("refused_bad_request", HTTPStatus.BAD_REQUEST, "body", "request body is not JSON")
+        try:
+            challenge = verify_challenge(doc)
+        except ChallengeFormatError as exc:
+            return self._refuse("refused_bad_request", HTTPStatus.BAD_REQUEST, exc.field, exc.cause)
+        except SignatureError as exc:
+            return self._refuse("refused_bad_signature", HTTPStatus.UNAUTHORIZED, "signature", str(exc))
+        skew = self.clock() - challenge.issued_at
+        if abs(skew) > self.max_skew_s:
+            when = "stale" if skew > 0 else "from the future"
+            return self._refuse("refused_stale", HTTPStatus.UNAUTHORIZED, "issuedAt",
+                                f"{when}: {abs(skew):.0f} s from this gateway's clock (limit {self.max_skew_s:g} s)")
+        if challenge.node != self.server.node_id:
+            return self._refuse("refused_wrong_node", HTTPStatus.FORBIDDEN, "node",
+                                f"this relay serves node {self.server.node_id!r}, not {challenge.node[:64]!r}")
+        if not self.verifiers.allowed(challenge.verifier):
+            return self._refuse("refused_unknown_verifier", HTTPStatus.FORBIDDEN, "verifier",
+                                f"{challenge.verifier} is not in this gateway's verifier directory")
+        return challenge
+
+    def _remember(self, challenge: Challenge) -> tuple[int, bytes] | None:
+        """Record the signed statement's digest for 2 x max_skew_s (a request accepted at the edge of the
+        window is still refused as a replay until its `issuedAt` is stale); a refusal if it was seen, or
+        503 if memory is full of unexpired digests (forgetting one would reopen its replay)."""
+        now = self.clock()
+        with self._lock:
+            while self._recent and next(iter(self._recent.values())) <= now:
+                self._recent.popitem(last=False)  # insertion order is forget-at order (one clock, one window)
+            seen = challenge.digest in self._recent
+            full = not seen and len(self._recent) >= self.max_recent
+            if not seen and not full:
+                self._recent[challenge.digest] = now + 2 * self.max_skew_s
+                return None
+        if seen:
+            return self._refuse("refused_replay", HTTPStatus.CONFLICT, "signature",
+                                "replay: this signed challenge was already served")
+        self._count("refused_busy")
+        return _error(HTTPStatus.SERVICE_UNAVAILABLE, "relay busy: replay memory full, retry shortly")
+
+    def _forward(self, challenge: Challenge) -> tuple[int, bytes]:
         started = time.perf_counter()
         try:
-            signed = self.server.relay(bytes.fromhex(nonce[2:]))
+            signed = self.server.relay(challenge.nonce)
         except QuoteRejected as exc:
             self._count("agent_failures")
             log.warning("relay: agent's answer refused by the gateway: %s", exc)
@@ -222,8 +303,6 @@ class RelayService:
             self._count("agent_failures")
             log.warning("relay: agent unreachable: %s", exc)
             return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"agent unreachable: {exc}")
-        finally:
-            self._inflight.release()
         CHALLENGE_SECONDS.observe(time.perf_counter() - started)
         self._count("challenges")
         return HTTPStatus.OK, encode_signed_quote(signed)
@@ -238,8 +317,9 @@ class RelayService:
         self._thread.join(timeout=5)
 
 
-def _error(status: HTTPStatus, message: str) -> tuple[int, bytes]:
-    return status, json.dumps({"error": message}).encode()
+def _error(status: HTTPStatus, message: str, field: str | None = None) -> tuple[int, bytes]:
+    doc = {"error": message} if field is None else {"error": message, "field": field}
+    return status, json.dumps(doc).encode()
 
 
 def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequestHandler]:
@@ -322,13 +402,14 @@ def _call(req: urllib.request.Request, url: str, timeout: float, limit: int) -> 
     return data
 
 
-def request_quote(url: str, nonce: bytes, *, timeout: float = 30.0) -> SignedQuote:
-    """Send `nonce` through the executor's gateway at `url`; the signed quote it returns, parsed (not
-    appraised: appraise it with your own nonce registry)."""
+def request_quote(url: str, nonce: bytes, *, signer: Signer, node: str, timeout: float = 30.0) -> SignedQuote:
+    """Send `nonce` through the gateway of executor `node` at `url`, signed by the verifier's trust root
+    `signer`; the signed quote it returns, parsed (not appraised: appraise it with your own nonce registry)."""
     if len(nonce) != 32:
         raise ValueError("a challenge nonce is 32 bytes")
-    body = json.dumps({"nonce": "0x" + bytes(nonce).hex()}).encode()
-    req = urllib.request.Request(_endpoint(url, "/v1/challenge"), data=body, method="POST",  # noqa: S310
+    endpoint = _endpoint(url, "/v1/challenge")
+    body = json.dumps(sign_challenge(nonce, node, signer, issued_at=int(time.time()))).encode()
+    req = urllib.request.Request(endpoint, data=body, method="POST",  # noqa: S310
                                  headers={"Content-Type": "application/json"})
     data = _call(req, url, timeout, MAX_RESPONSE)
     try:

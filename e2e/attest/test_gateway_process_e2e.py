@@ -2,9 +2,11 @@
 `python3 -m trustcap.agent` in the hpc namespace, and a committee of three verifiers that reach the
 HPC only through the gateway's relay.
 
-Proves: the gateway's token file enrols the agent; each verifier's own nonce comes back in a quote that
-only that verifier accepts; the relay's trust status goes from untrusted (no check yet) to trusted,
-then to untrusted naming `agent.unreachable` when the agent is killed; the gateway stops cleanly.
+Proves: the gateway's token file enrols the agent; the relay refuses an unsigned challenge and one signed
+by a gateway outside its directory (`--verifier`), and serves neither (its counters say so); each
+verifier's own nonce comes back in a quote that only that verifier accepts; the relay's trust status goes
+from untrusted (no check yet) to trusted, then to untrusted naming `agent.unreachable` when the agent is
+killed; the gateway stops cleanly.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Any
 import pytest
 import yaml
 from attestlab import BOOT, GW_IP, NODE, Lab, in_netns, start_agent, stop_agent
+from trustcap.gateway.attest_errors import RelayError
 from trustcap.gateway.relay import request_quote, request_status
 
+from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry, appraise_quote
 from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
 
@@ -34,6 +38,28 @@ def _status(lab: Lab, url: str) -> dict[str, Any]:
     with in_netns(lab.gw):  # the relay listens on the gateway namespace's loopback
         doc: dict[str, Any] = request_status(url)
     return doc
+
+
+def _post_raw(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A challenge body sent as is (no signature): what anyone who reaches the relay could send."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/challenge", data=body, method="POST",  # noqa: S310 - the lab's relay
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - the lab's relay
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _metrics(lab: Lab, url: str) -> str:
+    import urllib.request
+
+    with in_netns(lab.gw), urllib.request.urlopen(url + "/metrics", timeout=10) as resp:  # noqa: S310 - lab relay
+        return str(resp.read().decode())
 
 
 def _wait_status(lab: Lab, url: str, pred: Any, timeout: float, what: str) -> dict[str, Any]:
@@ -60,12 +86,15 @@ def test_gateway_and_agent_processes_serve_a_committee_through_the_relay(lab: La
         "attestation": {"node": NODE, "bootImages": [BOOT], "allowUnlistedMeasurements": True},
     }))
     token_file = tmp_path / "token"
+    members = [KeySigner(os.urandom(32)) for _ in range(3)]  # the committee's trust roots (software keys here)
+    outsider = KeySigner(os.urandom(32))  # a well-formed signer that is no Gateway of this cluster
     with (tmp_path / "gateway.log").open("wb") as gw_log:
         gw = subprocess.Popen(
             ["ip", "netns", "exec", lab.gw, sys.executable, "-P", "-m", "trustcap.gateway",
              "--trustroot", str(home), "--kek-file", str(kek_file), "--node", NODE, "--boot-digest", BOOT,
              "--policy", str(policy), "--listen", f"{GW_IP}:{AGENT_PORT}", "--relay", RELAY,
-             "--token-file", str(token_file), "--status-max-age", "5"],
+             "--token-file", str(token_file), "--status-max-age", "5",
+             *[x for m in members for x in ("--verifier", m.address)]],
             stdout=subprocess.PIPE, stderr=gw_log, cwd="/",
         )
     agent = None
@@ -82,12 +111,19 @@ def test_gateway_and_agent_processes_serve_a_committee_through_the_relay(lab: La
         agent = start_agent(lab, AGENT_PORT, gw_address, token_file.read_text().strip(), tmp_path / "agent.log")
         _wait_status(lab, url, lambda d: d["trusted"], 30, "the node to become trusted")
 
+        with in_netns(lab.gw):
+            unsigned = _post_raw(url, b'{"nonce": "0x' + b"ab" * 32 + b'"}')
+            with pytest.raises(RelayError, match=r"403 field 'verifier'.* not in this gateway's verifier directory"):
+                request_quote(url, NonceRegistry(60).issue(), signer=outsider, node=NODE)
+        assert unsigned[0] == 400 and "'node'" in unsigned[1]["error"], unsigned
+        assert unsigned[1]["field"] == "node"
+
         committee = [NonceRegistry(60) for _ in range(3)]
         quotes = []
         with in_netns(lab.gw):
-            for verifier in committee:
+            for member, verifier in zip(members, committee, strict=True):
                 nonce = verifier.issue()
-                signed = request_quote(url, nonce)
+                signed = request_quote(url, nonce, signer=member, node=NODE)
                 key = bytes.fromhex(signed.quote.agent_key[2:])  # the key the gateway countersigned for
                 report = appraise_quote(signed, nonces=verifier, expected_nonce=nonce, node_id=NODE, agent_key=key,
                                         gateway_address=gw_address, now=time.time(), max_age_seconds=30)
@@ -98,6 +134,9 @@ def test_gateway_and_agent_processes_serve_a_committee_through_the_relay(lab: La
         report = appraise_quote(signed, nonces=committee[1], expected_nonce=None, node_id=NODE, agent_key=key,
                                 gateway_address=gw_address, now=time.time(), max_age_seconds=30)
         assert report.event_ids == ["nonce.unknown"]
+        metrics = _metrics(lab, url)
+        for result, count in (("served", 3), ("bad_request", 1), ("unknown_verifier", 1)):
+            assert f'trustcap_gateway_relay_challenges_total{{result="{result}"}} {count}.0' in metrics, metrics
 
         agent.kill()
         doc = _wait_status(lab, url, lambda d: not d["trusted"], 30, "the node to become untrusted")

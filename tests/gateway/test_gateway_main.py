@@ -13,6 +13,7 @@ import pytest
 from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
 
 BOOT = "sha256:" + "ab" * 32
+VERIFIER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"  # a committee member's address (anvil's 2nd account)
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -29,7 +30,8 @@ def good(tmp_path: Path) -> dict[str, str]:
     policy.write_text("kind: GatewayPolicy\nattestation:\n  bootImages: ['0x" + "ab" * 32 + "']\n")
     return {"--trustroot": str(home), "--kek-file": str(kek), "--node": "hpc-1", "--boot-digest": BOOT,
             "--policy": str(policy), "--listen": "127.0.0.1:0", "--relay": "127.0.0.1:0",
-            "--token-file": str(tmp_path / "token"), "--journal": str(tmp_path / "monitor.jsonl")}
+            "--token-file": str(tmp_path / "token"), "--journal": str(tmp_path / "monitor.jsonl"),
+            "--verifier": VERIFIER}
 
 
 @pytest.mark.parametrize(("flag", "value", "code", "needle"), [
@@ -41,6 +43,10 @@ def good(tmp_path: Path) -> dict[str, str]:
     pytest.param("--kek-file", "/nonexistent/kek", 1, "/nonexistent/kek", id="missing-kek"),
     pytest.param("--journal", "/proc/version/monitor.jsonl", 1, "cannot open the monitor journal",
                  id="unwritable-journal"),
+    pytest.param("--verifier", "0x1234", 1, "'0x1234' is not an Ethereum address", id="bad-verifier-address"),
+    pytest.param("--verifier", VERIFIER.lower()[:-1] + "g", 1, "is not an Ethereum address", id="verifier-not-hex"),
+    pytest.param("--verifier", VERIFIER[:-1] + ("c" if VERIFIER[-1] == "C" else "C"), 1, "EIP-55",
+                 id="verifier-bad-checksum"),
 ])
 def test_bad_configuration_is_one_line_naming_the_cause(good: dict[str, str], tmp_path: Path, flag: str, value: str,
                                                         code: int, needle: str) -> None:
@@ -50,6 +56,15 @@ def test_bad_configuration_is_one_line_naming_the_cause(good: dict[str, str], tm
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(good["--token-file"])  # nothing minted
+
+
+def test_no_verifier_directory_is_one_line_saying_to_give_one(good: dict[str, str], tmp_path: Path) -> None:
+    args = {k: v for k, v in good.items() if k != "--verifier"}  # and no --kubeconfig either
+    proc = _run(*[x for kv in args.items() for x in kv], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no verifier directory" in proc.stderr and "--verifier" in proc.stderr and "--kubeconfig" in proc.stderr
+    assert not os.path.exists(good["--token-file"])  # nothing minted, nothing listening
 
 
 def test_a_malformed_policy_names_its_field(good: dict[str, str], tmp_path: Path) -> None:

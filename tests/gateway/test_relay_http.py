@@ -1,6 +1,7 @@
 """The relay service over real loopback HTTP: a verifier's nonce goes through the gateway to a real agent
 (channel, signatures, appraisal are the real code; fixtures in conftest.py), bad requests are refused by
-name, load is bounded, and the node's trust status expires when checks stop."""
+name, load is bounded, and the node's trust status expires when checks stop. Every challenge here is
+signed by a directory member (`member`); the refusals of unauthenticated ones are in test_relay_auth.py."""
 
 from __future__ import annotations
 
@@ -15,13 +16,30 @@ from typing import Any
 import pytest
 from trustcap.gateway.attest_errors import RelayBusy, RelayError
 from trustcap.gateway.relay import MAX_BODY, RelayService, request_quote, request_status, trust_state
+from trustcap.gateway.verifiers import StaticDirectory
 
-from trustcap.evidence import NonceRegistry, SignedQuote, appraise_quote
+from trustcap.chain.keys import KeySigner
+from trustcap.evidence import NonceRegistry, SignedQuote, appraise_quote, sign_challenge
+
+MEMBER = KeySigner("0x" + "4b" * 32)  # a committee verifier's trust root (a software key is the same shape)
+NODE = "hpc-1"
+
+
+def _ask(url: str, nonce: bytes, **kw: Any) -> SignedQuote:
+    return request_quote(url, nonce, signer=MEMBER, node=NODE, **kw)
+
+
+def _signed(**override: Any) -> bytes:
+    """A member's well-signed challenge body with some fields replaced after signing (to break one)."""
+    doc = sign_challenge(NonceRegistry(60).issue(), NODE, MEMBER, issued_at=int(time.time()))
+    doc.update(override)
+    return json.dumps(doc).encode()
 
 
 @pytest.fixture
 def relay(pair: Any) -> Iterator[RelayService]:
-    svc = RelayService(pair.server, max_inflight=2, max_connections=4, read_timeout_s=2)
+    svc = RelayService(pair.server, verifiers=StaticDirectory([MEMBER.address]), max_inflight=2, max_connections=4,
+                       read_timeout_s=2)
     yield svc
     svc.close()
 
@@ -35,7 +53,7 @@ def _appraise(pair: Any, signed: SignedQuote, nonces: NonceRegistry, nonce: byte
 def test_a_verifiers_nonce_comes_back_as_a_countersigned_quote(pair: Any, relay: RelayService) -> None:
     verifier = NonceRegistry(60)
     nonce = verifier.issue()
-    signed = request_quote(relay.url, nonce)
+    signed = _ask(relay.url, nonce)
     assert signed.quote.nonce == "0x" + nonce.hex()
     assert _appraise(pair, signed, verifier, nonce).ok
     assert relay.stats["challenges"] == 1
@@ -56,14 +74,11 @@ def _post(relay: RelayService, body: bytes, path: str = "/v1/challenge",
 @pytest.mark.parametrize(("body", "path", "status", "needle"), [
     pytest.param(b"{not json", "/v1/challenge", 400, "not JSON", id="not-json"),
     pytest.param(b"{}", "/v1/challenge", 400, "'nonce'", id="nonce-missing"),
-    pytest.param(b'{"nonce": "0x1234"}', "/v1/challenge", 400, "'nonce'", id="nonce-short"),
-    pytest.param(json.dumps({"nonce": "0x" + "zz" * 32}).encode(), "/v1/challenge", 400, "'nonce'",
-                 id="nonce-not-hex"),
-    pytest.param(json.dumps({"nonce": "0x" + "AB" * 32}).encode(), "/v1/challenge", 400, "lowercase",
-                 id="nonce-uppercase"),
-    pytest.param(json.dumps({"nonce": 5}).encode(), "/v1/challenge", 400, "'nonce'", id="nonce-not-string"),
-    pytest.param(json.dumps({"nonce": "0x" + "ab" * 32, "extra": 1}).encode(), "/v1/challenge", 400, "extra",
-                 id="unknown-field"),
+    pytest.param(_signed(nonce="0x1234"), "/v1/challenge", 400, "'nonce'", id="nonce-short"),
+    pytest.param(_signed(nonce="0x" + "zz" * 32), "/v1/challenge", 400, "'nonce'", id="nonce-not-hex"),
+    pytest.param(_signed(nonce="0x" + "AB" * 32), "/v1/challenge", 400, "lowercase", id="nonce-uppercase"),
+    pytest.param(_signed(nonce=5), "/v1/challenge", 400, "'nonce'", id="nonce-not-string"),
+    pytest.param(_signed(extra=1), "/v1/challenge", 400, "extra", id="unknown-field"),
     pytest.param(b"[]", "/v1/challenge", 400, "'nonce'", id="not-an-object"),
     pytest.param(b"x" * (MAX_BODY + 1), "/v1/challenge", 413, "over", id="body-too-large"),
     pytest.param(b"{}", "/v1/other", 404, "no such resource", id="unknown-path"),
@@ -82,18 +97,18 @@ def test_challenges_beyond_the_inflight_bound_get_503_busy(pair: Any, relay: Rel
     assert relay._inflight.acquire(blocking=False) and relay._inflight.acquire(blocking=False)
     try:
         with pytest.raises(RelayBusy, match="busy"):
-            request_quote(relay.url, bytes(32))
+            _ask(relay.url, bytes(32))
     finally:
         relay._inflight.release()
         relay._inflight.release()
     assert relay.stats["refused_busy"] == 1
-    request_quote(relay.url, NonceRegistry(60).issue())  # and served again once a slot is free
+    _ask(relay.url, NonceRegistry(60).issue())  # and served again once a slot is free
 
 
 def test_a_burst_of_verifiers_is_each_served_or_told_busy_never_reset(pair: Any) -> None:
     import threading
 
-    svc = RelayService(pair.server, max_inflight=2, max_connections=32)
+    svc = RelayService(pair.server, verifiers=StaticDirectory([MEMBER.address]), max_inflight=2, max_connections=32)
     nonces = NonceRegistry(60)
     outcomes: list[str] = []
     barrier = threading.Barrier(24)
@@ -102,7 +117,7 @@ def test_a_burst_of_verifiers_is_each_served_or_told_busy_never_reset(pair: Any)
         nonce = nonces.issue()
         barrier.wait()
         try:
-            request_quote(svc.url, nonce)
+            _ask(svc.url, nonce)
             outcomes.append("served")
         except RelayBusy:
             outcomes.append("busy")
@@ -148,7 +163,7 @@ def test_stalled_clients_are_dropped_and_their_slots_come_back(relay: RelayServi
         for s in stalled:
             s.close()
     time.sleep(0.1)
-    assert request_quote(relay.url, NonceRegistry(60).issue()).quote.node_id == "hpc-1"
+    assert _ask(relay.url, NonceRegistry(60).issue()).quote.node_id == "hpc-1"
 
 
 def test_no_agent_gives_503_naming_the_cause(trust_root: Any) -> None:
@@ -156,10 +171,10 @@ def test_no_agent_gives_503_naming_the_cause(trust_root: Any) -> None:
     from trustcap.gateway.server import AttestationServer
 
     server = AttestationServer(trust_root, "hpc-1", TokenBook(["0x" + "ab" * 32]))
-    svc = RelayService(server)
+    svc = RelayService(server, verifiers=StaticDirectory([MEMBER.address]))
     try:
         with pytest.raises(RelayError, match="503 agent unreachable"):
-            request_quote(svc.url, bytes(32))
+            _ask(svc.url, bytes(32))
         assert svc.stats["agent_failures"] == 1
     finally:
         svc.close()
@@ -171,7 +186,7 @@ def test_unreachable_gateway_is_a_relay_error() -> None:
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     with pytest.raises(RelayError, match="unreachable"):
-        request_quote(f"http://127.0.0.1:{port}", bytes(32), timeout=5)
+        _ask(f"http://127.0.0.1:{port}", bytes(32), timeout=5)
 
 
 @pytest.mark.parametrize("url", [
@@ -182,7 +197,7 @@ def test_unreachable_gateway_is_a_relay_error() -> None:
 ])
 def test_only_http_gateway_urls_are_opened(url: str) -> None:
     with pytest.raises(RelayError, match="must be http"):
-        request_quote(url, bytes(32))
+        _ask(url, bytes(32))
     with pytest.raises(RelayError, match="must be http"):
         request_status(url)
 
@@ -190,7 +205,7 @@ def test_only_http_gateway_urls_are_opened(url: str) -> None:
 def test_metrics_count_results_and_report_trust(pair: Any, relay: RelayService) -> None:
     import urllib.request
 
-    request_quote(relay.url, NonceRegistry(60).issue())
+    _ask(relay.url, NonceRegistry(60).issue())
     _post(relay, b"{}")
     with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as resp:  # noqa: S310 - our loopback URL
         text = resp.read().decode()
@@ -227,7 +242,8 @@ def test_trust_state(records: list[Rec], now: float, trusted: bool, reason: str)
 def test_status_expires_when_checks_stop(pair: Any) -> None:
     clock = [1000.0]
     records = [Rec(1000.0, True)]
-    svc = RelayService(pair.server, records=lambda: records, max_age_s=30, clock=lambda: clock[0])
+    svc = RelayService(pair.server, verifiers=StaticDirectory([]), records=lambda: records, max_age_s=30,
+                       clock=lambda: clock[0])
     try:
         doc = request_status(svc.url)
         assert doc["trusted"] is True and doc["node"] == "hpc-1"

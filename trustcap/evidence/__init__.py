@@ -5,7 +5,15 @@ The public names are re-exported here one by one; the modules hold the why.
 
 from __future__ import annotations
 
+from trustcap.evidence.challenge import (
+    CHALLENGE_DOMAIN,
+    Challenge,
+    challenge_digest,
+    sign_challenge,
+    verify_challenge,
+)
 from trustcap.evidence.errors import (
+    ChallengeFormatError,
     EvidenceError,
     EvidenceFormatError,
     ForgedSignature,
@@ -50,6 +58,9 @@ from trustcap.evidence.verdict import (
 from trustcap.evidence.wipeproof import sign_wipe_proof, verify_wipe_proof, wipe_proof_digest
 
 __all__ = [
+    "CHALLENGE_DOMAIN",
+    "Challenge",
+    "ChallengeFormatError",
     "Domain",
     "EvidenceError",
     "EvidenceFormatError",
@@ -76,6 +87,7 @@ __all__ = [
     "VerdictError",
     "address_of",
     "appraise_quote",
+    "challenge_digest",
     "check_policy",
     "decode_signed_quote",
     "decode_signed_verdict",
@@ -88,12 +100,14 @@ __all__ = [
     "quote_digest",
     "raise_for_report",
     "recover_address",
+    "sign_challenge",
     "sign_quote",
     "sign_verdict",
     "sign_wipe_proof",
     "typed_data",
     "verdict_digest",
     "verdict_id",
+    "verify_challenge",
     "verify_quote",
     "verify_verdict",
     "verify_wipe_proof",

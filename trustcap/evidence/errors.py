@@ -3,6 +3,7 @@
     TrustcapError
     └── EvidenceError                 anything wrong with a quote, policy or verdict
         ├── EvidenceFormatError       bytes that do not parse as a quote, policy or verdict (names the field)
+        │   └── ChallengeFormatError  a relay challenge request is malformed; `.field` names the field
         ├── SignatureError            a signature is malformed or its signer cannot be recovered
         ├── QuoteRejected             appraisal failed; `.report` names every failed claim
         │   ├── ForgedSignature       the agent's signature or the gateway's countersignature is not theirs
@@ -33,6 +34,15 @@ class EvidenceError(TrustcapError):
 
 class EvidenceFormatError(EvidenceError):
     """Input does not parse as the structure it claims to be; the message names the field."""
+
+
+class ChallengeFormatError(EvidenceFormatError):
+    """A signed relay challenge is malformed; `field` and `cause` name what, for a JSON error body."""
+
+    def __init__(self, field: str, cause: str) -> None:
+        super().__init__(f"field {field!r}: {cause}")
+        self.field = field
+        self.cause = cause
 
 
 class SignatureError(EvidenceError):

@@ -1,0 +1,139 @@
+"""The relay's verifier directory: which trust-root addresses may challenge this gateway's agent.
+
+A committee verifier is another Pi gateway; its identity is its trust root's secp256k1 address, which
+the cluster lists as a Gateway object (`spec.address`). The relay asks one question, `allowed(address)`,
+so where the answer comes from is wiring:
+
+- `StaticDirectory`: addresses given on the command line (`--verifier ADDR`, repeatable): a small fixed
+  network, or a lab.
+- `KubeGatewayDirectory`: every `gateways.trustcap.io` object's `spec.address`, listed at most once per
+  `ttl_s` (~30 s): a new Pi becomes a verifier within a TTL of its Gateway object being created, a removed
+  one stops being one within a TTL. A failed list keeps the last good set and is logged (an API-server
+  restart must not lock the committee out), and is retried no sooner than `retry_s`, so a dead API
+  server does not turn every challenge into a blocking API call.
+- `AnyDirectory`: both sources at once.
+
+Addresses are compared in EIP-55 form: Gateway objects may hold lowercase addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
+
+from eth_utils.address import to_checksum_address
+from trustcap.gateway.attest_errors import DirectoryError
+
+__all__ = ["AnyDirectory", "KubeGatewayDirectory", "StaticDirectory", "VerifierDirectory", "normalize_address"]
+
+log = logging.getLogger("trustcap.gateway")
+GROUP, VERSION, PLURAL = "trustcap.io", "v1alpha1", "gateways"
+
+
+class VerifierDirectory(Protocol):
+    def allowed(self, address: str) -> bool: ...
+
+
+def normalize_address(value: Any) -> str:
+    """EIP-55 form of a 0x address (lowercase accepted); DirectoryError naming the value if it is not one."""
+    try:
+        if not isinstance(value, str) or len(value) != 42 or not value.startswith("0x"):
+            raise ValueError("not 0x + 40 hex digits")
+        int(value[2:], 16)
+        if value[2:] != value[2:].lower() and value[2:] != value[2:].upper() and to_checksum_address(value) != value:
+            raise ValueError("mixed case that is not its EIP-55 checksum")
+        return str(to_checksum_address(value))
+    except ValueError as exc:
+        raise DirectoryError(f"verifier address {str(value)[:64]!r} is not an Ethereum address: {exc}") from None
+
+
+class StaticDirectory:
+    """A fixed set of verifier addresses."""
+
+    def __init__(self, addresses: Iterable[str]) -> None:
+        self.addresses = frozenset(normalize_address(a) for a in addresses)
+
+    def allowed(self, address: str) -> bool:
+        return address in self.addresses
+
+
+class AnyDirectory:
+    """Allowed if any of the directories allows it."""
+
+    def __init__(self, *directories: VerifierDirectory) -> None:
+        self.directories = directories
+
+    def allowed(self, address: str) -> bool:
+        return any(d.allowed(address) for d in self.directories)
+
+
+def _kube_lister(kubeconfig: str | None, timeout_s: float) -> Callable[[], list[dict[str, Any]]]:
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        if kubeconfig:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient()
+    except (ConfigException, OSError, ValueError) as exc:
+        raise DirectoryError(f"cannot load kubeconfig {kubeconfig or 'in-cluster'!r}: {exc}") from exc
+    api = client.CustomObjectsApi(api_client)
+
+    def list_gateways() -> list[dict[str, Any]]:
+        doc = cast(dict[str, Any], api.list_cluster_custom_object(GROUP, VERSION, PLURAL,
+                                                                   _request_timeout=timeout_s))
+        return cast(list[dict[str, Any]], doc.get("items") or [])
+
+    return list_gateways
+
+
+class KubeGatewayDirectory:
+    """Every Gateway object's `spec.address`, cached for `ttl_s`; a failed list keeps the last good set."""
+
+    def __init__(self, kubeconfig: str | None = None, *, ttl_s: float = 30.0, retry_s: float = 5.0,
+                 timeout_s: float = 5.0, lister: Callable[[], list[dict[str, Any]]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._list = lister if lister is not None else _kube_lister(kubeconfig, timeout_s)
+        self.ttl_s = ttl_s
+        self.retry_s = retry_s
+        self.clock = clock
+        self.addresses: frozenset[str] = frozenset()
+        self.loaded = False  # at least one list succeeded
+        self.failures = 0
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """List now; on failure keep the last good set (logged) and try again after `retry_s`."""
+        try:
+            items = self._list()
+        except Exception as exc:  # any API, transport or answer failure: keep serving the last good set
+            self.failures += 1
+            self._next = self.clock() + self.retry_s
+            log.warning("verifier directory: listing Gateway objects failed (%s: %s); keeping the last good set "
+                        "of %d", type(exc).__name__, str(exc)[:200], len(self.addresses))
+            return
+        found: set[str] = set()
+        for item in items:
+            value = ((item or {}).get("spec") or {}).get("address")
+            try:
+                found.add(normalize_address(value))
+            except DirectoryError as exc:
+                log.warning("verifier directory: Gateway %s skipped: %s",
+                            ((item or {}).get("metadata") or {}).get("name", "?"), exc)
+        if found != self.addresses:
+            log.info("verifier directory: %d Gateway address(es)", len(found))
+        self.addresses = frozenset(found)
+        self.loaded = True
+        self._next = self.clock() + self.ttl_s
+
+    def allowed(self, address: str) -> bool:
+        with self._lock:  # one list at a time; others wait for its result rather than list again
+            if self.clock() >= self._next:
+                self.refresh()
+            return address in self.addresses
