@@ -33,8 +33,8 @@ import yaml
 from netlab import in_netns
 
 __all__ = ["CRD_DIR", "GROUP", "NODE_CRDS", "OPERATOR_NS", "VERSION", "Cluster", "ClusterLink", "Proc",
-           "apply_node_crds", "operator_env", "running_operator", "start_operator", "tracked_cluster",
-           "wait_for"]
+           "apiserver_port", "apply_node_crds", "operator_env", "register_node", "running_operator", "start_operator",
+           "tracked_cluster", "wait_for"]
 
 GROUP, VERSION = "trustcap.io", "v1alpha1"
 OPERATOR_NS = "trustcap-e2e-enrol"  # the operator's namespace filter; HPCNode & co. are cluster-scoped
@@ -52,6 +52,11 @@ def apply_node_crds(kubectl: Any) -> None:
     kubectl("wait", "--for=condition=Established", *NODE_CRDS.values(), "--timeout=60s", timeout=90)
     kubectl("apply", "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}}))
+
+
+def apiserver_port(stack: dict[str, Any]) -> int:
+    """The stack's kube-apiserver port: the one a ClusterLink forwards."""
+    return int(str(stack["apiserver"]).rsplit(":", 1)[1])
 
 
 class ClusterLink:
@@ -233,3 +238,19 @@ def tracked_cluster(k8s_api: Any) -> Iterator[Cluster]:
         yield tracker
     finally:
         tracker.cleanup()
+
+
+def register_node(cluster: Cluster, *, node: str, gateway: str, boot_image: str, address: str, signing_key: str,
+                  endpoint: str, files: dict[str, dict[str, str]], image_digest: str, mac: str) -> None:
+    """What the operator needs to judge one enrolment: the Gateway (its trust root's address and key), an
+    Approved BootImage (`files`: kernel, initrd, ipxeScript as {path, digest}; `image_digest`, the approved
+    boot digest) and the HPCNode behind that gateway; all deleted with the cluster tracker."""
+    cluster.create("gateways", {"apiVersion": "trustcap.io/v1alpha1", "kind": "Gateway", "metadata": {"name": gateway},
+                                "spec": {"address": address, "signingKey": signing_key, "vrfKey": "0x02" + "00" * 32,
+                                         "trustRoot": "software", "endpoint": endpoint}})
+    cluster.create("bootimages", {"apiVersion": "trustcap.io/v1alpha1", "kind": "BootImage",
+                                  "metadata": {"name": boot_image}, "spec": {"version": "e2e", **files}})
+    cluster.patch_status("bootimages", boot_image, {"phase": "Approved", "approvedOnChain": True,
+                                                    "imageDigest": image_digest})
+    cluster.create("hpcnodes", {"apiVersion": "trustcap.io/v1alpha1", "kind": "HPCNode", "metadata": {"name": node},
+                                "spec": {"gateway": gateway, "mac": mac, "bootImage": boot_image}})

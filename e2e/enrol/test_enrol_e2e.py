@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from clusterkit import apiserver_port, register_node
 from enrolkit import Cluster, ClusterLink, Lab, Proc, make_lab, start_agent, start_gateway, wait_for
 from trustcap.agent.identity import BootKey
 
@@ -48,9 +49,8 @@ class World:
 
 @pytest.fixture
 def lab(stack: dict[str, Any]) -> Iterator[tuple[Lab, ClusterLink]]:
-    port = int(str(stack["apiserver"]).rsplit(":", 1)[1])
     with make_lab() as lab:
-        link = ClusterLink(lab.gw, port)
+        link = ClusterLink(lab.gw, apiserver_port(stack))
         try:
             yield lab, link
         finally:
@@ -65,17 +65,11 @@ def _world(cluster: Cluster, tmp_path: Path) -> World:
     with SoftwareTrustRoot.open(home, bytes.fromhex(kek.read_text().strip())) as root:
         address, key = root.address, "0x" + root.public_key().hex()
     gw, bi, node = f"gw-enrol-{tag}", f"bi-enrol-{tag}", f"hpc-enrol-{tag}"
-    cluster.create("gateways", {"apiVersion": "trustcap.io/v1alpha1", "kind": "Gateway", "metadata": {"name": gw},
-                                "spec": {"address": address, "signingKey": key, "vrfKey": "0x02" + "00" * 32,
-                                         "trustRoot": "software", "endpoint": "gw.local:7790"}})
     art = {p: {"path": f"{bi}/{p}", "digest": "sha256:" + hashlib.sha256(p.encode()).hexdigest()}
            for p in ("kernel", "initrd", "ipxeScript")}
-    cluster.create("bootimages", {"apiVersion": "trustcap.io/v1alpha1", "kind": "BootImage", "metadata": {"name": bi},
-                                  "spec": {"version": "e2e", **art}})
-    cluster.patch_status("bootimages", bi, {"phase": "Approved", "approvedOnChain": True, "imageDigest": APPROVED})
     mac = "02:" + ":".join(tag[i:i + 2] for i in range(0, 8, 2)) + ":01"
-    cluster.create("hpcnodes", {"apiVersion": "trustcap.io/v1alpha1", "kind": "HPCNode", "metadata": {"name": node},
-                                "spec": {"gateway": gw, "mac": mac, "bootImage": bi}})
+    register_node(cluster, node=node, gateway=gw, boot_image=bi, address=address, signing_key=key,
+                  endpoint="gw.local:7790", files=art, image_digest=APPROVED, mac=mac)
     return World(node, gw, home, kek, address, key)
 
 

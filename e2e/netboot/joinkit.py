@@ -27,8 +27,10 @@ from clusterkit import (
     Cluster,
     ClusterLink,
     Proc,
+    apiserver_port,
     apply_node_crds,
     operator_env,
+    register_node,
     running_operator,
     tracked_cluster,
     wait_for,
@@ -61,10 +63,6 @@ def join_operator(kube_env: dict[str, str], join_crds: None,
         yield op
 
 
-def apiserver_port(stack: dict[str, Any]) -> int:
-    return int(str(stack["apiserver"]).rsplit(":", 1)[1])
-
-
 @dataclass
 class JoinObjects:
     node: str
@@ -76,16 +74,9 @@ class JoinObjects:
 def create_join_objects(cluster: Cluster, tag: str, image: BuiltImage, address: str, signing_key: bytes) -> JoinObjects:
     """Gateway, Approved BootImage and HPCNode for one boot, all removed by the cluster fixture."""
     gw, bi, node = f"gw-nb-{tag}", f"bi-nb-{tag}", f"hpc-nb-{tag}"
-    cluster.create("gateways", {"apiVersion": "trustcap.io/v1alpha1", "kind": "Gateway", "metadata": {"name": gw},
-                                "spec": {"address": address, "signingKey": "0x" + signing_key.hex(),
-                                         "vrfKey": "0x02" + "00" * 32, "trustRoot": "software",
-                                         "endpoint": "gw.local:7443"}})
     files = {"kernel": KERNEL_FILE, "initrd": INITRD_FILE, "ipxeScript": SCRIPT_FILE}
-    spec = {part: {"path": name, "digest": image.digests[name]} for part, name in files.items()}
-    cluster.create("bootimages", {"apiVersion": "trustcap.io/v1alpha1", "kind": "BootImage",
-                                  "metadata": {"name": bi}, "spec": {"version": "e2e", **spec}})
-    cluster.patch_status("bootimages", bi, {"phase": "Approved", "approvedOnChain": True,
-                                            "imageDigest": image.bootdigest})
-    cluster.create("hpcnodes", {"apiVersion": "trustcap.io/v1alpha1", "kind": "HPCNode", "metadata": {"name": node},
-                                "spec": {"gateway": gw, "mac": HPC_MAC, "bootImage": bi}})
+    register_node(cluster, node=node, gateway=gw, boot_image=bi, address=address,
+                  signing_key="0x" + signing_key.hex(), endpoint="gw.local:7443",
+                  files={part: {"path": name, "digest": image.digests[name]} for part, name in files.items()},
+                  image_digest=image.bootdigest, mac=HPC_MAC)
     return JoinObjects(node, gw, bi, image.bootdigest)
