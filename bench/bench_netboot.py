@@ -79,18 +79,22 @@ def bench_tftp(size: int, rounds: int) -> list[tuple[int, float, float]]:
     return rows
 
 
-def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None, str]:
-    """(direct boot s, PXE boot s, PXE to agent enrolled s, accel), all with the agent image."""
+def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None, float | None, str]:
+    """(direct boot s, PXE boot s, PXE to agent enrolled s, reboot wipe s, accel), all with the agent image.
+
+    The reboot wipe is the gateway's whole `reboot` level (gateway/boot.py): revoke, arm a new token,
+    reset the PC over QMP, PXE again, a new key enrolled and quoted, the proof signed."""
+    from trustcap.gateway.boot import BootArming, Rebooter
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.server import AttestationServer
     from trustcap.netboot.image.builder import BuildInputs, build_image, copy_image
-    from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available
+    from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available, qmp_system_reset
 
     from trustcap.trustroot import SoftwareTrustRoot
 
     reason = qemu_available()
     if reason:
-        return None, None, None, reason
+        return None, None, None, None, reason
     img = build_image(BuildInputs(with_agent=True))
     accel = os.environ.get("TRUSTCAP_QEMU_ACCEL", "tcg")
     with tempfile.TemporaryDirectory(prefix="tcbench-boot-") as tmp:
@@ -119,30 +123,40 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None
         root = t / "root"
         copy_image(img, root)
         (t / "approved.json").write_text(json.dumps(img.digests))
-        pxe_s = enrol_s = None
+        pxe_s = enrol_s = reboot_s = None
         (t / "tr").mkdir()
         trust_root = SoftwareTrustRoot.create(t / "tr", os.urandom(32))
         tokens = TokenBook(["0x" + img.bootdigest.split(":", 1)[1]])
-        token = tokens.issue("hpc-bench")
+        arming = BootArming(tokens, "hpc-bench", t / "token")
+        arming.arm()
         with LabLink(tag=f"b{os.getpid()}") as lab:
             with in_netns(lab.gw_ns):
                 server = AttestationServer(trust_root, "hpc-bench", tokens, host=GW_IP, port=7443)
+            rebooter = Rebooter(server, arming, lambda _reason: qmp_system_reset(t / "qmp.sock"), trust_root,
+                                boot_timeout_s=timeout)
+            server.on_session = rebooter.on_session
             serve = subprocess.Popen(lab.in_gw([
                 sys.executable, "-P", "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,
                 "--tftp-port", "69", "--http-port", "8080", "--manifest", str(t / "approved.json"),
                 "--dhcp-interface", lab.gw_if, "--dhcp-range", "10.77.0.100,10.77.0.150",
-                "--mac", f"{HPC_MAC}={token}@hpc-bench", "--agent-endpoint", f"{GW_IP}:7443",
+                "--mac", f"{HPC_MAC}@hpc-bench", "--token-file", str(t / "token"), "--agent-endpoint", f"{GW_IP}:7443",
                 "--gateway-address", trust_root.address, "--state-dir", str(t / "state")]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            hpc = QemuHpc(lab, t / "pxe.log", accel=accel, memory_mb=1024)
+            hpc = QemuHpc(lab, t / "pxe.log", accel=accel, memory_mb=1024, qmp=t / "qmp.sock")
             try:
                 time.sleep(1.5)
                 hpc.start()
                 if hpc.wait_for(("TRUSTCAP-BOOTED",), timeout):
                     pxe_s = hpc.elapsed()
                     try:
-                        server.wait_for_agent(timeout=timeout)
+                        session = server.wait_for_agent(timeout=timeout)
                         enrol_s = hpc.elapsed()
+                        rebooter.boot_quote(session.enrolment.agent_key)
+                        proof = rebooter.reboot("bench")["proof"]
+                        if proof["clean"]:
+                            reboot_s = float(proof["seconds"])
+                        else:
+                            console.print(f"reboot wipe not clean: {proof['checks']} {proof['error']}")
                     except Exception as exc:
                         console.print(f"agent did not enrol: {exc}")
             finally:
@@ -151,7 +165,7 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None
                 trust_root.close()
                 serve.send_signal(signal.SIGTERM)
                 serve.wait(timeout=15)
-    return direct_s, pxe_s, enrol_s, accel
+    return direct_s, pxe_s, enrol_s, reboot_s, accel
 
 
 def main() -> int:
@@ -172,7 +186,7 @@ def main() -> int:
     console.print(table)
     if args.quick or args.no_boot:
         return 0
-    direct_s, pxe_s, enrol_s, info = bench_boot(420)
+    direct_s, pxe_s, enrol_s, reboot_s, info = bench_boot(420)
     if direct_s is None and pxe_s is None and info not in ("tcg", "kvm"):
         console.print(f"boot bench skipped: {info}")
         return 0
@@ -189,6 +203,13 @@ def main() -> int:
     ratio = f"{enrol_s / direct_s:.2f}x" if enrol_s and direct_s else "-"
     boot.add_row("PXE, then the agent enrolled with its gateway", fmt(enrol_s), ratio)
     console.print(boot)
+    wipe = Table(title="Reboot wipe: request -> reset -> PXE -> new key enrolled and quoted, proof signed")
+    for col in ("path", "seconds", "ratio to the first PXE boot to enrolled"):
+        wipe.add_column(col, justify="right")
+    wipe.add_row("first power-on -> agent enrolled (baseline)", fmt(enrol_s), "1.00x")
+    ratio = f"{reboot_s / enrol_s:.2f}x" if reboot_s and enrol_s else "-"
+    wipe.add_row("reboot wipe (gateway/boot.py Rebooter)", fmt(reboot_s), ratio)
+    console.print(wipe)
     return 0
 
 
