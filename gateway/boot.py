@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = ["REBOOT_ANNOTATION", "BootArming", "RebootRequests", "Rebooter", "wri
 
 log = logging.getLogger("trustcap.gateway")
 REBOOT_ANNOTATION = "trustcap.io/reboot"
+_KEEP = 8  # boots' first quotes and proofs kept in memory
 
 
 def write_private(path: Path, text: str) -> None:
@@ -146,7 +148,7 @@ class Rebooter:
         self.store = store
         self.sinks = list(sinks or [])
         self.wall = wall
-        self.proofs: list[dict[str, Any]] = []
+        self.proofs: deque[dict[str, Any]] = deque(maxlen=_KEEP)  # the latest signed proofs (journal: all)
         self._boot_quotes: dict[str, dict[str, Any]] = {}  # agent key -> its boot's first quote (summary)
         self._quote_lock = threading.Lock()
         self._busy = threading.Lock()
@@ -178,13 +180,11 @@ class Rebooter:
                  "quoteDigest": "0x" + quote_digest(signed.quote).hex(),
                  "measurements": dict(signed.quote.measurements)}
             self._boot_quotes[key] = q
+            while len(self._boot_quotes) > _KEEP:  # only the latest boots can be a baseline
+                del self._boot_quotes[next(iter(self._boot_quotes))]
             return q
 
     # -- the reboot ------------------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        return self._busy.locked()
-
     def request(self, reason: str, request_id: str = "") -> bool:
         """Start a reboot in the background; False (and nothing done) while one is running."""
         if not self._busy.acquire(blocking=False):
