@@ -71,6 +71,7 @@ class AnyDirectory:
 
 
 def _kube_lister(kubeconfig: str | None, timeout_s: float) -> Callable[[], list[dict[str, Any]]]:
+    import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
@@ -80,7 +81,7 @@ def _kube_lister(kubeconfig: str | None, timeout_s: float) -> Callable[[], list[
         else:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
             api_client = client.ApiClient()
-    except (ConfigException, OSError, ValueError) as exc:
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
         raise DirectoryError(f"cannot load kubeconfig {kubeconfig or 'in-cluster'!r}: {exc}") from exc
     api = client.CustomObjectsApi(api_client)
 
