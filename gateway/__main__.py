@@ -83,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
                         "policy action is reboot, with TRUSTCAP_NODE and TRUSTCAP_REASON set; the gateway then "
                         "waits for the fresh boot to enrol and signs a wipe proof")
     p.add_argument("--boot-timeout", type=float, default=600.0,
-                   help="seconds a rebooted HPC has to enrol again before the reboot counts as failed")
+                   help="seconds an armed boot (at start, after a reboot) has to enrol: until then the monitor "
+                        "reports the HPC as booting and takes no action; after it a reboot counts as failed")
     return p
 
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             store = KubeHPCNodes(None if args.kubeconfig == "in-cluster" else args.kubeconfig)
             hooks.append(EnrolmentPublisher(server, args.node, store).on_session)
             on_action["quarantine"] = QuarantineReporter(args.node, store)
-        arming = BootArming(tokens, args.node, args.token_file)
+        arming = BootArming(tokens, args.node, args.token_file, boot_timeout_s=args.boot_timeout)
         rebooter = requests = None
         if args.reboot_command:
             power = RebootCommand(args.node, args.reboot_command)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 requests = RebootRequests(rebooter, store)
         server.on_session = _fan_out(hooks)
         arming.arm()
-        monitor = Monitor(server, policy, sinks=sinks, on_action=on_action)
+        monitor = Monitor(server, policy, sinks=sinks, on_action=on_action, booting=arming.awaiting_boot)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
         relay = RelayService(server, verifiers=verifiers, records=lambda: list(monitor.records),
                              max_age_s=max_age, host=args.relay[0], port=args.relay[1])

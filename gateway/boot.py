@@ -67,25 +67,30 @@ class BootArming:
     """The token armed for the HPC's next boot, kept in the token file netboot follows."""
 
     def __init__(self, tokens: TokenBook, node: str, path: Path, *, refresh_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 boot_timeout_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.tokens = tokens
         self.node = node
         self.path = path
         self.refresh_s = refresh_s if refresh_s is not None else tokens.ttl / 2
+        self.boot_timeout_s = boot_timeout_s
         self.clock = clock
         self.token: str | None = None
-        self.armed_at = 0.0
+        self.armed_at = 0.0   # when the current token was minted (refreshes included)
+        self.boot_since: float | None = None  # when the awaited boot was asked for (start, reboot; not a refresh)
         self.armed_count = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         tokens.on_enrolled.append(self._enrolled)
 
-    def arm(self) -> str:
-        """Mint the next boot's token and publish it to the boot services."""
+    def arm(self, *, refresh: bool = False) -> str:
+        """Mint the next boot's token and publish it to the boot services (`refresh`: the same boot is
+        still awaited, only its token is renewed)."""
         with self._lock:
             self.token = self.tokens.issue(self.node)
             self.armed_at = self.clock()
+            if not refresh or self.boot_since is None:
+                self.boot_since = self.armed_at
             self.armed_count += 1
             write_private(self.path, self.token + "\n")
         log.info("boot of %s armed: one-time token written to %s", self.node, self.path)
@@ -102,6 +107,13 @@ class BootArming:
             self.disarm()
             log.info("boot of %s enrolled: token burnt, DHCP stops serving it", self.node)
 
+    def awaiting_boot(self) -> bool:
+        """True while a boot is armed and not yet enrolled, within `boot_timeout_s` of being asked for: the
+        monitor then reports the HPC as booting instead of acting on a missing agent."""
+        with self._lock:
+            return (self.token is not None and self.boot_since is not None
+                    and self.clock() - self.boot_since < self.boot_timeout_s)
+
     def refresh_due(self) -> bool:
         with self._lock:
             return self.token is not None and self.clock() - self.armed_at >= self.refresh_s
@@ -110,7 +122,7 @@ class BootArming:
         def loop() -> None:
             while not self._stop.wait(poll_s):
                 if self.refresh_due():
-                    self.arm()
+                    self.arm(refresh=True)
 
         self._thread = threading.Thread(target=loop, name="trustcap-boot-arming", daemon=True)
         self._thread.start()
@@ -228,8 +240,8 @@ class Rebooter:
                                           "startedAt": _time(started)}, keep_quarantine=True)
         log.warning("rebooting HPC %s: %s", self.node, reason)
         revoked, _ = self.tokens.revoke(self.node)
+        self.arming.arm()  # before the session goes: the monitor sees a boot awaited, not a lost agent
         self.server.drop_session()
-        self.arming.arm()
         proof: dict[str, Any] = {
             "version": 1, "level": "reboot", "node": self.node, "gateway": self.root.address,
             "request": request_id, "reason": reason[:1024], "requestedAt": int(started),

@@ -16,7 +16,7 @@ What is kept where (issue 4: records must never be lost to the in-memory bound):
   (fsynced) to a journal file that rotates by size (`path`, `path.1` ... `path.N`; the oldest beyond N
   is deleted, the only place records are ever dropped, and only after N+1 files of them);
 - the Prometheus counter `trustcap_gateway_monitor_checks_total{outcome, action}` counts every check
-  (outcome: passed | failed | unreachable), and `..._sink_failures_total` counts exports that failed;
+  (outcome: passed | failed | unreachable | booting), and `..._sink_failures_total` counts exports that failed;
 - `Monitor.records` keeps only the latest `keep` records (default 1000) for the relay's trust status.
 A sink that fails is logged and counted and never stops monitoring.
 """
@@ -47,7 +47,7 @@ __all__ = ["CHECKS", "CheckRecord", "JournalSink", "Monitor"]
 log = logging.getLogger("trustcap.gateway")
 
 CHECKS = Counter("trustcap_gateway_monitor_checks_total",
-                 "Monitor checks of the HPC, by outcome (passed, failed, unreachable) and action taken.",
+                 "Monitor checks of the HPC, by outcome (passed, failed, unreachable, booting) and action taken.",
                  ["outcome", "action"])
 SINK_FAILURES = Counter("trustcap_gateway_monitor_sink_failures_total",
                         "Check records a sink (journal, publisher) failed to export.")
@@ -125,8 +125,12 @@ class Monitor:
     def __init__(self, server: AttestationServer, policy: GatewayPolicy, *,
                  on_action: dict[str, Callable[[CheckRecord], None]] | None = None,
                  sinks: Sequence[Callable[[CheckRecord], None]] = (), keep: int = 1000,
-                 rng: random.Random | None = None, wall: Callable[[], float] = time.time) -> None:
+                 rng: random.Random | None = None, wall: Callable[[], float] = time.time,
+                 booting: Callable[[], bool] | None = None) -> None:
         self.server = server
+        # While a boot is armed and not yet enrolled (BootArming.awaiting_boot), a missing agent is the
+        # HPC booting, not an unreachable one: recorded (untrusted) but never acted on.
+        self.booting = booting
         self.policy = policy
         self.rng = rng or random.SystemRandom()
         self.wall = wall
@@ -143,6 +147,14 @@ class Monitor:
     def check_once(self) -> CheckRecord:
         from trustcap.evidence import quote_digest
 
+        if self.server.session is None and self.booting is not None and self.booting():
+            rec = CheckRecord(at=self.wall(), ok=False, action="none", policy_digest=self.policy.digest,
+                              failed=[{"id": "agent.booting",
+                                       "message": "the HPC is booting: no agent has enrolled for the armed boot yet"}])
+            CHECKS.labels(outcome="booting", action="none").inc()
+            self._export(rec)
+            self.records.append(rec)
+            return rec
         nonce = self.nonces.issue()
         report = Report()
         qd = ""

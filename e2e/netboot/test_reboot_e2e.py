@@ -70,9 +70,9 @@ def _policy(path: Path, node: str, boot_hex: str) -> Path:
     path.write_text(yaml.safe_dump({
         "apiVersion": "trustcap.io/v1alpha1", "kind": "GatewayPolicy",
         "monitor": {"meanIntervalSeconds": 5, "minIntervalSeconds": 1, "maxQuoteAgeSeconds": 60},
-        # Report only: this test asks for the reboot itself; an unreachable agent mid-reboot must not
-        # quarantine the node or start a second one.
-        "actions": {"critical": "report", "high": "report", "medium": "report", "unreachable": "report"},
+        # Strict: a lost agent quarantines the node. Mid-reboot the agent is gone on purpose; the monitor
+        # must report the HPC as booting (the boot is armed) and never quarantine it.
+        "actions": {"critical": "quarantine", "high": "quarantine", "medium": "report", "unreachable": "quarantine"},
         "attestation": {"node": node, "bootImages": ["0x" + boot_hex], "allowUnlistedMeasurements": True},
     }))
     return path
@@ -177,6 +177,10 @@ def test_reboot_wipe_repxe_boots_the_hpc_and_proves_a_fresh_boot(rig: RebootRig,
     assert proof["baseline"]["agentKey"] == old_key
     journal = [json.loads(line) for line in rig.journal.read_text().splitlines()]
     assert any(e.get("proof") == proof for e in journal)
+    # The monitor kept checking through the reboot: the HPC was booting, never unreachable, never acted on.
+    failed = [f["id"] for e in journal for f in e.get("failed", [])]
+    assert "agent.booting" in failed and "agent.unreachable" not in failed, failed
+    assert "Quarantined" not in json.dumps(rig.node().get("status", {}))
 
     # The HPC really went through PXE twice, each boot with its own token from DHCP.
     serial = rig.hpc.serial_log.read_text(errors="replace")

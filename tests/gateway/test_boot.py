@@ -218,3 +218,45 @@ def test_the_monitor_reboot_action_starts_one_reboot(pair: Pair, tmp_path: Path)
     assert (rec.extra["reboot"], again.extra["reboot"]) == ("started", "already-in-progress")
     assert power.calls == ["monitor: agent.unreachable: gone"]
     assert rb.proofs[0]["proof"]["reason"] == "monitor: agent.unreachable: gone"
+
+
+def test_awaiting_boot_lasts_until_enrolment_or_the_boot_timeout(tmp_path: Path) -> None:
+    now = [0.0]
+    tokens = TokenBook([BOOT], ttl_seconds=100)
+    arming = BootArming(tokens, "hpc-1", tmp_path / "token", boot_timeout_s=300, clock=lambda: now[0])
+    assert not arming.awaiting_boot()  # nothing armed: a missing agent is a lost agent
+    token = arming.arm()
+    now[0] = 60.0
+    arming.arm(refresh=True)  # a renewed token does not restart the boot's clock
+    now[0] = 299.0
+    assert arming.awaiting_boot()
+    now[0] = 300.0
+    assert not arming.awaiting_boot()  # the boot took too long: now the policy acts
+    now[0] = 10.0
+    tokens.enrol(arming.token or token, "hpc-1", "0x02" + "11" * 32, BOOT)
+    assert not arming.awaiting_boot()  # enrolled: the boot is over
+
+
+def test_the_monitor_reports_a_booting_hpc_without_acting(trust_root: Any, tmp_path: Path, policy_yaml: Any) -> None:
+    from trustcap.gateway.monitor import Monitor
+    from trustcap.gateway.policy import load_gateway_policy
+    from trustcap.gateway.server import AttestationServer
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(actions={"critical": "quarantine", "high": "quarantine", "medium": "quarantine",
+                                         "unreachable": "quarantine"}))
+    tokens = TokenBook([BOOT])
+    server = AttestationServer(trust_root, "hpc-1", tokens)
+    acted: list[str] = []
+    booting = [True]
+    mon = Monitor(server, load_gateway_policy(path), on_action={"quarantine": lambda r: acted.append(r.action)},
+                  booting=lambda: booting[0])
+    try:
+        rec = mon.check_once()
+        assert (rec.ok, rec.action, rec.failed[0]["id"]) == (False, "none", "agent.booting")
+        assert acted == []
+        booting[0] = False  # the armed boot timed out (or none was armed): a missing agent is acted on
+        rec = mon.check_once()
+        assert (rec.action, rec.failed[0]["id"]) == ("quarantine", "agent.unreachable") and acted == ["quarantine"]
+    finally:
+        server.close()
