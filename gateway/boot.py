@@ -326,6 +326,22 @@ class RebootRequests:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def recover(self) -> bool:
+        """At start: a reboot this gateway left InProgress (it was restarted mid-reboot) lost its proof;
+        say so (state Failed, request kept so the same annotation value is not served again)."""
+        try:
+            last = (self.store.get(self.rebooter.node).get("status") or {}).get("lastWipe") or {}
+            if last.get("state") != "InProgress":
+                return False
+            self.store.patch_status(self.rebooter.node, {"status": {"lastWipe": {
+                **last, "state": "Failed", "clean": False,
+                "message": "the gateway restarted during this reboot; its proof is lost (ask again for a new one)"}}})
+        except Exception as exc:
+            log.error("could not close the interrupted reboot of %s: %s", self.rebooter.node, exc)
+            return False
+        log.warning("reboot of %s was interrupted by a gateway restart; marked Failed", self.rebooter.node)
+        return True
+
     def poll(self) -> str | None:
         """Check once; the request id started, if any."""
         try:
@@ -348,6 +364,8 @@ class RebootRequests:
         return str(value)
 
     def start(self) -> RebootRequests:
+        self.recover()
+
         def loop() -> None:
             while not self._stop.wait(self.poll_s):
                 self.poll()

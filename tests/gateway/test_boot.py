@@ -260,3 +260,16 @@ def test_the_monitor_reports_a_booting_hpc_without_acting(trust_root: Any, tmp_p
         assert (rec.action, rec.failed[0]["id"]) == ("quarantine", "agent.unreachable") and acted == ["quarantine"]
     finally:
         server.close()
+
+
+def test_a_reboot_interrupted_by_a_gateway_restart_is_closed_as_failed(pair: Pair, tmp_path: Path) -> None:
+    rb, power, store = _rebooter(pair, tmp_path)
+    store.node["metadata"]["annotations"][REBOOT_ANNOTATION] = "req-9"
+    store.node["status"]["lastWipe"] = {"level": "Reboot", "request": "req-9", "state": "InProgress"}
+    requests = RebootRequests(rb, store)
+    assert requests.recover()
+    last = store.node["status"]["lastWipe"]
+    assert (last["state"], last["clean"], last["request"]) == ("Failed", False, "req-9")
+    assert "restarted" in last["message"]
+    assert requests.poll() is None and power.calls == []  # that request was served (and failed): not again
+    assert not requests.recover()  # nothing left in progress
