@@ -24,6 +24,7 @@ _SUBCOMMANDS: tuple[str, ...] = (
     "netboot",
     "keys",
     "seal",
+    "bootimage",
 )
 
 err_console = Console(stderr=True, highlight=False)
