@@ -14,15 +14,32 @@ import {NodeRegistry} from "./NodeRegistry.sol";
 /// among the verifiers; failed refunds the payer and slashes the executor's deposit to the payer.
 /// There is no other path to a slash. Payouts are credited and pulled (`withdraw`), so one failing
 /// recipient cannot block a settlement.
+/// @dev Timeout refund (decision 0030, "Escrow deadline"): every task carries a deadline fixed at
+/// `createTask` (after now, at most `MAX_DEADLINE` ahead). Once it has passed, a task still Funded or
+/// Assigned can be refunded by its payer: the whole payment is credited back (`owed`, pulled as usual)
+/// and the task becomes Refunded, closed for good. A timeout proves nothing about the executor, so it
+/// never slashes. Until a refund happens, `assign` and `settle` keep working after the deadline:
+/// a late but proven quorum still pays the work that was done; the refund is what closes the task.
+/// Only the payer may refund: a refund can only ever pay the payer, and letting anyone call it would
+/// let a third party race a late settlement and cancel the executor's pay, a choice that belongs to
+/// the one who paid (who, having lost its key, could not withdraw a refund anyway).
+///
+///   payer --createTask(deadline)--> Funded --assign--> Assigned --settle--> Paid | Slashed
+///                                     |                  |
+///                                     +---- refund (payer, block.timestamp > deadline) ---> Refunded
 contract TaskEscrow is Ownable, ReentrancyGuard {
     uint8 public constant PHASE_POST = 3;
+    /// The furthest a deadline may lie ahead at `createTask`: a payment should not be locked for longer
+    /// than any capsule plausibly runs (and a typo of a few digits must not lock it for centuries).
+    uint64 public constant MAX_DEADLINE = 30 days;
 
     enum State {
         None,
         Funded,
         Assigned,
         Paid,
-        Slashed
+        Slashed,
+        Refunded
     }
 
     struct Task {
@@ -32,6 +49,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         bytes32 attestationId;
         address executor;
         State state;
+        uint64 deadline;
         address[] verifiers;
     }
 
@@ -48,6 +66,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     event TaskAssigned(bytes32 indexed taskId, bytes32 indexed attestationId, address indexed executor);
     event TaskPaid(bytes32 indexed taskId, address indexed executor, uint256 executorAmount, uint256 perVerifier);
     event TaskSlashed(bytes32 indexed taskId, address indexed executor, uint256 slashed);
+    event TaskRefunded(bytes32 indexed taskId, address indexed payer, uint256 payment);
     event Withdrawn(address indexed to, uint256 amount);
     event CoordinatorSet(address indexed coordinator);
 
@@ -62,6 +81,10 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     error WrongPhase(uint8 got);
     error NothingOwed(address to);
     error TransferFailed(address to, uint256 amount);
+    error DeadlineInPast(uint64 deadline, uint256 now_);
+    error DeadlineTooFar(uint64 deadline, uint256 latest);
+    error DeadlineNotReached(bytes32 taskId, uint64 deadline, uint256 now_);
+    error NotPayer(address caller, address payer);
 
     constructor(
         address owner_,
@@ -84,14 +107,19 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         emit CoordinatorSet(coordinator_);
     }
 
-    function createTask(bytes32 taskId, uint96 minVerdicts) external payable {
+    /// @notice Escrow `msg.value` for `taskId`; refundable to the payer after `deadline` (unix seconds,
+    /// strictly after this block and at most MAX_DEADLINE ahead) unless settled first.
+    function createTask(bytes32 taskId, uint96 minVerdicts, uint64 deadline) external payable {
         Task storage t = _tasks[taskId];
         if (t.state != State.None) revert TaskExists(taskId);
         if (msg.value == 0) revert NoPayment();
         if (minVerdicts < 2) revert InvalidMinVerdicts(minVerdicts);
+        if (deadline <= block.timestamp) revert DeadlineInPast(deadline, block.timestamp);
+        if (deadline > block.timestamp + MAX_DEADLINE) revert DeadlineTooFar(deadline, block.timestamp + MAX_DEADLINE);
         t.payer = msg.sender;
         t.minVerdicts = minVerdicts;
         t.payment = msg.value;
+        t.deadline = deadline;
         t.state = State.Funded;
         emit TaskFunded(taskId, msg.sender, msg.value);
     }
@@ -139,6 +167,18 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
             owed[t.payer] += taken;
             emit TaskSlashed(taskId, t.executor, taken);
         }
+    }
+
+    /// @notice After the deadline, give an unsettled (Funded or Assigned) task's payment back to its payer
+    /// and close it. No slash: a timeout is not proof of misbehaviour.
+    function refund(bytes32 taskId) external {
+        Task storage t = _tasks[taskId];
+        if (t.state != State.Funded && t.state != State.Assigned) revert WrongState(taskId, t.state);
+        if (msg.sender != t.payer) revert NotPayer(msg.sender, t.payer);
+        if (block.timestamp <= t.deadline) revert DeadlineNotReached(taskId, t.deadline, block.timestamp);
+        t.state = State.Refunded;
+        owed[t.payer] += t.payment;
+        emit TaskRefunded(taskId, t.payer, t.payment);
     }
 
     function withdraw() external nonReentrant {

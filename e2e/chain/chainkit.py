@@ -36,6 +36,24 @@ def new_epoch() -> int:
     return int.from_bytes(os.urandom(6), "big")
 
 
+def block_time(chain: Chain) -> int:
+    """The latest block's timestamp: the contracts' clock. Tests that move anvil's time forward make it run
+    ahead of the wall clock, so deadlines are always taken from here, never from time.time()."""
+    return int(chain.owner.w3.eth.get_block("latest")["timestamp"])
+
+
+def task_deadline(chain: Chain, seconds: int = 3600) -> int:
+    """A TaskEscrow deadline `seconds` after the latest block (inside the contract's 30-day bound)."""
+    return block_time(chain) + seconds
+
+
+def advance(chain: Chain, seconds: int) -> int:
+    """Move anvil's clock `seconds` forward and mine a block there; the new block time. No sleeping."""
+    chain.anvil.rpc("evm_increaseTime", [seconds])
+    chain.anvil.rpc("evm_mine")
+    return block_time(chain)
+
+
 def reverts(fn: Callable[[], object], error: str) -> ContractReverted:
     """Call `fn`, which must revert with the contract's custom error `error`; the revert, for more checks
     (its error_args). The adversarial tests of every contract assert their refusals through this."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from chainkit import ETH, OUTSIDER, VERIFIERS, Chain, make_verdict, new_epoch, record, reverts
+from chainkit import ETH, OUTSIDER, VERIFIERS, Chain, make_verdict, new_epoch, record, reverts, task_deadline
 
 from trustcap.chain.typed import verdict_tuple
 from trustcap.evidence.verdict import Verdict, verdict_id
@@ -46,7 +46,7 @@ def _task(chain: Chain, att: bytes) -> bytes:
     task = os.urandom(32)
     payer = chain.client(PAYER)
     esc = payer.contract("TaskEscrow", chain.d.escrow)
-    payer.transact(esc.functions.createTask(task, 2), value=ETH)
+    payer.transact(esc.functions.createTask(task, 2, task_deadline(chain)), value=ETH)
     chain.owner.transact(chain.owner.contract("TaskEscrow", chain.d.escrow).functions.assign(
         task, att, EXECUTOR.address, [v.address for v in VERIFIERS[1:4]]))
     return task
@@ -136,10 +136,10 @@ def test_only_the_coordinator_binds_a_task(chain: Chain) -> None:
     payer = chain.client(PAYER)
     esc = payer.contract("TaskEscrow", chain.d.escrow)
     task = os.urandom(32)
-    payer.transact(esc.functions.createTask(task, 2), value=ETH)
+    payer.transact(esc.functions.createTask(task, 2, task_deadline(chain)), value=ETH)
     reverts(lambda: payer.transact(esc.functions.assign(task, os.urandom(32), PAYER.address, [PAYER.address])),
             "NotCoordinator")
-    reverts(lambda: payer.transact(esc.functions.createTask(task, 2), value=ETH), "TaskExists")
+    reverts(lambda: payer.transact(esc.functions.createTask(task, 2, task_deadline(chain)), value=ETH), "TaskExists")
 
 
 def test_reputation_rises_slowly_and_a_failure_lasts_years(chain: Chain) -> None:

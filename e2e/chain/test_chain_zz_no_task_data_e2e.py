@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from chainkit import ETH, VERIFIERS, WRITER, Chain, make_verdict, scan_chain
+from chainkit import ETH, VERIFIERS, WRITER, Chain, make_verdict, scan_chain, task_deadline
 
 from trustcap import canonical
 from trustcap.chain.anvil import Anvil
@@ -44,7 +44,8 @@ def test_no_capsule_payload_or_key_on_chain(anvil: Anvil, chain: Chain, tmp_path
             [[bytes.fromhex(p[2:]) for p in r.proof] for r in recs]]  # type: ignore[union-attr]
     payer = chain.client(VERIFIERS[4])
     task = hashlib.sha256(b"capsule-id" + state_digest).digest()
-    payer.transact(payer.contract("TaskEscrow", chain.d.escrow).functions.createTask(task, 2), value=ETH)
+    payer.transact(payer.contract("TaskEscrow", chain.d.escrow).functions.createTask(task, 2, task_deadline(chain)),
+                   value=ETH)
     esc = chain.owner.contract("TaskEscrow", chain.d.escrow)
     chain.owner.transact(esc.functions.assign(task, att, VERIFIERS[0].address, [v.address for v in VERIFIERS[1:4]]))
     chain.owner.transact(esc.functions.settle(task, *args))
