@@ -7,6 +7,7 @@ Decision 0030, "Escrow deadline"."""
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from chainkit import (
     reverts,
     task_deadline,
 )
+from web3 import Web3
 from web3.contract import Contract
 
 from trustcap.chain.keys import KeySigner
@@ -72,6 +74,10 @@ def _deposit(chain: Chain) -> int:
     return int(chain.owner.contract("NodeRegistry", chain.d.registry).functions.nodeOf(EXECUTOR.address).call()[0])
 
 
+def _balance(chain: Chain, address: str) -> int:
+    return int(chain.owner.w3.eth.get_balance(Web3.to_checksum_address(address)))
+
+
 def _refund(chain: Chain, task: bytes, signer: KeySigner = PAYER) -> dict[str, Any]:
     return chain.client(signer).transact(_esc(chain, signer).functions.refund(task))
 
@@ -99,12 +105,12 @@ def test_refund_after_the_deadline_credits_the_payer_exactly_and_withdraw_pays_i
     assert all(esc.functions.owed(v).call() == 0 for v in COMMITTEE)
 
     payer = chain.client(PAYER)
-    before = payer.w3.eth.get_balance(PAYER.address)
+    before = _balance(chain, PAYER.address)
     r = payer.transact(_esc(chain, PAYER).functions.withdraw())
     fee = int(r["gasUsed"]) * int(r["effectiveGasPrice"])
-    assert payer.w3.eth.get_balance(PAYER.address) == before + ETH - fee
+    assert _balance(chain, PAYER.address) == before + ETH - fee
     assert esc.functions.owed(PAYER.address).call() == 0
-    assert payer.w3.eth.get_balance(chain.d.escrow) == 0, "the escrow must hold nothing after the withdrawal"
+    assert _balance(chain, chain.d.escrow) == 0, "the escrow must hold nothing after the withdrawal"
 
 
 @pytest.mark.parametrize("assigned", [
@@ -201,7 +207,7 @@ def test_only_the_payer_can_refund(chain: Chain) -> None:
     task, _ = _fund(chain)
     advance(chain, WINDOW + 1)
     for signer in (OUTSIDER, EXECUTOR):
-        err = reverts(lambda s=signer: _refund(chain, task, s), "NotPayer")
+        err = reverts(partial(_refund, chain, task, signer), "NotPayer")
         assert err.error_args == (signer.address, PAYER.address)
     reverts(lambda: chain.owner.transact(_esc(chain).functions.refund(task)), "NotPayer")
     assert _state(chain, task) == FUNDED
@@ -233,14 +239,14 @@ def test_deadline_out_of_bounds_reverts_naming_it(chain: Chain, offset: int | No
         deadline = now + offset
     task = os.urandom(32)
     payer = chain.client(PAYER)
-    before = payer.w3.eth.get_balance(PAYER.address)
+    before = _balance(chain, PAYER.address)
     err = reverts(lambda: payer.transact(_esc(chain, PAYER).functions.createTask(task, 2, deadline), value=ETH),
                   error)
     assert err.error_args[0] == deadline
     if error == "DeadlineTooFar":
         assert now + 30 * DAY <= err.error_args[1] < deadline
     assert _state(chain, task) == 0
-    assert payer.w3.eth.get_balance(PAYER.address) == before, "a refused task must not take the payment"
+    assert _balance(chain, PAYER.address) == before, "a refused task must not take the payment"
 
 
 @pytest.mark.parametrize("offset", [
