@@ -1,8 +1,9 @@
 """Where the list of approved boot files comes from.
 
 The gateway serves a file only if some approved boot image lists it with a digest. Who approves is
-pluggable (`ApprovalSource`): today the `BootImage` status in the Kubernetes API (`BootImageApproval`),
-later the chain contract; a fixed manifest (`ManifestApproval`) serves tests and `trustcap netboot serve`.
+pluggable (`ApprovalSource`): the `BootImage` status in the Kubernetes API (`BootImageApproval`), which the
+operator mirrors from the chain's `NodeRegistry.approvedBootImage` (decision 0063); a fixed manifest
+(`ManifestApproval`) serves tests and `trustcap netboot serve`.
 
 A source returns a fresh mapping on each call; the store asks again on every request, so a revoked image
 stops being served at the next request, not at the next restart.
