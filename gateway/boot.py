@@ -54,6 +54,28 @@ REBOOT_ANNOTATION = "trustcap.io/reboot"
 _KEEP = 8  # boots' first quotes and proofs kept in memory
 
 
+class _Periodic:
+    """Run `tick` every `every_s` seconds in a daemon thread until `stop()`."""
+
+    def __init__(self, name: str, every_s: float, tick: Callable[[], object]) -> None:
+        self._stop = threading.Event()
+        self._every_s = every_s
+        self._tick = tick
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self._tick()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
 def write_private(path: Path, text: str) -> None:
     """Replace `path` atomically with `text`, mode 0600 (a reader never sees half a token)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
@@ -79,8 +101,7 @@ class BootArming:
         self.boot_since: float | None = None  # when the awaited boot was asked for (start, reboot; not a refresh)
         self.armed_count = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._refresher: _Periodic | None = None
         tokens.on_enrolled.append(self._enrolled)
 
     def arm(self, *, refresh: bool = False) -> str:
@@ -118,20 +139,18 @@ class BootArming:
         with self._lock:
             return self.token is not None and self.clock() - self.armed_at >= self.refresh_s
 
-    def start(self, poll_s: float = 5.0) -> BootArming:
-        def loop() -> None:
-            while not self._stop.wait(poll_s):
-                if self.refresh_due():
-                    self.arm(refresh=True)
+    def _refresh(self) -> None:
+        if self.refresh_due():
+            self.arm(refresh=True)
 
-        self._thread = threading.Thread(target=loop, name="trustcap-boot-arming", daemon=True)
-        self._thread.start()
+    def start(self, poll_s: float = 5.0) -> BootArming:
+        self._refresher = _Periodic("trustcap-boot-arming", poll_s, self._refresh)
+        self._refresher.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._refresher is not None:
+            self._refresher.stop()
 
 
 class StatusStore(Protocol):
@@ -323,8 +342,7 @@ class RebootRequests:
         self.store = store
         self.poll_s = poll_s
         self.taken: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = _Periodic("trustcap-reboot-requests", poll_s, self.poll)
 
     def recover(self) -> bool:
         """At start: a reboot this gateway left InProgress (it was restarted mid-reboot) lost its proof;
@@ -365,16 +383,8 @@ class RebootRequests:
 
     def start(self) -> RebootRequests:
         self.recover()
-
-        def loop() -> None:
-            while not self._stop.wait(self.poll_s):
-                self.poll()
-
-        self._thread = threading.Thread(target=loop, name="trustcap-reboot-requests", daemon=True)
-        self._thread.start()
+        self._poller.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._poller.stop()

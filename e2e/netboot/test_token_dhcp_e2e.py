@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from netlab import Lab, need_root, veth_lab
+from pxekit import _stop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -72,12 +72,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Lab, Path, Path]]:
                 time.sleep(0.2)
             yield lab, token_file, log
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            _stop(proc)
 
 
 def _dhcp(lab: Lab, tmp: Path) -> dict[str, str] | None:
