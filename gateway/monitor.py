@@ -147,14 +147,8 @@ class Monitor:
     def check_once(self) -> CheckRecord:
         from trustcap.evidence import quote_digest
 
-        if self.server.session is None and self.booting is not None and self.booting():
-            rec = CheckRecord(at=self.wall(), ok=False, action="none", policy_digest=self.policy.digest,
-                              failed=[{"id": "agent.booting",
-                                       "message": "the HPC is booting: no agent has enrolled for the armed boot yet"}])
-            CHECKS.labels(outcome="booting", action="none").inc()
-            self._export(rec)
-            self.records.append(rec)
-            return rec
+        if self.server.session is None and self._booting():
+            return self._booting_record()
         nonce = self.nonces.issue()
         report = Report()
         qd = ""
@@ -172,6 +166,8 @@ class Monitor:
             report.add("quote", "quote.rejected_by_gateway", Severity.CRITICAL, str(exc))
             severity = "critical"
         except GatewayError as exc:
+            if self._booting():  # a reboot began while this check was in flight: its session was dropped
+                return self._booting_record()
             report.add("agent", "agent.unreachable", Severity.CRITICAL, f"agent did not answer: {exc}")
             severity = "unreachable"
         action = "none" if severity is None else self.policy.actions[severity]
@@ -184,6 +180,19 @@ class Monitor:
         if not rec.ok:
             log.warning("check failed on %s (%s): %s", self.server.node_id, action, report.summary())
             self._act(rec)
+        return rec
+
+    def _booting(self) -> bool:
+        return self.booting is not None and self.booting()
+
+    def _booting_record(self) -> CheckRecord:
+        """The HPC is booting an armed boot: recorded (untrusted), never acted on."""
+        rec = CheckRecord(at=self.wall(), ok=False, action="none", policy_digest=self.policy.digest,
+                          failed=[{"id": "agent.booting",
+                                   "message": "the HPC is booting: no agent has enrolled for the armed boot yet"}])
+        CHECKS.labels(outcome="booting", action="none").inc()
+        self._export(rec)
+        self.records.append(rec)
         return rec
 
     def _export(self, rec: CheckRecord) -> None:

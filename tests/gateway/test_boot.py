@@ -273,3 +273,29 @@ def test_a_reboot_interrupted_by_a_gateway_restart_is_closed_as_failed(pair: Pai
     assert "restarted" in last["message"]
     assert requests.poll() is None and power.calls == []  # that request was served (and failed): not again
     assert not requests.recover()  # nothing left in progress
+
+
+def test_a_check_in_flight_when_a_reboot_begins_is_booting_not_unreachable(pair: Pair, tmp_path: Path,
+                                                                          policy_yaml: Any) -> None:
+    from trustcap.gateway.monitor import Monitor
+    from trustcap.gateway.policy import load_gateway_policy
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(actions={"critical": "quarantine", "high": "quarantine", "medium": "quarantine",
+                                         "unreachable": "quarantine"}))
+    booting = [False]
+    acted: list[str] = []
+    mon = Monitor(pair.server, load_gateway_policy(path), on_action={"quarantine": lambda r: acted.append(r.action)},
+                  booting=lambda: booting[0])
+
+    def dropped_mid_check(nonce: bytes) -> Any:
+        booting[0] = True  # the Rebooter armed a boot and dropped the session while this check waited
+        raise GatewayError("channel closed")
+
+    pair.server.challenge = dropped_mid_check
+    rec = mon.check_once()
+    assert (rec.action, rec.failed[0]["id"]) == ("none", "agent.booting") and acted == []
+    booting[0] = False  # positive control: the same failure with no boot armed is acted on
+    pair.server.challenge = lambda nonce: (_ for _ in ()).throw(GatewayError("channel closed"))
+    rec = mon.check_once()
+    assert (rec.action, rec.failed[0]["id"]) == ("quarantine", "agent.unreachable") and acted == ["quarantine"]
