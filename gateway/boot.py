@@ -35,14 +35,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from trustcap.gateway.actions import failed_claims
 from trustcap.gateway.enrol import Enrolment, TokenBook
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.monitor import CheckRecord
+from trustcap.gateway.publish import HPCNodeStore, status_time
 from trustcap.gateway.server import AgentSession, AttestationServer
 
 from trustcap.evidence import Signer, quote_digest, sign_wipe_proof, wipe_proof_digest
@@ -99,7 +99,6 @@ class BootArming:
         self.token: str | None = None
         self.armed_at = 0.0   # when the current token was minted (refreshes included)
         self.boot_since: float | None = None  # when the awaited boot was asked for (start, reboot; not a refresh)
-        self.armed_count = 0
         self._lock = threading.Lock()
         self._refresher: _Periodic | None = None
         tokens.on_enrolled.append(self._enrolled)
@@ -112,7 +111,6 @@ class BootArming:
             self.armed_at = self.clock()
             if not refresh or self.boot_since is None:
                 self.boot_since = self.armed_at
-            self.armed_count += 1
             write_private(self.path, self.token + "\n")
         log.info("boot of %s armed: one-time token written to %s", self.node, self.path)
         return self.token
@@ -153,20 +151,11 @@ class BootArming:
             self._refresher.stop()
 
 
-class StatusStore(Protocol):
-    def get(self, name: str) -> dict[str, Any]: ...
-    def patch_status(self, name: str, body: dict[str, Any]) -> None: ...
-
-
-def _time(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class Rebooter:
     """Runs the `reboot` wipe for one HPC and signs what it saw (one at a time; see the module doc)."""
 
     def __init__(self, server: AttestationServer, arming: BootArming, power: Callable[[str], None],
-                 root: Signer, *, boot_timeout_s: float = 600.0, store: StatusStore | None = None,
+                 root: Signer, *, boot_timeout_s: float = 600.0, store: HPCNodeStore | None = None,
                  sinks: list[Callable[[dict[str, Any]], None]] | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         self.server = server
@@ -255,8 +244,8 @@ class Rebooter:
         before = None if session is None else {"agentKey": session.enrolment.agent_key,
                                                "bootImageDigest": session.enrolment.boot_digest}
         baseline = None if before is None else self._boot_quotes.get(before["agentKey"])
-        self._patch({"phase": "Wiping"}, {"level": "Reboot", "request": request_id, "state": "InProgress",
-                                          "startedAt": _time(started)}, keep_quarantine=True)
+        self._patch({"level": "Reboot", "request": request_id, "state": "InProgress",
+                     "startedAt": status_time(started)}, phase="Wiping")
         log.warning("rebooting HPC %s: %s", self.node, reason)
         revoked, _ = self.tokens.revoke(self.node)
         self.arming.arm()  # before the session goes: the monitor sees a boot awaited, not a lost agent
@@ -306,24 +295,22 @@ class Rebooter:
             except Exception as exc:  # a full disk must not lose the HPCNode status below
                 log.error("reboot proof not exported: %s", exc)
         text = json.dumps(signed, sort_keys=True, separators=(",", ":"))
-        self._patch(None, {"level": "Reboot", "request": proof["request"],
-                           "state": "Clean" if proof["clean"] else "Failed", "clean": proof["clean"],
-                           "startedAt": _time(proof["requestedAt"]), "time": _time(self.wall()),
-                           "proof": text, "proofDigest": "sha256:" + wipe_proof_digest(proof).hex(),
-                           "message": proof["error"] or ("clean" if proof["clean"] else "checks failed: " + ", ".join(
-                               k for k, v in proof["checks"].items() if v is False))})
+        failed = ", ".join(k for k, v in proof["checks"].items() if v is False)
+        self._patch({"level": "Reboot", "request": proof["request"],
+                     "state": "Clean" if proof["clean"] else "Failed", "clean": proof["clean"],
+                     "startedAt": status_time(proof["requestedAt"]), "time": status_time(self.wall()),
+                     "proof": text, "proofDigest": "sha256:" + wipe_proof_digest(proof).hex(),
+                     "message": proof["error"] or ("clean" if proof["clean"] else "checks failed: " + failed)})
         log.warning("reboot of %s finished: clean=%s in %.1f s", self.node, proof["clean"], proof["seconds"])
 
-    def _patch(self, phase: dict[str, str] | None, last_wipe: dict[str, Any], keep_quarantine: bool = False) -> None:
+    def _patch(self, last_wipe: dict[str, Any], phase: str | None = None) -> None:
         if self.store is None:
             return
         status: dict[str, Any] = {"lastWipe": last_wipe}
         try:
-            current = (self.store.get(self.node).get("status") or {}).get("phase") if keep_quarantine else None
-            if current == "Quarantined":
-                phase = None  # quarantine is sticky: a reboot does not clear it
-            if phase:
-                status.update(phase)
+            # quarantine is sticky: a reboot does not clear it
+            if phase and (self.store.get(self.node).get("status") or {}).get("phase") != "Quarantined":
+                status["phase"] = phase
             self.store.patch_status(self.node, {"status": status})
         except Exception as exc:  # the API being down must not stop the reboot; the journal has the proof
             log.error("HPCNode %s status not updated for the reboot: %s", self.node, exc)
@@ -337,7 +324,7 @@ class RebootRequests:
     `status.lastWipe.request`, or already taken by this process, is not served twice.
     """
 
-    def __init__(self, rebooter: Rebooter, store: StatusStore, *, poll_s: float = 2.0) -> None:
+    def __init__(self, rebooter: Rebooter, store: HPCNodeStore, *, poll_s: float = 2.0) -> None:
         self.rebooter = rebooter
         self.store = store
         self.poll_s = poll_s

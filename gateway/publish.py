@@ -95,6 +95,11 @@ class KubeHPCNodes:
             raise PublishError(f"cannot patch HPCNode {name!r} status: {exc}") from exc
 
 
+def status_time(ts: float) -> str:
+    """A unix time as the CRDs' `date-time` (UTC, whole seconds)."""
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def enrolment_status(signed: SignedQuote, gateway_address: str, now: float) -> dict[str, Any]:
     """`status.enrolment` for one countersigned quote (the CRD's shape; see crds/hpcnode.yaml)."""
     quote = signed.quote
@@ -104,7 +109,7 @@ def enrolment_status(signed: SignedQuote, gateway_address: str, now: float) -> d
         "gateway": gateway_address,
         "quote": encode_signed_quote(signed).decode(),
         "quoteDigest": "sha256:" + quote_digest(quote).hex(),
-        "time": datetime.fromtimestamp(int(now), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "time": status_time(now),
     }
 
 

@@ -9,7 +9,6 @@ stops it. The full reboot round, with qemu and the gateway process, is test_rebo
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from netlab import Lab, need_root, veth_lab
 from pxekit import _stop
+from trustcap.gateway.boot import write_private
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,11 +39,7 @@ def _link(ns: str) -> tuple[str, str]:
 
 
 def _write_token(path: Path, token: str) -> None:
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + ("\n" if token else ""))
-    os.replace(tmp, path)
+    write_private(path, token + ("\n" if token else ""))  # exactly as the gateway's BootArming writes it
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from trustcap.gateway.boot import write_private
 from trustcap.netboot.tokens import TokenFileWatch, read_token
 
 from trustcap.cli import main
@@ -24,9 +24,7 @@ class Services:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # as the gateway writes it
+    write_private(path, text)  # as the gateway writes it
 
 
 @pytest.mark.parametrize(("content", "expected"), [
