@@ -62,8 +62,10 @@ def _demo(args: argparse.Namespace) -> int:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         try:
             step = bar.add_task("installing the CRDs", total=None)
-            _kubectl(stack, "apply", "-f", str(root / "crds"))
-            _kubectl(stack, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(root / "crds"))
+            # -R: kopf's peering CRDs sit in crds/kopf-peering/, which a plain `-f crds` does not read (a
+            # fresh machine's `make demo` once stopped here; .ci/run now runs the demo too).
+            _kubectl(stack, "apply", "-R", "-f", str(root / "crds"))
+            _kubectl(stack, "wait", "--for=condition=Established", "--timeout=60s", "-R", "-f", str(root / "crds"))
             bar.update(step, description="[green]CRDs installed and established")
             bar.stop_task(step)
 
