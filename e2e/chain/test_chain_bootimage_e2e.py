@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from chainkit import Chain
-from clusterkit import CRD_DIR, Cluster, Proc, operator_env, start_operator, tracked_cluster, wait_for
+from clusterkit import Cluster, Proc, apply_node_crds, operator_env, start_operator, tracked_cluster, wait_for
 from trustcap.netboot.approval import BootImageApproval
 
 from trustcap.chain.keys import ANVIL_KEYS
@@ -34,8 +34,9 @@ POLL_S = "1"
 
 @pytest.fixture(scope="module")
 def bootimage_crd(kubectl: Any) -> None:
-    kubectl("apply", "-f", str(CRD_DIR / "bootimage.yaml"))
-    kubectl("wait", "--for=condition=Established", "crd/bootimages.trustcap.io", "--timeout=60s")
+    # The node CRDs *and* the operator's namespace: kopf watches nothing while its --namespace filter
+    # matches no namespace, and on a fresh datastore no earlier suite has made it yet.
+    apply_node_crds(kubectl)
 
 
 @pytest.fixture
