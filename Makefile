@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 TRUSTCAP := $(VENV)/bin/trustcap
 PYTEST   := $(VENV)/bin/pytest
-# operator/ sits at the repo root (DESIGN.md) and would shadow the standard library's `operator` module
+# operator/ sits at the repo root (docs/design.md) and would shadow the standard library's `operator` module
 # for any `python -m` started here: Python 3.11's safe-path mode keeps the working folder off sys.path.
 export PYTHONSAFEPATH := 1
 

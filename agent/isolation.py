@@ -1,6 +1,6 @@
 """The isolation a capsule runs under, as one validated spec and the Docker settings it becomes.
 
-Why each setting (DESIGN.md "Isolation"; docs/decisions/0040-capsule-isolation.md):
+Why each setting (docs/decisions/0040-capsule-isolation.md):
 - no network namespace links but the one the executor attaches (none, or a veth whose far end is the
   gateway, where nftables allow only the declared endpoints);
 - read-only root, no devices, every capability dropped, no-new-privileges, a non-root user: the

@@ -69,7 +69,7 @@ class Agent:
 
     def measure(self) -> dict[str, str]:
         """The default measurements: the machine, the engine's containers, the scratch area, our own code
-        and configuration (DESIGN.md: configuration that decides trust is measured)."""
+        and configuration (docs/design.md: configuration that decides trust is measured)."""
         out: dict[str, str] = measure.measure(containers=self._containers_reading, scratch_root=self.scratch_root,
                                               agent_config=self._config_reading())
         return out

@@ -1,7 +1,7 @@
 """Run scratch areas and the verified wipe that ends every run.
 
 The seed asks that after a run "temp files or data in any storage ... be cleanly removed (non
-recoverable) ... verified and guaranteed", and DESIGN.md that the wipe "says which path it used" (some
+recoverable) ... verified and guaranteed", and docs/design.md that the wipe "says which path it used" (some
 machines' hardware erase fails, osism #2552). So every run's scratch is one of:
 
 - `BlockScratch` (the default when we are root): an ext4 filesystem on a loop device over a file the

@@ -68,7 +68,7 @@ class RebootCommand:
     """Monitor hook for `reboot`: run the deployment's power-cycle command for this HPC.
 
     The HPC then PXE-boots a fresh approved image from this gateway and must enrol again with a new
-    one-time token: the strongest clean (DESIGN.md, verified wipe). The command is the deployment's
+    one-time token: the strongest clean (docs/design.md, verified wipe). The command is the deployment's
     (a relay on the Pi's GPIO, IPMI, Wake-on-LAN); it gets TRUSTCAP_NODE and TRUSTCAP_REASON.
     """
 

@@ -4,11 +4,11 @@ Per-boot tokens (`BootArming`). The gateway arms a token when the HPC is meant t
 a reboot) and writes it to the token file that the boot services follow (netboot `--token-file`): DHCP
 answers the HPC only while a token is armed and hands out exactly that one. When the boot enrols, the
 token is burnt and the file cleared, so the HPC is not served again until the gateway means it to boot
-(DESIGN.md: netboot serves a node only while it is meant to boot). An armed token that waits long is
+(docs/design.md: netboot serves a node only while it is meant to boot). An armed token that waits long is
 replaced at half its lifetime; the one it replaces stays valid to the end of its own, so a boot already
 in flight with it still enrols.
 
-The `reboot` wipe (`Rebooter`), the strongest clean (DESIGN.md, verified wipe; HPCNode policy
+The `reboot` wipe (`Rebooter`), the strongest clean (docs/design.md, verified wipe; HPCNode policy
 `wipe: Reboot`): nothing of a boot survives a power cycle into a fresh image from the gateway, and the
 gateway, not the agent being thrown away, proves it:
 

@@ -32,7 +32,7 @@ answered by name and counted, and none reaches the agent.
       |<-- {trusted, reason, ...} ----------|   is younger than the freshness limit (CVE-2022-3500)
     Prometheus scrapes GET /metrics (trustcap_gateway_relay_*, trustcap_gateway_node_trusted).
 
-Bounds (DESIGN.md: a gateway's verifier work is bounded and measured): at most `max_connections` open
+Bounds (docs/design.md: a gateway's verifier work is bounded and measured): at most `max_connections` open
 HTTP connections (the next one is closed at once), at most `max_inflight` challenges at a time (the
 next gets 503 + Retry-After), a 1 KiB request body, a per-connection read timeout, and the agent
 channel's own per-request timeout; at most `max_recent` remembered challenge digests (when full of

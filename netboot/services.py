@@ -10,7 +10,7 @@ Per-boot tokens (`set_token`, fed by `TokenFileWatch` from the gateway's token f
 HPC only while its gateway has armed a one-time enrolment token for the next boot, and hands out that
 token. dnsmasq cannot re-read a forced option (`dhcp-option-force`) on SIGHUP, so a new token means a
 regenerated config and a restarted dnsmasq (same lease file); no token means no dnsmasq at all: the HPC
-is served only while it is meant to boot (DESIGN.md, Tinkerbell #951).
+is served only while it is meant to boot (docs/decisions/0049-*, Tinkerbell #951).
 """
 
 from __future__ import annotations

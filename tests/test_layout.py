@@ -1,4 +1,4 @@
-"""The layout DESIGN.md draws, checked: every package is installed, and layers only point down.
+"""The layout docs/design.md draws, checked: every package is installed, and layers only point down.
 
 import-linter (grimp) cannot see packages mapped in from other folders by `package-dir`
 (it raises NotATopLevelModule for `trustcap.operator`), so the layering contract is checked here from

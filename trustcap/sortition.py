@@ -146,7 +146,7 @@ def participate_with(
 ) -> tuple[bytes, Reveal]:
     """What a node does at scheduling time: prove, salt, commit. Returns (commitment, private reveal).
 
-    `prove` is the trust root's `vrf_prove`, so the VRF secret stays sealed (DESIGN.md)."""
+    `prove` is the trust root's `vrf_prove`, so the VRF secret stays sealed (docs/decisions/0010-*)."""
     pi = prove(alpha)
     salt = token(SALT_LEN)
     return commitment(alpha, node_id, pi, salt), Reveal(node_id, pi, salt)

@@ -157,7 +157,7 @@ def test_status_phase_enum_matches_the_code(kind: str) -> None:
 
 
 def test_attestation_phases_follow_the_verdict_uint8_order() -> None:
-    """Verdict.phase is uint8: boot 0, pre 1, during 2, post 3, wipe 4 (DESIGN.md); the enum keeps that order."""
+    """Verdict.phase is uint8: boot 0, pre 1, during 2, post 3, wipe 4 (design.md); the enum keeps that order."""
     spec = version_schema(CRDS["Attestation"])["properties"]["spec"]["properties"]
     assert spec["phase"]["enum"] == ["boot", "pre", "during", "post", "wipe"]
 

@@ -1,6 +1,6 @@
 """Signed wipe proofs: what a gateway did to clean its HPC, in a form anyone can check.
 
-The `reboot` wipe level (DESIGN.md, verified wipe) is done by the gateway, not by the agent: the agent of
+The `reboot` wipe level (docs/design.md, verified wipe) is done by the gateway, not by the agent: the agent of
 the dirty boot is the very thing being thrown away, so it cannot vouch for it. The gateway revokes that
 boot's key, arms a fresh one-time token, power-cycles the HPC, and waits for a new boot key to enrol from
 an approved image. Its proof says what it saw, and its trust root signs it:
