@@ -2,13 +2,15 @@
 
 Each subcommand lives in its own module of this package and exposes `register(subparsers)`; this
 module only wires them together and turns our errors into one clear line on stderr (exit 1), never a
-traceback. Add a subcommand by adding its module name to `_SUBCOMMANDS`.
+traceback. A subcommand is added by adding its module: every module here that defines `register` is
+one (in name order, so `--help` lists them stably).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 from collections.abc import Sequence
 
@@ -17,17 +19,11 @@ from rich.console import Console
 from trustcap import __version__
 from trustcap.errors import TrustcapError
 
-_SUBCOMMANDS: tuple[str, ...] = (
-    "stack",
-    "exec",
-    "demo",
-    "netboot",
-    "keys",
-    "seal",
-    "bootimage",
-)
-
 err_console = Console(stderr=True, highlight=False)
+
+
+def _subcommand_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trustcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _SUBCOMMANDS:
-        importlib.import_module(f"trustcap.cli.{name}").register(sub)
+    for name in _subcommand_modules():
+        module = importlib.import_module(f"trustcap.cli.{name}")
+        if hasattr(module, "register"):
+            module.register(sub)
     return parser
 
 
