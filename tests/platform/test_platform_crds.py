@@ -19,6 +19,7 @@ EXPECTED = {
     "Gateway": ("Cluster", "gateways"),
     "BootImage": ("Cluster", "bootimages"),
     "Attestation": ("Namespaced", "attestations"),
+    "CapsuleRun": ("Namespaced", "capsuleruns"),
 }
 KINDS = sorted(EXPECTED)
 STATUS_PHASES = {
@@ -31,7 +32,7 @@ def _capsule_spec_schema() -> dict[str, Any]:
     return version_schema(CRDS["Capsule"])["properties"]["spec"]  # type: ignore[no-any-return]
 
 
-def test_exactly_the_five_kinds_one_file_each() -> None:
+def test_exactly_our_kinds_one_file_each() -> None:
     assert sorted(CRDS) == KINDS
     assert sorted(c["_file"] for c in CRDS.values()) == sorted(f"{k.lower()}.yaml" for k in KINDS)
 
