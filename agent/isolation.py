@@ -5,7 +5,8 @@ Why each setting (docs/decisions/0040-capsule-isolation.md):
   gateway, where nftables allow only the declared endpoints);
 - read-only root, no devices, every capability dropped, no-new-privileges, a non-root user: the
   function can change nothing it was not given, and a setuid binary grants nothing;
-- our seccomp profile (a data file, `seccomp.json`) on top: mount, kexec, module loading, raw and packet
+- our seccomp profile (a data file, `seccomp.json`) on top, an allowlist (a call it does not name fails
+  with EPERM, as under Docker's default profile; decision 0093): mount, kexec, module loading, raw and packet
   sockets and privilege changes fail (no capability) *and are logged by the kernel*; ptrace, namespace
   creation, bpf and the like kill the process (logged). The log is how the executor learns of an attempt;
 - pids/memory/CPU limits with swap off (memswap == memory) so a bomb hits a wall, not the node;
@@ -28,8 +29,11 @@ __all__ = ["CAPSULE_USER", "SCRATCH_PATH", "Endpoint", "IsolationSpec", "parse_e
 
 SCRATCH_PATH = "/scratch"
 CAPSULE_USER = "65534:65534"  # nobody:nogroup; exists in every Debian image
-_AF_INET, _AF_INET6, _AF_PACKET = 2, 10, 17
-_SOCK_RAW, _SOCK_TYPE_MASK = 3, 0xF
+_AF_UNIX, _AF_INET, _AF_INET6, _AF_PACKET = 1, 2, 10, 17
+_SOCK_STREAM, _SOCK_DGRAM, _SOCK_RAW, _SOCK_SEQPACKET, _SOCK_TYPE_MASK = 1, 2, 3, 5, 0xF
+_SOCK_TYPES_ALLOWED = {_AF_UNIX: (_SOCK_STREAM, _SOCK_DGRAM, _SOCK_SEQPACKET),
+                       _AF_INET: (_SOCK_STREAM, _SOCK_DGRAM), _AF_INET6: (_SOCK_STREAM, _SOCK_DGRAM)}
+_PERSONAS_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 _CLONE_NS_FLAGS = {
     "CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
     "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
@@ -83,6 +87,7 @@ class IsolationSpec:
     user: str = CAPSULE_USER
     on_violation: str = "stop"
     env: dict[str, str] = field(default_factory=dict)
+    keep_logs: bool = True  # False: log driver none, stdout/stderr never reach the host's disk (capsule runs)
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -125,7 +130,8 @@ class IsolationSpec:
             "stdin_open": False,
             "tty": False,
             "log_config": {"type": "json-file",
-                           "config": {"max-size": str(self.log_max_bytes), "max-file": "1"}},
+                           "config": {"max-size": str(self.log_max_bytes), "max-file": "1"}}
+            if self.keep_logs else {"type": "none", "config": {}},
             "labels": {"io.trustcap.run": "1"},
         }
 
@@ -137,22 +143,41 @@ def seccomp_profile(*, allow_inet: bool) -> str:
     rules: list[dict[str, Any]] = [dict(r) for r in base["syscalls"]]
     for r in rules:
         r.pop("comment", None)
+    # The profile is an allowlist (defaultAction ERRNO): socket, clone and personality are allowed only
+    # with the arguments below, every other argument falls to the default and fails with EPERM.
     # Raw/packet sockets need CAP_NET_RAW (dropped): the kernel refuses them, the LOG action reports them.
     # Without declared egress, inet sockets open but have no route (network none): logged as attempts.
-    deny = {"action": "SCMP_ACT_LOG"}
+    log_ = {"action": "SCMP_ACT_LOG"}
     kill = {"action": "SCMP_ACT_KILL_PROCESS"}
-    rules.append({"names": ["socket"], **deny, "args": [{"index": 0, "value": _AF_PACKET, "op": "SCMP_CMP_EQ"}]})
-    rules.append({"names": ["socket"], **deny, "args": [
+    allow = {"action": "SCMP_ACT_ALLOW"}
+    rules.append({"names": ["socket"], **log_, "args": [{"index": 0, "value": _AF_PACKET, "op": "SCMP_CMP_EQ"}]})
+    rules.append({"names": ["socket"], **log_, "args": [
         {"index": 1, "value": _SOCK_TYPE_MASK, "valueTwo": _SOCK_RAW, "op": "SCMP_CMP_MASKED_EQ"}]})
+    families = (_AF_UNIX, _AF_INET, _AF_INET6) if allow_inet else (_AF_UNIX,)
+    for family in families:
+        for kind in _SOCK_TYPES_ALLOWED[family]:
+            rules.append({"names": ["socket"], **allow, "args": [
+                {"index": 0, "value": family, "op": "SCMP_CMP_EQ"},
+                {"index": 1, "value": _SOCK_TYPE_MASK, "valueTwo": kind, "op": "SCMP_CMP_MASKED_EQ"}]})
     if not allow_inet:
         for family in (_AF_INET, _AF_INET6):
-            rules.append({"names": ["socket"], **deny,
+            rules.append({"names": ["socket"], **log_,
                           "args": [{"index": 0, "value": family, "op": "SCMP_CMP_EQ"}]})
+    all_ns = 0
     for flag in _CLONE_NS_FLAGS.values():
+        all_ns |= flag
         rules.append({"names": ["clone"], **kill,
                       "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]})
+    # a thread or a fork: no namespace flag at all
+    rules.append({"names": ["clone"], **allow,
+                  "args": [{"index": 0, "value": all_ns, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]})
     # clone3 passes its flags in memory seccomp cannot read: ENOSYS makes libc fall back to clone().
     rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS})
+    # personality: only the values Docker's default allows (query, Linux, 32-bit Linux); not
+    # ADDR_NO_RANDOMIZE, READ_IMPLIES_EXEC and the other flags that weaken the process's own defences.
+    for persona in _PERSONAS_ALLOWED:
+        rules.append({"names": ["personality"], **allow,
+                      "args": [{"index": 0, "value": persona, "op": "SCMP_CMP_EQ"}]})
     base["syscalls"] = rules
     return json.dumps(base, separators=(",", ":"))
 

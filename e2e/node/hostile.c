@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/personality.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -57,6 +58,13 @@ int main(int argc, char **argv) {
         printf("open32 /etc/evil32 rc=%ld\n", rc);
         fflush(stdout);
         return rc < 0 ? 0 : 3;
+    }
+    /* allowed by an allow-all profile, refused by an allowlist: turning off the process's own ASLR */
+    if (!strcmp(a, "noaslr")) return report("personality(ADDR_NO_RANDOMIZE)", syscall(SYS_personality, ADDR_NO_RANDOMIZE));
+    if (!strcmp(a, "persona")) { /* positive control: the query Docker's default profile allows */
+        long rc = syscall(SYS_personality, 0xffffffffUL);
+        printf("personality query rc=%ld\n", rc);
+        return rc < 0 ? 4 : 0;
     }
     if (!strcmp(a, "true")) { puts("helper ran"); return 0; }
     return 2;

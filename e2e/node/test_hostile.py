@@ -237,6 +237,19 @@ def test_next_run_cannot_read_leftovers(docker_engine: Any, scratch_root: Path, 
     assert first.wipe["state_restored"] and second.wipe["state_restored"]
 
 
+def test_a_call_the_allowlist_does_not_name_is_refused(docker_engine: Any, scratch_root: Path,
+                                                       hostile_image: str) -> None:
+    """Issue 12 item 20: the profile is an allowlist. personality(ADDR_NO_RANDOMIZE) needs no capability,
+    so a denylist over allow-all lets a capsule turn off its own ASLR; Docker's default (and ours) refuse it.
+    Positive control: the personality query Docker's default allows still answers."""
+    r = _run(docker_engine, scratch_root, hostile_image,
+             f"{CONTROL}; hostile persona; echo query=$?; hostile noaslr; echo status=$?")
+    assert "helper ran" in r.stdout and "query=0" in r.stdout, f"positive control failed: {r.stdout} {r.stderr}"
+    assert "personality(ADDR_NO_RANDOMIZE) rc=-1 errno=Operation not permitted" in r.stdout, r.stdout
+    assert "status=0" in r.stdout, f"the call the allowlist does not name succeeded: {r.stdout}"
+    assert r.reason == "completed"
+
+
 def test_policy_stop_kills_the_run_on_first_violation(docker_engine: Any, scratch_root: Path,
                                                       hostile_image: str) -> None:
     r = _run(docker_engine, scratch_root, hostile_image, "hostile mount; sleep 25; echo finished",

@@ -58,11 +58,11 @@ def test_container_settings_carry_every_isolation_control() -> None:
     assert s["log_config"]["config"]["max-size"]
 
 
-@pytest.mark.parametrize(("allow_inet", "inet_rules"), [
-    pytest.param(False, 2, id="no-egress-inet-logged"),
-    pytest.param(True, 0, id="egress-inet-allowed"),
+@pytest.mark.parametrize(("allow_inet", "inet_logged", "inet_allowed"), [
+    pytest.param(False, 2, 0, id="no-egress-inet-logged"),
+    pytest.param(True, 0, 4, id="egress-inet-allowed"),
 ])
-def test_seccomp_profile(allow_inet: bool, inet_rules: int) -> None:
+def test_seccomp_profile(allow_inet: bool, inet_logged: int, inet_allowed: int) -> None:
     prof = json.loads(seccomp_profile(allow_inet=allow_inet))
     by_name: dict[str, set[str]] = {}
     for r in prof["syscalls"]:
@@ -75,8 +75,30 @@ def test_seccomp_profile(allow_inet: bool, inet_rules: int) -> None:
     assert by_name["clone3"] == {"SCMP_ACT_ERRNO"}
     inet = [r for r in prof["syscalls"] if r["names"] == ["socket"] and r["args"][0]["index"] == 0
             and r["args"][0]["value"] in (2, 10)]
-    assert len(inet) == inet_rules
-    assert prof["defaultAction"] == "SCMP_ACT_ALLOW" and "comment" not in prof
+    assert sum(r["action"] == "SCMP_ACT_LOG" for r in inet) == inet_logged
+    assert sum(r["action"] == "SCMP_ACT_ALLOW" for r in inet) == inet_allowed
+    assert "comment" not in prof
+
+
+def test_seccomp_profile_is_an_allowlist() -> None:
+    """Issue 12 item 20: what the profile does not name fails (EPERM, as Docker's default), and no call is
+    both allowed outright and caught by an attempt rule (libseccomp would keep only one of them)."""
+    prof = json.loads(seccomp_profile(allow_inet=False))
+    assert prof["defaultAction"] == "SCMP_ACT_ERRNO" and prof["defaultErrnoRet"] == 1
+    unconditional: dict[str, list[str]] = {}
+    for r in prof["syscalls"]:
+        if not r.get("args"):
+            for n in r["names"]:
+                unconditional.setdefault(n, []).append(r["action"])
+    assert all(len(actions) == 1 for actions in unconditional.values()), \
+        {n: a for n, a in unconditional.items() if len(a) > 1}
+    allowed = {n for n, a in unconditional.items() if a == ["SCMP_ACT_ALLOW"]}
+    assert {"read", "write", "execve", "mmap", "futex", "exit_group"} <= allowed  # positive control
+    for never in ("personality", "socket", "clone", "ptrace", "io_uring_setup", "kexec_load", "mount",
+                  "process_madvise", "pidfd_getfd", "add_key", "quotactl", "settimeofday"):
+        assert never not in allowed, never
+    persona = [r["args"][0]["value"] for r in prof["syscalls"] if r["names"] == ["personality"]]
+    assert 0x0040000 not in persona and 0xFFFFFFFF in persona  # ADDR_NO_RANDOMIZE refused, the query allowed
 
 
 @pytest.mark.parametrize(("line", "kind", "name"), [
