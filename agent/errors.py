@@ -6,6 +6,8 @@
         ├── EngineError                the Docker Engine failed or is unreachable (translated in `engine.py`)
         │   └── ImageMissing           the image is not present locally (no registry is reachable)
         ├── WipeError                  a wipe step failed or could not be verified; the node is not clean
+        ├── OutputError                a capsule's /output/result is missing, not a regular file or too large
+        ├── RunRequestError            a prepare/run/result/finish request is malformed (field named) or out of turn
         ├── EnrolmentError             boot enrolment cannot proceed (missing cmdline key, bad token)
         └── ChannelError               the agent<->gateway channel failed (auth, decrypt, framing, rekey)
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 from trustcap.errors import TrustcapError
 
 __all__ = ["AgentError", "ChannelError", "EngineError", "EnrolmentError", "ImageMissing", "IsolationError",
-           "WipeError"]
+           "OutputError", "RunRequestError", "WipeError"]
 
 
 class AgentError(TrustcapError):
@@ -39,6 +41,14 @@ class ImageMissing(EngineError):
 
 class WipeError(AgentError):
     """A wipe step failed or its verification did not hold: the node must not be declared clean."""
+
+
+class OutputError(AgentError):
+    """The capsule's result cannot be taken: missing, not a regular file (a link, a FIFO) or too large."""
+
+
+class RunRequestError(AgentError):
+    """A capsule request from the gateway is malformed (the message names the field) or out of turn."""
 
 
 class EnrolmentError(AgentError):

@@ -2,7 +2,8 @@
 
     caller              Executor                    Docker Engine           kernel / attacher
       | run(spec) ------> | snapshot pre-state         |                          |
-      |                   | make scratch (loop+ext4), owned by the run's own uid                  |
+      |                   | resolve the image to its id (a digest is checked, a tag pinned to its id)
+      |                   | make scratch (loop+ext4), owned by the run's own uid; stage /inputs      |
       |                   | audit stream (netlink) + exit rules for that uid -------------------> | auditctl -a
 
       |                   | [egress] sandbox ---------> | create+start (net none) |
@@ -10,16 +11,19 @@
       |                   | create+start capsule -----> |                          |
       |                   | poll: status, cgroup pids, audit (seccomp, EROFS, /dev opens), egress counters
       |                   | timeout? kill ------------> |                          |
-      |                   | logs tail, state --------- > |                          |
+      |                   | logs tail, state, /output/result (no links followed) |            |
       |                   | remove audit rules (always), say if reporting was degraded ---------> | auditctl -D
-      |                   | rm -v containers ---------> | verify gone              |
+      |                   | overwrite the log file; rm -v containers ---------> | verify gone  |
       |                   | wipe scratch (overwrite + read-back), detach network, snapshot post-state
-      | <---- RunResult (reason, exit_code, violations, stdout/stderr tails, wipe proof)
+      | <---- RunResult (reason, exit_code, violations, stdout/stderr tails, output, wipe proof)
 
 Why a sandbox container for egress: the capsule must never run a single instruction before its network
 is confined, so the network namespace is made and wired first (in a sleeping sandbox of the trusted base
 image) and the capsule joins it (`network_mode=container:<sandbox>`).
 Why polling: seccomp records, the pids cgroup and egress counters are only visible while the run lives.
+Why resolve the image first: the container is created from the image *id* the lookup returned, so a tag
+moved between lookup and create cannot swap the function; a capsule names its image by that id
+(`sha256:<hex>`), and a different id under it is refused (decision 0093).
 Why a uid per run: the kernel's audit rules filter on it, so every record they yield is this run's
 (docs/decisions/0045-audit-file-attempts.md); a machine without kernel audit gets `reporting: degraded`.
 """
@@ -31,9 +35,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,9 +55,9 @@ from trustcap.agent.audit import (
     rule_keys,
 )
 from trustcap.agent.cgroup import RunCgroup
-from trustcap.agent.errors import AgentError, EngineError, WipeError
+from trustcap.agent.errors import AgentError, EngineError, OutputError, WipeError
 from trustcap.agent.isolation import CAPSULE_USER, SCRATCH_PATH, Endpoint, IsolationSpec, seccomp_profile
-from trustcap.agent.wipe import make_scratch
+from trustcap.agent.wipe import make_scratch, overwrite_file
 
 __all__ = ["DEFAULT_SCRATCH_ROOT", "Executor", "NetworkAttacher", "RunResult", "Violation"]
 
@@ -60,6 +65,7 @@ log = logging.getLogger("trustcap.agent")
 DEFAULT_SCRATCH_ROOT = Path("/var/lib/trustcap/scratch")
 SANDBOX_IMAGE = "trustcap/base:bookworm"
 _POLL_S = 0.1
+IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 _RUN_UID_BASE = 1_000_000_000  # run uids: [1e9, 2e9), no account on any Debian image, below 2**31
 
 
@@ -103,9 +109,13 @@ class RunResult:
     egress: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     reporting: dict[str, Any] = field(default_factory=lambda: {"status": "full", "reasons": []})
+    image_id: str = ""
+    output: bytes | None = None  # /output/result of a staged run; never in to_json (it may be secret)
+    output_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("output")
         d["violations"] = [asdict(v) for v in self.violations]
         return d
 
@@ -130,6 +140,7 @@ class Executor:
         self._uid: int | None = None
         self._stream: AuditStream | None = None
         self._stop_reason: str | None = None
+        self._should_stop: Callable[[], str | None] | None = None
         self.running = False
 
     def request_stop(self, reason: str) -> None:
@@ -149,20 +160,39 @@ class Executor:
         state["digest"] = "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
         return state
 
-    def run(self, spec: IsolationSpec) -> RunResult:
+    def run(self, spec: IsolationSpec, *, inputs: Mapping[str, bytes] | None = None, output_limit: int = 0,
+            should_stop: Callable[[], str | None] | None = None) -> RunResult:
+        """One run. With `inputs` (a capsule run) each is placed at /inputs/<name> on the run's block scratch
+        and /output/result (at most `output_limit` bytes) is read back into `RunResult.output` before the
+        wipe. `should_stop` is asked while the run lives (the agent's stop op)."""
         self._stop_reason = None
+        self._should_stop = should_stop
         self.running = True
         try:
-            return self._run(spec)
+            return self._run(spec, inputs, output_limit)
         finally:
             self.running = False
+            self._should_stop = None
 
-    def _run(self, spec: IsolationSpec) -> RunResult:
+    def _stop_requested(self) -> str | None:
+        if self._stop_reason is None and self._should_stop is not None:
+            self._stop_reason = self._should_stop()
+        return self._stop_reason
+
+    def resolve_image(self, ref: str) -> str:
+        """The image id to create the container from. A `sha256:<hex>` reference must be exactly that id
+        (Docker also accepts a short prefix or another form: refused); a tag is pinned to its id now."""
+        with engine.translate(f"looking up image {ref}"):
+            image_id = str(self.client.images.get(ref).id)
+        if ref.startswith("sha256:") and (not IMAGE_ID.match(ref) or image_id != ref):
+            raise AgentError(f"image {ref} resolves to {image_id}: a capsule image is named by its full id")
+        return image_id
+
+    def _run(self, spec: IsolationSpec, inputs: Mapping[str, bytes] | None, output_limit: int) -> RunResult:
         run_id = uuid.uuid4().hex[:12]
         t0 = self.clock()
         pre = self.snapshot()
-        with engine.translate(f"looking up image {spec.image}"):
-            self.client.images.get(spec.image)
+        image_id = self.resolve_image(spec.image)
         if spec.egress and self.attacher is None:
             raise AgentError("egress endpoints were declared but no gateway network attacher is configured")
         uid = self._uid = run_uid(spec, run_id)
@@ -170,6 +200,17 @@ class Executor:
         mountpoint = getattr(scratch, "mountpoint", None)
         if mountpoint is not None and uid is not None:
             os.chown(mountpoint, uid, uid)
+        if inputs is not None:
+            try:
+                if uid is None:
+                    raise WipeError("a capsule run needs a numeric uid to own its inputs")
+                scratch.stage(uid, uid, inputs)
+            except (OSError, WipeError) as exc:
+                with contextlib.suppress(WipeError):
+                    scratch.wipe()
+                raise AgentError(f"staging the inputs failed: {exc}") from exc
+        output: bytes | None = None
+        output_error = ""
         sandbox: Any = None
         container: Any = None
         violations: dict[tuple[str, str, str], int] = {}
@@ -184,6 +225,7 @@ class Executor:
         rules: AuditRules | None = None
         try:
             settings = spec.container_settings()
+            settings["image"] = image_id
             if uid is not None and spec.user == CAPSULE_USER:
                 settings["user"] = f"{uid}:{uid}"
             rules = self._start_reporting(uid, f"{KEY_PREFIX}{run_id}", reasons)
@@ -208,9 +250,15 @@ class Executor:
             reason, exit_code = self._supervise(spec, container, violations, wall0, cgroup)
             if reason == "killed-by-policy" and self._stop_reason:
                 error = f"stopped: {self._stop_reason}"
-            with engine.translate("reading the capsule's output"):
-                stdout = container.logs(stdout=True, stderr=False)
-                stderr = container.logs(stdout=False, stderr=True)
+            if spec.keep_logs:
+                with engine.translate("reading the capsule's output"):
+                    stdout = container.logs(stdout=True, stderr=False)
+                    stderr = container.logs(stdout=False, stderr=True)
+            if inputs is not None:
+                try:
+                    output = scratch.read_output(output_limit)
+                except (OutputError, WipeError, OSError) as exc:
+                    output_error = str(exc)
         except AgentError as exc:
             reason, error = "error", str(exc)
             log.warning("run %s failed: %s", run_id, exc)
@@ -226,6 +274,8 @@ class Executor:
                         (v.kind, v.attempted, v.source), 0), v.count)
                 with contextlib.suppress(AgentError):
                     egress_report = self.attacher.detach()
+            if container is not None:
+                wipe_items.append(self._wipe_log(container, spec))
             for c, what in ((container, "capsule container"), (sandbox, "network sandbox container")):
                 if c is not None:
                     wipe_items.append(self._remove_container(c, what))
@@ -242,14 +292,15 @@ class Executor:
                 "images_pulled_for_run": [], "volumes_created_for_run": [],
                 "pre_state_digest": pre["digest"], "post_state_digest": post["digest"],
                 "state_restored": pre["digest"] == post["digest"],
-                "verified": all(i.get("verified") is not False for i in wipe_items)
+                "verified": bool(wipe_items) and all(i.get("verified") is True for i in wipe_items)
                 and pre["digest"] == post["digest"]}
         vlist = [Violation(k, a, s, n) for (k, a, s), n in sorted(violations.items())]
         return RunResult(reason=reason, exit_code=exit_code, violations=vlist,
                          stdout=_tail(stdout, spec.output_tail_bytes), stderr=_tail(stderr, spec.output_tail_bytes),
                          wipe=wipe, run_id=run_id, image=spec.image, seconds=round(self.clock() - t0, 3),
                          egress=egress_report, error=error,
-                         reporting={"status": "degraded" if reasons else "full", "reasons": reasons})
+                         reporting={"status": "degraded" if reasons else "full", "reasons": reasons},
+                         image_id=image_id, output=output, output_error=output_error)
 
     def _start_reporting(self, uid: int | None, key: str, reasons: list[str]) -> AuditRules | None:
         """Join the audit stream, then install the run's rules; any gap becomes a stated reason."""
@@ -330,6 +381,8 @@ class Executor:
 
     def _supervise(self, spec: IsolationSpec, container: Any, violations: dict[tuple[str, str, str], int],
                    wall0: float, cgroup: RunCgroup | None) -> tuple[str, int | None]:
+        if self._stop_requested() is not None:  # asked to stop before the first instruction ran
+            return "killed-by-policy", None
         with engine.translate("starting the capsule container"):
             container.start()
         start = self.clock()
@@ -345,7 +398,7 @@ class Executor:
             if killed is None:
                 if self.clock() - start > spec.timeout_s:
                     killed = "timeout"
-                elif self._stop_reason is not None or (
+                elif self._stop_requested() is not None or (
                         spec.on_violation == "stop" and self._has_violation(violations, wall0, spec)):
                     killed = "killed-by-policy"
                 if killed:
@@ -391,6 +444,27 @@ class Executor:
                 continue  # another process's denial, not this run's
             key = (ev.kind, f"{ev.name} by {ev.comm} ({ev.exe})", "seccomp")
             violations[key] = violations.get(key, 0) + 1
+
+    @staticmethod
+    def _wipe_log(container: Any, spec: IsolationSpec) -> dict[str, Any]:
+        """The capsule's stdout/stderr on the host: never written (log driver none), or Docker's json-file
+        overwritten in place before the container (and the file) is removed."""
+        what = "capsule stdout/stderr log"
+        try:
+            with engine.translate("reading the capsule's log settings"):
+                container.reload()
+        except EngineError as exc:
+            return {"what": what, "verified": False, "error": str(exc)}
+        driver = container.attrs.get("HostConfig", {}).get("LogConfig", {}).get("Type", "")
+        if driver == "none":
+            return {"what": what, "how": "log driver none: the streams were never written", "driver": driver,
+                    "verified": not spec.keep_logs}
+        path = str(container.attrs.get("LogPath") or "")
+        if driver != "json-file" or not path:
+            return {"what": what, "driver": driver, "verified": False,
+                    "error": "log driver is neither none nor json-file with a log path: not covered"}
+        proof: dict[str, Any] = overwrite_file(Path(path), what)
+        return proof
 
     def _remove_container(self, c: Any, what: str) -> dict[str, Any]:
         from docker.errors import NotFound

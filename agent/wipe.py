@@ -5,13 +5,20 @@ recoverable) ... verified and guaranteed", and docs/design.md that the wipe "say
 machines' hardware erase fails, osism #2552). So every run's scratch is one of:
 
 - `BlockScratch` (the default when we are root): an ext4 filesystem on a loop device over a file the
-  agent owns. After the run it is unmounted and the *whole device* is overwritten with zeros, discarded,
-  and read back: the proof carries the sha256 of the raw device before and after and the digest a zero
-  device must have. Nothing the capsule wrote can survive on the backing store, and that is checked,
-  not assumed.
+  agent owns. After the run it is unmounted and the *whole device* is overwritten with zeros, flushed,
+  and the backing store read back: the proof carries the sha256 of the raw device before and after and
+  the digest a zero device must have. Nothing is discarded before the read-back (a discard punches holes
+  in the backing file, and holes read as zeros whether or not the overwrite happened: the check could
+  not fail), so an overwrite that did not happen is seen. A capsule run's inputs and output live here
+  too (`stage`, `read_output`): `/inputs`, `/output` and `/scratch` are directories of this one file
+  system, so the same overwrite covers them.
 - `TmpfsScratch` (fallback, not root): a size-capped tmpfs in the container's own mount namespace. Its
-  pages are released when the container dies; the proof says `tmpfs-drop` and whether the kernel zeroes
-  freed pages (`init_on_free`). This is weaker and the proof says so.
+  pages are released when the container dies; nothing can be read back, so its proof says `tmpfs-drop`,
+  `verified: false` with the reason, and whether the kernel zeroes freed pages (`init_on_free`).
+- `overwrite_file`: a file the engine wrote for the run outside scratch (Docker's json-file log of the
+  capsule's stdout/stderr) is overwritten in place and read back before the container is removed. On a
+  journaling or copy-on-write host file system older copies of its blocks may remain: the proof says so.
+  Capsule runs avoid it altogether (log driver `none`: the streams are never written).
 
 The `reboot` level (re-PXE-boot the HPC into a fresh image) is run and proven by the gateway
 (`trustcap.gateway.boot.Rebooter`, decision 0049); this module never claims it.
@@ -24,22 +31,24 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustcap.agent.errors import WipeError
+from trustcap.agent.errors import OutputError, WipeError
 
-__all__ = ["BlockScratch", "Scratch", "TmpfsScratch", "make_scratch", "zero_digest"]
+__all__ = ["BlockScratch", "Scratch", "TmpfsScratch", "make_scratch", "overwrite_file", "zero_digest"]
 
 log = logging.getLogger("trustcap.agent")
 _CHUNK = 16 * 1024 * 1024
 _ZERO = bytes(_CHUNK)        # the overwrite pattern
 _ZERO_CHECK = bytes(_CHUNK)  # what verification compares with: independent of the pattern written
-DISCARD = True               # also discard (on a loop device: punch holes in the backing file)
+INPUTS, OUTPUT, WORK = "inputs", "output", "work"  # a capsule run's directories on its scratch
 
 
 @functools.lru_cache(maxsize=16)
@@ -109,6 +118,13 @@ class Scratch:
     def wipe(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def stage(self, uid: int, gid: int, inputs: Mapping[str, bytes]) -> None:
+        raise WipeError(f"{self.level} scratch cannot hold a capsule's inputs and output: block scratch is needed "
+                        "(the agent runs as root with losetup and mkfs.ext4)")
+
+    def read_output(self, limit: int) -> bytes:
+        raise WipeError(f"{self.level} scratch holds no capsule output")
+
 
 class TmpfsScratch(Scratch):
     """Size-capped tmpfs inside the container; released with it (weaker: RAM pages freed, not overwritten)."""
@@ -124,7 +140,9 @@ class TmpfsScratch(Scratch):
         cmdline = Path("/proc/cmdline").read_text() if Path("/proc/cmdline").exists() else ""
         return {"what": "scratch", "path_used": "tmpfs-drop", "bytes": self.size,
                 "how": "tmpfs in the container's mount namespace, released when the container was removed",
-                "init_on_free": "init_on_free=1" in cmdline, "verified": "container removal confirmed"}
+                "init_on_free": "init_on_free=1" in cmdline, "verified": False,
+                "unverified_because": "freed tmpfs pages cannot be read back; the kernel zeroes them only "
+                                      "with init_on_free=1"}
 
 
 class BlockScratch(Scratch):
@@ -139,6 +157,7 @@ class BlockScratch(Scratch):
         self.mountpoint.mkdir()
         self.device = ""
         self._mounted = False
+        self._staged = False
         try:
             with open(self.backing, "wb") as f:
                 f.truncate(size)
@@ -160,27 +179,78 @@ class BlockScratch(Scratch):
     def docker_settings(self) -> dict[str, Any]:
         from docker.types import Mount
 
-        return {"mounts": [Mount(target="/scratch", source=str(self.mountpoint), type="bind", read_only=False)]}
+        if not self._staged:
+            return {"mounts": [Mount(target="/scratch", source=str(self.mountpoint), type="bind", read_only=False)]}
+        return {"mounts": [
+            Mount(target="/scratch", source=str(self.mountpoint / WORK), type="bind", read_only=False),
+            Mount(target="/inputs", source=str(self.mountpoint / INPUTS), type="bind", read_only=True),
+            Mount(target="/output", source=str(self.mountpoint / OUTPUT), type="bind", read_only=False)]}
+
+    def stage(self, uid: int, gid: int, inputs: Mapping[str, bytes]) -> None:
+        """Lay out a capsule run: inputs (read-only for `uid`), an empty output and a work directory, all on
+        this file system, so the wipe covers them."""
+        root = self.mountpoint
+        for sub in (INPUTS, OUTPUT, WORK):
+            (root / sub).mkdir(mode=0o700)
+        for name, data in inputs.items():
+            if not name or "/" in name or name in (".", ".."):
+                raise WipeError(f"input name {name!r} is not a plain file name")
+            target = root / INPUTS / name
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
+        for sub, mode in ((INPUTS, 0o500), (OUTPUT, 0o700), (WORK, 0o700)):
+            os.chown(root / sub, uid, gid)
+            os.chmod(root / sub, mode)
+        self._staged = True
+
+    def read_output(self, limit: int) -> bytes:
+        """The capsule's `/output/result`, read without following links (the capsule owns the directory:
+        a symlink there must not make the agent read a host file) and only if it is a regular file."""
+        if not self._staged:
+            raise WipeError("the scratch was not staged for a capsule run")
+        dfd = os.open(self.mountpoint / OUTPUT, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            try:
+                fd = os.open("result", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+            except FileNotFoundError as exc:
+                raise OutputError("/output/result: the capsule wrote no result") from exc
+            except OSError as exc:  # ELOOP: a symlink
+                raise OutputError(f"/output/result: not a regular file ({exc.strerror})") from exc
+        finally:
+            os.close(dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OutputError("/output/result: not a regular file")
+            if st.st_size > limit:
+                raise OutputError(f"/output/result: {st.st_size} bytes, more than the {limit} allowed")
+            parts: list[bytes] = []
+            while chunk := os.read(fd, _CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def wipe(self) -> dict[str, Any]:
-        """Unmount, hash, overwrite all of the device with zeros, discard, read back and compare."""
+        """Unmount, hash, overwrite all of the device with zeros, flush, read the backing store back and
+        compare. Nothing is discarded first: holes would read as zeros and the check could not fail."""
         t0 = time.monotonic()
         if self._mounted:
             _run(["umount", str(self.mountpoint)], "unmounting scratch")
             self._mounted = False
         # The device's bytes *are* the backing file's: hashing the file is the same content, read faster.
         before, _ = _hash_device(str(self.backing), self.size)
-        with open(self.device, "r+b", buffering=0) as dev:
-            left = self.size
-            while left:
-                left -= dev.write(_ZERO[:min(left, _CHUNK)])
-            os.fsync(dev.fileno())
-        discarded = DISCARD and subprocess.run(["blkdiscard", "--force", self.device], capture_output=True,
-                                               timeout=60, check=False).returncode == 0
+        _overwrite(self.device, self.size)
         _run(["blockdev", "--flushbufs", self.device], "flushing scratch buffers")
         _run(["losetup", "-d", self.device], "detaching scratch")
         # Read back the backing store itself (what anyone scanning the disk would see), after the loop
-        # device flushed to it and let go of it; its blocks hold zeros (or are holes after discard).
+        # device flushed to it and let go of it: every block the overwrite reached holds written zeros.
         after, all_zero = _hash_device(str(self.backing), self.size, zero_check_only=True)
         expected = zero_digest(self.size)
         self.backing.unlink()
@@ -188,9 +258,10 @@ class BlockScratch(Scratch):
         self.dir.rmdir()
         verified = all_zero and after == expected
         proof = {"what": "scratch", "path_used": "software-overwrite", "bytes": self.size, "passes": 1,
-                 "pattern": "zeros", "discard": discarded, "device": self.device,
-                 "how": "unmounted; whole loop device overwritten with zeros, fsynced, discarded; "
-                        "backing store read back",
+                 "pattern": "zeros", "discard": False, "device": self.device,
+                 "covers": ["/scratch", "/inputs", "/output"] if self._staged else ["/scratch"],
+                 "how": "unmounted; whole loop device overwritten with zeros, fsynced, flushed; "
+                        "backing store read back before it was unlinked",
                  "digest_before": before, "digest_after": after, "expected_after": expected,
                  "verified": verified,
                  "seconds": round(time.monotonic() - t0, 3)}
@@ -205,6 +276,32 @@ class BlockScratch(Scratch):
         if self.device:
             subprocess.run(["losetup", "-d", self.device], capture_output=True, timeout=30, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _overwrite(path: str, size: int) -> None:
+    """Write zeros over the first `size` bytes of `path` and fsync (one place, so a test can fail it)."""
+    with open(path, "r+b", buffering=0) as dev:
+        left = size
+        while left:
+            left -= dev.write(_ZERO[:min(left, _CHUNK)])
+        os.fsync(dev.fileno())
+
+
+def overwrite_file(path: Path, what: str) -> dict[str, Any]:
+    """Overwrite a host file in place with zeros, read it back, then unlink it; the proof states its limit."""
+    try:
+        size = path.stat().st_size
+        before, _ = _hash_device(str(path), size)
+        _overwrite(str(path), size)
+        after, all_zero = _hash_device(str(path), size, zero_check_only=True)
+        path.unlink()
+    except OSError as exc:
+        return {"what": what, "path": str(path), "verified": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"what": what, "path": str(path), "path_used": "software-overwrite", "bytes": size,
+            "digest_before": before, "digest_after": after, "expected_after": zero_digest(size),
+            "verified": all_zero and after == zero_digest(size),
+            "limits": "overwritten in place on the host file system; a journaling or copy-on-write file "
+                      "system may keep older copies of its blocks"}
 
 
 def make_scratch(size: int, root: Path | None, target: str) -> Scratch:

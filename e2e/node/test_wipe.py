@@ -66,15 +66,60 @@ def test_planted_data_is_unrecoverable_from_the_backing_device(scratch: BlockScr
     assert proof["digest_before"] != proof["digest_after"]
 
 
-def test_wipe_refuses_to_verify_a_device_that_is_not_zero(scratch: BlockScratch,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the overwrite silently did nothing (a failing disk), verification must fail, not pass."""
+@pytest.mark.parametrize("fault", [
+    pytest.param("nonzero", id="overwrite-writes-non-zero"),
+    pytest.param("skipped", id="overwrite-never-happens"),
+])
+def test_wipe_refuses_to_verify_a_device_that_is_not_zero(scratch: BlockScratch, monkeypatch: pytest.MonkeyPatch,
+                                                          fault: str) -> None:
+    """Issue 12 item 19: if the overwrite silently did nothing (a failing disk), the read-back must fail.
+    The old wipe discarded before reading back: the punched holes read as zeros, so an overwrite that never
+    happened still "verified". Data is planted so that a skipped overwrite leaves something to see."""
     import trustcap.agent.wipe as wipe
 
-    monkeypatch.setattr(wipe, "_ZERO", b"\x01" * len(wipe._ZERO))  # the "overwrite" writes non-zero
-    monkeypatch.setattr(wipe, "DISCARD", False)  # and no discard zeroes it behind our back
+    (scratch.mountpoint / "secret.bin").write_bytes(b"PLANTED" * 100_000)
+    os.sync()
+    if fault == "nonzero":
+        monkeypatch.setattr(wipe, "_ZERO", b"\x01" * len(wipe._ZERO))  # the "overwrite" writes non-zero
+    else:
+        monkeypatch.setattr(wipe, "_overwrite", lambda path, size: None)
     with pytest.raises(WipeError, match="did not verify"):
         scratch.wipe()
+
+
+def test_tmpfs_scratch_never_claims_a_verification_it_did_not_do(tmp_path: Path) -> None:
+    """Issue 12 item 19: tmpfs pages are freed, not read back: `verified` is the boolean False with the
+    reason, never a truthy string; positive control: the block path's `verified` is the boolean True."""
+    from trustcap.agent.wipe import TmpfsScratch
+
+    proof = TmpfsScratch(1 << 20, "/scratch").wipe()
+    assert proof["verified"] is False and proof["unverified_because"]
+    if os.geteuid() == 0:
+        block = BlockScratch(4 << 20, tmp_path / "s")
+        try:
+            assert block.wipe()["verified"] is True
+        finally:
+            block._teardown_quietly()
+
+
+def test_log_file_overwrite_is_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker's json-file log of a kept-logs run is overwritten in place and read back; a skipped overwrite
+    is reported unverified (attack), a real one verified (control)."""
+    import trustcap.agent.wipe as wipe
+
+    log = tmp_path / "c-json.log"
+    log.write_bytes(b'{"log":"SECRET-OUTPUT\\n"}\n' * 100)
+    fd = os.open(log, os.O_RDONLY)
+    try:
+        proof = wipe.overwrite_file(log, "log")
+        assert proof["verified"] is True and not log.exists()
+        found, zero = _scan(fd, 1 << 20, b"SECRET-OUTPUT")
+        assert not found and zero
+    finally:
+        os.close(fd)
+    log.write_bytes(b"SECRET-OUTPUT" * 10)
+    monkeypatch.setattr(wipe, "_overwrite", lambda path, size: None)
+    assert wipe.overwrite_file(log, "log")["verified"] is False
 
 
 def test_capsule_run_scratch_is_wiped_and_proven(docker_engine: Any, tmp_path: Path) -> None:
