@@ -1,10 +1,17 @@
 """The agent process: boot key, enrolment, and the handlers the gateway calls over the channel.
 
 Entry point `python3 -m trustcap.agent` (see __main__.py). The agent answers:
-    quote  {nonce}   -> a quote of real measurements bound to the nonce, signed by the boot key
-    status {}        -> the capsule state (phase, running containers)
-    stop   {reason}  -> kill the running capsule (the gateway's "stop" action)
-    ping   {}        -> liveness
+    quote   {nonce[, capsule: {taskId, round, phase}]}
+                      -> a quote of real measurements bound to the nonce, signed by the boot key; with
+                         `capsule`, its capsule_state binds that prepared task (trustcap.agent.run)
+    prepare {taskId, manifestDigest, imageDigest}      -> {executorKey}
+    run     {taskId, capsuleId, manifest, inputs}      -> {started}; the run goes on in the agent
+    result  {taskId}  -> {state: running} | {state: done, reason, exitCode, seconds, results, wipe, error}
+    finish  {taskId}  -> the task's executor key and result dropped
+    status  {}        -> the capsule state (phase, running containers)
+    stop    {reason}  -> kill the running capsule and wait for its wipe (the gateway's "stop" action)
+    ping    {}        -> liveness
+The capsule ops and their sequence: trustcap.agent.run; the channel: docs/lifecycle-interfaces.md section 5.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from typing import Any
 
 from trustcap.agent import measure
 from trustcap.agent.channel import AgentChannel, connect
-from trustcap.agent.errors import ChannelError
+from trustcap.agent.errors import ChannelError, RunRequestError
 from trustcap.agent.identity import BootConfig, BootKey
+from trustcap.agent.run import CapsuleRunner
 
 from trustcap.evidence import new_quote, sign_quote
 
@@ -54,6 +62,7 @@ class Agent:
                  measurements: Callable[[], dict[str, str]] | None = None,
                  docker_client: Callable[[], Any] | None = None,
                  scratch_root: Path = DEFAULT_SCRATCH_ROOT,
+                 runner: CapsuleRunner | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.key = key or BootKey()
@@ -66,6 +75,13 @@ class Agent:
         self.wall = wall
         self.enrolled = False
         self.channel: AgentChannel | None = None
+        self.runner = runner or CapsuleRunner(self._new_executor)
+
+    def _new_executor(self) -> Any:
+        """The node's executor for one capsule run, on its own engine connection."""
+        from trustcap.agent.executor import Executor
+
+        return Executor(self._docker_client(), scratch_root=self.scratch_root)
 
     def measure(self) -> dict[str, str]:
         """The default measurements: the machine, the engine's containers, the scratch area, our own code
@@ -100,21 +116,33 @@ class Agent:
         nonce_hex = str(req.get("nonce", ""))
         if not nonce_hex.startswith("0x") or len(nonce_hex) != 66:
             return {"error": "nonce must be 32 bytes of 0x-hex"}
+        if req.get("capsule") is not None:
+            try:
+                state = self.runner.capsule_state(req["capsule"])
+            except RunRequestError as exc:
+                return {"error": str(exc)}
+        else:
+            state = self._state()
         quote = new_quote(nonce=bytes.fromhex(nonce_hex[2:]), issued_at=int(self.wall()), node_id=self.config.node_id,
                           gateway=self.config.gateway_address, agent_key=self.key.public_key(),
                           boot_image_digest=bytes.fromhex(self.config.boot_digest[2:]),
-                          measurements=self._measure(), capsule_state=self._state())
+                          measurements=self._measure(), capsule_state=state)
         signed = sign_quote(quote, self.key, _NoCountersign())
         return {"quote": quote.model_dump(), "agent_signature": signed.agent_signature}
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         def stop(req: dict[str, Any]) -> dict[str, Any]:
-            if self._stop is not None:
-                self._stop(str(req.get("reason", "gateway")))
-            return {"stopped": self._stop is not None}
+            return self.stop_run(str(req.get("reason") or "gateway"))
 
-        return {"quote": self.handle_quote, "status": lambda _: dict(self._state()), "stop": stop,
-                "ping": lambda _: {"pong": True}}
+        return {"quote": self.handle_quote, "status": lambda _: {**self._state(), "capsule": self.runner.status()},
+                "stop": stop, "ping": lambda _: {"pong": True}, **self.runner.handlers()}
+
+    def stop_run(self, reason: str) -> dict[str, Any]:
+        """Stop the capsule run in progress and answer what happened (the extra `stop` hook is told too)."""
+        if self._stop is not None:
+            self._stop(reason)
+        answer: dict[str, Any] = self.runner.stop(reason)
+        return answer
 
     def connect(self) -> AgentChannel:
         """Handshake with the gateway: enrol with the token the first time, plain reconnect afterwards."""
@@ -139,5 +167,4 @@ class Agent:
 
     def gateway_lost(self, why: str) -> None:
         """Fail closed: a run its gateway can no longer monitor is stopped, and the reason recorded."""
-        if self._stop is not None:
-            self._stop(f"gateway lost: {why}")
+        self.stop_run(f"gateway lost: {why}")
