@@ -194,3 +194,17 @@ def test_stop_ends_a_run_in_progress_and_says_so(runner: CapsuleRunner, psi_imag
     assert out["wipe"]["verified"] is True
     assert runner.stop("again") == {"stopped": False, "running": False}  # control: nothing left to stop
     assert os.geteuid() == 0
+
+
+def test_a_result_that_links_to_a_host_file_is_not_read(runner: CapsuleRunner, psi_image: str,
+                                                        tmp_path: Path) -> None:
+    """Attack: the capsule owns /output; `result` made a symlink to a path that exists on the host (the
+    agent reads the scratch as root, on the host). The agent opens it without following links and refuses
+    anything but a regular file; the PSI test above is the control."""
+    secret = tmp_path / "host-secret"
+    secret.write_text("HOST-ONLY-SECRET\n")
+    spec = _manifest(psi_image)
+    spec["function"]["entrypoint"] = ["python3", "-c", f"import os; os.symlink({str(secret)!r}, '/output/result')"]
+    res = _run(runner, spec)
+    assert res["reason"] == "Failed" and "not a regular file" in res["error"], res
+    assert res["results"] == [] and res["wipe"]["verified"] is True
