@@ -18,6 +18,7 @@ contract AttestationLog is EIP712, Ownable {
     struct Verdict {
         bytes32 attestationId;
         address node;
+        address verifier;
         uint8 phase;
         bool passed;
         bytes32 quoteDigest;
@@ -34,7 +35,7 @@ contract AttestationLog is EIP712, Ownable {
     }
 
     bytes32 public constant VERDICT_TYPEHASH = keccak256(
-        "Verdict(bytes32 attestationId,address node,uint8 phase,bool passed,bytes32 quoteDigest,bytes32 policyDigest,uint64 epoch,uint64 issuedAt)"
+        "Verdict(bytes32 attestationId,address node,address verifier,uint8 phase,bool passed,bytes32 quoteDigest,bytes32 policyDigest,uint64 epoch,uint64 issuedAt)"
     );
     bytes32 public constant BATCH_TYPEHASH = keccak256("Batch(uint64 epoch,bytes32 root,uint32 count)");
 
@@ -59,7 +60,7 @@ contract AttestationLog is EIP712, Ownable {
     error LengthMismatch();
     error VerdictNotIncluded(uint256 index);
     error InconsistentVerdicts(uint256 index);
-    error VerdictsNotAscending(uint256 index);
+    error VerifiersNotAscending(uint256 index);
 
     constructor(address owner_, NodeRegistry registry_, uint256 quorum_)
         EIP712("trustcap", "1")
@@ -132,6 +133,7 @@ contract AttestationLog is EIP712, Ownable {
                 VERDICT_TYPEHASH,
                 v.attestationId,
                 v.node,
+                v.verifier,
                 v.phase,
                 v.passed,
                 v.quoteDigest,
@@ -140,6 +142,11 @@ contract AttestationLog is EIP712, Ownable {
                 v.issuedAt
             )
         );
+    }
+
+    /// The digest `v.verifier` signs: EIP-712 under this contract's domain (what TaskEscrow recovers).
+    function verdictDigest(Verdict calldata v) public view returns (bytes32) {
+        return _hashTypedDataV4(verdictId(v));
     }
 
     /// OZ StandardMerkleTree leaf of a verdict: keccak256(bytes.concat(keccak256(abi.encode(id)))).
@@ -154,9 +161,11 @@ contract AttestationLog is EIP712, Ownable {
         return MerkleProof.verifyCalldata(proof, root, verdictLeaf(verdictId(v)));
     }
 
-    /// The outcome of one attestation round, proven from at least `minVerdicts` distinct included verdicts
-    /// that agree on (attestationId, node, phase, passed). Verdict ids must be strictly ascending, so the
-    /// same verdict cannot be counted twice. Reverts naming the first verdict that fails.
+    /// The outcome of one attestation round, proven from at least `minVerdicts` included verdicts of distinct
+    /// verifiers that agree on (attestationId, node, phase, passed). Verifier addresses must be strictly
+    /// ascending, so one verifier's verdicts (however many it signed, e.g. with other issuedAt) count once.
+    /// Inclusion is the batch quorum's word, not each verifier's signature: nothing pays or slashes on this
+    /// view (TaskEscrow.settle checks every verdict's own signature). Reverts naming the first that fails.
     function proveOutcome(
         Verdict[] calldata vs,
         bytes32[] calldata roots,
@@ -165,12 +174,11 @@ contract AttestationLog is EIP712, Ownable {
     ) external view returns (Verdict memory outcome) {
         if (vs.length != roots.length || vs.length != proofs.length) revert LengthMismatch();
         if (vs.length < minVerdicts || vs.length == 0) revert InsufficientVerdicts(vs.length, minVerdicts);
-        bytes32 previous = bytes32(0);
+        address previous = address(0);
         for (uint256 i = 0; i < vs.length; ++i) {
             Verdict calldata v = vs[i];
-            bytes32 id = verdictId(v);
-            if (id <= previous) revert VerdictsNotAscending(i);
-            previous = id;
+            if (v.verifier <= previous) revert VerifiersNotAscending(i);
+            previous = v.verifier;
             if (!isIncluded(v, roots[i], proofs[i])) revert VerdictNotIncluded(i);
             if (
                 i > 0

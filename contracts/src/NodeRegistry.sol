@@ -8,7 +8,9 @@ import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol
 /// @notice A gateway registers from its own trust-root address (its signing address IS its chain
 /// address), with a deposit, its VRF public key and the Merkle root of its HPC's hardware fingerprint.
 /// It can leave only after a delay, so a node caught misbehaving cannot pull its deposit out before the
-/// slash lands. Boot-image digests are approved by the owner (governance); a gateway serves only those.
+/// slash lands, and not at all while it is the executor or a verifier of an assigned task: TaskEscrow
+/// locks each participant's deposit at `assign` and unlocks it when the task settles or is refunded, so
+/// the stake a settlement may slash is still there when the verdicts arrive. Boot-image digests are approved by the owner (governance); a gateway serves only those.
 contract NodeRegistry is Ownable, ReentrancyGuard {
     struct Node {
         uint256 deposit;
@@ -26,6 +28,8 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
 
     mapping(address => Node) private _nodes;
     mapping(bytes32 => bool) public approvedBootImage;
+    /// How many assigned tasks hold this node's deposit (executor or verifier); withdraw and leave wait for 0.
+    mapping(address => uint256) public locks;
     uint256 public activeCount;
 
     event NodeRegistered(address indexed node, uint256 deposit, bytes32 fingerprintRoot);
@@ -35,6 +39,8 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
     event BootImageApproved(bytes32 indexed digest);
     event BootImageRevoked(bytes32 indexed digest);
     event SlasherSet(address indexed slasher);
+    event DepositLocked(address indexed node, uint256 locks);
+    event DepositUnlocked(address indexed node, uint256 locks);
 
     error AlreadyRegistered(address node);
     error NotRegistered(address node);
@@ -46,6 +52,8 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
     error SlasherAlreadySet(address slasher);
     error ZeroAddress();
     error TransferFailed(address to, uint256 amount);
+    error DepositIsLocked(address node, uint256 locks);
+    error NotLocked(address node);
 
     constructor(address owner_, uint256 minDeposit_, uint64 leaveDelay_) Ownable(owner_) {
         minDeposit = minDeposit_;
@@ -73,6 +81,7 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
     function requestLeave() external {
         Node storage n = _nodes[msg.sender];
         if (!n.registered) revert NotRegistered(msg.sender);
+        if (locks[msg.sender] != 0) revert DepositIsLocked(msg.sender, locks[msg.sender]);
         if (n.leaveRequestedAt == 0) {
             n.leaveRequestedAt = uint64(block.timestamp);
             activeCount -= 1;
@@ -84,6 +93,7 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
         Node storage n = _nodes[msg.sender];
         if (!n.registered) revert NotRegistered(msg.sender);
         if (n.leaveRequestedAt == 0) revert LeaveNotRequested(msg.sender);
+        if (locks[msg.sender] != 0) revert DepositIsLocked(msg.sender, locks[msg.sender]);
         uint64 availableAt = n.leaveRequestedAt + leaveDelay;
         if (block.timestamp < availableAt) revert LeaveDelayNotOver(availableAt);
         uint256 amount = n.deposit;
@@ -111,6 +121,24 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
         emit NodeSlashed(node, taken, to);
         (bool ok,) = to.call{value: taken}("");
         if (!ok) revert TransferFailed(to, taken);
+    }
+
+    /// The slasher (TaskEscrow) holds `node`'s deposit for one more assigned task.
+    function lock(address node) external {
+        if (msg.sender != slasher) revert NotSlasher(msg.sender);
+        if (!_nodes[node].registered) revert NotRegistered(node);
+        uint256 n = locks[node] + 1;
+        locks[node] = n;
+        emit DepositLocked(node, n);
+    }
+
+    /// The slasher releases one hold (the task settled, or was refunded after its deadline).
+    function unlock(address node) external {
+        if (msg.sender != slasher) revert NotSlasher(msg.sender);
+        uint256 n = locks[node];
+        if (n == 0) revert NotLocked(node);
+        locks[node] = n - 1;
+        emit DepositUnlocked(node, n - 1);
     }
 
     function approveBootImage(bytes32 digest) external onlyOwner {

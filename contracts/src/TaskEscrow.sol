@@ -3,34 +3,41 @@ pragma solidity 0.8.30;
 
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {AttestationLog} from "./AttestationLog.sol";
 import {NodeRegistry} from "./NodeRegistry.sol";
+import {Reputation} from "./Reputation.sol";
 
-/// @title TaskEscrow: a capsule's payment, paid out only on a proven post-execution attestation.
-/// @notice The payer escrows the payment under the capsule's task id (a hash; no task data). After the
-/// run the coordinator (the operator's chain account) binds the task to its post-execution attestation,
-/// the revealed executor and the verifiers, once. Anyone may then settle with a quorum of included
-/// verdicts of that attestation (phase post): passed pays the executor its share and splits the rest
-/// among the verifiers; failed refunds the payer and slashes the executor's deposit to the payer.
-/// There is no other path to a slash. Payouts are credited and pulled (`withdraw`), so one failing
-/// recipient cannot block a settlement.
-/// @dev Timeout refund (decision 0030, "Escrow deadline"): every task carries a deadline fixed at
-/// `createTask` (after now, at most `MAX_DEADLINE` ahead). Once it has passed, a task still Funded or
-/// Assigned can be refunded by its payer: the whole payment is credited back (`owed`, pulled as usual)
-/// and the task becomes Refunded, closed for good. A timeout proves nothing about the executor, so it
-/// never slashes. Until a refund happens, `assign` and `settle` keep working after the deadline:
-/// a late but proven quorum still pays the work that was done; the refund is what closes the task.
-/// Only the payer may refund: a refund can only ever pay the payer, and letting anyone call it would
-/// let a third party race a late settlement and cancel the executor's pay, a choice that belongs to
-/// the one who paid (who, having lost its key, could not withdraw a refund anyway).
+/// @title TaskEscrow: a capsule's payment, its selection commitments, and a settlement the chain checks itself.
+/// @notice The payer escrows the payment under the capsule's task id (a hash; no task data) with the committee
+/// size k and a deadline (`fund`); the funding block fixes the selection seed (decision 0090). While Funded,
+/// registered active nodes commit to their VRF draw (`commit`, once each). After the run the coordinator
+/// (the operator's chain account) binds the task to its post-execution attestation, the revealed executor
+/// and the k verifiers (`assign`): all distinct, registered, active and committed; their deposits are then
+/// locked in the registry until the task closes. Anyone may then `settle` with the verifiers' signed
+/// verdicts: each signature is recovered here (EIP-712 under AttestationLog's domain, the one verifiers sign
+/// with), each signer must be a distinct member of this task's committee, and each verdict must be about
+/// the bound attestation, the executor and phase POST. ceil(2k/3) passed pays the executor its share and
+/// splits the rest among the committee; ceil(2k/3) failed refunds the payer and slashes the executor's
+/// deposit (what is left of it, never reverting the settlement) to the payer; anything less is NoQuorum.
+/// The outcome, and only a settled outcome, moves the executor's reputation. Payouts are credited and
+/// pulled (`withdraw`), so one failing recipient cannot block a settlement.
+/// @dev Deadline (decision 0030): once it has passed, a Funded or Assigned task can be refunded by its payer
+/// (whole payment, no slash: a timeout proves nothing). Until then `assign` and `settle` keep working after
+/// the deadline. A task that fails before assignment is cancelled by the coordinator (full refund).
 ///
-///   payer --createTask(deadline)--> Funded --assign--> Assigned --settle--> Paid | Slashed
-///                                     |                  |
-///                                     +---- refund (payer, block.timestamp > deadline) ---> Refunded
+///   payer --fund(k, deadline)--> Funded --assign--> Assigned --settle--> Paid | Slashed
+///                                  |  |                |
+///                                  |  +-- cancel (coordinator) --> Cancelled
+///                                  +------------------+-- refund (payer, block.timestamp > deadline) --> Refunded
 contract TaskEscrow is Ownable, ReentrancyGuard {
     uint8 public constant PHASE_POST = 3;
-    /// The furthest a deadline may lie ahead at `createTask`: a payment should not be locked for longer
-    /// than any capsule plausibly runs (and a typo of a few digits must not lock it for centuries).
+    uint8 public constant MIN_K = 3;
+    uint8 public constant MAX_K = 31;
+    /// At most this many commitments per task: bounds `committers` and the selection's work.
+    uint256 public constant MAX_COMMITTERS = 256;
+    /// The furthest a deadline may lie ahead at `fund`: a payment should not be locked for longer than any
+    /// capsule plausibly runs (and a typo of a few digits must not lock it for centuries).
     uint64 public constant MAX_DEADLINE = 30 days;
 
     enum State {
@@ -39,46 +46,84 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         Assigned,
         Paid,
         Slashed,
-        Refunded
+        Refunded,
+        Cancelled
     }
 
     struct Task {
         address payer;
-        uint96 minVerdicts;
+        uint8 k;
+        State state;
+        uint64 deadline;
+        uint64 fundedBlock;
         uint256 payment;
         bytes32 attestationId;
         address executor;
-        State state;
+        address[] verifiers;
+    }
+
+    /// What `getTask` returns (the Python TaskInfo).
+    struct TaskView {
+        address payer;
+        uint256 payment;
+        uint8 k;
         uint64 deadline;
+        State state;
+        uint64 fundedBlock;
+        address executor;
+        bytes32 attestationId;
         address[] verifiers;
     }
 
     NodeRegistry public immutable registry;
     AttestationLog public immutable log;
+    Reputation public immutable reputation;
     address public coordinator;
     uint16 public immutable executorShareBps;
     uint256 public immutable slashAmount;
 
     mapping(bytes32 => Task) private _tasks;
+    mapping(bytes32 => mapping(address => bytes32)) private _commitments;
+    mapping(bytes32 => address[]) private _committers;
+    /// 1-based position of a verifier in its task's committee; 0 = not a member.
+    mapping(bytes32 => mapping(address => uint256)) private _seat;
+    /// An attestation settles one task only (its reputation counts once).
+    mapping(bytes32 => bool) public attestationAssigned;
     mapping(address => uint256) public owed;
 
-    event TaskFunded(bytes32 indexed taskId, address indexed payer, uint256 payment);
+    event TaskFunded(bytes32 indexed taskId, address indexed payer, uint256 payment, uint8 k, uint64 deadline);
+    event Committed(bytes32 indexed taskId, address indexed node, bytes32 commitment);
     event TaskAssigned(bytes32 indexed taskId, bytes32 indexed attestationId, address indexed executor);
     event TaskPaid(bytes32 indexed taskId, address indexed executor, uint256 executorAmount, uint256 perVerifier);
     event TaskSlashed(bytes32 indexed taskId, address indexed executor, uint256 slashed);
+    event TaskCancelled(bytes32 indexed taskId, address indexed payer, uint256 payment);
     event TaskRefunded(bytes32 indexed taskId, address indexed payer, uint256 payment);
     event Withdrawn(address indexed to, uint256 amount);
     event CoordinatorSet(address indexed coordinator);
 
     error TaskExists(bytes32 taskId);
     error NoPayment();
-    error InvalidMinVerdicts(uint256 minVerdicts);
+    error InvalidCommitteeSize(uint256 k);
     error NotCoordinator(address caller);
     error WrongState(bytes32 taskId, State state);
-    error NoVerifiers();
-    error WrongAttestation(bytes32 got, bytes32 expected);
-    error WrongNode(address got, address expected);
-    error WrongPhase(uint8 got);
+    error NotActiveNode(address node);
+    error InvalidCommitment();
+    error AlreadyCommitted(bytes32 taskId, address node);
+    error TooManyCommitters(bytes32 taskId);
+    error WrongCommitteeSize(uint256 got, uint256 expected);
+    error NotCommitted(address node);
+    error DuplicateNode(address node);
+    error ExecutorInCommittee(address executor);
+    error InvalidAttestation();
+    error AttestationAlreadyAssigned(bytes32 attestationId);
+    error LengthMismatch();
+    error WrongAttestation(uint256 index, bytes32 got);
+    error WrongNode(uint256 index, address got);
+    error WrongPhase(uint256 index, uint8 got);
+    error NotInCommittee(uint256 index, address verifier);
+    error BadSignature(uint256 index, address verifier);
+    error DuplicateVerifier(uint256 index, address verifier);
+    error NoQuorum(uint256 passed, uint256 failed, uint256 required);
     error NothingOwed(address to);
     error TransferFailed(address to, uint256 amount);
     error DeadlineInPast(uint64 deadline, uint256 now_);
@@ -90,12 +135,14 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         address owner_,
         NodeRegistry registry_,
         AttestationLog log_,
+        Reputation reputation_,
         address coordinator_,
         uint16 executorShareBps_,
         uint256 slashAmount_
     ) Ownable(owner_) {
         registry = registry_;
         log = log_;
+        reputation = reputation_;
         coordinator = coordinator_;
         executorShareBps = executorShareBps_;
         slashAmount = slashAmount_;
@@ -107,77 +154,176 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         emit CoordinatorSet(coordinator_);
     }
 
-    /// @notice Escrow `msg.value` for `taskId`; refundable to the payer after `deadline` (unix seconds,
-    /// strictly after this block and at most MAX_DEADLINE ahead) unless settled first.
-    function createTask(bytes32 taskId, uint96 minVerdicts, uint64 deadline) external payable {
+    /// @notice Escrow `msg.value` for `taskId` with committee size `k` (odd, 3..31); refundable to the payer
+    /// after `deadline` (unix seconds, after this block, at most MAX_DEADLINE ahead) unless settled first.
+    function fund(bytes32 taskId, uint8 k, uint64 deadline) external payable {
         Task storage t = _tasks[taskId];
         if (t.state != State.None) revert TaskExists(taskId);
         if (msg.value == 0) revert NoPayment();
-        if (minVerdicts < 2) revert InvalidMinVerdicts(minVerdicts);
+        if (k < MIN_K || k > MAX_K || k % 2 == 0) revert InvalidCommitteeSize(k);
         if (deadline <= block.timestamp) revert DeadlineInPast(deadline, block.timestamp);
         if (deadline > block.timestamp + MAX_DEADLINE) revert DeadlineTooFar(deadline, block.timestamp + MAX_DEADLINE);
         t.payer = msg.sender;
-        t.minVerdicts = minVerdicts;
+        t.k = k;
         t.payment = msg.value;
         t.deadline = deadline;
+        t.fundedBlock = uint64(block.number);
         t.state = State.Funded;
-        emit TaskFunded(taskId, msg.sender, msg.value);
+        emit TaskFunded(taskId, msg.sender, msg.value, k, deadline);
     }
 
+    /// @notice A registered, active node commits to its selection draw for `taskId`, once, while Funded.
+    function commit(bytes32 taskId, bytes32 c) external {
+        Task storage t = _tasks[taskId];
+        if (t.state != State.Funded) revert WrongState(taskId, t.state);
+        if (!registry.isActive(msg.sender)) revert NotActiveNode(msg.sender);
+        if (c == bytes32(0)) revert InvalidCommitment();
+        if (_commitments[taskId][msg.sender] != bytes32(0)) revert AlreadyCommitted(taskId, msg.sender);
+        if (_committers[taskId].length >= MAX_COMMITTERS) revert TooManyCommitters(taskId);
+        _commitments[taskId][msg.sender] = c;
+        _committers[taskId].push(msg.sender);
+        emit Committed(taskId, msg.sender, c);
+    }
+
+    function commitmentOf(bytes32 taskId, address node) external view returns (bytes32) {
+        return _commitments[taskId][node];
+    }
+
+    function committers(bytes32 taskId) external view returns (address[] memory) {
+        return _committers[taskId];
+    }
+
+    /// @notice Bind the task to its post attestation, executor and committee; locks their deposits.
     function assign(bytes32 taskId, bytes32 attestationId, address executor, address[] calldata verifiers)
         external
     {
         if (msg.sender != coordinator) revert NotCoordinator(msg.sender);
         Task storage t = _tasks[taskId];
         if (t.state != State.Funded) revert WrongState(taskId, t.state);
-        if (verifiers.length == 0) revert NoVerifiers();
+        if (verifiers.length != t.k) revert WrongCommitteeSize(verifiers.length, t.k);
+        if (attestationId == bytes32(0)) revert InvalidAttestation();
+        if (attestationAssigned[attestationId]) revert AttestationAlreadyAssigned(attestationId);
+        _checkParticipant(taskId, executor);
+        for (uint256 i = 0; i < verifiers.length; ++i) {
+            address v = verifiers[i];
+            if (v == executor) revert ExecutorInCommittee(executor);
+            if (_seat[taskId][v] != 0) revert DuplicateNode(v);
+            _checkParticipant(taskId, v);
+            _seat[taskId][v] = i + 1;
+        }
+        attestationAssigned[attestationId] = true;
         t.attestationId = attestationId;
         t.executor = executor;
         t.verifiers = verifiers;
         t.state = State.Assigned;
+        registry.lock(executor);
+        for (uint256 i = 0; i < verifiers.length; ++i) {
+            registry.lock(verifiers[i]);
+        }
         emit TaskAssigned(taskId, attestationId, executor);
     }
 
-    function settle(
-        bytes32 taskId,
-        AttestationLog.Verdict[] calldata vs,
-        bytes32[] calldata roots,
-        bytes32[][] calldata proofs
-    ) external nonReentrant {
+    function _checkParticipant(bytes32 taskId, address node) private view {
+        if (!registry.isActive(node)) revert NotActiveNode(node);
+        if (_commitments[taskId][node] == bytes32(0)) revert NotCommitted(node);
+    }
+
+    /// @notice Settle an Assigned task from its committee's signed post-round verdicts. Reverts naming the
+    /// first verdict that is not a valid, distinct committee member's verdict of the bound round, or NoQuorum.
+    function settle(bytes32 taskId, AttestationLog.Verdict[] calldata vs, bytes[] calldata signatures)
+        external
+        nonReentrant
+    {
         Task storage t = _tasks[taskId];
         if (t.state != State.Assigned) revert WrongState(taskId, t.state);
-        AttestationLog.Verdict memory o = log.proveOutcome(vs, roots, proofs, t.minVerdicts);
-        if (o.attestationId != t.attestationId) revert WrongAttestation(o.attestationId, t.attestationId);
-        if (o.node != t.executor) revert WrongNode(o.node, t.executor);
-        if (o.phase != PHASE_POST) revert WrongPhase(o.phase);
-        if (o.passed) {
-            t.state = State.Paid;
-            uint256 toExecutor = t.payment * executorShareBps / 10_000;
-            uint256 perVerifier = (t.payment - toExecutor) / t.verifiers.length;
-            uint256 dust = t.payment - toExecutor - perVerifier * t.verifiers.length;
-            owed[t.executor] += toExecutor + dust;
-            for (uint256 i = 0; i < t.verifiers.length; ++i) {
-                owed[t.verifiers[i]] += perVerifier;
-            }
-            emit TaskPaid(taskId, t.executor, toExecutor + dust, perVerifier);
-        } else {
-            t.state = State.Slashed;
-            owed[t.payer] += t.payment;
-            uint256 taken = registry.slash(t.executor, slashAmount, address(this));
-            owed[t.payer] += taken;
-            emit TaskSlashed(taskId, t.executor, taken);
+        if (vs.length != signatures.length) revert LengthMismatch();
+        uint256 seen; // bit (seat - 1) set once that member's verdict counted
+        uint256 passed;
+        uint256 failed;
+        for (uint256 i = 0; i < vs.length; ++i) {
+            AttestationLog.Verdict calldata v = vs[i];
+            if (v.attestationId != t.attestationId) revert WrongAttestation(i, v.attestationId);
+            if (v.node != t.executor) revert WrongNode(i, v.node);
+            if (v.phase != PHASE_POST) revert WrongPhase(i, v.phase);
+            uint256 seat = _seat[taskId][v.verifier];
+            if (seat == 0) revert NotInCommittee(i, v.verifier);
+            (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(log.verdictDigest(v), signatures[i]);
+            if (err != ECDSA.RecoverError.NoError || signer != v.verifier) revert BadSignature(i, v.verifier);
+            uint256 bit = 1 << (seat - 1);
+            if (seen & bit != 0) revert DuplicateVerifier(i, v.verifier);
+            seen |= bit;
+            if (v.passed) passed += 1;
+            else failed += 1;
         }
+        uint256 need = (2 * uint256(t.k) + 2) / 3;
+        if (passed >= need) {
+            _pay(taskId, t);
+        } else if (failed >= need) {
+            _slash(taskId, t);
+        } else {
+            revert NoQuorum(passed, failed, need);
+        }
+        _unlockAll(t);
+    }
+
+    function _pay(bytes32 taskId, Task storage t) private {
+        t.state = State.Paid;
+        uint256 n = t.verifiers.length;
+        uint256 toExecutor = t.payment * executorShareBps / 10_000;
+        uint256 perVerifier = (t.payment - toExecutor) / n;
+        uint256 dust = t.payment - toExecutor - perVerifier * n;
+        owed[t.executor] += toExecutor + dust;
+        for (uint256 i = 0; i < n; ++i) {
+            owed[t.verifiers[i]] += perVerifier;
+        }
+        reputation.record(t.executor, t.attestationId, true);
+        emit TaskPaid(taskId, t.executor, toExecutor + dust, perVerifier);
+    }
+
+    function _slash(bytes32 taskId, Task storage t) private {
+        t.state = State.Slashed;
+        owed[t.payer] += t.payment;
+        uint256 taken;
+        // A slash takes what is left of the deposit (the registry caps it); should the registry refuse for any
+        // reason, the proven failure still settles: the payer is refunded and the reputation falls.
+        try registry.slash(t.executor, slashAmount, address(this)) returns (uint256 got) {
+            taken = got;
+        } catch {
+            taken = 0;
+        }
+        owed[t.payer] += taken;
+        reputation.record(t.executor, t.attestationId, false);
+        emit TaskSlashed(taskId, t.executor, taken);
+    }
+
+    function _unlockAll(Task storage t) private {
+        registry.unlock(t.executor);
+        for (uint256 i = 0; i < t.verifiers.length; ++i) {
+            registry.unlock(t.verifiers[i]);
+        }
+    }
+
+    /// @notice A task that failed before assignment: the coordinator gives the whole payment back.
+    function cancel(bytes32 taskId) external {
+        if (msg.sender != coordinator) revert NotCoordinator(msg.sender);
+        Task storage t = _tasks[taskId];
+        if (t.state != State.Funded) revert WrongState(taskId, t.state);
+        t.state = State.Cancelled;
+        owed[t.payer] += t.payment;
+        emit TaskCancelled(taskId, t.payer, t.payment);
     }
 
     /// @notice After the deadline, give an unsettled (Funded or Assigned) task's payment back to its payer
     /// and close it. No slash: a timeout is not proof of misbehaviour.
     function refund(bytes32 taskId) external {
         Task storage t = _tasks[taskId];
-        if (t.state != State.Funded && t.state != State.Assigned) revert WrongState(taskId, t.state);
+        State s = t.state;
+        if (s != State.Funded && s != State.Assigned) revert WrongState(taskId, s);
         if (msg.sender != t.payer) revert NotPayer(msg.sender, t.payer);
         if (block.timestamp <= t.deadline) revert DeadlineNotReached(taskId, t.deadline, block.timestamp);
         t.state = State.Refunded;
         owed[t.payer] += t.payment;
+        if (s == State.Assigned) _unlockAll(t);
         emit TaskRefunded(taskId, t.payer, t.payment);
     }
 
@@ -190,8 +336,19 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         if (!ok) revert TransferFailed(msg.sender, amount);
     }
 
-    function taskOf(bytes32 taskId) external view returns (Task memory) {
-        return _tasks[taskId];
+    function getTask(bytes32 taskId) external view returns (TaskView memory) {
+        Task storage t = _tasks[taskId];
+        return TaskView({
+            payer: t.payer,
+            payment: t.payment,
+            k: t.k,
+            deadline: t.deadline,
+            state: t.state,
+            fundedBlock: t.fundedBlock,
+            executor: t.executor,
+            attestationId: t.attestationId,
+            verifiers: t.verifiers
+        });
     }
 
     /// Receives slashed deposits from the registry; nothing else sends value here without a task.

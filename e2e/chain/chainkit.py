@@ -19,8 +19,9 @@ from trustcap import merkle
 from trustcap.chain.anvil import Anvil
 from trustcap.chain.client import ChainClient, Deployment
 from trustcap.chain.errors import ContractReverted
+from trustcap.chain.escrow import Escrow, NodeSpec, deploy_network
 from trustcap.chain.keys import ANVIL_KEYS, KeySigner
-from trustcap.evidence.verdict import Domain, Verdict, sign_verdict, verdict_id
+from trustcap.evidence.verdict import Domain, SignedVerdict, Verdict, sign_verdict, verdict_id
 
 ETH = 10**18
 OWNER = KeySigner(ANVIL_KEYS[0])
@@ -29,6 +30,11 @@ OUTSIDER = KeySigner(ANVIL_KEYS[9])
 #: the chain-writer's own account: only the writer sends from it, so its nonces are the writer's alone
 WRITER = KeySigner(ANVIL_KEYS[6])
 VRF_KEY = b"\x02" + hashlib.sha256(b"vrf").digest()
+#: the escrow's cast in the tests: one executor, a committee of three (k = 3), a payer that is no node
+EXECUTOR = VERIFIERS[0]
+COMMITTEE = VERIFIERS[1:4]
+PAYER = VERIFIERS[4]
+POST = 3
 
 
 def new_epoch() -> int:
@@ -77,20 +83,58 @@ class Chain:
         return Domain(chain_id=self.d.chain_id, verifying_contract=self.d.log)
 
 
-def deploy(anvil: Anvil, *, quorum: int = 3, register: int = 4) -> Chain:
+def deploy(anvil: Anvil, *, quorum: int = 3, register: int = 4, slash_amount: int = ETH) -> Chain:
     """Fresh contracts; the first `register` verifiers registered with 2 ETH each."""
-    owner = ChainClient(anvil.url, OWNER)
-    d = owner.deploy_all(quorum=quorum, min_deposit=ETH, leave_delay=3600, slash_amount=ETH)
-    for v in VERIFIERS[:register]:
-        ChainClient(anvil.url, v).register_node(d, VRF_KEY, hashlib.sha256(v.address.encode()).digest(), 2 * ETH)
-    return Chain(anvil, owner, d)
+    nodes = [NodeSpec(v, VRF_KEY, hashlib.sha256(v.address.encode()).digest()) for v in VERIFIERS[:register]]
+    d = deploy_network(anvil.url, OWNER, nodes, deposit=2 * ETH, quorum=quorum, min_deposit=ETH, leave_delay=3600,
+                       slash_amount=slash_amount)
+    return Chain(anvil, ChainClient(anvil.url, OWNER), d)
+
+
+def escrow(chain: Chain, signer: KeySigner = OWNER) -> Escrow:
+    """The escrow as `signer` (default the owner, who is also the coordinator)."""
+    return Escrow(chain.client(signer), chain.d)
+
+
+def funded(chain: Chain, *, k: int = 3, value: int = ETH, seconds: int = 3600,
+           committers: list[KeySigner] | None = None) -> bytes:
+    """A task funded by PAYER with committee size k, committed to by `committers` (default all four nodes)."""
+    task = os.urandom(32)
+    escrow(chain, PAYER).fund(task, k, task_deadline(chain, seconds), value)
+    for node in VERIFIERS[:4] if committers is None else committers:
+        escrow(chain, node).commit(task, os.urandom(32))
+    return task
+
+
+def assigned(chain: Chain, **kw: Any) -> tuple[bytes, bytes]:
+    """(task id, attestation id) of a funded task assigned to EXECUTOR and COMMITTEE."""
+    task = funded(chain, **kw)
+    att = os.urandom(32)
+    escrow(chain).assign(task, att, EXECUTOR.address, [v.address for v in COMMITTEE])
+    return task, att
+
+
+def post_verdict(chain: Chain, signer: KeySigner, att: bytes, *, passed: bool, node: str | None = None,
+                 phase: int = POST, issued_at: int = 1_700_000_000, verifier: str | None = None) -> SignedVerdict:
+    """`signer`'s signed verdict of the round `att` about `node` (default EXECUTOR), naming `verifier`
+    (default the signer itself)."""
+    v = Verdict(attestation_id="0x" + att.hex(), node=node or EXECUTOR.address,
+                verifier=verifier or signer.address, phase=phase, passed=passed,
+                quote_digest="0x" + os.urandom(32).hex(), policy_digest="0x" + hashlib.sha256(b"policy").hexdigest(),
+                epoch=1, issued_at=issued_at)
+    return sign_verdict(v, chain.domain, signer)
+
+
+def deposit_of(chain: Chain, node: str) -> int:
+    return int(chain.owner.contract("NodeRegistry", chain.d.registry).functions.nodeOf(node).call()[0])
 
 
 def make_verdict(*, epoch: int = 1, passed: bool = True, phase: int = 3, node: str | None = None,
-                 attestation: bytes | None = None, quote: bytes | None = None) -> Verdict:
+                 attestation: bytes | None = None, quote: bytes | None = None, verifier: str | None = None) -> Verdict:
     return Verdict(
         attestation_id="0x" + (attestation or os.urandom(32)).hex(),
         node=node or VERIFIERS[0].address,
+        verifier=verifier or VERIFIERS[1].address,
         phase=phase,
         passed=passed,
         quote_digest="0x" + (quote or os.urandom(32)).hex(),
@@ -188,17 +232,22 @@ def audit(chain: Chain, journal_path: object, added: list[Verdict]) -> dict[str,
 
 def decided_round(chain: Chain, *, epoch: int, passed: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """(spec, status) of an Attestation round whose committee (VERIFIERS[1:4], quorum 2) has decided:
-    each member's signed post-execution verdict, as the operator writes them, for the chain-writer."""
+    each member's signed post-execution verdict, as the gateways write them, for the chain-writer."""
     spec = {"node": "hpc-1", "executor": VERIFIERS[0].address, "phase": "post", "capsule": "psi",
             "nonce": "0x" + os.urandom(32).hex(), "epoch": epoch, "policyDigest": "0x" + os.urandom(32).hex(),
             "committee": {"quorum": 2, "members": [{"address": v.address} for v in VERIFIERS[1:4]]}}
-    verdicts = []
-    for i, signer in enumerate(VERIFIERS[1:4]):
-        v = Verdict(attestation_id=spec["nonce"], node=spec["executor"], phase=3, passed=passed,
-                    quote_digest="0x" + os.urandom(32).hex(), policy_digest=spec["policyDigest"],
-                    epoch=spec["epoch"], issued_at=1_700_000_000 + i)
-        signed = sign_verdict(v, chain.domain, signer)
-        verdicts.append({"verifier": signer.address, "passed": passed, "quoteDigest": v.quote_digest,
-                         "verdictId": "0x" + verdict_id(v, chain.domain).hex(), "signature": signed.signature,
-                         "issuedAt": v.issued_at})
+    verdicts = [verdict_entry(chain, spec, signer, passed=passed, issued_at=1_700_000_000 + i)
+                for i, signer in enumerate(VERIFIERS[1:4])]
     return spec, {"result": "Passed" if passed else "Failed", "verdicts": verdicts}
+
+
+def verdict_entry(chain: Chain, spec: dict[str, Any], signer: KeySigner, *, passed: bool,
+                  issued_at: int = 1_700_000_000) -> dict[str, Any]:
+    """One gateway's status.verdicts[] entry for the round `spec`, with its whole signed verdict."""
+    v = Verdict(attestation_id=spec["nonce"], node=spec["executor"], verifier=signer.address, phase=3,
+                passed=passed, quote_digest="0x" + os.urandom(32).hex(), policy_digest=spec["policyDigest"],
+                epoch=spec["epoch"], issued_at=issued_at)
+    signed = sign_verdict(v, chain.domain, signer)
+    return {"verifier": signer.address, "passed": passed, "quoteDigest": v.quote_digest,
+            "verdictId": "0x" + verdict_id(v, chain.domain).hex(), "signature": signed.signature,
+            "issuedAt": v.issued_at, "verdict": signed.model_dump()}

@@ -172,16 +172,18 @@ class ChainClient:
         coordinator: str | None = None,
         executor_share_bps: int = 7000,
         slash_amount: int = 10**18,
-        reputation: tuple[int, int, int, int, int] = (1, 1000, 1000, 1, 2),
+        reputation: tuple[int, int, int, int] = (1, 1000, 1000, 1),
     ) -> Deployment:
-        """Deploy and wire the four contracts; the escrow becomes the registry's only slasher."""
+        """Deploy and wire the four contracts: the escrow becomes the registry's only slasher (and locker)
+        and the reputation's only recorder. `reputation` = (gain, maxScore, failPenalty, decayPerDay)."""
         me = self.signer.address
         registry = self.deploy("NodeRegistry", me, min_deposit, leave_delay)
         log_addr = self.deploy("AttestationLog", me, registry, quorum)
-        rep = self.deploy("Reputation", log_addr, *reputation)
-        escrow = self.deploy("TaskEscrow", me, registry, log_addr, coordinator or me, executor_share_bps,
+        rep = self.deploy("Reputation", me, *reputation)
+        escrow = self.deploy("TaskEscrow", me, registry, log_addr, rep, coordinator or me, executor_share_bps,
                              slash_amount)
         self.transact(self.contract("NodeRegistry", registry).functions.setSlasher(escrow))
+        self.transact(self.contract("Reputation", rep).functions.setRecorder(escrow))
         d = Deployment(self.chain_id, registry, log_addr, rep, escrow)
         log.info("deployed trustcap contracts on chain %s: log %s", d.chain_id, d.log)
         return d

@@ -59,11 +59,12 @@ def sign_batch(
     return sorted(sigs, key=lambda sig: int(recover_address(digest, sig), 16))
 
 
-def verdict_tuple(v: Verdict) -> tuple[bytes, str, int, bool, bytes, bytes, int, int]:
-    """The AttestationLog.Verdict struct as web3 wants it."""
+def verdict_tuple(v: Verdict) -> tuple[bytes, str, str, int, bool, bytes, bytes, int, int]:
+    """The AttestationLog.Verdict struct as web3 wants it (field order of the EIP-712 type)."""
     return (
         bytes.fromhex(v.attestation_id[2:]),
         v.node,
+        v.verifier,
         v.phase,
         v.passed,
         bytes.fromhex(v.quote_digest[2:]),

@@ -5,8 +5,14 @@ digest), so the encoding is the standard one, built by `eth_account.messages.enc
 than by hand. The verdict's id is its hashStruct, unique per verdict; it is also what goes, as
 `verdict_leaf(id)`, into the epoch's Merkle batch (`trustcap.merkle`).
 
-    Verdict(bytes32 attestationId,address node,uint8 phase,bool passed,bytes32 quoteDigest,
-            bytes32 policyDigest,uint64 epoch,uint64 issuedAt)
+The verdict names its verifier, and a verdict is valid only when that verifier signed it
+(`verify_verdict`). Without the field, two verifiers' identical verdicts were one leaf, and nothing tied
+a verdict to a committee seat: TaskEscrow.settle counts distinct `verifier`s of the task's committee,
+each recovered from its own signature, so one party signing many verdicts (say with other issuedAt)
+still counts once.
+
+    Verdict(bytes32 attestationId,address node,address verifier,uint8 phase,bool passed,
+            bytes32 quoteDigest,bytes32 policyDigest,uint64 epoch,uint64 issuedAt)
     domain: name "trustcap", version "1", chainId, verifyingContract = AttestationLog address
 """
 
@@ -50,6 +56,7 @@ VERDICT_TYPES = {
     "Verdict": [
         {"name": "attestationId", "type": "bytes32"},
         {"name": "node", "type": "address"},
+        {"name": "verifier", "type": "address"},
         {"name": "phase", "type": "uint8"},
         {"name": "passed", "type": "bool"},
         {"name": "quoteDigest", "type": "bytes32"},
@@ -80,6 +87,7 @@ class Domain(_Model):
 class Verdict(_Model):
     attestation_id: Hex32
     node: Address
+    verifier: Address
     phase: Annotated[int, Field(ge=0, le=4)]
     passed: bool
     quote_digest: Hex32
@@ -108,6 +116,7 @@ def typed_data(verdict: Verdict, domain: Domain) -> dict[str, Any]:
         "message": {
             "attestationId": bytes.fromhex(verdict.attestation_id[2:]),
             "node": verdict.node,
+            "verifier": verdict.verifier,
             "phase": verdict.phase,
             "passed": verdict.passed,
             "quoteDigest": bytes.fromhex(verdict.quote_digest[2:]),
@@ -134,14 +143,20 @@ def sign_verdict(verdict: Verdict, domain: Domain, signer: Signer) -> SignedVerd
     return SignedVerdict(verdict=verdict, domain=domain, signature="0x" + sig.hex())
 
 
-def verify_verdict(signed: SignedVerdict, expected_signer: str | None = None) -> str:
-    """The EIP-55 address that signed the verdict; VerdictError if malformed or not `expected_signer`."""
+def verify_verdict(signed: SignedVerdict, *, domain: Domain) -> str:
+    """The EIP-55 address of the verifier that signed the verdict; VerdictError unless the verdict was
+    made for `domain` (the deployment's: chain id and AttestationLog address) and signed by the verifier
+    it names. What the chain checks at settlement, so a verdict that passes here settles there."""
+    if signed.domain != domain:
+        raise VerdictError(f"verdict was made for chain {signed.domain.chain_id} contract "
+                           f"{signed.domain.verifying_contract}, not for the expected chain {domain.chain_id} "
+                           f"contract {domain.verifying_contract}")
     try:
-        signer = recover_address(verdict_digest(signed.verdict, signed.domain), bytes.fromhex(signed.signature[2:]))
+        signer = recover_address(verdict_digest(signed.verdict, domain), bytes.fromhex(signed.signature[2:]))
     except SignatureError as exc:
         raise VerdictError(f"verdict signature is not valid: {exc}") from exc
-    if expected_signer is not None and signer != expected_signer:
-        raise VerdictError(f"verdict was signed by {signer}, not by the expected verifier {expected_signer}")
+    if signer != signed.verdict.verifier:
+        raise VerdictError(f"verdict names verifier {signed.verdict.verifier} but was signed by {signer}")
     return signer
 
 

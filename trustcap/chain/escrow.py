@@ -1,0 +1,187 @@
+"""TaskEscrow and NodeRegistry from Python: the writes a payer, a node and the coordinator make, and the
+reads (`ChainView`) that selection, brokers, `trustcap verify capsule` and the operator recompute from.
+
+    payer            node (gateway)         coordinator (operator)        anyone
+      | fund(k, deadline) -> Funded at block F  |                              |
+      |                  | commit(c) (own key)  |                              |
+      |                  |                      | assign(post round, executor, committee) -> Assigned
+      |                  |                      |                              | settle(signed post verdicts)
+      |                  |                      |                              |   -> Paid | Slashed
+      |                  |                      | cancel (Funded)  | refund (payer, after the deadline)
+
+Every check that decides money is the contract's (docs/decisions/0091): this module only shapes the
+arguments. A refusal surfaces as ContractReverted naming the contract's custom error. Addresses come back
+lowercase `0x` hex (the protocol's form); bytes32 values as bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from web3 import Web3
+
+from trustcap.chain.client import ChainClient, Deployment
+from trustcap.chain.errors import ChainError
+from trustcap.chain.typed import verdict_tuple
+from trustcap.evidence.signing import Signer
+from trustcap.evidence.verdict import Domain, SignedVerdict
+
+__all__ = ["STATES", "ChainView", "Escrow", "NodeInfo", "NodeSpec", "TaskInfo", "deploy_network", "quorum_of"]
+
+#: TaskEscrow.State, by its uint8 value.
+STATES: Final = ("None", "Funded", "Assigned", "Paid", "Slashed", "Refunded", "Cancelled")
+_ZERO32: Final = b"\0" * 32
+
+
+def quorum_of(k: int) -> int:
+    """ceil(2k/3): the distinct committee verdicts that settle a task of committee size k (as the contract)."""
+    return (2 * k + 2) // 3
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    payer: str
+    payment: int
+    k: int
+    deadline: int
+    state: str
+    funded_block: int
+    executor: str
+    attestation_id: bytes
+    verifiers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    address: str
+    vrf_public_key: bytes
+    stake: int
+    reputation_bp: int
+    active: bool
+
+
+class ChainView(Protocol):
+    """Reads only: what brokers, `verify capsule` and the operator need from the chain."""
+
+    def task(self, task_id: bytes) -> TaskInfo | None: ...
+
+    def block_hash(self, number: int) -> bytes | None: ...
+
+    def commitment(self, task_id: bytes, node: str) -> bytes | None: ...
+
+    def committers(self, task_id: bytes) -> list[str]: ...
+
+    def node(self, address: str) -> NodeInfo | None: ...
+
+    def domain(self) -> Domain: ...
+
+
+def _b32(value: bytes, what: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != 32:
+        raise ChainError(f"{what} must be 32 bytes")
+    return bytes(value)
+
+
+def _addr(value: str, what: str) -> str:
+    if not isinstance(value, str) or not Web3.is_address(value):
+        raise ChainError(f"{what} is not an address: {value!r}")
+    return str(Web3.to_checksum_address(value))
+
+
+class Escrow:
+    """The escrow and registry as the client's signer: writes return the mined receipt."""
+
+    def __init__(self, client: ChainClient, d: Deployment) -> None:
+        self.client = client
+        self.d = d
+        self._escrow = client.contract("TaskEscrow", d.escrow)
+        self._registry = client.contract("NodeRegistry", d.registry)
+        self._reputation = client.contract("Reputation", d.reputation)
+        self._max_score: int | None = None
+
+    # -- writes ---------------------------------------------------------------------------------------
+    def fund(self, task_id: bytes, k: int, deadline: int, value: int) -> dict[str, Any]:
+        fn = self._escrow.functions.fund(_b32(task_id, "task id"), int(k), int(deadline))
+        return self.client.transact(fn, value=int(value))
+
+    def commit(self, task_id: bytes, c: bytes) -> dict[str, Any]:
+        return self.client.transact(self._escrow.functions.commit(_b32(task_id, "task id"), _b32(c, "commitment")))
+
+    def assign(self, task_id: bytes, attestation_id: bytes, executor: str, verifiers: Sequence[str]
+               ) -> dict[str, Any]:
+        fn = self._escrow.functions.assign(_b32(task_id, "task id"), _b32(attestation_id, "attestation id"),
+                                           _addr(executor, "executor"),
+                                           [_addr(v, f"verifiers[{i}]") for i, v in enumerate(verifiers)])
+        return self.client.transact(fn)
+
+    def settle(self, task_id: bytes, signed_verdicts: Sequence[SignedVerdict]) -> dict[str, Any]:
+        vs = [verdict_tuple(s.verdict) for s in signed_verdicts]
+        sigs = [bytes.fromhex(s.signature[2:]) for s in signed_verdicts]
+        return self.client.transact(self._escrow.functions.settle(_b32(task_id, "task id"), vs, sigs))
+
+    def cancel(self, task_id: bytes) -> dict[str, Any]:
+        return self.client.transact(self._escrow.functions.cancel(_b32(task_id, "task id")))
+
+    def refund(self, task_id: bytes) -> dict[str, Any]:
+        return self.client.transact(self._escrow.functions.refund(_b32(task_id, "task id")))
+
+    # -- reads (ChainView) ----------------------------------------------------------------------------
+    def task(self, task_id: bytes) -> TaskInfo | None:
+        t = self.client.call_fn(self._escrow.functions.getTask(_b32(task_id, "task id")))
+        payer, payment, k, deadline, state, funded_block, executor, attestation_id, verifiers = t
+        if int(state) == 0:
+            return None
+        return TaskInfo(payer=str(payer).lower(), payment=int(payment), k=int(k), deadline=int(deadline),
+                        state=STATES[int(state)], funded_block=int(funded_block), executor=str(executor).lower(),
+                        attestation_id=bytes(attestation_id), verifiers=tuple(str(v).lower() for v in verifiers))
+
+    def block_hash(self, number: int) -> bytes | None:
+        h = self.client.block_hash(int(number))
+        return bytes.fromhex(h[2:]) if h else None
+
+    def commitment(self, task_id: bytes, node: str) -> bytes | None:
+        c = bytes(self.client.call_fn(self._escrow.functions.commitmentOf(_b32(task_id, "task id"),
+                                                                          _addr(node, "node"))))
+        return None if c == _ZERO32 else c
+
+    def committers(self, task_id: bytes) -> list[str]:
+        return [str(a).lower() for a in self.client.call_fn(self._escrow.functions.committers(
+            _b32(task_id, "task id")))]
+
+    def node(self, address: str) -> NodeInfo | None:
+        a = _addr(address, "node address")
+        n = self.client.call_fn(self._registry.functions.nodeOf(a))
+        deposit, _root, _at, _leave, registered, vrf_key = n
+        if not registered:
+            return None
+        if self._max_score is None:
+            self._max_score = int(self.client.call_fn(self._reputation.functions.maxScore()))
+        score = int(self.client.call_fn(self._reputation.functions.scoreOf(a)))
+        bp = score * 10_000 // self._max_score if self._max_score else 0
+        active = bool(self.client.call_fn(self._registry.functions.isActive(a)))
+        return NodeInfo(address=a.lower(), vrf_public_key=bytes(vrf_key), stake=int(deposit), reputation_bp=bp,
+                        active=active)
+
+    def domain(self) -> Domain:
+        return Domain(chain_id=self.d.chain_id, verifying_contract=str(Web3.to_checksum_address(self.d.log)))
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A node to register: its chain signer (the gateway's trust root), VRF key and fingerprint root."""
+
+    signer: Signer
+    vrf_public_key: bytes
+    fingerprint_root: bytes
+
+
+def deploy_network(rpc_url: str, owner: Signer, nodes: Sequence[NodeSpec], *, deposit: int = 2 * 10**18,
+                   **deploy: Any) -> Deployment:
+    """Deploy and wire the contracts as `owner` (`ChainClient.deploy_all` keywords pass through) and
+    register each node from its own account with `deposit`: the tests' and the demo's network."""
+    d = ChainClient(rpc_url, owner).deploy_all(**deploy)
+    for n in nodes:
+        ChainClient(rpc_url, n.signer).register_node(d, n.vrf_public_key, n.fingerprint_root, deposit)
+    return d
