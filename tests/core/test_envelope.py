@@ -61,7 +61,7 @@ def test_a_trust_root_can_sign_as_owner(tmp_path: object) -> None:
     root = SoftwareTrustRoot.create(Path(str(tmp_path)), bytes(32))
     blob = seal_bytes(b"x", recipients=[ALICE.public_key()], owner=root, capsule_id=CAPSULE,
                       manifest_digest=MANIFEST)
-    assert open_bytes(blob, key=ALICE, owner=root.public_key()) == b"x"
+    assert open_bytes(blob, key=ALICE, owner=root.public_key(), capsule_id=CAPSULE, manifest_digest=MANIFEST) == b"x"
 
 
 def test_wrong_key_is_not_a_recipient() -> None:
@@ -76,7 +76,8 @@ def test_every_byte_altered_is_refused_and_nothing_is_written() -> None:
             altered = blob[:i] + bytes([blob[i] ^ flip]) + blob[i + 1:]
             out = io.BytesIO()
             with pytest.raises(EnvelopeError):
-                open_stream(io.BytesIO(altered), out, key=ALICE, capsule_id=CAPSULE, manifest_digest=MANIFEST)
+                open_stream(io.BytesIO(altered), out, key=ALICE, owner=OWNER.public_key(), capsule_id=CAPSULE,
+                            manifest_digest=MANIFEST)
             assert out.getvalue() == b"", f"plaintext released for a flip at byte {i}"
 
 
@@ -125,9 +126,9 @@ def test_resigned_envelope_with_a_new_capsule_id_does_not_open() -> None:
     forged = _resign(_seal(b"secret"), {"capsuleId": "0x" + other.hex(), "owner": "0x" + MALLORY.public_key().hex()})
     with pytest.raises(EnvelopeReplayed, match="not the expected owner"):
         _open(forged, capsule_id=other)
-    # even without an expected owner, the content key is bound to the original capsule
+    # even an opener that expects the forger as owner gets nothing: the content key is bound to the capsule
     with pytest.raises((NotARecipient, EnvelopeTampered)):
-        open_bytes(forged, key=ALICE, capsule_id=other)
+        open_bytes(forged, key=ALICE, owner=MALLORY.public_key(), capsule_id=other, manifest_digest=MANIFEST)
 
 
 def test_owner_who_signs_a_corrupt_chunk_is_caught_at_the_chunk() -> None:

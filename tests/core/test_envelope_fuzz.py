@@ -24,7 +24,8 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def _check(blob: bytes) -> None:
     out = io.BytesIO()
     try:
-        open_stream(io.BytesIO(blob), out, key=KEY)
+        open_stream(io.BytesIO(blob), out, key=KEY, owner=OWNER.public_key(), capsule_id=CAPSULE,
+                    manifest_digest=CAPSULE)
     except EnvelopeError:
         assert out.getvalue() == b""
         return

@@ -3,7 +3,16 @@ that carries an owner's data to the executor and a result to its recipients."""
 
 from __future__ import annotations
 
-from trustcap.capsule.envelope import Header, open_bytes, open_stream, read_header, seal_bytes, seal_stream
+from trustcap.capsule.envelope import (
+    Header,
+    open_bytes,
+    open_stream,
+    open_with_key,
+    read_header,
+    seal_bytes,
+    seal_stream,
+    unwrap_cek,
+)
 from trustcap.capsule.errors import (
     CapsuleError,
     EnvelopeError,
@@ -30,9 +39,11 @@ __all__ = [
     "load_public_key",
     "open_bytes",
     "open_stream",
+    "open_with_key",
     "parse_manifest",
     "parse_public_key",
     "read_header",
     "seal_bytes",
     "seal_stream",
+    "unwrap_cek",
 ]

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -59,8 +60,8 @@ from trustcap.capsule.errors import (
 )
 from trustcap.trustroot import _secp256k1
 
-__all__ = ["DEFAULT_CHUNK", "SUITE", "Header", "open_bytes", "open_stream", "read_header", "seal_bytes",
-           "seal_stream"]
+__all__ = ["DEFAULT_CHUNK", "SUITE", "Header", "open_bytes", "open_stream", "open_with_key", "read_header",
+           "seal_bytes", "seal_stream", "unwrap_cek"]
 
 MAGIC = b"TCENV\x00"
 VERSION = 1
@@ -76,6 +77,7 @@ _SIG_DOMAIN = b"trustcap/envelope/v1/signature"
 _WRAP_INFO = b"trustcap/envelope/v1/wrap"
 _CEK_AAD = b"trustcap/envelope/v1/cek"
 _ZERO_NONCE = bytes(12)
+_SPOOL_IN_MEMORY = 8 << 20
 
 
 class Signer(Protocol):
@@ -245,53 +247,113 @@ def read_header(src: BinaryIO) -> tuple[Header, bytes]:
     return _parse_header(raw), preamble + raw
 
 
-def open_stream(src: BinaryIO, dst: BinaryIO, *, key: Opener, capsule_id: bytes | None = None,
-                manifest_digest: bytes | None = None, owner: bytes | None = None) -> Header:
-    """Check and decrypt an envelope from seekable `src` into `dst`. Nothing is written to `dst` until
-    the signature, the binding and the recipient slot have all been checked; a chunk that then fails
-    raises EnvelopeTampered (the caller discards `dst`, as the CLI does with its temporary file).
-
-    `capsule_id`, `manifest_digest`, `owner`: when given, the envelope must be bound to them."""
-    start = src.tell()
-    header, head = read_header(src)
-    total = src.seek(0, io.SEEK_END) - start
-    expected = len(head) + header.body_length + SIG_LEN
-    if total != expected:
-        raise EnvelopeTruncated(f"envelope is {total} bytes, its header says {expected}")
-    # pass 1: the owner's signature over everything
-    src.seek(start)
-    sig_hash = hashlib.sha256(_SIG_DOMAIN)
-    left = expected - SIG_LEN
-    while left:
-        block = _read_exact(src, min(left, 1 << 20))
-        sig_hash.update(block)
-        left -= len(block)
-    signature = _read_exact(src, SIG_LEN)
-    if _secp256k1.recover(sig_hash.digest(), signature) != header.owner:
-        raise EnvelopeTampered("envelope signature does not verify under its owner key: the envelope was altered")
-    # binding: an authentic envelope for another capsule is a replay
-    if capsule_id is not None and header.capsule_id != capsule_id:
+def _check_binding(header: Header, *, owner: bytes, capsule_id: bytes, manifest_digest: bytes) -> None:
+    """An authentic envelope for another capsule, manifest or owner is a replay. All three are required:
+    an opener that does not say whose data it expects would accept a co-recipient's re-signed forgery."""
+    for what, value in (("owner", owner), ("capsule_id", capsule_id), ("manifest_digest", manifest_digest)):
+        if not isinstance(value, bytes) or len(value) != (33 if what == "owner" else 32):
+            raise EnvelopeError(f"{what} must be given to open an envelope ({33 if what == 'owner' else 32} bytes)")
+    if header.capsule_id != capsule_id:
         raise EnvelopeReplayed(f"envelope is bound to capsule 0x{header.capsule_id.hex()}, not 0x{capsule_id.hex()}")
-    if manifest_digest is not None and header.manifest_digest != manifest_digest:
+    if header.manifest_digest != manifest_digest:
         raise EnvelopeReplayed(f"envelope is bound to manifest 0x{header.manifest_digest.hex()}, "
                                f"not 0x{manifest_digest.hex()}")
-    if owner is not None and header.owner != owner:
+    if header.owner != owner:
         raise EnvelopeReplayed(f"envelope is signed by 0x{header.owner.hex()}, not the expected owner 0x{owner.hex()}")
-    cek = _unwrap(header, key)
-    # pass 2: decrypt in order
+
+
+def _authenticate(src: BinaryIO, header: Header, head: bytes, cek: bytes, keep: BinaryIO | None) -> None:
+    """The one pass over the source: every body byte is read once, hashed for the owner's signature,
+    authenticated under the content key, and (when `keep` is given) copied into the caller's private
+    spool; the plaintext is discarded. Only the bytes that passed both checks are ever decrypted for
+    release, so a source that changes between reads (a co-recipient swapping chunks it re-encrypted
+    with the content key it knows) cannot get forged data past the owner's signature."""
+    sig_hash = hashlib.sha256(_SIG_DOMAIN)
+    sig_hash.update(head)
     aead = AESGCM(cek)
     aad = hashlib.sha256(head).digest()
-    src.seek(start + len(head))
     remaining = header.plaintext_length
     for i in range(header.chunk_count):
         n = min(header.chunk_size, remaining)
         block = _read_exact(src, n + TAG)
+        sig_hash.update(block)
         try:
-            dst.write(aead.decrypt(_nonce(header.nonce_prefix, i, i == header.chunk_count - 1), block, aad))
+            aead.decrypt(_nonce(header.nonce_prefix, i, i == header.chunk_count - 1), block, aad)
         except InvalidTag as exc:
             raise EnvelopeTampered(f"envelope chunk {i} does not authenticate") from exc
+        if keep is not None:
+            keep.write(block)
         remaining -= n
+    signature = _read_exact(src, SIG_LEN)
+    if src.read(1):
+        raise EnvelopeTruncated("envelope has bytes after its signature")
+    if _secp256k1.recover(sig_hash.digest(), signature) != header.owner:
+        raise EnvelopeTampered("envelope signature does not verify under its owner key: the envelope was altered")
+
+
+def _release(body: BinaryIO, dst: BinaryIO, header: Header, head: bytes, cek: bytes) -> None:
+    """Decrypt the already authenticated body into `dst`."""
+    aead = AESGCM(cek)
+    aad = hashlib.sha256(head).digest()
+    remaining = header.plaintext_length
+    for i in range(header.chunk_count):
+        n = min(header.chunk_size, remaining)
+        block = _read_exact(body, n + TAG)
+        dst.write(aead.decrypt(_nonce(header.nonce_prefix, i, i == header.chunk_count - 1), block, aad))
+        remaining -= n
+
+
+def _open_with(src: BinaryIO, dst: BinaryIO, cek_of: Any, *, owner: bytes, capsule_id: bytes,
+               manifest_digest: bytes, immutable: bytes | None = None) -> Header:
+    start = src.tell()
+    header, head = read_header(src)
+    _check_binding(header, owner=owner, capsule_id=capsule_id, manifest_digest=manifest_digest)
+    expected = len(head) + header.body_length + SIG_LEN
+    if immutable is not None or src.seekable():  # an early, clear answer; the one pass checks again
+        here = src.tell()
+        total = (len(immutable) if immutable is not None else src.seek(0, io.SEEK_END)) - start
+        src.seek(here)
+        if total != expected:
+            raise EnvelopeTruncated(f"envelope is {total} bytes, its header says {expected}")
+    cek = cek_of(header)
+    if immutable is not None:  # bytes cannot change under us: authenticate, then decrypt the same bytes
+        _authenticate(src, header, head, cek, None)
+        _release(io.BytesIO(immutable[start + len(head):start + len(head) + header.body_length]), dst, header,
+                 head, cek)
+        return header
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+        _authenticate(src, header, head, cek, spool)
+        spool.seek(0)
+        _release(spool, dst, header, head, cek)  # type: ignore[arg-type]
     return header
+
+
+def open_stream(src: BinaryIO, dst: BinaryIO, *, key: Opener, owner: bytes, capsule_id: bytes,
+                manifest_digest: bytes) -> Header:
+    """Check and decrypt an envelope from `src` into `dst`, reading `src` once.
+
+    Nothing reaches `dst` until the binding (owner, capsule, manifest: all three required), the
+    recipient slot, every chunk's tag and the owner's signature over exactly those bytes have been
+    checked; the ciphertext is kept in a private spool in between (in memory up to 8 MiB, then an
+    unnamed temporary file), never the plaintext."""
+    return _open_with(src, dst, lambda h: _unwrap(h, key), owner=owner, capsule_id=capsule_id,
+                      manifest_digest=manifest_digest)
+
+
+def unwrap_cek(head: bytes, key: Opener) -> tuple[Header, bytes]:
+    """The content key of an envelope, from its header bytes (`read_header`'s second value) alone.
+
+    For the owner's key-release broker (trustcap.release): the owner seals to itself, and the broker
+    unwraps with the owner's key and re-wraps to an attested executor. The wrapping key is derived with
+    the header's capsule id and manifest digest, so a header edited to name another capsule yields no
+    key; the caller still checks that the binding is the one it releases for."""
+    if not isinstance(head, bytes):
+        raise EnvelopeError("envelope header must be bytes")
+    src = io.BytesIO(head)
+    header, raw = read_header(src)
+    if raw != head:
+        raise EnvelopeError(f"envelope header is {len(raw)} bytes, {len(head) - len(raw)} more were given")
+    return header, _unwrap(header, key)
 
 
 def _unwrap(header: Header, key: Opener) -> bytes:
@@ -317,9 +379,21 @@ def seal_bytes(data: bytes, *, recipients: Sequence[bytes], owner: Signer, capsu
     return out.getvalue()
 
 
-def open_bytes(blob: bytes, *, key: Opener, capsule_id: bytes | None = None, manifest_digest: bytes | None = None,
-               owner: bytes | None = None) -> bytes:
+def open_bytes(blob: bytes, *, key: Opener, owner: bytes, capsule_id: bytes, manifest_digest: bytes) -> bytes:
+    data = bytes(blob)  # a private immutable copy: what is authenticated is what is decrypted
     out = io.BytesIO()
-    open_stream(io.BytesIO(blob), out, key=key, capsule_id=capsule_id, manifest_digest=manifest_digest,
-                owner=owner)
+    _open_with(io.BytesIO(data), out, lambda h: _unwrap(h, key), owner=owner, capsule_id=capsule_id,
+               manifest_digest=manifest_digest, immutable=data)
+    return out.getvalue()
+
+
+def open_with_key(blob: bytes, cek: bytes, *, owner: bytes, capsule_id: bytes, manifest_digest: bytes) -> bytes:
+    """Open an envelope with its content key itself (released by the owner's broker, trustcap.release),
+    with the same checks as `open_bytes`: binding, every tag, the owner's signature, one pass."""
+    if not isinstance(cek, bytes) or len(cek) != 32:
+        raise EnvelopeError("content key must be 32 bytes")
+    data = bytes(blob)
+    out = io.BytesIO()
+    _open_with(io.BytesIO(data), out, lambda h: cek, owner=owner, capsule_id=capsule_id,
+               manifest_digest=manifest_digest, immutable=data)
     return out.getvalue()

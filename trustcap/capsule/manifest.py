@@ -5,8 +5,7 @@ digest every verifier attests to is computed here, outside the cluster (CLI, gat
 refuse exactly what the CRD refuses. The fields, bounds and patterns mirror `crds/capsule.yaml`.
 
 The manifest digest is sha256 of the RFC 8785 encoding of the spec with defaults filled in
-(`trustcap.canonical.digest`), so `{}` and an explicit default hash alike. It is the associated data of
-every envelope sealed for this capsule (`trustcap.capsule.envelope`).
+(`trustcap.canonical.digest`), so `{}` and an explicit default hash alike: what the committee attests. An input envelope binds the binding digest instead (`binding_digest`).
 """
 
 from __future__ import annotations
@@ -29,6 +28,10 @@ _IMAGE = (r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?/)?[a-z0-9]+([._-][a-z
 _EGRESS = (r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]{2,45}\]):"
            r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$")
 _DEVICE = r"^/dev/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
+# the owner's key-release broker (trustcap.release): http(s), a host name or an IP literal, a port, no
+# user info, query or fragment
+_BROKER = (r"^https?://([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]{2,45}\])"
+           r"(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
 
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=_DNS_LABEL)]
 PublicKeyHex = Annotated[str, Field(pattern=_PUBKEY)]
@@ -51,6 +54,7 @@ class Input(_Strict):
     cid: Annotated[str, Field(max_length=128)]
     owner: PublicKeyHex
     size_bytes: Annotated[int, Field(ge=1, le=1 << 30)] | None = None
+    broker: Annotated[str, Field(max_length=253, pattern=_BROKER)] | None = None
 
     @field_validator("cid")
     @classmethod
@@ -140,6 +144,16 @@ class Manifest(_Strict):
     def digest(self) -> bytes:
         """sha256 of the RFC 8785 encoding of `to_spec()`: the identity every verifier attests to."""
         return canonical.digest(self.to_spec())
+
+    def binding_digest(self) -> bytes:
+        """What an input envelope binds: the spec with each input cut to {name, owner, broker}.
+
+        The full digest covers every input's CID, which its owner cannot know before it seals, so an
+        envelope binds this instead (docs/decisions/0090-*): it still pins the function, recipients,
+        bounds, committee, payment and, per input, who owns it and whose broker releases its key."""
+        spec = self.to_spec()
+        spec["inputs"] = [{k: i[k] for k in ("name", "owner", "broker") if k in i} for i in spec["inputs"]]
+        return canonical.digest(spec)
 
     def recipient_keys(self) -> list[bytes]:
         return [bytes.fromhex(r.public_key[2:]) for r in self.recipients]
