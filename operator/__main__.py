@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import kopf
-from trustcap.operator import bootimage, chainwriter, handlers, hpcnode  # noqa: F401  (importing registers the handlers)
+from trustcap.operator import handlers  # noqa: F401  (importing registers every handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

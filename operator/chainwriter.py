@@ -5,8 +5,11 @@ trustcap.chain.writer and is tested against anvil without Kubernetes.
 
     Attestation (status.result Passed/Failed)        controller                 Writer / chain
         | on.create / on.update / on.resume            |                          |
-        |--------------------------------------------->| verdicts_of(spec, status): rebuild each Verdict,
-        |                                              |   check its id == status.verdicts[].verdictId
+        |--------------------------------------------->| verdicts_of(spec, status, domain): each signed
+        |                                              |   verdict verifies, signer in spec.committee, once,
+        |                                              |   this round; together they support status.result
+        |   PermanentError naming every bad entry       |   (else nothing is journaled; kopf posts it as a
+        |<---------------------------------------------|    Warning event on the Attestation)
         |                                              | add all (one lock: one batch per round)
         |                                              |------------------------->| journal
         |                                              |        background loop: seal(); run()  -> chain
@@ -38,7 +41,8 @@ from trustcap.chain.errors import ChainError
 from trustcap.chain.journal import Journal
 from trustcap.chain.keys import KeySigner
 from trustcap.chain.writer import Writer
-from trustcap.evidence.verdict import Domain, Phase, Verdict, verdict_id
+from trustcap.evidence.errors import EvidenceError
+from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, verdict_id, verify_verdict
 
 __all__ = ["ChainWriterController", "verdicts_of"]
 
@@ -52,34 +56,82 @@ CONFIRM_POLL_S: Final = 5
 
 
 def verdicts_of(spec: Mapping[str, Any], status: Mapping[str, Any], domain: Domain) -> list[Verdict]:
-    """Each verifier's Verdict of a decided round, rebuilt from the resource and checked against the id the
-    verifier signed. The round's attestationId is its round nonce (spec.nonce: bytes32, unique per round)."""
+    """The verdicts of a decided round that the chain-writer may record, after checking them itself: it
+    does not take the operator's `status.result` on trust, because a batch it records is the quorum's
+    word that these verdicts are the round's. Each `status.verdicts[]` entry's signed verdict must verify
+    under the deployment's domain and be signed by the verifier it names (`verify_verdict`); that verifier
+    must be the entry's `verifier`, a member of `spec.committee`, and appear once; the verdict must be
+    about this round (attestationId = spec.nonce), this executor and this phase, and hash to the entry's
+    `verdictId`. Then the counted verdicts must support `status.result`: Passed needs `quorum` passed,
+    Failed needs so many failed that a pass can no longer be reached (the operator's rule). Anything else
+    is a PermanentError naming every entry that failed and why: nothing of the round is journaled."""
+    members = {str(m.get("address", "")).lower() for m in (spec.get("committee") or {}).get("members") or []}
+    try:
+        quorum = int((spec.get("committee") or {})["quorum"])
+        nonce = str(spec["nonce"]).lower()
+        executor = str(spec["executor"]).lower()
+        phase = int(Phase[str(spec["phase"]).upper()])
+    except KeyError as exc:
+        raise kopf.PermanentError(f"spec field {exc.args[0]} is missing; cannot check the round's verdicts") from None
+    if not members or quorum < 1:
+        raise kopf.PermanentError("spec.committee has no members or no quorum: the round's verdicts cannot be checked")
     out: list[Verdict] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    passed = failed = 0
     for i, item in enumerate(status.get("verdicts") or []):
-        where = f"status.verdicts[{i}]"
-        try:
-            v = Verdict(
-                attestation_id=str(spec["nonce"]),
-                node=str(spec["executor"]),
-                phase=int(Phase[str(spec["phase"]).upper()]),
-                passed=bool(item["passed"]),
-                quote_digest=str(item["quoteDigest"]),
-                policy_digest=str(spec["policyDigest"]),
-                epoch=int(spec["epoch"]),
-                issued_at=int(item["issuedAt"]),
-            )
-        except KeyError as exc:
-            raise kopf.PermanentError(f"{where}: field {exc.args[0]} is missing; cannot rebuild the verdict") from None
-        except (ValidationError, ValueError) as exc:
-            raise kopf.PermanentError(f"{where}: not a valid verdict: {exc}") from None
-        vid = "0x" + verdict_id(v, domain).hex()
-        if vid != str(item.get("verdictId", "")).lower():
-            raise kopf.PermanentError(f"{where}.verdictId is {item.get('verdictId')} but the fields hash to {vid}: "
-                                      "the record would not match what the verifier signed")
+        why = _refusal(item, domain, members, seen, nonce, executor, phase)
+        if why:
+            problems.append(f"status.verdicts[{i}] ({item.get('verifier', '?')}): {why}")
+            continue
+        v = SignedVerdict.model_validate(item["verdict"]).verdict
+        seen.add(v.verifier.lower())
         out.append(v)
+        passed, failed = passed + v.passed, failed + (not v.passed)
+    if problems:
+        raise kopf.PermanentError("chain-writer refuses this round: " + "; ".join(problems))
     if not out:
-        raise kopf.PermanentError("status.verdicts is empty: a decided round must carry its verdicts")
+        raise kopf.PermanentError("chain-writer refuses this round: status.verdicts is empty; a decided round "
+                                  "must carry its verdicts")
+    result = status.get("result")
+    if result == "Passed" and passed < quorum:
+        raise kopf.PermanentError(f"chain-writer refuses this round: status.result is Passed but only {passed} of "
+                                  f"the committee's verdicts passed (quorum {quorum})")
+    if result == "Failed" and len(members) - failed >= quorum:
+        raise kopf.PermanentError(f"chain-writer refuses this round: status.result is Failed but only {failed} of "
+                                  f"the committee's verdicts failed; a pass (quorum {quorum} of {len(members)}) "
+                                  "could still be reached")
     return out
+
+
+def _refusal(item: Mapping[str, Any], domain: Domain, members: set[str], seen: set[str], nonce: str, executor: str,
+             phase: int) -> str:
+    """Why one status.verdicts entry cannot be recorded, or "" when it can."""
+    if "verdict" not in item:
+        return "field verdict (the signed verdict) is missing"
+    try:
+        signed = SignedVerdict.model_validate(item["verdict"])
+        signer = verify_verdict(signed, domain=domain).lower()
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
+        return f"verdict.{where} is not valid: {err.get('msg', 'invalid')}"
+    except EvidenceError as exc:
+        return str(exc)
+    v = signed.verdict
+    vid = "0x" + verdict_id(v, domain).hex()
+    checks = (
+        (signer == str(item.get("verifier", "")).lower(), f"signed by {signer}, not by the entry's verifier"),
+        (signer in members, f"verifier {signer} is not a member of spec.committee"),
+        (signer not in seen, f"a second verdict of verifier {signer}"),
+        (v.attestation_id.lower() == nonce, "about another round (attestationId is not spec.nonce)"),
+        (v.node.lower() == executor, "about another node (not spec.executor)"),
+        (v.phase == phase, "about another phase (not spec.phase)"),
+        ("verdictId" not in item or str(item["verdictId"]).lower() == vid,
+         f"verdictId {item.get('verdictId')} is not the signed verdict's id {vid}"),
+        ("passed" not in item or bool(item["passed"]) == v.passed, "passed disagrees with the signed verdict"),
+    )
+    return next((why for ok, why in checks if not ok), "")
 
 
 class ChainWriterController:

@@ -25,11 +25,16 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 # Condition types. `Ready` is always present; later stages add their own types beside it.
 READY: Final = "Ready"
+FUNDED: Final = "Funded"
 SCHEDULED: Final = "Scheduled"
 ATTESTED: Final = "Attested"
-EXECUTED: Final = "Executed"
+INPUTS_RELEASED: Final = "InputsReleased"
+RAN: Final = "Ran"
 SEALED: Final = "Sealed"
 WIPED: Final = "Wiped"
+RECORDED: Final = "Recorded"
+#: the step conditions of a capsule, in lifecycle order (Ready summarises them)
+CAPSULE_STEPS: Final = (FUNDED, SCHEDULED, ATTESTED, INPUTS_RELEASED, RAN, SEALED, WIPED, RECORDED)
 
 # Reasons (CamelCase, as the CRD pattern and `kubectl describe` expect).
 REASON_AWAITING_SCHEDULING: Final = "AwaitingScheduling"
@@ -41,6 +46,31 @@ REASON_WIPING: Final = "Wiping"
 REASON_COMPLETED: Final = "Completed"
 REASON_FAILED: Final = "Failed"
 REASON_WIPE_PENDING: Final = "WipePending"
+# Step reasons of the capsule controller (operator/capsule.py); each names what happened or what is awaited.
+REASON_AWAITING_FUNDING: Final = "AwaitingFunding"
+REASON_ESCROW_MISMATCH: Final = "EscrowMismatch"
+REASON_AWAITING_SEED: Final = "AwaitingSeed"
+REASON_FUNDED: Final = "Funded"
+REASON_AWAITING_REVEALS: Final = "AwaitingReveals"
+REASON_NOT_ENOUGH_NODES: Final = "NotEnoughNodes"
+REASON_SELECTED: Final = "Selected"
+REASON_QUORUM_PASSED: Final = "QuorumPassed"
+REASON_QUORUM_FAILED: Final = "QuorumFailed"
+REASON_ROUND_EXPIRED: Final = "RoundExpired"
+REASON_AWAITING_QUORUM: Final = "AwaitingQuorum"
+REASON_RELEASED: Final = "Released"
+REASON_INPUT_REJECTED: Final = "InputRejected"
+REASON_SUCCEEDED: Final = "Succeeded"
+REASON_TIMEOUT: Final = "Timeout"
+REASON_RUN_FAILED: Final = "RunFailed"
+REASON_DELETED: Final = "Deleted"
+REASON_RESULTS_SEALED: Final = "ResultsSealed"
+REASON_WIPE_PROVEN: Final = "WipeProven"
+REASON_PAID: Final = "Paid"
+REASON_SLASHED: Final = "Slashed"
+REASON_CANCELLED: Final = "Cancelled"
+REASON_AWAITING_RECORD: Final = "AwaitingRecord"
+REASON_INVALID: Final = "InvalidManifest"
 
 _REASON_RE: Final = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 _STATUSES: Final = frozenset({"True", "False", "Unknown"})

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import kopf
 import pytest
-from trustcap.operator import handlers
+from trustcap.operator import capsule
 from trustcap.operator import lifecycle as lc
 from trustcap.operator.errors import InvalidTransition
 
@@ -118,15 +118,56 @@ def test_move_to_failed_warns_with_the_given_message() -> None:
     assert change is not None and change.warn and change.ready["message"] == "wipe proof mismatch"
 
 
-@pytest.mark.parametrize("phase", sorted(lc.HOLDS_DATA))
-def test_release_waits_while_an_executor_may_hold_data(phase: lc.Phase) -> None:
+class _Kube:
+    """The one read release_capsule makes: the run order, here still running."""
+
+    def __init__(self, run: dict | None) -> None:
+        self.run, self.stopped = run, ""
+
+    def get(self, plural: str, namespace: str, name: str) -> dict | None:
+        return self.run
+
+    def patch_spec(self, plural: str, namespace: str, name: str, spec: dict) -> None:
+        self.stopped = spec["stop"]
+
+
+class _Memo:
+    def __init__(self, kube: _Kube) -> None:
+        self.capsules = capsule.Settings(kube=kube)  # type: ignore[arg-type]
+
+
+def _release(status: dict, kube: _Kube) -> None:
+    capsule.release_capsule(status=status, meta={"uid": "u-1"}, name="c", namespace="ns", memo=_Memo(kube),
+                            logger=_NoLog())
+
+
+@pytest.mark.parametrize("phase", sorted(lc.HOLDS_DATA - {P.ATTESTING}))
+def test_release_stops_the_run_and_waits_for_its_wipe(phase: lc.Phase) -> None:
+    kube = _Kube({"metadata": {"name": "run-x"}, "spec": {"stop": ""}, "status": {"phase": "Running"}})
     with pytest.raises(kopf.TemporaryError, match="wiped"):
-        handlers.release_capsule(status={"phase": str(phase)}, logger=_NoLog())
+        _release({"phase": str(phase)}, kube)
+    assert kube.stopped == "Deleted"
+
+
+def test_release_lets_go_once_the_run_reports_its_wipe() -> None:
+    kube = _Kube({"metadata": {"name": "run-x"}, "spec": {"stop": "Deleted"},
+                  "status": {"phase": "Failed", "reason": "Stopped", "wipe": {"verified": True}}})
+    _release({"phase": "Running"}, kube)
+
+
+def test_release_lets_an_attesting_capsule_go_before_any_run_order() -> None:
+    _release({"phase": "Attesting"}, _Kube(None))  # no run order: no input was released to anyone
+
+
+@pytest.mark.parametrize("phase", ["Running", "Sealing", "Wiping"])
+def test_release_holds_a_running_capsule_whose_run_order_is_missing(phase: str) -> None:
+    with pytest.raises(kopf.TemporaryError, match="wiped"):
+        _release({"phase": phase}, _Kube(None))
 
 
 @pytest.mark.parametrize("phase", [None, "Pending", "Scheduled", "Completed", "Failed", "Bogus"])
 def test_release_lets_go_otherwise(phase: str | None) -> None:
-    handlers.release_capsule(status={"phase": phase} if phase else {}, logger=_NoLog())
+    _release({"phase": phase} if phase else {}, _Kube(None))
 
 
 class _NoLog:
