@@ -73,17 +73,9 @@ def open_released(envelope: bytes, wrapped_key: bytes, key: KeyPair, *, name: st
 
 
 def binding_digest(manifest: Manifest) -> bytes:
-    """`Manifest.binding_digest()` (lifecycle interfaces section 1). Until that method lands in the core,
-    the digest as section 1 defines it: the canonical spec with each input cut to {name, owner}."""
-    method = getattr(manifest, "binding_digest", None)
-    if method is not None:
-        digest: bytes = method()
-        return digest
-    from trustcap import canonical
-
-    spec = manifest.to_spec()
-    spec["inputs"] = [{"name": i["name"], "owner": i["owner"]} for i in spec.get("inputs", [])]
-    return canonical.digest(spec)
+    """`Manifest.binding_digest()` (lifecycle interfaces section 1): what an input envelope binds."""
+    digest: bytes = manifest.binding_digest()
+    return digest
 
 
 def _hex(req: Mapping[str, Any], name: str, n: int, where: str = "") -> bytes:

@@ -132,7 +132,8 @@ def test_psi_result_opens_for_b_and_c_as_the_intersection(runner: CapsuleRunner,
                           manifest_digest=binding)
         assert text == b"bob\ndave\nerin\n"
     with pytest.raises(Exception, match="not a recipient"):  # B's envelope is B's only
-        open_bytes(base64.b64decode(by_name["node-b"]["envelope"]), key=_party("e2e party C"))
+        open_bytes(base64.b64decode(by_name["node-b"]["envelope"]), key=_party("e2e party C"),
+                   owner=res["executorKey"], capsule_id=CAPSULE_ID, manifest_digest=binding)
     assert not any(scratch_root.iterdir())
 
 
@@ -170,7 +171,8 @@ def test_the_image_runs_by_id_never_by_its_tag(runner: CapsuleRunner, psi_image:
         assert evil.id != psi_image
         assert res["reason"] == "Completed", res
         blob = base64.b64decode(res["results"][0]["envelope"])
-        assert open_bytes(blob, key=_party("e2e party B")) == b"bob\ndave\nerin\n"
+        assert open_bytes(blob, key=_party("e2e party B"), owner=res["executorKey"], capsule_id=CAPSULE_ID,
+                          manifest_digest=binding_digest(parse_manifest(spec))) == b"bob\ndave\nerin\n"
     finally:
         docker_engine.images.remove(evil.id, force=True)
 
@@ -208,3 +210,75 @@ def test_a_result_that_links_to_a_host_file_is_not_read(runner: CapsuleRunner, p
     res = _run(runner, spec)
     assert res["reason"] == "Failed" and "not a regular file" in res["error"], res
     assert res["results"] == [] and res["wipe"]["verified"] is True
+
+
+def test_over_the_real_channel_quotes_are_answered_during_a_run(docker_engine: Any, psi_image: str,
+                                                                scratch_root: Path, tmp_path: Path) -> None:
+    """The gateway's own session (AttestationServer, loopback TCP, the real handshake) drives the agent:
+    prepare, run, a during-round quote while the capsule sleeps, then result until done."""
+    import threading
+
+    from trustcap.agent.errors import ChannelError
+    from trustcap.agent.identity import BootConfig, BootKey
+    from trustcap.agent.service import Agent
+    from trustcap.gateway.enrol import TokenBook
+    from trustcap.gateway.server import AttestationServer
+
+    from trustcap.trustroot import SoftwareTrustRoot
+
+    boot = "0x" + "ab" * 32
+    (tmp_path / "tr").mkdir()
+    root = SoftwareTrustRoot.create(tmp_path / "tr", os.urandom(32))
+    tokens = TokenBook([boot])
+    server = AttestationServer(root, "hpc-1", tokens, rekey_after=4)
+    try:
+        host, port = server.address
+        config = BootConfig(str(host), int(port), tokens.issue("hpc-1"), boot, root.address, "hpc-1")
+        runner = CapsuleRunner(lambda: Executor(docker_engine, scratch_root=scratch_root),
+                               open_input=_open_sealed_to_executor)
+        agent = Agent(config, key=BootKey(), runner=runner, measurements=lambda: {"m": "0x" + "11" * 32})
+        channel = agent.connect()
+        ended: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                channel.serve()
+            except ChannelError as exc:  # the gateway closing at teardown ends the channel
+                ended.append(exc)
+
+        threading.Thread(target=serve, daemon=True).start()
+        session = server.wait_for_agent(10)
+
+        spec = _manifest(psi_image)
+        spec["function"]["entrypoint"] = ["sh", "-c", "sleep 3; exec python3 /capsule/psi.py"]
+        m = parse_manifest(spec)
+        binding = binding_digest(m)
+        task = "0x" + TASK_ID.hex()
+        key = session.call("prepare", taskId=task, manifestDigest="0x" + binding.hex(),
+                           imageDigest=m.function.digest)["executorKey"]
+        items = []
+        for name, text, owner in (("names-b", B_NAMES, "e2e party B"), ("names-c", C_NAMES, "e2e party C")):
+            sealed = seal_bytes(text.encode(), recipients=[bytes.fromhex(key[2:])], owner=_party(owner),
+                                capsule_id=CAPSULE_ID, manifest_digest=binding)
+            items.append({"name": name, "envelope": base64.b64encode(sealed).decode(), "wrappedKey": "AA=="})
+        assert session.call("run", taskId=task, capsuleId="0x" + CAPSULE_ID.hex(), manifest=spec,
+                            inputs=items)["started"] is True
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        q = session.call("quote", nonce="0x" + "66" * 32,
+                         capsule={"taskId": task, "round": "0x" + "33" * 32, "phase": "during"})
+        assert time.monotonic() - t0 < 2.0, "the quote waited for the run"
+        assert q["quote"]["capsule_state"]["phase"] == "during" and q["quote"]["capsule_state"]["executorKey"] == key
+        assert session.call("result", taskId=task)["state"] == "running"
+        deadline = time.monotonic() + 60
+        while (res := session.call("result", taskId=task))["state"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert res["reason"] == "Completed", res
+        blob = base64.b64decode(res["results"][1]["envelope"])
+        assert open_bytes(blob, key=_party("e2e party C"), owner=bytes.fromhex(key[2:]), capsule_id=CAPSULE_ID,
+                          manifest_digest=binding) == b"bob\ndave\nerin\n"
+        assert session.call("finish", taskId=task)["finished"] is True
+    finally:
+        server.close()
+        root.close()

@@ -182,7 +182,7 @@ def test_a_completed_run_seals_the_result_to_each_recipient_signed_by_the_execut
         assert open_bytes(blob, key=party, owner=key, capsule_id=CAPSULE,
                           manifest_digest=bytes.fromhex(BINDING[2:])) == b"bob\n"
         with pytest.raises(NotARecipient):
-            open_bytes(blob, key=other)
+            open_bytes(blob, key=other, owner=key, capsule_id=CAPSULE, manifest_digest=bytes.fromhex(BINDING[2:]))
 
 
 def test_an_input_not_from_its_owner_is_rejected_by_name_and_nothing_runs() -> None:
