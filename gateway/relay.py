@@ -12,6 +12,13 @@ Only committee verifiers may ask (decision 0072): each is a Pi gateway whose tru
 (`gateway/verifiers.py`: `--verifier` addresses and/or the cluster's Gateway objects). Every refusal is
 answered by name and counted, and none reaches the agent.
 
+A capsule round's challenge (decision 0090) carries a signed `capsule: {taskId, round, phase}`. The relay
+answers it only for a member of that round's committee (`round_members`, e.g. `kube_round_members`: the
+Attestation's `spec.committee.members[].address`), so a gateway that is in the directory but not on the
+committee cannot learn the executor's capsule state. Before the first capsule quote the gateway's runner
+prepares the task on the agent (`before_capsule_quote`, idempotent); then `server.challenge(nonce, capsule)`
+asks the agent for a quote whose `capsule_state` binds the task, the round and the phase.
+
     verifier V (a Pi, trust root)       RelayService (executor's Pi)             AttestationServer -> agent
       | nonce = V.nonces.issue()            |                                         |
       | sig = V.root.sign(digest{domain,    |                                         |
@@ -21,9 +28,13 @@ answered by name and counted, and none reaches the agent.
       |                                     | 3 node == this relay's node          403 |
       |                                     | 4 signature recovers to `verifier`   401 |
       |                                     | 5 directory.allowed(verifier)        403 |
+      |                                     | 5a capsule: the round is known       404 |
+      |                                     | 5b capsule: verifier in its committee 403 |
       |                                     | 6 an in-flight slot is free          503 |
       |                                     | 7 digest unseen for 2 x max_skew_s   409 |
+      |                                     | 7a capsule: before_capsule_quote ok  409 |
       |                                     |-- server.relay(nonce) ----------------->| REQ quote{nonce} (channel)
+      |                                     |   or server.challenge(nonce, capsule) ->| REQ quote{nonce, capsule}
       |                                     |<-- SignedQuote (agent sig + gateway countersig) --|
       |<-- 200 canonical SignedQuote -------|
       | appraise: both signatures, V's nonce once, identity, age; V's policy -> verdict
@@ -54,14 +65,14 @@ import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from trustcap.gateway.attest_errors import RelayBusy, RelayError
+from trustcap.gateway.attest_errors import DirectoryError, RelayBusy, RelayError
 from trustcap.gateway.errors import GatewayError, QuoteRejected
 from trustcap.gateway.verifiers import VerifierDirectory
 
@@ -77,11 +88,12 @@ from trustcap.evidence import (
 )
 from trustcap.evidence.errors import EvidenceFormatError, SignatureError
 
-__all__ = ["MAX_BODY", "RelayService", "TrustState", "request_quote", "request_status", "trust_state"]
+__all__ = ["MAX_BODY", "RelayService", "RoundDirectory", "RoundMembers", "TrustState", "kube_round_members",
+           "request_quote", "request_status", "trust_state"]
 
 log = logging.getLogger("trustcap.gateway")
 
-MAX_BODY = 1024
+MAX_BODY = 2048  # a capsule challenge with the longest node and round names fits
 MAX_RESPONSE = 256 * 1024  # trustcap.evidence's own limit on a signed quote
 
 CHALLENGES = Counter("trustcap_gateway_relay_challenges_total", "Committee challenges through the relay, by result.",
@@ -93,7 +105,9 @@ REFUSED_CONNECTIONS = Counter("trustcap_gateway_relay_refused_connections_total"
 _RESULT = {"challenges": "served", "refused_bad_request": "bad_request", "refused_busy": "busy",
            "agent_failures": "agent_failure", "refused_bad_signature": "bad_signature", "refused_stale": "stale",
            "refused_unknown_verifier": "unknown_verifier", "refused_wrong_node": "wrong_node",
-           "refused_replay": "replay"}  # bounded label values
+           "refused_replay": "replay", "refused_unknown_round": "unknown_round",
+           "refused_not_member": "not_member", "refused_round_unavailable": "round_unavailable",
+           "refused_not_prepared": "not_prepared"}  # bounded label values
 NODE_TRUSTED = Gauge("trustcap_gateway_node_trusted",
                      "1 if the node's latest check passed and is fresh, else 0 (evaluated at scrape).", ["node"])
 
@@ -108,6 +122,11 @@ class _Challenger(Protocol):
     node_id: str
 
     def relay(self, nonce: bytes) -> SignedQuote: ...
+
+    def challenge(self, nonce: bytes, capsule_state: dict[str, Any] | None = None) -> SignedQuote: ...
+
+
+RoundMembers = Callable[[str], set[str] | None]  # round -> lowercase member addresses, None: no such round
 
 
 @dataclass(frozen=True)
@@ -188,11 +207,14 @@ class RelayService:
                  records: Callable[[], Iterable[_Record]] = lambda: (), max_age_s: float = 60.0,
                  host: str = "127.0.0.1", port: int = 0, max_inflight: int = 4, max_connections: int = 32,
                  read_timeout_s: float = 10.0, max_skew_s: float = 60.0, max_recent: int = 4096,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, round_members: RoundMembers | None = None,
+                 before_capsule_quote: Callable[[dict[str, str]], None] | None = None) -> None:
         if max_inflight < 1 or max_connections < 1 or max_age_s <= 0 or max_skew_s <= 0 or max_recent < 1:
             raise ValueError("max_inflight, max_connections, max_age_s, max_skew_s and max_recent must be positive")
         self.server = server
         self.verifiers = verifiers
+        self.round_members = round_members
+        self.before_capsule_quote = before_capsule_quote
         self.max_skew_s = max_skew_s
         self.max_recent = max_recent
         self._recent: OrderedDict[bytes, float] = OrderedDict()  # challenge digest -> forget-at (clock time)
@@ -270,7 +292,32 @@ class RelayService:
         if not self.verifiers.allowed(challenge.verifier):
             return self._refuse("refused_unknown_verifier", HTTPStatus.FORBIDDEN, "verifier",
                                 f"{challenge.verifier} is not in this gateway's verifier directory")
+        if challenge.capsule is not None:
+            refused = self._committee_check(challenge, challenge.capsule)
+            if refused is not None:
+                return refused
         return challenge
+
+    def _committee_check(self, challenge: Challenge, capsule: dict[str, str]) -> tuple[int, bytes] | None:
+        """A capsule challenge is served only to a member of the committee of the round it names."""
+        rnd = capsule["round"]
+        if self.round_members is None:
+            return self._refuse("refused_unknown_round", HTTPStatus.NOT_FOUND, "capsule.round",
+                                "this relay has no round directory, so it serves no capsule challenge")
+        try:
+            members = self.round_members(rnd)
+        except Exception as exc:  # an API-server outage: the verifier retries, nothing reaches the agent
+            log.warning("relay: round directory failed for %s: %s", rnd[:64], exc)
+            self._count("refused_round_unavailable")
+            return _error(HTTPStatus.SERVICE_UNAVAILABLE, f"round directory unavailable: {str(exc)[:200]}",
+                          "capsule.round")
+        if members is None:
+            return self._refuse("refused_unknown_round", HTTPStatus.NOT_FOUND, "capsule.round",
+                                f"no attestation round {rnd[:64]!r} is known to this gateway")
+        if challenge.verifier.lower() not in {m.lower() for m in members}:
+            return self._refuse("refused_not_member", HTTPStatus.FORBIDDEN, "verifier",
+                                f"{challenge.verifier} is not in the committee of round {rnd[:64]!r}")
+        return None
 
     def _remember(self, challenge: Challenge) -> tuple[int, bytes] | None:
         """Record the signed statement's digest for 2 x max_skew_s (a request accepted at the edge of the
@@ -293,8 +340,17 @@ class RelayService:
 
     def _forward(self, challenge: Challenge) -> tuple[int, bytes]:
         started = time.perf_counter()
+        capsule = challenge.capsule
+        if capsule is not None and self.before_capsule_quote is not None:
+            try:
+                self.before_capsule_quote(dict(capsule))
+            except Exception as exc:  # the runner's cause, by name; the agent is not asked for a quote
+                return self._refuse("refused_not_prepared", HTTPStatus.CONFLICT, "capsule",
+                                    f"task {capsule['taskId'][:18]}.. is not prepared on this node: "
+                                    f"{type(exc).__name__}: {str(exc)[:200]}")
         try:
-            signed = self.server.relay(challenge.nonce)
+            signed = (self.server.relay(challenge.nonce) if capsule is None
+                      else self.server.challenge(challenge.nonce, dict(capsule)))
         except QuoteRejected as exc:
             self._count("agent_failures")
             log.warning("relay: agent's answer refused by the gateway: %s", exc)
@@ -376,6 +432,79 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
     return Handler
 
 
+# --- the committee of a round, from the cluster ------------------------------------------------------
+class RoundDirectory:
+    """`round_members` over a lister of Attestation objects: a round is found by its name or by its id
+    (`spec.nonce`, what a quote's `capsule_state.round` carries), its members are
+    `spec.committee.members[].address`, lowercase. The list is cached for `ttl_s`; a round not in the
+    cache lists again, at most once per `miss_s` (a new round is served within a second, and a flood of
+    unknown rounds is not a flood of API calls). A failed list keeps the last good rounds and raises only
+    for a round it has never seen (the relay answers 503; the verifier retries)."""
+
+    def __init__(self, lister: Callable[[], list[dict[str, Any]]], *, ttl_s: float = 10.0, miss_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._list = lister
+        self.ttl_s = ttl_s
+        self.miss_s = miss_s
+        self.clock = clock
+        self._rounds: dict[str, set[str]] = {}
+        self._listed_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        rounds: dict[str, set[str]] = {}
+        for item in self._list():
+            spec = (item or {}).get("spec") or {}
+            members = {str(m.get("address", "")).lower() for m in (spec.get("committee") or {}).get("members") or []
+                       if isinstance(m, dict) and m.get("address")}
+            for key in (((item or {}).get("metadata") or {}).get("name"), spec.get("nonce")):
+                if isinstance(key, str) and key:
+                    rounds[key.lower()] = members
+        self._rounds = rounds
+        self._listed_at = self.clock()
+
+    def __call__(self, round_ref: str) -> set[str] | None:
+        key = round_ref.lower()
+        with self._lock:
+            age = self.clock() - self._listed_at
+            if age >= self.ttl_s or (key not in self._rounds and age >= self.miss_s):
+                try:
+                    self.refresh()
+                except Exception:
+                    # keep the last good rounds (a committee is immutable once opened), list again no
+                    # sooner than miss_s, and fail the lookup only for a round never seen
+                    self._listed_at = self.clock() - self.ttl_s + self.miss_s
+                    if key not in self._rounds:
+                        raise
+            found = self._rounds.get(key)
+            return None if found is None else set(found)
+
+
+def kube_round_members(kubeconfig: str | None, namespace: str, *, ttl_s: float = 10.0,
+                       timeout_s: float = 5.0) -> RoundDirectory:
+    """The relay's `round_members` from the Attestation objects of `namespace` (the system namespace)."""
+    import yaml
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        if kubeconfig:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient()
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
+        raise DirectoryError(f"cannot load kubeconfig {kubeconfig or 'in-cluster'!r}: {exc}") from exc
+    api = client.CustomObjectsApi(api_client)
+
+    def list_rounds() -> list[dict[str, Any]]:
+        doc = cast(dict[str, Any], api.list_namespaced_custom_object("trustcap.io", "v1alpha1", namespace,
+                                                                     "attestations", _request_timeout=timeout_s))
+        return cast(list[dict[str, Any]], doc.get("items") or [])
+
+    return RoundDirectory(list_rounds, ttl_s=ttl_s)
+
+
 # --- the verifier's side --------------------------------------------------------------------------------
 def _endpoint(url: str, path: str) -> str:
     """Only http(s) URLs: a `file:` or custom scheme must never be opened on a gateway's behalf."""
@@ -402,13 +531,15 @@ def _call(req: urllib.request.Request, url: str, timeout: float, limit: int) -> 
     return data
 
 
-def request_quote(url: str, nonce: bytes, *, signer: Signer, node: str, timeout: float = 30.0) -> SignedQuote:
+def request_quote(url: str, nonce: bytes, *, signer: Signer, node: str, timeout: float = 30.0,
+                  capsule: Mapping[str, str] | None = None) -> SignedQuote:
     """Send `nonce` through the gateway of executor `node` at `url`, signed by the verifier's trust root
-    `signer`; the signed quote it returns, parsed (not appraised: appraise it with your own nonce registry)."""
+    `signer` (with `capsule` {taskId, round, phase}: a capsule round's challenge); the signed quote it
+    returns, parsed (not appraised: appraise it with your own nonce registry)."""
     if len(nonce) != 32:
         raise ValueError("a challenge nonce is 32 bytes")
     endpoint = _endpoint(url, "/v1/challenge")
-    body = json.dumps(sign_challenge(nonce, node, signer, issued_at=int(time.time()))).encode()
+    body = json.dumps(sign_challenge(nonce, node, signer, issued_at=int(time.time()), capsule=capsule)).encode()
     req = urllib.request.Request(endpoint, data=body, method="POST",  # noqa: S310
                                  headers={"Content-Type": "application/json"})
     data = _call(req, url, timeout, MAX_RESPONSE)

@@ -78,3 +78,79 @@ def test_signing_refuses_a_short_nonce_or_empty_node() -> None:
         sign_challenge(b"\x00" * 31, "hpc-1", SIGNER, issued_at=1)
     with pytest.raises(ChallengeFormatError, match="'node'"):
         sign_challenge(NONCE, "", SIGNER, issued_at=1)
+
+
+# --- capsule rounds (decision 0090) ------------------------------------------------------------------------
+CAPSULE = {"taskId": "0x" + "7a" * 32, "round": "0x" + "3c" * 32, "phase": "pre"}
+
+
+def capsule_challenge(**override: Any) -> dict[str, Any]:
+    return sign_challenge(NONCE, "hpc-1", SIGNER, issued_at=1_700_000_000, capsule={**CAPSULE, **override})
+
+
+def test_a_challenge_without_capsule_hashes_exactly_as_before() -> None:
+    # the pre-capsule digest, written out: the monitor's and a lab verifier's challenges must not change
+    old = canonical.digest({"domain": CHALLENGE_DOMAIN, "nonce": "0x" + NONCE.hex(), "node": "hpc-1",
+                            "verifier": SIGNER.address, "issuedAt": 1_700_000_000})
+    doc = good()
+    assert "capsule" not in doc
+    c = verify_challenge(doc)
+    assert c.digest == old and c.capsule is None
+    assert challenge_digest(nonce=NONCE, node="hpc-1", verifier=SIGNER.address, issued_at=1_700_000_000,
+                            capsule=None) == old
+
+
+def test_a_capsule_challenge_signs_its_capsule_and_returns_it() -> None:
+    doc = capsule_challenge()
+    c = verify_challenge(doc)
+    assert c.capsule == CAPSULE
+    assert c.digest == canonical.digest({"domain": CHALLENGE_DOMAIN, "nonce": "0x" + NONCE.hex(), "node": "hpc-1",
+                                         "verifier": SIGNER.address, "issuedAt": 1_700_000_000, "capsule": CAPSULE})
+    assert c.digest != verify_challenge(good()).digest
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    pytest.param("taskId", "0x" + "7b" * 32, id="other-task"),
+    pytest.param("round", "0x" + "3d" * 32, id="other-round"),
+    pytest.param("phase", "post", id="other-phase"),
+])
+def test_tampering_with_the_capsule_breaks_the_signature(field: str, value: str) -> None:
+    doc = capsule_challenge()
+    assert verify_challenge(doc).capsule == CAPSULE  # positive control: the untouched one verifies
+    doc["capsule"] = {**doc["capsule"], field: value}
+    with pytest.raises(SignatureError):
+        verify_challenge(doc)
+
+
+def test_dropping_the_capsule_breaks_the_signature() -> None:
+    doc = capsule_challenge()
+    del doc["capsule"]
+    with pytest.raises(SignatureError):
+        verify_challenge(doc)
+
+
+def test_adding_a_capsule_to_a_plain_challenge_breaks_the_signature() -> None:
+    with pytest.raises(SignatureError):
+        verify_challenge({**good(), "capsule": dict(CAPSULE)})
+
+
+@pytest.mark.parametrize(("capsule", "field"), [
+    pytest.param(None, "capsule", id="null"),
+    pytest.param("r-1", "capsule", id="not-an-object"),
+    pytest.param({**CAPSULE, "extra": 1}, "capsule.extra", id="unknown-field"),
+    pytest.param({k: v for k, v in CAPSULE.items() if k != "round"}, "capsule.round", id="missing-round"),
+    pytest.param({**CAPSULE, "taskId": "0x" + "7A" * 32}, "capsule.taskId", id="task-uppercase"),
+    pytest.param({**CAPSULE, "taskId": "0x" + "7a" * 31}, "capsule.taskId", id="task-short"),
+    pytest.param({**CAPSULE, "round": ""}, "capsule.round", id="round-empty"),
+    pytest.param({**CAPSULE, "round": "R/1"}, "capsule.round", id="round-not-a-name"),
+    pytest.param({**CAPSULE, "round": "r" * 254}, "capsule.round", id="round-too-long"),
+    pytest.param({**CAPSULE, "phase": "boot"}, "capsule.phase", id="phase-boot"),
+])
+def test_malformed_capsules_name_the_field(capsule: Any, field: str) -> None:
+    with pytest.raises(ChallengeFormatError) as info:
+        verify_challenge({**capsule_challenge(), "capsule": capsule})
+    assert info.value.field == field
+    if capsule is not None and not isinstance(capsule, str):
+        with pytest.raises(ChallengeFormatError) as signing:
+            sign_challenge(NONCE, "hpc-1", SIGNER, issued_at=1, capsule=capsule)
+        assert signing.value.field == field
