@@ -1,0 +1,326 @@
+"""A gateway's part in selection: commit on chain to its VRF draw for each funded capsule, reveal privately.
+
+Decision 0090 and docs/lifecycle-interfaces.md section 4. The operator cannot add, drop or edit a
+commitment (each gateway commits from its own chain account), and nobody outside the system namespace
+learns a draw before completion (the reveal is a Secret there).
+
+    Capsule (any ns)                 Participant (this gateway)                 chain (TaskEscrow)       system ns
+     status: Pending, taskId,  --->  | taskId recomputed from {namespace, name, uid}
+             vrf.seed                | task Funded?  no commitment of mine yet? ----> getTask, commitmentOf
+                                     | seed == hash(funded block + 1)? ------------> block hash
+                                     | alpha = selection_alpha(taskId hex, seed)
+                                     | pi = root.vrf_prove(alpha); salt (or both from my reveal Secret)
+                                     |-- Secret reveal-<task16>-<addr> {node, pi, salt} ---------------------> (private)
+                                     |-- commit(taskId, sha256(alpha, node, pi, salt)) --> commit
+
+Why the Secret is written before the commit: a commitment without its reveal is lost work (the node is
+skipped), and the salt is random, so a gateway restarted between the two would have to commit anew and
+the chain refuses a second commit. Written first, the Secret is what a restart reads back: the same pi
+and salt, the same commitment. A reveal whose node never committed counts for nothing
+(`select_from_chain` looks only at on-chain committers), so writing it early gives nothing away that
+the commitment would not. Every decision is derived from the Capsule, the Secret and the chain; the
+memory of committed tasks only saves chain reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Protocol, cast
+
+from trustcap.gateway.errors import GatewayError
+
+from trustcap import sortition
+from trustcap.capsule.ids import capsule_id, task_id
+from trustcap.errors import TrustcapError
+
+__all__ = ["REVEAL_LABEL", "KubeCapsules", "LifecycleError", "Participant", "ParticipantKube", "reveal_name"]
+
+log = logging.getLogger("trustcap.gateway")
+GROUP: Final = "trustcap.io"
+VERSION: Final = "v1alpha1"
+REVEAL_LABEL: Final = "trustcap.io/reveal"
+TIMEOUT_S: Final = 15.0
+
+
+class LifecycleError(GatewayError):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+    """A lifecycle object could not be read or written, or does not say what the protocol needs."""
+
+
+def reveal_name(task: bytes, address: str) -> str:
+    """`reveal-<taskid hex[:16]>-<addr without 0x>` (lifecycle interfaces section 4)."""
+    return f"reveal-{task.hex()[:16]}-{address.lower().removeprefix('0x')}"
+
+
+class ParticipantKube(Protocol):
+    """What the participant reads and writes in the cluster (a fake in unit tests)."""
+
+    def capsules(self) -> list[dict[str, Any]]: ...
+
+    def secret(self, namespace: str, name: str) -> dict[str, str] | None: ...
+
+    def create_secret(self, namespace: str, name: str, labels: Mapping[str, str], data: Mapping[str, str]) -> bool: ...
+
+
+class KubeCapsules:
+    """The lifecycle objects a gateway touches, through the real API server; failures become LifecycleError.
+
+    Credentials: `kubeconfig` when given, else the in-cluster service account. It serves both the
+    participant (Capsules in every namespace, reveal Secrets) and the runner (Attestations, CapsuleRuns
+    and their status, the task's reveal Secrets)."""
+
+    def __init__(self, kubeconfig: str | None = None, *, timeout_s: float = TIMEOUT_S) -> None:
+        from kubernetes import client, config
+
+        if kubeconfig:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient()
+        self._custom = client.CustomObjectsApi(api_client)
+        self._core = client.CoreV1Api(api_client)
+        self._timeout = timeout_s
+
+    @staticmethod
+    def _fail(what: str, exc: Exception) -> LifecycleError:
+        return LifecycleError(f"{what}: {getattr(exc, 'status', '') or ''} {getattr(exc, 'reason', exc)}".strip())
+
+    # -- participant --------------------------------------------------------------------------------
+    def capsules(self) -> list[dict[str, Any]]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            doc = self._custom.list_cluster_custom_object(GROUP, VERSION, "capsules", _request_timeout=self._timeout)
+        except (ApiException, OSError) as exc:
+            raise self._fail("cannot list Capsules in all namespaces", exc) from exc
+        return list(cast(dict[str, Any], doc).get("items") or [])
+
+    def secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            item = self._core.read_namespaced_secret(name, namespace, _request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise self._fail(f"cannot read Secret {namespace}/{name}", exc) from exc
+        except OSError as exc:
+            raise self._fail(f"cannot read Secret {namespace}/{name}", exc) from exc
+        return _decoded(item.data)
+
+    def create_secret(self, namespace: str, name: str, labels: Mapping[str, str], data: Mapping[str, str]) -> bool:
+        """Create the Secret; False when one of that name exists already (it is left as it is)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        body = client.V1Secret(metadata=client.V1ObjectMeta(name=name, labels=dict(labels)), type="Opaque",
+                               data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
+        try:
+            self._core.create_namespaced_secret(namespace, body, _request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise self._fail(f"cannot create Secret {namespace}/{name}", exc) from exc
+        except OSError as exc:
+            raise self._fail(f"cannot create Secret {namespace}/{name}", exc) from exc
+        return True
+
+    # -- runner -------------------------------------------------------------------------------------
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return cast(dict[str, Any], self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=self._timeout))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise self._fail(f"cannot read {plural} {namespace}/{name}", exc) from exc
+        except OSError as exc:
+            raise self._fail(f"cannot read {plural} {namespace}/{name}", exc) from exc
+
+    def list(self, plural: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            doc = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural,
+                                                             label_selector=label_selector,
+                                                             _request_timeout=self._timeout)
+        except (ApiException, OSError) as exc:
+            raise self._fail(f"cannot list {plural} in {namespace}", exc) from exc
+        return list(cast(dict[str, Any], doc).get("items") or [])
+
+    def patch_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """A JSON merge patch of the status subresource (the client sends a dict body as merge-patch+json)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name,
+                                                               {"status": dict(status)},
+                                                               _request_timeout=self._timeout)
+        except (ApiException, OSError) as exc:
+            raise self._fail(f"cannot patch {plural} {namespace}/{name} status", exc) from exc
+
+    def secrets(self, namespace: str, label_selector: str) -> builtins.list[dict[str, str]]:
+        """Each matching Secret's decoded data."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            items = self._core.list_namespaced_secret(namespace, label_selector=label_selector,
+                                                      _request_timeout=self._timeout).items
+        except (ApiException, OSError) as exc:
+            raise self._fail(f"cannot list Secrets in {namespace}", exc) from exc
+        return [_decoded(item.data) for item in items]
+
+
+def _decoded(data: Mapping[str, Any] | None) -> dict[str, str]:
+    return {str(k): base64.b64decode(v).decode("utf-8", "replace") for k, v in (data or {}).items()}
+
+
+class _Root(Protocol):
+    @property
+    def address(self) -> str: ...
+
+    def vrf_prove(self, alpha: bytes) -> bytes: ...
+
+
+def _bytes32(value: Any) -> bytes | None:
+    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
+        return None
+    try:
+        return bytes.fromhex(value[2:])
+    except ValueError:
+        return None
+
+
+class Participant:
+    """Commits this gateway to its draw for every funded, seeded, Pending capsule, once per task."""
+
+    def __init__(self, root: _Root, escrow: Any, kube: ParticipantKube, *, namespace: str,
+                 eligible: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> None:
+        self.root, self.escrow, self.kube = root, escrow, kube
+        self.namespace = namespace
+        self.eligible = eligible
+        self.poll_s = poll_s
+        self.address = str(root.address).lower()
+        self._done: set[bytes] = set()  # tasks committed (or found committed, or past Funded)
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._halt.clear()
+        self._thread = threading.Thread(target=self._loop, name="trustcap-gateway-participant", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.step()
+            except (TrustcapError, OSError) as exc:
+                log.warning("selection pass failed, will retry: %s", exc)
+            except Exception:  # the loop outlives a bug in one pass; the next pass starts from the objects
+                log.exception("selection pass failed, will retry")
+            self._halt.wait(self.poll_s)
+
+    def step(self) -> int:
+        """One pass over the Capsules; returns how many commitments this pass sent."""
+        committed = 0
+        eligible: bool | None = None
+        for capsule in self.kube.capsules():
+            task = self._candidate(capsule)
+            if task is None:
+                continue
+            if eligible is None:
+                eligible = bool(self.eligible())
+            if not eligible:
+                log.debug("not eligible: skipping selection of task 0x%s", task.hex())
+                return committed
+            try:
+                committed += self._take_part(capsule, task)
+            except (TrustcapError, OSError) as exc:
+                log.warning("task 0x%s: cannot take part in selection yet: %s", task.hex(), exc)
+        return committed
+
+    # -- one capsule ----------------------------------------------------------------------------------
+    def _candidate(self, capsule: Mapping[str, Any]) -> bytes | None:
+        """The task id of a capsule awaiting commitments, recomputed from the object; else None."""
+        st = capsule.get("status") or {}
+        if st.get("phase") != "Pending" or not (st.get("vrf") or {}).get("seed"):
+            return None
+        claimed = _bytes32(st.get("taskId"))
+        if claimed is None or claimed in self._done:
+            return None
+        meta = capsule.get("metadata") or {}
+        try:
+            mine = task_id(capsule_id(str(meta.get("namespace")), str(meta.get("name"))), str(meta.get("uid")))
+        except TrustcapError:
+            return None
+        if mine != claimed:
+            log.warning("capsule %s/%s: status.taskId 0x%s is not its task id 0x%s; not taking part",
+                        meta.get("namespace"), meta.get("name"), claimed.hex(), mine.hex())
+            self._done.add(claimed)
+            return None
+        return mine
+
+    def _take_part(self, capsule: Mapping[str, Any], task: bytes) -> int:
+        info = self.escrow.task(task)
+        if info is None:
+            return 0  # not funded yet (the seed says it was: a reorg or a lagging node; look again)
+        if info.state != "Funded":
+            self._done.add(task)  # commitments close once the task leaves Funded
+            return 0
+        if self.escrow.commitment(task, self.address) is not None:
+            self._done.add(task)
+            return 0
+        seed = self.escrow.block_hash(info.funded_block + 1)
+        claimed = _bytes32(((capsule.get("status") or {}).get("vrf") or {}).get("seed"))
+        if seed is None or seed != claimed:
+            raise LifecycleError(f"status.vrf.seed {claimed.hex() if claimed else None} is not the hash of block "
+                                 f"{info.funded_block + 1} on chain ({seed.hex() if seed else 'not mined'})")
+        alpha = sortition.selection_alpha(task.hex(), seed)
+        reveal = self._reveal(task, alpha)
+        c = sortition.commitment(alpha, self.address, reveal.pi, reveal.salt)
+        try:
+            self.escrow.commit(task, c)
+        except (TrustcapError, OSError) as exc:
+            if self.escrow.commitment(task, self.address) is not None:
+                self._done.add(task)  # committed already (a lost receipt, another instance): done
+                return 0
+            raise LifecycleError(f"commit to task 0x{task.hex()} was refused: {exc}") from exc
+        self._done.add(task)
+        log.info("committed to the draw of task 0x%s", task.hex())
+        return 1
+
+    def _reveal(self, task: bytes, alpha: bytes) -> sortition.Reveal:
+        """My reveal for this task: the one in my Secret when it exists and opens this alpha, else a new one."""
+        name = reveal_name(task, self.address)
+        existing = self.kube.secret(self.namespace, name)
+        if existing is None:
+            _, reveal = sortition.participate_with(self.address, self.root.vrf_prove, alpha)
+            data = {"node": self.address, "pi": "0x" + reveal.pi.hex(), "salt": "0x" + reveal.salt.hex()}
+            if self.kube.create_secret(self.namespace, name, {REVEAL_LABEL: task.hex()[:16]}, data):
+                return reveal
+            existing = self.kube.secret(self.namespace, name)  # made meanwhile by another pass: use that one
+            if existing is None:
+                raise LifecycleError(f"reveal Secret {self.namespace}/{name} exists and cannot be read")
+        try:
+            old = sortition.Reveal(existing["node"].lower(), bytes.fromhex(existing["pi"].removeprefix("0x")),
+                                   bytes.fromhex(existing["salt"].removeprefix("0x")))
+        except (KeyError, ValueError) as exc:
+            raise LifecycleError(f"reveal Secret {self.namespace}/{name} is malformed ({exc}); delete it to "
+                                 "take part") from exc
+        if old.node_id != self.address or old.pi != self.root.vrf_prove(alpha):
+            raise LifecycleError(f"reveal Secret {self.namespace}/{name} is not this gateway's proof for this "
+                                 "task's draw; delete it to take part")
+        return old
