@@ -16,11 +16,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from trustcap.gateway.relay import RelayService
+from trustcap.gateway.attest_errors import RelayError
+from trustcap.gateway.relay import RelayService, RoundDirectory, request_quote
 from trustcap.gateway.verifiers import StaticDirectory
 
 from trustcap.chain.keys import KeySigner
-from trustcap.evidence import NonceRegistry, appraise_quote, decode_signed_quote, sign_challenge, verify_challenge
+from trustcap.evidence import (
+    NonceRegistry,
+    SignedQuote,
+    appraise_quote,
+    decode_signed_quote,
+    new_quote,
+    sign_challenge,
+    sign_quote,
+    verify_challenge,
+)
 
 NODE = "hpc-1"
 SKEW = 60.0
@@ -230,3 +240,133 @@ def test_refusals_are_counted_under_bounded_prometheus_labels(lab: Lab) -> None:
     for label in ("unknown_verifier", "wrong_node", "bad_signature"):
         assert f'trustcap_gateway_relay_challenges_total{{result="{label}"}}' in text
     assert OUTSIDER.address not in text and "hpc-2" not in text  # no request-chosen label values
+
+
+# --- capsule rounds: only the round's committee is served (decision 0090) -----------------------------------
+class FakeExecutorServer:
+    """The AttestationServer's relay surface over a software agent key: records what reached the agent."""
+
+    node_id = NODE
+
+    def __init__(self) -> None:
+        self.root = KeySigner("0x" + "7e" * 32)
+        self.agent = KeySigner("0x" + "8f" * 32)
+        self.calls: list[tuple[bytes, dict[str, Any] | None]] = []
+
+    def relay(self, nonce: bytes) -> SignedQuote:
+        return self.challenge(nonce)
+
+    def challenge(self, nonce: bytes, capsule_state: dict[str, Any] | None = None) -> SignedQuote:
+        self.calls.append((nonce, capsule_state))
+        state: dict[str, Any] = {"phase": "idle"} if capsule_state is None else {**capsule_state,
+                                                                                "executorKey": "0x02" + "11" * 32}
+        quote = new_quote(nonce=nonce, issued_at=int(time.time()), node_id=NODE, gateway=self.root.address,
+                          agent_key=self.agent.public_key(), boot_image_digest=bytes(32), measurements={},
+                          capsule_state=state)
+        return sign_quote(quote, self.agent, self.root)
+
+
+ROUND = "0x" + "3c" * 32
+CAPSULE = {"taskId": "0x" + "7a" * 32, "round": ROUND, "phase": "pre"}
+
+
+class CapsuleLab:
+    def __init__(self, **kw: Any) -> None:
+        self.server = FakeExecutorServer()
+        self.prepared: list[dict[str, str]] = []
+        self.rounds: dict[str, set[str]] = {ROUND: {MEMBER.address.lower()}}
+        self.relay = RelayService(self.server, verifiers=StaticDirectory([MEMBER.address, OTHER_MEMBER.address]),
+                                  round_members=kw.pop("round_members", self.rounds.get),
+                                  before_capsule_quote=kw.pop("before_capsule_quote", self.prepared.append), **kw)
+
+    def ask(self, signer: KeySigner, capsule: dict[str, str] | None = None) -> SignedQuote:
+        return request_quote(self.relay.url, os.urandom(32), signer=signer, node=NODE, timeout=10,
+                             capsule=capsule)
+
+
+@pytest.fixture
+def capsule_lab() -> Iterator[CapsuleLab]:
+    it = CapsuleLab()
+    yield it
+    it.relay.close()
+
+
+def test_a_committee_member_gets_a_quote_bound_to_its_capsule_round(capsule_lab: CapsuleLab) -> None:
+    signed = capsule_lab.ask(MEMBER, CAPSULE)
+    state = signed.quote.capsule_state
+    assert {k: state[k] for k in CAPSULE} == CAPSULE
+    assert capsule_lab.server.calls[-1][1] == CAPSULE  # forwarded to the agent's quote as the capsule
+    assert capsule_lab.prepared == [CAPSULE]  # the task was prepared before the quote
+    assert capsule_lab.relay.stats["challenges"] == 1
+
+
+def test_a_directory_member_outside_the_rounds_committee_is_refused(capsule_lab: CapsuleLab) -> None:
+    with pytest.raises(RelayError, match=r"HTTP 403 .*not in the committee of round"):
+        capsule_lab.ask(OTHER_MEMBER, CAPSULE)
+    assert capsule_lab.server.calls == [] and capsule_lab.prepared == []  # the tripwire
+    assert capsule_lab.relay.stats["refused_not_member"] == 1
+    capsule_lab.ask(OTHER_MEMBER)  # positive controls: it may still ask for the idle state,
+    capsule_lab.ask(MEMBER, CAPSULE)  # and the member is served the capsule round
+    assert [c[1] for c in capsule_lab.server.calls] == [None, CAPSULE]
+
+
+def test_an_unknown_round_is_refused(capsule_lab: CapsuleLab) -> None:
+    with pytest.raises(RelayError, match=r"HTTP 404 .*no attestation round"):
+        capsule_lab.ask(MEMBER, {**CAPSULE, "round": "0x" + "3d" * 32})
+    assert capsule_lab.server.calls == [] and capsule_lab.relay.stats["refused_unknown_round"] == 1
+    capsule_lab.ask(MEMBER, CAPSULE)
+
+
+def test_a_relay_without_a_round_directory_serves_no_capsule_challenge() -> None:
+    lab = CapsuleLab(round_members=None)
+    try:
+        with pytest.raises(RelayError, match=r"HTTP 404 .*no round directory"):
+            lab.ask(MEMBER, CAPSULE)
+        assert lab.server.calls == []
+        lab.ask(MEMBER)  # positive control: plain challenges as before
+    finally:
+        lab.relay.close()
+
+
+def test_a_failing_round_directory_is_503_and_nothing_reaches_the_agent() -> None:
+    def down(_round: str) -> set[str] | None:
+        raise ConnectionError("api server down")
+
+    lab = CapsuleLab(round_members=down)
+    try:
+        with pytest.raises(RelayError, match=r"HTTP 503 .*round directory unavailable"):
+            lab.ask(MEMBER, CAPSULE)
+        assert lab.server.calls == [] and lab.relay.stats["refused_round_unavailable"] == 1
+    finally:
+        lab.relay.close()
+
+
+def test_a_task_that_cannot_be_prepared_is_409_naming_the_cause() -> None:
+    def refuse(capsule: dict[str, str]) -> None:
+        raise RuntimeError("agent refused 'prepare': no such task")
+
+    lab = CapsuleLab(before_capsule_quote=refuse)
+    try:
+        with pytest.raises(RelayError, match=r"HTTP 409 .*not prepared.*no such task"):
+            lab.ask(MEMBER, CAPSULE)
+        assert lab.server.calls == [] and lab.relay.stats["refused_not_prepared"] == 1
+    finally:
+        lab.relay.close()
+
+
+def test_round_directory_finds_a_round_by_name_or_id_and_caches_it() -> None:
+    items = [{"metadata": {"name": "r-7a7a-pre"},
+              "spec": {"nonce": ROUND, "committee": {"members": [{"address": MEMBER.address}]}}}]
+    lists: list[int] = []
+    now = [0.0]
+
+    def lister() -> list[dict[str, Any]]:
+        lists.append(1)
+        return items
+
+    rounds = RoundDirectory(lister, ttl_s=10, miss_s=1, clock=lambda: now[0])
+    assert rounds("r-7a7a-pre") == rounds(ROUND) == {MEMBER.address.lower()}
+    assert len(lists) == 1  # the second lookup came from the cache
+    assert rounds("r-other") is None and len(lists) == 1  # a miss lists again only after miss_s
+    now[0] += 1
+    assert rounds("r-other") is None and len(lists) == 2
