@@ -280,8 +280,9 @@ class CapsuleLab:
                                   before_capsule_quote=kw.pop("before_capsule_quote", self.prepared.append), **kw)
 
     def ask(self, signer: KeySigner, capsule: dict[str, str] | None = None) -> SignedQuote:
-        return request_quote(self.relay.url, os.urandom(32), signer=signer, node=NODE, timeout=10,
-                             capsule=capsule)
+        signed: SignedQuote = request_quote(self.relay.url, os.urandom(32), signer=signer, node=NODE, timeout=10,
+                                            capsule=capsule)
+        return signed
 
 
 @pytest.fixture
