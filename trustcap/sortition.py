@@ -18,8 +18,9 @@ things make that hold (docs/decisions/0010-vrf-sortition.md):
    `verify_selection` to check that each reveal matches its commitment, each proof verifies under the
    node's registered VRF key, and the executor had the lowest draw.
 
-Weight (integers, so every verifier computes the same thing): weight = stake * (1000 + 9 * reputation_bp)
-with reputation in basis points 0..10000, i.e. stake x (0.1 + 0.9 x reputation). A node of zero
+Weight (integers, so every verifier computes the same thing): weight = stake * (10000 + 9 * reputation_bp)
+with reputation in basis points 0..10000, i.e. 100000 x stake x (0.1 + 0.9 x reputation): full reputation
+weighs exactly 10 times zero reputation at equal stake (decision 0010). A node of zero
 reputation keeps a tenth of its stake's weight (a newcomer can still be picked, and earn reputation); a
 quarantined node is not a candidate at all (the operator filters before calling).
 
@@ -43,14 +44,21 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
+from typing import TYPE_CHECKING, Protocol
 
 from trustcap import canonical, vrf
 from trustcap.errors import InvalidProof, TrustcapError
 
+if TYPE_CHECKING:
+    from trustcap.chain.escrow import NodeInfo, TaskInfo
+
 __all__ = [
     "Candidate",
+    "ChainView",
     "Reveal",
+    "Selection",
     "SortitionError",
+    "check_selection",
     "commitment",
     "draw",
     "participate",
@@ -58,6 +66,7 @@ __all__ = [
     "rank",
     "select_committee",
     "select_executor",
+    "select_from_chain",
     "selection_alpha",
     "verify_committee",
     "verify_selection",
@@ -112,14 +121,15 @@ def selection_alpha(capsule_id: str, epoch_seed: bytes, role: str = "executor", 
 
 
 def weight(stake: int, reputation_bp: int) -> int:
-    """stake x (1000 + 9 x reputation_bp): proportional to stake x (0.1 + 0.9 x reputation)."""
+    """stake x (10000 + 9 x reputation_bp): proportional to stake x (0.1 + 0.9 x reputation), 10:1 between
+    full and zero reputation."""
     if isinstance(stake, bool) or not isinstance(stake, int) or stake <= 0:
         raise SortitionError(f"stake must be a positive integer, got {stake!r}")
     if isinstance(reputation_bp, bool) or not isinstance(reputation_bp, int) or not (
         0 <= reputation_bp <= REPUTATION_SCALE
     ):
         raise SortitionError(f"reputation must be an integer in 0..{REPUTATION_SCALE} basis points")
-    return stake * (1000 + 9 * reputation_bp)
+    return stake * (REPUTATION_SCALE + 9 * reputation_bp)
 
 
 def draw(beta: bytes, node_weight: int) -> Decimal:
@@ -274,3 +284,115 @@ def verify_committee(
     )
     if list(claimed_committee) != rightful:
         raise SortitionError(f"committee {list(claimed_committee)} is not the rightful one: {rightful}")
+
+
+# --- selection from the chain alone (docs/lifecycle-interfaces.md section 4; issue 12 items 8, 9) ----------
+
+
+class ChainView(Protocol):
+    """The reads `select_from_chain` needs: `trustcap.chain.escrow.ChainView` (Escrow implements it).
+    Declared here so sortition does not import the chain layer at run time."""
+
+    def task(self, task_id: bytes) -> TaskInfo | None: ...
+    def block_hash(self, number: int) -> bytes | None: ...
+    def commitment(self, task_id: bytes, node: str) -> bytes | None: ...
+    def committers(self, task_id: bytes) -> list[str]: ...
+    def node(self, address: str) -> NodeInfo | None: ...
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Who executes a task and who verifies it, as anyone recomputes it from the chain and the reveals."""
+
+    executor: str
+    committee: tuple[str, ...]
+    alpha: bytes
+    seed: bytes
+    skipped: tuple[str, ...]  # committed but did not reveal, or revealed badly, or is not an active staked node
+
+
+def _norm(address: str) -> str:
+    return address.lower() if isinstance(address, str) else ""
+
+
+def select_from_chain(view: ChainView, task_id: bytes, reveals: Iterable[Reveal]) -> Selection:
+    """The selection of a task, from the chain alone; the caller's word counts for nothing.
+
+    k and the funding block come from the escrow (getTask), the seed is the hash of the block after the
+    funding block, the candidates are the task's on-chain committers with the key, stake and reputation
+    the registry holds. Each reveal counts only if it opens its node's on-chain commitment and its proof
+    verifies under that node's registered VRF key; a committer without such a reveal is skipped (named
+    in `skipped`), so withholding a reveal cannot stall selection. Executor = lowest draw, committee = the
+    next k. SortitionError names the cause when fewer than k + 1 valid reveals exist."""
+    if not isinstance(task_id, bytes) or len(task_id) != 32:
+        raise SortitionError("task id must be 32 bytes")
+    task = view.task(task_id)
+    if task is None:
+        raise SortitionError(f"task 0x{task_id.hex()} is not on chain")
+    k = task.k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SortitionError(f"task 0x{task_id.hex()} has committee size {k!r} on chain")
+    seed = view.block_hash(task.funded_block + 1)
+    if seed is None:
+        raise SortitionError(f"the seed block {task.funded_block + 1} (funding block + 1) is not mined yet")
+    alpha = selection_alpha(task_id.hex(), seed)
+    by_node: dict[str, list[Reveal]] = {}
+    for r in reveals:
+        by_node.setdefault(_norm(r.node_id), []).append(r)
+    betas: dict[str, bytes] = {}
+    weights: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for node_id in dict.fromkeys(_norm(c) for c in view.committers(task_id)):
+        why = _check_committer(view, task_id, alpha, node_id, by_node.get(node_id, []), betas, weights)
+        if why:
+            skipped[node_id] = why
+    if len(betas) < k + 1:
+        causes = "; ".join(f"{n}: {w}" for n, w in sorted(skipped.items())) or "no other committers"
+        raise SortitionError(f"task 0x{task_id.hex()} needs k + 1 = {k + 1} valid reveals of committed, active "
+                             f"nodes, has {len(betas)} ({causes})")
+    ranked = [n for _, n in sorted((draw(betas[n], weights[n]), n) for n in betas)]
+    return Selection(executor=ranked[0], committee=tuple(ranked[1:k + 1]), alpha=alpha, seed=seed,
+                     skipped=tuple(sorted(skipped)))
+
+
+def _check_committer(view: ChainView, task_id: bytes, alpha: bytes, node_id: str, mine: list[Reveal],
+                     betas: dict[str, bytes], weights: dict[str, int]) -> str:
+    """Record a committer's beta and weight, or return why it does not count."""
+    info = view.node(node_id)
+    if info is None or not info.active:
+        return "not an active registered node"
+    try:
+        weights[node_id] = weight(info.stake, info.reputation_bp)
+    except SortitionError as exc:
+        return str(exc)
+    expected = view.commitment(task_id, node_id)
+    if expected is None:
+        del weights[node_id]
+        return "no commitment on chain"
+    if not mine:
+        del weights[node_id]
+        return "committed but did not reveal"
+    for r in mine:
+        if not hmac.compare_digest(expected, commitment(alpha, node_id, r.pi, r.salt)):
+            continue
+        try:
+            betas[node_id] = vrf.verify(info.vrf_public_key, r.pi, alpha)
+            return ""
+        except InvalidProof:
+            continue
+    del weights[node_id]
+    return "reveal does not open its commitment or its proof does not verify under its VRF key"
+
+
+def check_selection(view: ChainView, task_id: bytes, reveals: Iterable[Reveal], *, executor: str,
+                    committee: Iterable[str]) -> Selection:
+    """A claimed executor and committee (a scheduler's, an Attestation's) against the selection
+    recomputed from the chain; SortitionError names what differs."""
+    sel = select_from_chain(view, task_id, reveals)
+    if _norm(executor) != sel.executor:
+        raise SortitionError(f"executor {executor!r} is not the rightful one: {sel.executor} is")
+    claimed = [_norm(c) for c in committee]
+    if len(claimed) != len(set(claimed)) or set(claimed) != set(sel.committee):
+        raise SortitionError(f"committee {sorted(claimed)} is not the rightful one: {sorted(sel.committee)} "
+                             f"(k = {len(sel.committee)} on chain)")
+    return sel

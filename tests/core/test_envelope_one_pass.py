@@ -92,7 +92,8 @@ def test_a_bytearray_changed_after_the_call_cannot_reach_the_decryption() -> Non
     """open_bytes copies its input before it checks anything, so a caller-shared buffer cannot change
     between the check and the decryption either."""
     blob = bytearray(_sealed())
-    assert open_bytes(blob, key=ALICE, owner=OWNER.public_key(), capsule_id=CAPSULE, manifest_digest=MANIFEST) == GENUINE
+    opened = open_bytes(blob, key=ALICE, owner=OWNER.public_key(), capsule_id=CAPSULE, manifest_digest=MANIFEST)
+    assert opened == GENUINE
 
 
 @pytest.mark.parametrize("missing", ["owner", "capsule_id", "manifest_digest"])

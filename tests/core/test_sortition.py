@@ -73,13 +73,17 @@ def test_bad_alpha_inputs(args: tuple[object, ...], match: str) -> None:
 @pytest.mark.parametrize(
     ("stake", "rep", "expected"),
     [
-        pytest.param(100, 10_000, 100 * 91_000, id="full-reputation"),
-        pytest.param(100, 0, 100 * 1_000, id="zero-reputation-keeps-a-tenth"),
-        pytest.param(100, 5_000, 100 * 46_000, id="half-reputation"),
+        pytest.param(100, 10_000, 100 * 100_000, id="full-reputation"),
+        pytest.param(100, 0, 100 * 10_000, id="zero-reputation-keeps-a-tenth"),
+        pytest.param(100, 5_000, 100 * 55_000, id="half-reputation"),
     ],
 )
 def test_weight_formula(stake: int, rep: int, expected: int) -> None:
     assert sortition.weight(stake, rep) == expected
+
+
+def test_full_reputation_weighs_ten_times_zero_as_decision_0010_says() -> None:
+    assert sortition.weight(7, 10_000) == 10 * sortition.weight(7, 0)
 
 
 @pytest.mark.parametrize(
@@ -268,7 +272,7 @@ def test_selection_frequency_follows_weight(betas: list[dict[str, bytes]]) -> No
 
 @pytest.mark.slow
 def test_reputation_scales_weight(betas: list[dict[str, bytes]]) -> None:
-    """Same stake; reputation 10000 vs 0 bp: weights 91000 : 1000 ... expected wins follow the formula."""
+    """Same stake; reputation 10000 vs 0 bp: weights 100000 : 10000 ... expected wins follow the formula."""
     cands = [
         Candidate(f"gw-{i}", vrf.public_key(_sk(i, b"stat")), 10, rep)
         for i, rep in enumerate([10_000, 10_000, 5_000, 0])
@@ -276,7 +280,7 @@ def test_reputation_scales_weight(betas: list[dict[str, bytes]]) -> None:
     w = {c.node_id: sortition.weight(c.stake, c.reputation_bp) for c in cands}
     wins = Counter(sortition.rank(cands, b)[0] for b in betas)
     expected = {n: ROUNDS * x / sum(w.values()) for n, x in w.items()}
-    # gw-3 expects ~5.9 wins: too few for chi-square, so pool it with gw-2 (df = 2, p = 0.001: 13.82)
+    # gw-2 and gw-3 pooled (df = 2, p = 0.001: 13.82); gw-3 alone expects ~45 wins of 1200
     pooled_obs = Counter({"gw-0": wins["gw-0"], "gw-1": wins["gw-1"], "rest": wins["gw-2"] + wins["gw-3"]})
     pooled_exp = {"gw-0": expected["gw-0"], "gw-1": expected["gw-1"], "rest": expected["gw-2"] + expected["gw-3"]}
     chi2 = _chi2(pooled_obs, pooled_exp)

@@ -322,7 +322,7 @@ def _open_with(src: BinaryIO, dst: BinaryIO, cek_of: Any, *, owner: bytes, capsu
                  head, cek)
         return header
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
-        _authenticate(src, header, head, cek, spool)
+        _authenticate(src, header, head, cek, spool)  # type: ignore[arg-type]
         spool.seek(0)
         _release(spool, dst, header, head, cek)  # type: ignore[arg-type]
     return header

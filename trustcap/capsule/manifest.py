@@ -5,7 +5,8 @@ digest every verifier attests to is computed here, outside the cluster (CLI, gat
 refuse exactly what the CRD refuses. The fields, bounds and patterns mirror `crds/capsule.yaml`.
 
 The manifest digest is sha256 of the RFC 8785 encoding of the spec with defaults filled in
-(`trustcap.canonical.digest`), so `{}` and an explicit default hash alike: what the committee attests. An input envelope binds the binding digest instead (`binding_digest`).
+(`trustcap.canonical.digest`), so `{}` and an explicit default hash alike: what the committee attests.
+An input envelope binds the binding digest instead (`binding_digest`).
 """
 
 from __future__ import annotations

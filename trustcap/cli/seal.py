@@ -2,11 +2,11 @@
 
     trustcap seal --to PUBKEY_FILE [--to ...] --in FILE --out FILE [--key OWNER_KEY] [--capsule-id HEX]
                   [--manifest-digest HEX]
-    trustcap open --key SECRET_KEY_FILE --in FILE --out FILE [--owner PUBKEY_FILE] [--capsule-id HEX]
+    trustcap open --key SECRET_KEY_FILE --in FILE --out FILE --owner PUBKEY_FILE [--capsule-id HEX]
                   [--manifest-digest HEX]
 
 Without --key the envelope is signed by a one-off key: it still proves the file was not altered, but not
-who sealed it (an opener that names --owner refuses it). Without --capsule-id / --manifest-digest the
+who sealed it, and `open` (which always names --owner) refuses it. Without --capsule-id / --manifest-digest the
 envelope is bound to all-zero ids ("not bound to a capsule"). The output is written to a temporary file
 beside --out and renamed only when everything checked out, so a failure never leaves partial plaintext.
 """
@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
     opener.add_argument("--key", required=True, type=Path, metavar="SECRET_KEY_FILE")
     opener.add_argument("--in", dest="src", required=True, type=Path, metavar="FILE")
     opener.add_argument("--out", required=True, type=Path, metavar="FILE")
-    opener.add_argument("--owner", type=Path, metavar="PUBKEY_FILE", help="refuse unless signed by this owner")
+    opener.add_argument("--owner", required=True, type=Path, metavar="PUBKEY_FILE",
+                        help="the owner's key.pub: an envelope not signed by this owner is refused")
     _binding(opener)
     opener.set_defaults(func=_open)
 
@@ -84,14 +85,14 @@ def _seal(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> int:
     key = KeyPair.load(args.key)
-    owner = load_public_key(args.owner) if args.owner else None
+    owner = load_public_key(args.owner)
     tmp = _tmp(args.out)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with args.src.open("rb") as src, os.fdopen(fd, "wb") as dst:
             envelope.open_stream(src, dst, key=key, owner=owner,
-                                 capsule_id=_id(args.capsule_id, "--capsule-id"),
-                                 manifest_digest=_id(args.manifest_digest, "--manifest-digest"))
+                                 capsule_id=_id(args.capsule_id, "--capsule-id") or bytes(32),
+                                 manifest_digest=_id(args.manifest_digest, "--manifest-digest") or bytes(32))
         os.replace(tmp, args.out)
     except OSError as exc:
         raise CapsuleError(f"cannot open {args.src} into {args.out}: {exc.strerror or exc}") from exc

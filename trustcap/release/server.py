@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -34,13 +35,19 @@ from trustcap.release.errors import ReleaseDenied
 if TYPE_CHECKING:
     from trustcap.chain.escrow import ChainView
 
-__all__ = ["MAX_BODY", "READ_TIMEOUT", "BrokerServer"]
+__all__ = ["MAX_BODY", "MAX_DEPTH", "READ_TIMEOUT", "BrokerServer"]
 
 log = logging.getLogger("trustcap.broker")
 
 MAX_BODY = 1 << 20
 READ_TIMEOUT = 10.0
+#: a release request nests about 6 deep; the cap is checked before parsing, because py_ecc (under web3)
+#: raises the interpreter's recursion limit to 100000 for the whole process, and json's C decoder then
+#: overflows a thread's stack (a segfault, not a RecursionError) on a body of some 100000 brackets
+MAX_DEPTH = 32
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _LOG_VALUE = 80
+_DRAIN = 4 * MAX_BODY
 
 
 class _Refusal(Exception):
@@ -64,6 +71,19 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return doc
 
 
+def _too_deep(raw: bytes) -> bool:
+    """Whether arrays and objects nest deeper than MAX_DEPTH (brackets inside strings do not count)."""
+    depth = 0
+    for ch in _STRING.sub(b"", raw).translate(None, delete=_NOT_BRACKETS):
+        depth += 1 if ch in b"[{" else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 def _claims(body: Any) -> tuple[str, str, str]:
     """What the request claims, for the log only: capsule, input, executor."""
     if not isinstance(body, Mapping):
@@ -76,9 +96,13 @@ def _claims(body: Any) -> tuple[str, str, str]:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
+    _declared = 0
     server_version = "trustcap-broker"
     sys_version = ""
-    timeout = READ_TIMEOUT  # per socket operation; the body also has a total deadline
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.read_timeout)  # per socket operation; the body has a deadline too
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -114,6 +138,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except _Refusal as r:
             log.info("refused peer=%s field=%s status=%d reason=%s", peer, r.field, r.status, r.message)
             self._refuse(r.status, r.field, r.message)
+            if r.status == 413:
+                self._drain()
             return
         capsule, input_name, executor = _claims(body)
         try:
@@ -151,12 +177,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Refusal(400, "body", "Content-Length is not a number") from None
         if length < 0:
             raise _Refusal(400, "body", "Content-Length is negative")
-        if length > MAX_BODY:
-            raise _Refusal(413, "body", f"the body is {length} bytes; at most {MAX_BODY}")
+        self._declared = length
+        if length > self.server.max_body:
+            raise _Refusal(413, "body", f"the body is {length} bytes; at most {self.server.max_body}")
         ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise _Refusal(415, "body", f"Content-Type is {ctype!r}; send application/json")
         raw = self._read(length)
+        if _too_deep(raw):
+            raise _Refusal(400, "body", f"nests deeper than {MAX_DEPTH} levels")
         try:
             return json.loads(raw, object_pairs_hook=_no_duplicates)
         except _Refusal:
@@ -164,39 +193,55 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as exc:
             raise _Refusal(400, "body", f"is not JSON: {exc}") from None
 
+    def _drain(self) -> None:
+        """Read and drop an oversize body, up to _DRAIN bytes and the read timeout, so that a client that
+        sends it whole before reading gets the 413 instead of a reset connection."""
+        left = min(self._declared, _DRAIN)
+        deadline = time.monotonic() + self.server.read_timeout
+        try:
+            while left > 0 and time.monotonic() < deadline and (chunk := self.rfile.read1(min(left, 64 * 1024))):
+                left -= len(chunk)
+        except OSError:
+            pass
+
     def _read(self, length: int) -> bytes:
-        deadline = time.monotonic() + READ_TIMEOUT
+        limit = self.server.read_timeout
+        deadline = time.monotonic() + limit
         parts: list[bytes] = []
         left = length
         try:
             while left:
                 if time.monotonic() > deadline:
-                    raise _Refusal(408, "body", f"the body did not arrive within {READ_TIMEOUT:g} s")
+                    raise _Refusal(408, "body", f"the body did not arrive within {limit:g} s")
                 chunk = self.rfile.read1(min(left, 64 * 1024))
                 if not chunk:
                     raise _Refusal(400, "body", f"the body ended after {length - left} of {length} bytes")
                 parts.append(chunk)
                 left -= len(chunk)
         except TimeoutError:
-            raise _Refusal(408, "body", f"the body did not arrive within {READ_TIMEOUT:g} s") from None
+            raise _Refusal(408, "body", f"the body did not arrive within {limit:g} s") from None
         return b"".join(parts)
 
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], key: KeyPair, view: ChainView) -> None:
+    def __init__(self, addr: tuple[str, int], key: KeyPair, view: ChainView, max_body: int,
+                 read_timeout: float) -> None:
         self.key, self.view, self.lock = key, view, threading.Lock()
+        self.max_body, self.read_timeout = max_body, read_timeout
         super().__init__(addr, _Handler)
 
 
 class BrokerServer:
     """Serves `POST /v1/release` and `GET /healthz` on host:port (port 0: a free one) from construction
-    until `close()`, in a background thread. Also a context manager."""
+    until `close()`, in a background thread. Also a context manager. A body above `max_body` bytes is
+    refused unread (413); one that takes longer than `read_timeout` seconds to arrive is dropped (408)."""
 
-    def __init__(self, key: KeyPair, view: ChainView, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, key: KeyPair, view: ChainView, *, host: str = "127.0.0.1", port: int = 0,
+                 max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT) -> None:
         try:
-            self._server = _Server((host, port), key, view)
+            self._server = _Server((host, port), key, view, max_body, read_timeout)
         except OSError as exc:
             raise ConfigError(f"the broker cannot listen on {host}:{port}: {exc.strerror or exc} (is another "
                               "process on that port? pick another --listen)") from exc
