@@ -1,0 +1,494 @@
+"""The executor gateway's part of a capsule run: prepare the agent, fetch the keys, run, store, finish.
+
+Decision 0090; docs/lifecycle-interfaces.md sections 5 (agent ops), 6 (key release), 7 (store) and 8
+(CapsuleRun). The gateway relays: it never opens an input (each broker wraps the content key to the
+executor key the quorum attested, which only the agent holds) and never reads a result (each is sealed
+to its recipient and signed by that key).
+
+    relay (committee challenge)   Runner                               agent (channel)     brokers, store
+      | ensure_prepared(capsule) ->| the round names me? prepare once -->| executor key
+      |                            | CapsuleRun (executor == me, no phase yet), in its own thread:
+      |                            |   store.get(input cid) ----------------------------------------> store
+      |                            |   POST /v1/release {capsule, manifest, input, header, round,
+      |                            |     verdicts, reveals} for every input ------------------------> broker
+      |                            |   (one refusal: Failed InputRejected/ReleaseRefused, nothing sent)
+      |                            |   run {taskId, capsuleId, manifest, inputs} ---->| started
+      |                            |   status Running {inputsReleased, startedAt}
+      |                            |   result {taskId} every poll_s; spec.stop set -> stop {reason}
+      |                            |   done: each result envelope -> store.put ---------------------> store
+      |                            |   status Succeeded|Failed {reason, exitCode, results, resultSigner, wipe}
+      |                            | post round decided (or the CapsuleRun gone) -> finish {taskId}
+
+Each run has its own thread, so a minute-long run holds neither the relay (which must keep answering the
+committee's quotes during the run) nor another step. Every wait is bounded. A restarted gateway resumes a
+Running CapsuleRun by polling its result again: the agent keeps the run, its key and its result until
+`finish`, and `prepare` of a prepared task answers the same key.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+from trustcap.gateway.errors import GatewayError
+from trustcap.gateway.participant import REVEAL_LABEL, LifecycleError
+
+from trustcap.capsule.envelope import read_header
+from trustcap.capsule.ids import capsule_id, task_id
+from trustcap.capsule.manifest import Manifest, parse_manifest
+from trustcap.errors import TrustcapError
+
+__all__ = ["NotMyRound", "RunFailed", "Runner", "RunnerKube", "open_store"]
+
+log = logging.getLogger("trustcap.gateway")
+
+AGENT_LOST_S: Final = 60.0       # the agent may be unreachable this long during a run before the run fails
+RESULT_MARGIN_S: Final = 300.0   # beyond timeoutSeconds, how long to wait for the agent's result
+RELEASE_TIMEOUT_S: Final = 30.0  # per broker request
+MAX_ERROR: Final = 4096          # crds/capsulerun.yaml status.error maxLength
+NOTHING_RAN: Final = {"verified": True, "ran": False, "items": [],
+                      "how": "nothing was sent to the agent: no input was released to it and no container was made"}
+
+
+class NotMyRound(GatewayError):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+    """A capsule challenge names a round that does not exist, or whose executor is another gateway."""
+
+
+class RunFailed(GatewayError):  # type: ignore[misc]
+    """A run cannot start; `reason` is the CapsuleRun status reason (InputRejected, ReleaseRefused, Failed)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RunnerKube(Protocol):
+    """What the runner reads and writes in the cluster (`participant.KubeCapsules`; a fake in unit tests)."""
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def list(self, plural: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]: ...
+
+    def patch_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    def secrets(self, namespace: str, label_selector: str) -> builtins.list[dict[str, str]]: ...
+
+
+class _Server(Protocol):
+    def command(self, op: str, **params: Any) -> dict[str, Any]: ...
+
+
+class _Root(Protocol):
+    @property
+    def address(self) -> str: ...
+
+
+class _Store(Protocol):
+    def put(self, data: bytes) -> str: ...
+
+    def get(self, cid: str) -> bytes: ...
+
+
+def open_store(url: str) -> _Store:
+    """`trustcap.store.open_store` (lifecycle interfaces section 7), imported when a run needs it."""
+    from trustcap.store import open_store as real  # type: ignore[import-not-found,unused-ignore]
+
+    store: _Store = real(url)
+    return store
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def post_round_name(task: bytes) -> str:
+    """The post round's Attestation name, as the operator names it (operator/rounds.py `round_name`)."""
+    return f"r-{task.hex()[:16]}-post"
+
+
+def _task_hex(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
+        raise NotMyRound(f"{what} must be a task id (0x + 64 hex), got {value!r}")
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError:
+        raise NotMyRound(f"{what} must be a task id (0x + 64 hex), got {value!r}") from None
+    return value.lower()
+
+
+_REFUSED_RESULT: Final = "agent refused 'result': "
+
+
+def _refused_result(exc: Exception) -> dict[str, Any] | None:
+    """A `result` the session turned into an error: the agent's done answer carried a non-empty `error`
+    (AgentSession.call raises on any `error` field, and a Stopped, Timeout or InputRejected result has
+    one), or the agent no longer knows the task. Either way the run is over, and only the message
+    survived: the run is reported Failed with that message and a wipe that is not proven."""
+    text = str(exc)
+    if not text.startswith(_REFUSED_RESULT):
+        return None
+    error = text[len(_REFUSED_RESULT):]
+    reason = ("Stopped" if error.startswith("stopped:") else "Timeout" if "past timeoutSeconds" in error
+              else "InputRejected" if error.startswith("input ") else "Failed")
+    return {"state": "done", "reason": reason, "error": error, "results": [],
+            "wipe": {"verified": False, "error": "the agent's wipe report did not reach the gateway: the channel "
+                                                 "session refuses an answer that carries an error"}}
+
+
+class Runner:
+    """Runs on this gateway's agent the capsules whose CapsuleRun names this gateway as executor."""
+
+    def __init__(self, server: _Server, root: _Root, kube: RunnerKube, *, namespace: str,
+                 store_of: Callable[[str], _Store] = open_store, poll_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.server, self.kube = server, kube
+        self.namespace = namespace
+        self.store_of = store_of
+        self.poll_s = poll_s
+        self.clock, self.wall = clock, wall
+        self.address = str(root.address).lower()
+        self._lock = threading.Lock()
+        self._keys: dict[str, str] = {}             # task id -> executor key (the agent's prepare answer)
+        self._threads: dict[str, threading.Thread] = {}
+        self._runs_seen: set[str] = set()           # tasks whose CapsuleRun this gateway has seen
+        self._finished: set[str] = set()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._halt.clear()
+        self._thread = threading.Thread(target=self._loop, name="trustcap-gateway-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop looking for work and end the run threads' polling (the agent's runs go on; see resume)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            threads = list(self._threads.values())
+        for t in threads:
+            t.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.step()
+            except (TrustcapError, OSError) as exc:
+                log.warning("runner pass failed, will retry: %s", exc)
+            except Exception:  # the loop outlives a bug in one pass; the next pass starts from the objects
+                log.exception("runner pass failed, will retry")
+            self._halt.wait(self.poll_s)
+
+    def step(self) -> int:
+        """One pass: start a thread for each new (or orphaned Running) run of mine, finish ended tasks.
+        Returns how many run threads this pass started."""
+        started = 0
+        runs = {}
+        for run in self.kube.list("capsuleruns", self.namespace):
+            spec = run.get("spec") or {}
+            if str(spec.get("executor", "")).lower() != self.address:
+                continue
+            try:
+                tid = _task_hex(spec.get("taskId"), "CapsuleRun spec.taskId")
+            except NotMyRound as exc:
+                log.warning("CapsuleRun %s: %s", (run.get("metadata") or {}).get("name"), exc)
+                continue
+            runs[tid] = run
+            self._runs_seen.add(tid)
+            phase = (run.get("status") or {}).get("phase")
+            if phase in (None, "", "Running") and self._spawn(tid, run, resume=phase == "Running"):
+                started += 1
+        self._finish(runs)
+        return started
+
+    def _spawn(self, tid: str, run: Mapping[str, Any], *, resume: bool) -> bool:
+        with self._lock:
+            t = self._threads.get(tid)
+            if t is not None and t.is_alive():
+                return False
+            if tid in self._finished:
+                return False
+            name = str(run["metadata"]["name"])
+            t = threading.Thread(target=self._run_thread, args=(name, resume), daemon=True,
+                                 name=f"trustcap-gateway-run-{tid[2:10]}")
+            self._threads[tid] = t
+        t.start()
+        return True
+
+    # -- a. prepare, before the relay forwards a capsule challenge ------------------------------------
+    def ensure_prepared(self, capsule: Mapping[str, Any]) -> str:
+        """Make sure the agent holds this task's executor key before it quotes a round of it; returns the
+        key. `capsule` is a challenge's {taskId, round, phase}; NotMyRound when no such round names me."""
+        if not isinstance(capsule, Mapping):
+            raise NotMyRound("a capsule challenge must carry {taskId, round, phase}")
+        tid = _task_hex(capsule.get("taskId"), "capsule.taskId")
+        round_id, phase = str(capsule.get("round", "")).lower(), capsule.get("phase")
+        att = self._round_by_nonce(tid, round_id)
+        if att is None:
+            raise NotMyRound(f"no Attestation of task {tid} in {self.namespace} has round (nonce) {round_id}")
+        spec = att.get("spec") or {}
+        if spec.get("phase") != phase:
+            raise NotMyRound(f"round {att['metadata']['name']} is a {spec.get('phase')} round, not {phase}")
+        if str(spec.get("executor", "")).lower() != self.address:
+            raise NotMyRound(f"round {att['metadata']['name']} names executor {spec.get('executor')}, not this "
+                             f"gateway {self.address}")
+        with self._lock:
+            known = self._keys.get(tid)
+        if known is not None:
+            return known
+        manifest, _ = self._capsule(spec, tid)
+        return self._prepare(tid, manifest)
+
+    def _round_by_nonce(self, tid: str, round_id: str) -> dict[str, Any] | None:
+        for att in self.kube.list("attestations", self.namespace, f"trustcap.io/task={tid[2:18]}"):
+            spec = att.get("spec") or {}
+            if str(spec.get("nonce", "")).lower() == round_id and str(spec.get("taskId", "")).lower() == tid:
+                return att
+        return None
+
+    def _capsule(self, spec: Mapping[str, Any], tid: str) -> tuple[Manifest, dict[str, Any]]:
+        """The Capsule a round or run order names, checked to be that task's, and its parsed manifest."""
+        ref = spec.get("capsuleRef") or {}
+        ns, name, uid = ref.get("namespace"), ref.get("name"), ref.get("uid")
+        if not (isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str)):
+            raise LifecycleError(f"task {tid}: capsuleRef must name {{namespace, name, uid}}, got {dict(ref)}")
+        if "0x" + task_id(capsule_id(ns, name), uid).hex() != tid:
+            raise LifecycleError(f"task {tid} is not the task of capsule {ns}/{name} (uid {uid})")
+        capsule = self.kube.get("capsules", ns, name)
+        if capsule is None or (capsule.get("metadata") or {}).get("uid") != uid:
+            raise LifecycleError(f"capsule {ns}/{name} (uid {uid}) of task {tid} is gone")
+        try:
+            return parse_manifest(capsule.get("spec")), capsule
+        except TrustcapError as exc:
+            raise LifecycleError(f"capsule {ns}/{name}: spec is not a valid manifest: {exc}") from exc
+
+    def _prepare(self, tid: str, manifest: Manifest) -> str:
+        answer = self.server.command("prepare", taskId=tid, manifestDigest="0x" + manifest.binding_digest().hex(),
+                                     imageDigest=manifest.function.digest)
+        key = answer.get("executorKey")
+        if not isinstance(key, str) or not key.startswith("0x") or len(key) != 68:
+            raise LifecycleError(f"agent answered prepare of task {tid} without an executorKey: {answer}")
+        with self._lock:
+            self._keys[tid] = key
+        log.info("prepared task %s on the agent", tid)
+        return key
+
+    # -- b. the run -----------------------------------------------------------------------------------
+    def _run_thread(self, name: str, resume: bool) -> None:
+        try:
+            self._run(name, resume)
+        except (TrustcapError, OSError) as exc:
+            log.warning("run %s: %s (will look again)", name, exc)
+        except Exception:
+            log.exception("run %s failed in the gateway (will look again)", name)
+
+    def _run(self, name: str, resume: bool) -> None:
+        run = self.kube.get("capsuleruns", self.namespace, name)
+        if run is None:
+            return
+        spec = run["spec"]
+        tid = _task_hex(spec.get("taskId"), "CapsuleRun spec.taskId")
+        manifest, capsule = self._capsule(spec, tid)
+        key = self._prepare(tid, manifest)
+        if not resume:
+            try:
+                released = self._start(run, capsule, manifest, key, tid)
+            except RunFailed as exc:
+                log.warning("run %s not started: %s", name, exc)
+                self._status(name, {"phase": "Failed", "reason": exc.reason, "error": str(exc)[:MAX_ERROR],
+                                    "wipe": dict(NOTHING_RAN), "finishedAt": _rfc3339(self.wall())})
+                return
+            self._status(name, {"phase": "Running", "inputsReleased": released,
+                                "startedAt": _rfc3339(self.wall())})
+        self._follow(name, tid, manifest, key, spec.get("store") or "")
+
+    def _start(self, run: Mapping[str, Any], capsule: Mapping[str, Any], manifest: Manifest, key: str,
+               tid: str) -> list[str]:
+        """Fetch every input and its released key, then start the run; RunFailed before anything is sent."""
+        spec = run["spec"]
+        pre = self.kube.get("attestations", self.namespace, str(spec.get("preRound", "")))
+        if pre is None:
+            raise RunFailed("Failed", f"the pre-run round {spec.get('preRound')!r} is missing")
+        pspec = pre.get("spec") or {}
+        if (pspec.get("phase"), str(pspec.get("taskId", "")).lower(), str(pspec.get("executor", "")).lower()) != (
+                "pre", tid, self.address):
+            raise RunFailed("Failed", f"{spec.get('preRound')} is not this task's pre round naming this gateway")
+        verdicts = [{"verdict": v["verdict"], "quote": v["quote"]}
+                    for v in (pre.get("status") or {}).get("verdicts") or [] if v.get("verdict") and v.get("quote")]
+        reveals = [{"node": r["node"], "pi": r["pi"], "salt": r["salt"]}
+                   for r in self.kube.secrets(self.namespace, f"{REVEAL_LABEL}={tid[2:18]}")
+                   if {"node", "pi", "salt"} <= set(r)]
+        meta = capsule["metadata"]
+        ref = {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]}
+        try:
+            store = self.store_of(str(spec.get("store") or ""))
+        except (TrustcapError, OSError, ImportError) as exc:
+            raise RunFailed("Failed", f"cannot open the store {spec.get('store')!r}: {exc}") from exc
+        inputs = []
+        for inp in manifest.inputs:
+            envelope, wrapped = self._release(inp, store, ref, capsule["spec"], pspec, verdicts, reveals, key)
+            inputs.append({"name": inp.name, "envelope": base64.b64encode(envelope).decode(),
+                           "wrappedKey": base64.b64encode(wrapped).decode()})
+        cid = "0x" + capsule_id(ref["namespace"], ref["name"]).hex()
+        try:
+            self.server.command("run", taskId=tid, capsuleId=cid, manifest=dict(capsule["spec"]), inputs=inputs)
+        except (TrustcapError, OSError) as exc:
+            if not self._already_run(tid):
+                raise RunFailed("Failed", f"the agent did not start the run: {exc}") from exc
+        return [i["name"] for i in inputs]
+
+    def _release(self, inp: Any, store: _Store, ref: Mapping[str, str], manifest_spec: Mapping[str, Any],
+                 round_spec: Mapping[str, Any], verdicts: list[dict[str, Any]], reveals: list[dict[str, str]],
+                 key: str) -> tuple[bytes, bytes]:
+        from trustcap.release import ReleaseRefused, request_release
+
+        if not inp.broker:
+            raise RunFailed("InputRejected", f"input {inp.name!r} names no broker (spec.inputs[].broker): nobody "
+                                             "can release its key")
+        try:
+            envelope = store.get(inp.cid)
+            _, header = read_header(io.BytesIO(envelope))
+        except (TrustcapError, OSError) as exc:
+            raise RunFailed("InputRejected", f"input {inp.name!r} ({inp.cid}): {exc}") from exc
+        body = {"capsule": dict(ref), "manifest": dict(manifest_spec), "input": inp.name,
+                "header": base64.b64encode(header).decode(), "round": dict(round_spec), "verdicts": verdicts,
+                "reveals": reveals}
+        try:
+            wrapped, executor_key = request_release(inp.broker, body, RELEASE_TIMEOUT_S)
+        except ReleaseRefused as exc:
+            raise RunFailed("ReleaseRefused", f"input {inp.name!r}: {exc}") from exc
+        if "0x" + executor_key.hex() != key:
+            raise RunFailed("ReleaseRefused", f"input {inp.name!r}: broker {inp.broker} wrapped the key to executor "
+                                              f"key 0x{executor_key.hex()}, not this task's {key}")
+        return envelope, wrapped
+
+    def _already_run(self, tid: str) -> bool:
+        """After a refused `run`: is the run there anyway (a restart after `run` was sent)?"""
+        try:
+            return self.server.command("result", taskId=tid).get("state") in ("running", "done")
+        except (TrustcapError, OSError):
+            return False
+
+    def _follow(self, name: str, tid: str, manifest: Manifest, key: str, store_url: str) -> None:
+        """Poll the agent's result; relay a stop order; when done, store the results and report."""
+        deadline = self.clock() + manifest.timeout_seconds + RESULT_MARGIN_S
+        lost_since: float | None = None
+        lost_why = ""
+        stop_sent = False
+        while not self._halt.is_set():
+            run = self.kube.get("capsuleruns", self.namespace, name)
+            if run is None:  # the run order is gone: stop what may still run; finish follows in step()
+                self._send_stop(tid, "Deleted")
+                return
+            reason = str((run.get("spec") or {}).get("stop") or "")
+            if reason and not stop_sent:
+                stop_sent = self._send_stop(tid, reason)
+            try:
+                answer = self.server.command("result", taskId=tid)
+                lost_since = None
+            except GatewayError as exc:
+                refused = _refused_result(exc)
+                if refused is not None:
+                    self._done(name, refused, key, store_url)
+                    return
+                lost_since, answer, lost_why = self._lost(lost_since), {"state": "running"}, str(exc)
+            except (TrustcapError, OSError) as exc:  # no agent session (a reboot, a reconnect): wait a while
+                lost_since, answer, lost_why = self._lost(lost_since), {"state": "running"}, str(exc)
+            if lost_since is not None and self.clock() - lost_since > AGENT_LOST_S:
+                self._status(name, {"phase": "Failed", "reason": "Failed", "finishedAt": _rfc3339(self.wall()),
+                                    "error": f"the agent did not report the run for {AGENT_LOST_S:g} s: "
+                                             f"{lost_why}"[:MAX_ERROR]})
+                return
+            if answer.get("state") == "done":
+                self._done(name, answer, key, store_url)
+                return
+            if self.clock() > deadline:
+                self._send_stop(tid, "Timeout")
+                self._status(name, {"phase": "Failed", "reason": "Timeout", "finishedAt": _rfc3339(self.wall()),
+                                    "error": "the agent reported no result by timeoutSeconds plus "
+                                             f"{RESULT_MARGIN_S:g} s"})
+                return
+            self._halt.wait(self.poll_s)
+
+    def _lost(self, since: float | None) -> float:
+        return since if since is not None else self.clock()
+
+    def _send_stop(self, tid: str, reason: str) -> bool:
+        try:
+            answer = self.server.command("stop", reason=reason)
+        except (TrustcapError, OSError) as exc:
+            log.warning("stop of task %s (%s) was not taken: %s", tid, reason, exc)
+            return False
+        log.info("stop of task %s (%s): %s", tid, reason, answer)
+        return True
+
+    def _done(self, name: str, answer: Mapping[str, Any], key: str, store_url: str) -> None:
+        reason = str(answer.get("reason") or "Failed")
+        status: dict[str, Any] = {"phase": "Succeeded" if reason == "Completed" else "Failed", "reason": reason,
+                                  "resultSigner": key, "wipe": dict(answer.get("wipe") or {}),
+                                  "finishedAt": _rfc3339(self.wall()), "error": str(answer.get("error") or "")}
+        if isinstance(answer.get("exitCode"), int) and not isinstance(answer.get("exitCode"), bool):
+            status["exitCode"] = answer["exitCode"]
+        if isinstance(answer.get("seconds"), int | float):
+            status["seconds"] = answer["seconds"]
+        results = []
+        if answer.get("results"):
+            try:
+                store = self.store_of(store_url)
+                for r in answer["results"]:
+                    cid = store.put(base64.b64decode(r["envelope"], validate=True))
+                    results.append({"recipient": r["recipient"], "publicKey": r["publicKey"], "cid": cid})
+            except (TrustcapError, OSError, ImportError, ValueError, KeyError) as exc:
+                status.update(phase="Failed", reason="Failed", error=f"the results could not be stored: {exc}")
+                results = []
+        status["results"] = results
+        status["error"] = status["error"][:MAX_ERROR]
+        self._status(name, status)
+        log.info("run %s ended: %s", name, reason)
+
+    def _status(self, name: str, status: Mapping[str, Any]) -> None:
+        self.kube.patch_status("capsuleruns", self.namespace, name, status)
+
+    # -- c. finish ------------------------------------------------------------------------------------
+    def _finish(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Drop the executor key of each task whose post round is decided or whose run order is gone."""
+        with self._lock:
+            candidates = (set(self._keys) | set(runs)) - self._finished
+            busy = {t for t, th in self._threads.items() if th.is_alive()}
+        for tid in sorted(candidates - busy):
+            run = runs.get(tid)
+            if run is not None and (run.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                continue  # not ended (or not started by us yet)
+            if run is None and tid not in self._runs_seen and not self._pre_round_failed(tid):
+                continue  # no run order yet: the pre round is still being attested
+            if run is not None:
+                post = self.kube.get("attestations", self.namespace, post_round_name(bytes.fromhex(tid[2:])))
+                if post is None or not (post.get("status") or {}).get("result"):
+                    continue
+            try:
+                self.server.command("finish", taskId=tid)
+            except (TrustcapError, OSError) as exc:
+                if "not prepared" not in str(exc):
+                    log.warning("finish of task %s was not taken, will retry: %s", tid, exc)
+                    continue
+            with self._lock:
+                self._finished.add(tid)
+                self._keys.pop(tid, None)
+            log.info("finished task %s: the agent dropped its executor key", tid)
+
+    def _pre_round_failed(self, tid: str) -> bool:
+        """A prepared task whose pre round failed or expired gets no run order: its key can go."""
+        rounds = self.kube.list("attestations", self.namespace, f"trustcap.io/task={tid[2:18]}")
+        pre = [a for a in rounds if (a.get("spec") or {}).get("phase") == "pre"]
+        return not pre or any((a.get("status") or {}).get("result") in ("Failed", "Expired") for a in pre)
