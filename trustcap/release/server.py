@@ -247,7 +247,8 @@ class BrokerServer:
                               "process on that port? pick another --listen)") from exc
         self.host = host
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"broker-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name=f"broker-{self.port}",
+                                        daemon=True)
         self._thread.start()
         log.info("broker listening url=%s owner=0x%s", self.url, key.public_key().hex())
 
