@@ -198,3 +198,16 @@ def test_parse_listen(text: str, want: tuple[str, int]) -> None:
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(ConfigError, match="not HOST:PORT"):
         parse_listen(text)
+
+
+def test_a_caller_cannot_forge_a_log_line(world: World, broker: BrokerServer,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    forged = "x\ngranted peer=10.0.0.1 input='names-b'"
+    with caplog.at_level(logging.INFO, logger="trustcap.broker"):
+        body = world.body()
+        body[forged] = 1
+        status, doc = _post(broker, json.dumps(body).encode())
+        _post(broker, json.dumps({"capsule": {}, forged: 1, "z": 2}).replace('"z"', json.dumps(forged)).encode())
+    assert (status, doc["field"]) == (400, forged)  # the answer names it as it was sent
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all("\n" not in m and m.startswith("refused") for m in messages)

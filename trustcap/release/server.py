@@ -62,6 +62,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= _LOG_VALUE else text[:_LOG_VALUE] + "..."
 
 
+def _one_line(text: str) -> str:
+    """A field name or reason for the log: the caller chose parts of it, so no line breaks, bounded."""
+    flat = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return flat if len(flat) <= 4 * _LOG_VALUE else flat[:4 * _LOG_VALUE] + "..."
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for key, value in pairs:
@@ -136,7 +142,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             body = self._body()
         except _Refusal as r:
-            log.info("refused peer=%s field=%s status=%d reason=%s", peer, r.field, r.status, r.message)
+            log.info("refused peer=%s field=%s status=%d reason=%s", peer, _one_line(r.field), r.status,
+                     _one_line(r.message))
             self._refuse(r.status, r.field, r.message)
             if r.status == 413:
                 self._drain()
@@ -147,12 +154,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 release = check_release(body, key=self.server.key, view=self.server.view)
         except ReleaseDenied as exc:
             log.info("refused peer=%s capsule=%s input=%s executor=%s field=%s status=%d reason=%s", peer, capsule,
-                     input_name, executor, exc.field, exc.status, exc.reason)
+                     input_name, executor, _one_line(exc.field), exc.status, _one_line(exc.reason))
             self._refuse(exc.status, exc.field, str(exc))
             return
         except TrustcapError as exc:
             log.warning("refused peer=%s capsule=%s input=%s executor=%s status=503 reason=cannot check: %s", peer,
-                        capsule, input_name, executor, exc)
+                        capsule, input_name, executor, _one_line(str(exc)))
             self._refuse(503, "chain", f"the broker cannot check the request now: {exc}; retry later")
             return
         except Exception:
