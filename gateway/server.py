@@ -103,7 +103,9 @@ class AgentSession:
                 self._rekey()
             self.chan.send({"op": op, **params})
             resp: dict[str, Any] = self.chan.recv()
-        if resp.get("error"):
+        # A finished run's `result` answer names its error beside `state`: that is the run's outcome, not a
+        # refused request, and its wipe report and reason must reach the runner.
+        if resp.get("error") and "state" not in resp:
             raise GatewayError(f"agent refused {op!r}: {resp['error']}")
         return resp
 
@@ -331,10 +333,12 @@ class AttestationServer:
                 raise GatewayError(f"no newly enrolled agent within {timeout:g} s")
             time.sleep(poll_s)
 
-    def challenge(self, nonce: bytes, capsule_state: dict[str, Any] | None = None) -> SignedQuote:
-        """Ask the agent for a quote bound to `nonce`; countersign it with the trust root."""
+    def challenge(self, nonce: bytes, capsule: dict[str, Any] | None = None) -> SignedQuote:
+        """Ask the agent for a quote bound to `nonce` (and, for a capsule round, `capsule` = {taskId, round,
+        phase}, which the agent answers with that task's capsule_state); countersign it with the trust root."""
         session = self.wait_for_agent(0)
-        resp = session.call("quote", nonce="0x" + bytes(nonce).hex())
+        extra = {"capsule": dict(capsule)} if capsule is not None else {}
+        resp = session.call("quote", nonce="0x" + bytes(nonce).hex(), **extra)
         try:
             quote = Quote.model_validate(resp["quote"])
             agent_sig = _hex(resp, "agent_signature", 65)
@@ -344,6 +348,9 @@ class AttestationServer:
             raise QuoteRejected("agent answered another nonce than the one relayed")
         if quote.agent_key != session.enrolment.agent_key:
             raise QuoteRejected("quote names another agent key than the enrolled one")
+        if capsule is not None and any(str(quote.capsule_state.get(k, "")).lower() != str(capsule[k]).lower()
+                                       for k in ("taskId", "round", "phase") if k in capsule):
+            raise QuoteRejected("agent answered another capsule round than the one relayed")
         from trustcap.evidence import address_of
 
         agent = _PresignedAgent(agent_sig, address_of(bytes.fromhex(quote.agent_key[2:])))
