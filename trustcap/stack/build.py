@@ -2,8 +2,7 @@
 
 kube-apiserver and kubectl come from k8s.io/kubernetes through the wrapper module in `tools/kube`
 (its go.mod maps the staging modules to their published releases: `go install pkg@version` refuses
-a module with replace directives). kine, helm and kubo (`ipfs`, the content store) have none, so
-`go install pkg@version` builds them.
+a module with replace directives). kine and helm have none, so `go install pkg@version` builds them.
 A stamp next to each binary records what it was built from; a changed pin rebuilds it.
 """
 
@@ -94,11 +93,6 @@ TOOLS: tuple[Tool, ...] = (
         "helm",
         versions.HELM,
         ("install", "-trimpath", f"-ldflags={_LDFLAGS}", f"helm.sh/helm/v3/cmd/helm@{versions.HELM}"),
-    ),
-    Tool(
-        "ipfs",
-        versions.KUBO,
-        ("install", "-trimpath", f"-ldflags={_LDFLAGS}", f"github.com/ipfs/kubo/cmd/ipfs@{versions.KUBO}"),
     ),
 )
 

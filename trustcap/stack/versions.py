@@ -10,9 +10,6 @@ from __future__ import annotations
 KUBERNETES = "v1.36.3"
 #: kine, k3s's datastore shim: SQLite behind an etcd API (go install, cgo for SQLite).
 KINE = "v0.17.5"
-#: kubo, the IPFS node: the content store of sealed inputs and results (go install of cmd/ipfs). v0.44.0
-#: is not served by the module proxy here; v0.43.1 is the newest that is.
-KUBO = "v0.43.1"
 #: helm v3 CLI (go install).
 HELM = "v3.22.0"
 #: anvil from npm (@foundry-rs/anvil-linux-amd64); no download at run time, the binary is in the package.
