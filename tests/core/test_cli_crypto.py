@@ -46,33 +46,58 @@ def test_seal_and_open_round_trip_for_each_recipient(world: Path) -> None:
         assert (world / f"{who}.out").read_bytes() == (world / "plain").read_bytes()
 
 
-def _tamper(path: Path) -> None:
+def _tamper(path: Path, at: int | None = None) -> None:
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 1
+    data[len(data) // 2 if at is None else at] ^= 1
     path.write_bytes(bytes(data))
+
+
+def _tamper_signature(path: Path) -> None:
+    _tamper(path, at=-40)  # inside the owner's 65-byte signature at the end, every chunk left intact
+
+
+BOUND = "11" * 32  # the capsule id every envelope below is sealed to, by bob
+
+
+def _open(key: str = "alice/key", owner: str = "bob/key.pub", capsule_id: str | None = BOUND) -> list[str]:
+    """`trustcap open` with the honest owner and the envelope's binding unless a case changes one."""
+    return ["open", "--key", key, "--owner", owner, *(["--capsule-id", capsule_id] if capsule_id else [])]
+
+
+def _seal_bound(world: Path) -> None:
+    r = run("seal", "--to", "alice/key.pub", "--in", "plain", "--out", "sealed", "--key", "bob/key",
+            "--capsule-id", BOUND, cwd=world)
+    assert r.returncode == 0, r.stderr
+
+
+def test_open_with_the_honest_owner_and_binding_succeeds(world: Path) -> None:
+    """Positive control of the failure cases below: the same envelope, opened as they open it but unchanged."""
+    _seal_bound(world)
+    r = run(*_open(), "--in", "sealed", "--out", "out", cwd=world)
+    assert r.returncode == 0, r.stderr
+    assert (world / "out").read_bytes() == (world / "plain").read_bytes()
 
 
 @pytest.mark.parametrize(
     ("setup", "args", "message"),
     [
-        pytest.param(None, ["open", "--key", "mallory/key"], "not a recipient", id="wrong-key"),
-        pytest.param(_tamper, ["open", "--key", "alice/key"], "signature does not verify", id="tampered"),
-        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:-100]), ["open", "--key", "alice/key"], "header says",
-                     id="truncated"),
-        pytest.param(None, ["open", "--key", "alice/key", "--capsule-id", "22" * 32], "bound to capsule",
-                     id="replayed-for-another-capsule"),
-        pytest.param(None, ["open", "--key", "alice/key", "--owner", "mallory/key.pub"], "expected owner",
-                     id="other-owner"),
-        pytest.param(lambda p: (p.parent / "alice" / "key").chmod(0o644), ["open", "--key", "alice/key"],
-                     "chmod 600", id="key-open-to-others"),
-        pytest.param(None, ["open", "--key", "nobody/key"], "does not exist", id="missing-key"),
-        pytest.param(None, ["open", "--key", "alice/key", "--capsule-id", "12"], "--capsule-id must be 32 bytes",
-                     id="bad-capsule-id"),
+        pytest.param(None, _open(key="mallory/key"), "not a recipient", id="wrong-key"),
+        pytest.param(_tamper, _open(), "chunk 1 does not authenticate", id="tampered"),
+        pytest.param(_tamper_signature, _open(), "signature does not verify", id="signature-tampered"),
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:-100]), _open(), "header says", id="truncated"),
+        pytest.param(None, _open(capsule_id="22" * 32), "bound to capsule", id="replayed-for-another-capsule"),
+        pytest.param(None, _open(capsule_id=None), f"bound to capsule 0x{BOUND}, not 0x{'00' * 32}",
+                     id="bound-envelope-opened-as-unbound"),
+        pytest.param(None, _open(owner="mallory/key.pub"), "expected owner", id="other-owner"),
+        pytest.param(lambda p: (p.parent / "alice" / "key").chmod(0o644), _open(), "chmod 600",
+                     id="key-open-to-others"),
+        pytest.param(None, _open(key="nobody/key"), "does not exist", id="missing-key"),
+        pytest.param(None, _open(owner="nobody.pub"), "cannot read public key file", id="missing-owner-key"),
+        pytest.param(None, _open(capsule_id="12"), "--capsule-id must be 32 bytes", id="bad-capsule-id"),
     ],
 )
 def test_open_failures_are_one_clear_line(world: Path, setup: object, args: list[str], message: str) -> None:
-    assert run("seal", "--to", "alice/key.pub", "--in", "plain", "--out", "sealed", "--key", "bob/key",
-               "--capsule-id", "11" * 32, cwd=world).returncode == 0
+    _seal_bound(world)
     if callable(setup):
         setup(world / "sealed")
     r = run(*args, "--in", "sealed", "--out", "out", cwd=world)
@@ -81,6 +106,34 @@ def test_open_failures_are_one_clear_line(world: Path, setup: object, args: list
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (world / "out").exists()
     assert not [p for p in world.iterdir() if p.name.endswith(".partial")]
+
+
+def test_open_without_owner_is_refused_by_the_command_line(world: Path) -> None:
+    _seal_bound(world)
+    r = run("open", "--key", "alice/key", "--capsule-id", BOUND, "--in", "sealed", "--out", "out", cwd=world)
+    assert r.returncode == 2  # argparse's usage error, before any key is read
+    assert "the following arguments are required: --owner" in r.stderr and "Traceback" not in r.stderr
+    assert not (world / "out").exists()
+
+
+def test_open_refuses_an_envelope_signed_by_a_one_off_key(world: Path) -> None:
+    """Sealed without --key, the envelope proves no owner; an opener naming the owner it expects refuses it."""
+    r = run("seal", "--to", "alice/key.pub", "--in", "plain", "--out", "sealed", cwd=world)
+    assert r.returncode == 0, r.stderr
+    r = run(*_open(capsule_id=None), "--in", "sealed", "--out", "out", cwd=world)
+    assert r.returncode == 1 and "expected owner" in r.stderr and "Traceback" not in r.stderr
+    assert not (world / "out").exists()
+
+
+def test_unbound_envelope_opens_without_binding_flags(world: Path) -> None:
+    r = run("seal", "--to", "alice/key.pub", "--in", "plain", "--out", "sealed", "--key", "bob/key", cwd=world)
+    assert r.returncode == 0, r.stderr
+    r = run(*_open(capsule_id=None), "--in", "sealed", "--out", "out", cwd=world)
+    assert r.returncode == 0, r.stderr
+    assert (world / "out").read_bytes() == (world / "plain").read_bytes()
+    r = run(*_open(), "--in", "sealed", "--out", "out2", cwd=world)  # and is not taken for a bound one
+    assert r.returncode == 1 and "bound to capsule" in r.stderr
+    assert not (world / "out2").exists()
 
 
 @pytest.mark.parametrize(

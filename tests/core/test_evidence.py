@@ -451,6 +451,7 @@ def _verdict(**over: Any) -> Verdict:
     fields: dict[str, Any] = {
         "attestation_id": "0x" + "11" * 32,
         "node": GATEWAY.address,
+        "verifier": VERIFIER.address,
         "phase": int(Phase.PRE),
         "passed": True,
         "quote_digest": "0x" + "22" * 32,
@@ -464,19 +465,19 @@ def _verdict(**over: Any) -> Verdict:
 
 def test_verdict_signature_recovers_the_verifier() -> None:
     signed = sign_verdict(_verdict(), DOMAIN, VERIFIER)
-    assert verify_verdict(signed, expected_signer=VERIFIER.address) == VERIFIER.address
+    assert verify_verdict(signed, domain=DOMAIN) == VERIFIER.address
     assert decode_signed_verdict(encode_signed_verdict(signed)) == signed
 
 
 def test_verdict_id_is_the_eip712_hash_struct_computed_by_hand() -> None:
     v = _verdict()
     type_hash = keccak(
-        b"Verdict(bytes32 attestationId,address node,uint8 phase,bool passed,bytes32 quoteDigest,"
+        b"Verdict(bytes32 attestationId,address node,address verifier,uint8 phase,bool passed,bytes32 quoteDigest,"
         b"bytes32 policyDigest,uint64 epoch,uint64 issuedAt)"
     )
     encoded = abi_encode(
-        ["bytes32", "bytes32", "address", "uint8", "bool", "bytes32", "bytes32", "uint64", "uint64"],
-        [type_hash, bytes.fromhex(v.attestation_id[2:]), v.node, v.phase, v.passed,
+        ["bytes32", "bytes32", "address", "address", "uint8", "bool", "bytes32", "bytes32", "uint64", "uint64"],
+        [type_hash, bytes.fromhex(v.attestation_id[2:]), v.node, v.verifier, v.phase, v.passed,
          bytes.fromhex(v.quote_digest[2:]), bytes.fromhex(v.policy_digest[2:]), v.epoch, v.issued_at],
     )
     assert verdict_id(v, DOMAIN) == keccak(encoded)
@@ -495,24 +496,59 @@ def test_verdict_signature_is_what_eth_account_would_recover() -> None:
         pytest.param({"phase": int(Phase.POST)}, id="phase-changed"),
         pytest.param({"epoch": 8}, id="epoch-changed"),
         pytest.param({"node": MALLORY.address}, id="node-changed"),
+        pytest.param({"verifier": MALLORY.address}, id="verifier-changed"),
     ],
 )
 def test_tampered_verdict_does_not_recover_the_verifier(change: dict[str, Any]) -> None:
     signed = sign_verdict(_verdict(), DOMAIN, VERIFIER)
+    assert verify_verdict(signed, domain=DOMAIN) == VERIFIER.address  # positive control: untouched, it verifies
     tampered = signed.model_copy(update={"verdict": signed.verdict.model_copy(update=change)})
-    with pytest.raises(VerdictError, match="not by the expected verifier"):
-        verify_verdict(tampered, expected_signer=VERIFIER.address)
+    with pytest.raises(VerdictError, match="but was signed by") as info:
+        verify_verdict(tampered, domain=DOMAIN)
+    assert f"signed by {VERIFIER.address}" not in str(info.value)  # the changed fields recover some other key
 
 
-def test_verdict_for_another_chain_or_contract_does_not_recover_the_verifier() -> None:
+def test_verdict_naming_another_verifier_than_its_signer_is_refused() -> None:
+    """A verifier signing a verdict in another's name (a committee seat it does not hold) is refused,
+    though its own signature over the verdict is genuine."""
+    impersonated = sign_verdict(_verdict(verifier=MALLORY.address), DOMAIN, VERIFIER)
+    with pytest.raises(VerdictError, match=f"names verifier {MALLORY.address} but was signed by {VERIFIER.address}"):
+        verify_verdict(impersonated, domain=DOMAIN)
+    own = sign_verdict(_verdict(verifier=MALLORY.address), DOMAIN, MALLORY)  # positive control: signed by its seat
+    assert verify_verdict(own, domain=DOMAIN) == MALLORY.address
+
+
+OTHER_DOMAINS = [
+    pytest.param(Domain(chain_id=1, verifying_contract=DOMAIN.verifying_contract), id="other-chain"),
+    pytest.param(Domain(chain_id=DOMAIN.chain_id, verifying_contract=MALLORY.address), id="other-contract"),
+]
+
+
+@pytest.mark.parametrize("other", OTHER_DOMAINS)
+def test_verdict_for_another_chain_or_contract_is_refused(other: Domain) -> None:
+    assert verify_verdict(sign_verdict(_verdict(), DOMAIN, VERIFIER), domain=DOMAIN) == VERIFIER.address  # control
+    made_elsewhere = sign_verdict(_verdict(), other, VERIFIER)  # genuine, but for another deployment
+    assert verify_verdict(made_elsewhere, domain=other) == VERIFIER.address
+    with pytest.raises(VerdictError, match="not for the expected chain"):
+        verify_verdict(made_elsewhere, domain=DOMAIN)
+
+
+@pytest.mark.parametrize("other", OTHER_DOMAINS)
+def test_verdict_relabelled_for_another_domain_does_not_recover_the_verifier(other: Domain) -> None:
     signed = sign_verdict(_verdict(), DOMAIN, VERIFIER)
-    other = signed.model_copy(update={"domain": Domain(chain_id=1, verifying_contract=DOMAIN.verifying_contract)})
-    with pytest.raises(VerdictError):
-        verify_verdict(other, expected_signer=VERIFIER.address)
+    relabelled = signed.model_copy(update={"domain": other})
+    with pytest.raises(VerdictError, match="not for the expected chain"):
+        verify_verdict(relabelled, domain=DOMAIN)
+    with pytest.raises(VerdictError, match="but was signed by"):  # the signature does not carry over either
+        verify_verdict(relabelled, domain=other)
 
 
 def test_verdict_ids_differ_per_verdict() -> None:
     assert verdict_id(_verdict(), DOMAIN) != verdict_id(_verdict(attestation_id="0x" + "12" * 32), DOMAIN)
+
+
+def test_identical_verdicts_of_two_verifiers_are_two_leaves() -> None:
+    assert verdict_id(_verdict(), DOMAIN) != verdict_id(_verdict(verifier=MALLORY.address), DOMAIN)
 
 
 @pytest.mark.parametrize(
@@ -531,7 +567,7 @@ def test_malformed_verdict_signature_is_a_verdict_error() -> None:
     signed = sign_verdict(_verdict(), DOMAIN, VERIFIER)
     bad = signed.model_copy(update={"signature": "0x" + "00" * 65})
     with pytest.raises(VerdictError, match="signature is not valid"):
-        verify_verdict(bad)
+        verify_verdict(bad, domain=DOMAIN)
 
 
 # --- with the real trust root (software backend) as Signer ---------------------------------------------------
@@ -554,5 +590,5 @@ def test_quote_and_verdict_signed_by_the_software_trust_root_verify(tmp_path: An
               "gateway_address": gateway_root.address}
     assert verify_quote(signed, **kwargs).ok
 
-    verdict = sign_verdict(_verdict(node=gateway_root.address), DOMAIN, gateway_root)
-    assert verify_verdict(verdict, expected_signer=gateway_root.address) == gateway_root.address
+    verdict = sign_verdict(_verdict(node=gateway_root.address, verifier=gateway_root.address), DOMAIN, gateway_root)
+    assert verify_verdict(verdict, domain=DOMAIN) == gateway_root.address

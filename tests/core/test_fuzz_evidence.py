@@ -42,6 +42,7 @@ FUZZ = settings(
 
 AGENT, GATEWAY = (KeySigner(hashlib.sha256(seed).digest()) for seed in (b"fuzz-agent", b"fuzz-gateway"))
 NONCE = b"\x33" * 32
+DOMAIN = Domain(chain_id=31337, verifying_contract=GATEWAY.address)
 VALID_QUOTE = encode_signed_quote(
     sign_quote(
         new_quote(
@@ -56,10 +57,10 @@ VALID_QUOTE = encode_signed_quote(
 VALID_VERDICT = encode_signed_verdict(
     sign_verdict(
         Verdict(
-            attestation_id="0x" + "11" * 32, node=GATEWAY.address, phase=1, passed=True,
+            attestation_id="0x" + "11" * 32, node=GATEWAY.address, verifier=AGENT.address, phase=1, passed=True,
             quote_digest="0x" + "22" * 32, policy_digest="0x" + "33" * 32, epoch=1, issued_at=1000,
         ),
-        Domain(chain_id=31337, verifying_contract=GATEWAY.address),
+        DOMAIN,
         AGENT,
     )
 )
@@ -186,15 +187,21 @@ def test_fuzz_verdict_random_bytes(data: bytes) -> None:
     _only_our_errors(lambda: decode_signed_verdict(data))
 
 
+def test_the_unmutated_verdict_verifies() -> None:
+    """Positive control of the mutation fuzz: without it, a verdict that never verifies would pass it."""
+    assert verify_verdict(decode_signed_verdict(VALID_VERDICT), domain=DOMAIN) == AGENT.address
+
+
 @FUZZ
 @given(edits=EDITS, cut=CUT)
 def test_fuzz_verdict_mutations(edits: list[tuple[int, int]], cut: int | None) -> None:
+    """A mutated verdict either fails with our error or is the unchanged verdict."""
     data = _mutate(VALID_VERDICT, edits, cut)
 
     def run() -> None:
         signed = decode_signed_verdict(data)
-        if verify_verdict(signed) == AGENT.address:
-            assert encode_signed_verdict(signed) == VALID_VERDICT
+        signer = verify_verdict(signed, domain=DOMAIN)  # raises unless signed, by the verifier it names, for DOMAIN
+        assert signer == AGENT.address and encode_signed_verdict(signed) == VALID_VERDICT  # only the genuine one
 
     _only_our_errors(run)
 
