@@ -24,9 +24,10 @@ Two backends, chosen by URL (`open_store`):
   Larger data (chunk-limited, not recomputed): kubo's `add` returns a raw leaf, whose CID is ours, only
   while the data fits in one chunk. Past the chunk size kubo builds a dag-pb tree and returns the CID of
   its root (codec 0x70), which is not the CID of the bytes and which `block/get` would answer with a
-  protobuf node, not the data. kubo refuses chunks above 1 MiB (boxo's ChunkSizeLimit), so the chunker is
-  set to exactly 1 MiB and `KuboStore.put` refuses data above `MAX_BLOCK` before sending anything. Every
-  put also checks that kubo answered our CID, so a kubo that chunks differently is caught, not trusted.
+  protobuf node, not the data. The chunker is set to 1 MiB, a chunk size every kubo release accepts
+  (boxo has capped chunks at 1 MiB; bitswap's block limit is 2 MiB), and `KuboStore.put` refuses data
+  above `MAX_BLOCK` before sending anything: a bigger blob goes in a file: store. Every put also checks
+  that kubo answered our CID, so a kubo that chunks differently is caught, not trusted.
 
 Errors:
 
@@ -55,7 +56,7 @@ __all__ = ["DEFAULT_URL", "MAX_BLOCK", "FileStore", "KuboStore", "NotInStore", "
            "default_file_root", "open_store"]
 
 DEFAULT_URL = "file:"
-#: kubo's largest chunk (boxo ChunkSizeLimit): the largest blob whose kubo CID is the CID of its bytes.
+#: the chunk size we ask kubo for: the largest blob whose kubo CID is the CID of its bytes.
 MAX_BLOCK = 1 << 20
 _KUBO_TIMEOUT = 60.0
 _MAX_ERROR_BODY = 16 * 1024
