@@ -11,6 +11,11 @@
                                       to --journal (JSON lines, rotated) before memory's bounded window
                                   ->  RelayService (--relay, the cluster side): committee challenges and
                                       the node's expiring trust status
+    with --chain-rpc, --deployment and --kubeconfig, the capsule lifecycle (docs/decisions/0090-*):
+    Participant                       commit on chain and reveal privately for every funded capsule
+    CommitteeMember                   challenge, appraise and sign a verdict in every round it sits on
+    Runner                            prepare, release inputs through the owners' brokers, run, store
+                                      the sealed results, for every CapsuleRun that names this gateway
 
 Only wiring lives here; each part's module says why it is built the way it is.
 """
@@ -24,9 +29,9 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from trustcap.errors import TrustcapError
+from trustcap.errors import ConfigError, TrustcapError
 
 if TYPE_CHECKING:
     from trustcap.gateway.server import AgentSession
@@ -85,7 +90,54 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-timeout", type=float, default=600.0,
                    help="seconds an armed boot (at start, after a reboot) has to enrol: until then the monitor "
                         "reports the HPC as booting and takes no action; after it a reboot counts as failed")
+    p.add_argument("--chain-rpc", default=None,
+                   help="JSON-RPC URL of the chain (with --deployment and --kubeconfig: take part in capsules)")
+    p.add_argument("--deployment", type=Path, default=None, help="the contracts' deployment.json")
+    p.add_argument("--system-namespace", default="trustcap-system",
+                   help="where the operator keeps rounds, run orders and reveals")
     return p
+
+
+def _lifecycle(args: argparse.Namespace, root: Any, server: Any, policy: Any) -> tuple[list[Any], Any, Any]:
+    """(loops to start, round_members, before_capsule_quote) for the capsule lifecycle; nothing without a
+    chain: the gateway then serves attestation only."""
+    if not (args.chain_rpc and args.deployment and args.kubeconfig):
+        if args.chain_rpc or args.deployment:
+            raise ConfigError("--chain-rpc and --deployment need each other and --kubeconfig")
+        return [], None, None
+    from trustcap.gateway.committee import CommitteeMember, KubeRounds, endpoint_from_gateways
+    from trustcap.gateway.participant import KubeCapsules, Participant
+    from trustcap.gateway.relay import kube_round_members
+    from trustcap.gateway.runner import Runner
+
+    from trustcap.chain.client import ChainClient, Deployment
+    from trustcap.chain.escrow import Escrow
+
+    kubeconfig = None if args.kubeconfig == "in-cluster" else args.kubeconfig
+    ns = args.system_namespace
+    escrow = Escrow(ChainClient(args.chain_rpc, root), Deployment.load(args.deployment))
+    kube = KubeCapsules(kubeconfig)
+    rounds = KubeRounds(kubeconfig)
+    runner = Runner(server, root, kube, namespace=ns)
+    member = CommitteeMember(root, kube=rounds, namespace=ns, domain=escrow.domain(), policy=policy.attestation,
+                             endpoint_of=endpoint_from_gateways(rounds.gateways))
+
+    def eligible() -> bool:
+        """Only a node whose HPC is enrolled and whose agent answers may be drawn."""
+        return server.wait_for_agent(0) is not None
+
+    participant = Participant(root, escrow, kube, namespace=ns, eligible=_quietly(eligible))
+    return [participant, member, runner], kube_round_members(kubeconfig, ns), runner.ensure_prepared
+
+
+def _quietly(probe: Callable[[], bool]) -> Callable[[], bool]:
+    def call() -> bool:
+        try:
+            return probe()
+        except TrustcapError:
+            return False
+
+    return call
 
 
 def _fan_out(hooks: list[Callable[[AgentSession], None]]) -> Callable[[AgentSession], None] | None:
@@ -164,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         arming.arm()
         monitor = Monitor(server, policy, sinks=sinks, on_action=on_action, booting=arming.awaiting_boot)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
+        loops, round_members, before_capsule_quote = _lifecycle(args, root, server, policy)
         relay = RelayService(server, verifiers=verifiers, records=lambda: list(monitor.records),
-                             max_age_s=max_age, host=args.relay[0], port=args.relay[1])
+                             max_age_s=max_age, host=args.relay[0], port=args.relay[1],
+                             round_members=round_members, before_capsule_quote=before_capsule_quote)
     except (TrustcapError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -178,9 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     arming.start()
     if requests is not None:
         requests.start()
+    for loop in loops:
+        loop.start()
+    if loops:
+        log.info("taking part in capsules: chain %s, system namespace %s", args.chain_rpc, args.system_namespace)
     try:
         stop.wait()
     finally:
+        for loop in reversed(loops):
+            loop.stop()
         if requests is not None:
             requests.stop()
         arming.stop()
