@@ -306,7 +306,8 @@ class World:
             self._spawn(f"agent-{g['index']}", [
                 # nsenter --net only: `ip netns exec` and `unshare --mount` give the agent a mount namespace
                 # of its own, and the engine could not see the scratch filesystem the agent mounts
-                "nsenter", f"--net=/run/netns/{g['netns']}", "--", sys.executable, "-P", "-m", "trustcap.agent", "--gateway", f"{g['ip']}:{AGENT_PORT}",
+                "nsenter", f"--net=/run/netns/{g['netns']}", "--", sys.executable, "-P", "-m", "trustcap.agent",
+                "--gateway", f"{g['ip']}:{AGENT_PORT}",
                 "--token", armed, "--bootdigest", "sha256:" + BOOT_DIGEST[2:], "--gatewayaddr", g["root"].address,
                 "--node", g["node"]])
 
