@@ -13,28 +13,27 @@ from typing import Any
 import pytest
 from chainkit import (
     ETH,
+    EXECUTOR,
     OUTSIDER,
+    PAYER,
     VERIFIERS,
     Chain,
     advance,
     block_time,
-    make_verdict,
-    new_epoch,
-    record,
+    escrow,
+    post_verdict,
     reverts,
     task_deadline,
 )
 from web3 import Web3
 from web3.contract import Contract
+from web3.logs import DISCARD
 
 from trustcap.chain.keys import KeySigner
-from trustcap.chain.typed import verdict_tuple
-from trustcap.evidence.verdict import verdict_id
+from trustcap.evidence.verdict import SignedVerdict
 
-EXECUTOR = VERIFIERS[0]
-PAYER = VERIFIERS[4]  # a funded account that is not registered
 COMMITTEE = [v.address for v in VERIFIERS[1:4]]
-WINDOW = 600  # seconds from createTask to the deadline in these tests
+WINDOW = 600  # seconds from fund to the deadline in these tests
 DAY = 86_400
 
 # TaskEscrow.State, as the contract numbers it
@@ -49,25 +48,27 @@ def _esc(chain: Chain, signer: KeySigner | None = None) -> Contract:
 def _fund(chain: Chain, *, window: int = WINDOW) -> tuple[bytes, int]:
     """A new task escrowing 1 ETH from PAYER with its deadline `window` seconds ahead: (taskId, deadline)."""
     task, deadline = os.urandom(32), task_deadline(chain, window)
-    chain.client(PAYER).transact(_esc(chain, PAYER).functions.createTask(task, 2, deadline), value=ETH)
+    escrow(chain, PAYER).fund(task, 3, deadline, ETH)
+    for node in VERIFIERS[:4]:
+        escrow(chain, node).commit(task, os.urandom(32))
     return task, deadline
 
 
 def _assign(chain: Chain, task: bytes, att: bytes) -> None:
-    chain.owner.transact(_esc(chain).functions.assign(task, att, EXECUTOR.address, COMMITTEE))
+    escrow(chain).assign(task, att, EXECUTOR.address, COMMITTEE)
 
 
-def _quorum(chain: Chain, att: bytes, *, passed: bool) -> list[object]:
-    """settle() arguments: three post-execution verdicts on `att` about the executor, recorded in a batch."""
-    e = new_epoch()
-    vs = [make_verdict(epoch=e, passed=passed, phase=3, node=EXECUTOR.address, attestation=att) for _ in range(3)]
-    vs.sort(key=lambda v: verdict_id(v, chain.domain))
-    tree = record(chain, vs, epoch=e)
-    return [[verdict_tuple(v) for v in vs], [tree.root] * len(vs), [tree.proof(i) for i in range(len(vs))]]
+def _quorum(chain: Chain, att: bytes, *, passed: bool) -> list[SignedVerdict]:
+    """settle() arguments: the committee's three signed post-execution verdicts on `att` about the executor."""
+    return [post_verdict(chain, v, att, passed=passed) for v in VERIFIERS[1:4]]
 
 
 def _state(chain: Chain, task: bytes) -> int:
-    return int(_esc(chain).functions.taskOf(task).call()[5])
+    return int(_esc(chain).functions.getTask(task).call()[4])
+
+
+def _locks(chain: Chain, node: str) -> int:
+    return int(chain.owner.contract("NodeRegistry", chain.d.registry).functions.locks(node).call())
 
 
 def _deposit(chain: Chain) -> int:
@@ -97,12 +98,14 @@ def test_refund_after_the_deadline_credits_the_payer_exactly_and_withdraw_pays_i
     esc = _esc(chain)
     assert esc.functions.owed(PAYER.address).call() == ETH
     assert _state(chain, task) == REFUNDED
-    events = esc.events.TaskRefunded().process_receipt(receipt)
+    events = esc.events.TaskRefunded().process_receipt(receipt, errors=DISCARD)  # the registry's unlocks too
     assert [(bytes(e["args"]["taskId"]), e["args"]["payer"], e["args"]["payment"]) for e in events] == [
         (task, PAYER.address, ETH)]
     assert _deposit(chain) == deposit, "a timeout must never slash the executor"
     assert esc.functions.owed(EXECUTOR.address).call() == 0
     assert all(esc.functions.owed(v).call() == 0 for v in COMMITTEE)
+    assert _locks(chain, EXECUTOR.address) == 0 and all(_locks(chain, v) == 0 for v in COMMITTEE), \
+        "a refunded task must release the deposits it locked"
 
     payer = chain.client(PAYER)
     before = _balance(chain, PAYER.address)
@@ -121,6 +124,7 @@ def test_refund_before_the_deadline_reverts_naming_it(chain: Chain, assigned: bo
     task, deadline = _fund(chain)
     if assigned:
         _assign(chain, task, os.urandom(32))
+        assert _locks(chain, EXECUTOR.address) == 1
     advance(chain, WINDOW - 60)  # close to the deadline, still before it
     err = reverts(lambda: _refund(chain, task), "DeadlineNotReached")
     assert err.error_args[0] == task and err.error_args[1] == deadline and err.error_args[2] <= deadline
@@ -137,7 +141,7 @@ def test_refund_of_a_settled_task_reverts_naming_its_state(chain: Chain, passed:
     args = _quorum(chain, att, passed=passed)
     task, _ = _fund(chain)
     _assign(chain, task, att)
-    chain.owner.transact(_esc(chain).functions.settle(task, *args))
+    escrow(chain).settle(task, args)
     owed = _esc(chain).functions.owed(PAYER.address).call()
     advance(chain, WINDOW + 1)
     err = reverts(lambda: _refund(chain, task), "WrongState")
@@ -161,7 +165,7 @@ def test_settle_after_a_refund_reverts(chain: Chain) -> None:
     _assign(chain, task, att)
     advance(chain, WINDOW + 1)
     _refund(chain, task)
-    err = reverts(lambda: chain.owner.transact(_esc(chain).functions.settle(task, *args)), "WrongState")
+    err = reverts(lambda: escrow(chain).settle(task, args), "WrongState")
     assert err.error_args == (task, REFUNDED)
     esc = _esc(chain)
     assert esc.functions.owed(EXECUTOR.address).call() == 0
@@ -189,7 +193,7 @@ def test_a_late_settle_before_any_refund_still_works(chain: Chain, passed: bool,
     assert advance(chain, WINDOW + DAY) > deadline
     _assign(chain, task, att)  # the coordinator came back late: binding still works before a refund
     deposit = _deposit(chain)
-    chain.client(OUTSIDER).transact(_esc(chain, OUTSIDER).functions.settle(task, *args))
+    escrow(chain, OUTSIDER).settle(task, args)
     assert _state(chain, task) == state
     esc = _esc(chain)
     if passed:
@@ -240,8 +244,7 @@ def test_deadline_out_of_bounds_reverts_naming_it(chain: Chain, offset: int | No
     task = os.urandom(32)
     payer = chain.client(PAYER)
     before = _balance(chain, PAYER.address)
-    err = reverts(lambda: payer.transact(_esc(chain, PAYER).functions.createTask(task, 2, deadline), value=ETH),
-                  error)
+    err = reverts(lambda: payer.transact(_esc(chain, PAYER).functions.fund(task, 3, deadline), value=ETH), error)
     assert err.error_args[0] == deadline
     if error == "DeadlineTooFar":
         assert now + 30 * DAY <= err.error_args[1] < deadline
@@ -255,8 +258,8 @@ def test_deadline_out_of_bounds_reverts_naming_it(chain: Chain, offset: int | No
 ])
 def test_deadline_within_bounds_is_stored(chain: Chain, offset: int) -> None:
     """The positive control for the bounds above: the same call with a sane deadline escrows, and the
-    deadline is what taskOf reports."""
+    deadline is what getTask reports."""
     task, deadline = os.urandom(32), task_deadline(chain, offset)
-    chain.client(PAYER).transact(_esc(chain, PAYER).functions.createTask(task, 2, deadline), value=ETH)
-    t = _esc(chain).functions.taskOf(task).call()
-    assert (t[0], t[2], t[5], t[6]) == (PAYER.address, ETH, FUNDED, deadline)
+    escrow(chain, PAYER).fund(task, 3, deadline, ETH)
+    t = _esc(chain).functions.getTask(task).call()
+    assert (t[0], t[1], t[2], t[3], t[4]) == (PAYER.address, ETH, 3, deadline, FUNDED)

@@ -1,7 +1,9 @@
 """No task data ever reaches the chain (seed: "only the remote attestation record, nothing related to the
 execution task or data"). A capsule with planted secret bytes (its input payload, its sealing key and the
-executor's session key) goes through the whole chain path on the session's anvil: verdicts derived from it
-are written by the chain-writer, settled through the escrow and counted in reputation. Then every
+executor's session key) goes through the whole chain path on the session's anvil: the escrow is funded
+under its task id, the nodes commit to their draws, the coordinator assigns, verdicts derived from it are
+written by the chain-writer and settle the escrow with their signatures (which also moves reputation),
+and the payout is withdrawn. Each of those calls is checked to be on chain, then every
 transaction's calldata and every event of the session's chain, from block 0, is scanned for the secrets,
 raw and hex. The file name sorts last so the scan also covers every earlier test on this anvil.
 A positive control proves the scanner finds a planted leak."""
@@ -12,14 +14,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from chainkit import ETH, VERIFIERS, WRITER, Chain, make_verdict, scan_chain, task_deadline
+from chainkit import COMMITTEE, ETH, EXECUTOR, PAYER, VERIFIERS, WRITER, Chain, escrow, scan_chain, task_deadline
 
-from trustcap import canonical
+from trustcap import canonical, sortition
 from trustcap.chain.anvil import Anvil
 from trustcap.chain.journal import Journal
-from trustcap.chain.typed import verdict_tuple
 from trustcap.chain.writer import Writer
-from trustcap.evidence.verdict import verdict_id
+from trustcap.evidence.verdict import Verdict, sign_verdict, verdict_id
 
 SECRET_PAYLOAD = b"TRUSTCAP-SECRET-NAME-LIST:alice,bob,carol," + os.urandom(16)
 SECRET_KEY = os.urandom(32)
@@ -31,25 +32,31 @@ def test_no_capsule_payload_or_key_on_chain(anvil: Anvil, chain: Chain, tmp_path
     state_digest = canonical.digest(capsule)  # what a quote carries about the capsule: a digest
     att = hashlib.sha256(b"post-round" + state_digest).digest()
     epoch = 900_001
-    vs = [make_verdict(epoch=epoch, attestation=att, quote=hashlib.sha256(state_digest + bytes([i])).digest(),
-                       node=VERIFIERS[0].address) for i in range(3)]
-    writer = Writer(chain.client(WRITER), chain.d, Journal(tmp_path / "journal.sqlite"), VERIFIERS[:3])
-    for v in vs:
-        writer.add(v, source="capsule/psi")
-    writer.run(timeout=60)
-    vs.sort(key=lambda v: verdict_id(v, chain.domain))
-    recs = [writer.record("0x" + verdict_id(v, chain.domain).hex()) for v in vs]
-    assert all(r is not None for r in recs)
-    args = [[verdict_tuple(v) for v in vs], [bytes.fromhex(r.root[2:]) for r in recs],  # type: ignore[union-attr]
-            [[bytes.fromhex(p[2:]) for p in r.proof] for r in recs]]  # type: ignore[union-attr]
-    payer = chain.client(VERIFIERS[4])
     task = hashlib.sha256(b"capsule-id" + state_digest).digest()
-    payer.transact(payer.contract("TaskEscrow", chain.d.escrow).functions.createTask(task, 2, task_deadline(chain)),
-                   value=ETH)
-    esc = chain.owner.contract("TaskEscrow", chain.d.escrow)
-    chain.owner.transact(esc.functions.assign(task, att, VERIFIERS[0].address, [v.address for v in VERIFIERS[1:4]]))
-    chain.owner.transact(esc.functions.settle(task, *args))
-    chain.owner.transact(chain.owner.contract("Reputation", chain.d.reputation).functions.record(*args))
+    esc = escrow(chain)
+    sent = [escrow(chain, PAYER).fund(task, 3, task_deadline(chain), ETH)]
+    alpha = sortition.selection_alpha(task.hex(), hashlib.sha256(state_digest).digest())
+    for node in VERIFIERS[:4]:
+        c = sortition.commitment(alpha, node.address.lower(), hashlib.sha256(SESSION_KEY).digest(), os.urandom(16))
+        sent.append(escrow(chain, node).commit(task, c))
+    sent.append(esc.assign(task, att, EXECUTOR.address, [v.address for v in COMMITTEE]))
+    signed = [sign_verdict(Verdict(attestation_id="0x" + att.hex(), node=EXECUTOR.address, verifier=v.address,
+                                   phase=3, passed=True,
+                                   quote_digest="0x" + hashlib.sha256(state_digest + bytes([i])).hexdigest(),
+                                   policy_digest="0x" + hashlib.sha256(b"policy").hexdigest(), epoch=epoch,
+                                   issued_at=1_700_000_000 + i), chain.domain, v)
+              for i, v in enumerate(COMMITTEE)]
+    writer = Writer(chain.client(WRITER), chain.d, Journal(tmp_path / "journal.sqlite"), VERIFIERS[:3])
+    for s in signed:
+        writer.add(s.verdict, source="capsule/psi")
+    writer.run(timeout=60)
+    assert all(writer.record("0x" + verdict_id(s.verdict, chain.domain).hex()) for s in signed)
+    sent.append(esc.settle(task, signed))
+    ex = chain.client(EXECUTOR)
+    sent.append(ex.transact(ex.contract("TaskEscrow", chain.d.escrow).functions.withdraw()))
+    info = esc.task(task)
+    assert info is not None and info.state == "Paid"
+    assert all(r["status"] == 1 for r in sent) and len(sent) == 8  # fund, 4 commits, assign, settle, withdraw
 
     needles = [SECRET_PAYLOAD, SECRET_KEY, SESSION_KEY, SECRET_PAYLOAD[:24]]
     assert scan_chain(anvil, needles) == [], "task data reached the chain"
