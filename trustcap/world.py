@@ -17,7 +17,8 @@ its seed block within a second and nothing the stack's shared anvil holds is dis
 
 Two extra registered nodes (anvil accounts 3 and 4) sign the chain-writer's batches: in production the
 verifier gateways co-sign batches (operator/chainwriter.py); they never commit to a task, so they are
-never drawn. Everything started here is stopped, and every namespace and object removed, when the
+never drawn. One world runs on a stack at a time (a lock in the stack's state folder; a second waits):
+two would share the system namespace and the cluster-scoped Gateways. Everything started here is stopped, and every namespace and object removed, when the
 `World.up` block ends, even when it fails.
 """
 
@@ -118,6 +119,7 @@ class World:
         w = cls(workdir=workdir, namespace=namespace, kubeconfig=stack.kubeconfig)
         say = progress or (lambda *_a, **_k: None)
         with w._cleanup:
+            w._cleanup.enter_context(_one_world(stack.state / "world.lock", say))
             w._kubectl_bin = stack.bin / "kubectl"
             w._steps(n, say)
             yield w
@@ -173,15 +175,6 @@ class World:
             self._kubectl("apply", "-f", "-", input=json.dumps(
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
         self._purge()
-        for kind in ("capsules", "capsuleruns", "attestations"):  # an earlier world's, without their finalizers
-            out = json.loads(self._kubectl("get", kind, "-A", "-o", "json"))["items"]
-            for item in out:
-                meta = item["metadata"]
-                with contextlib.suppress(WorldError):
-                    self._kubectl("patch", kind, meta["name"], "-n", meta["namespace"], "--type=merge", "-p",
-                                  '{"metadata":{"finalizers":null}}')
-                    self._kubectl("delete", kind, meta["name"], "-n", meta["namespace"], "--wait=false",
-                                  "--ignore-not-found")
 
     def _chain(self) -> None:
         from trustcap.chain.anvil import Anvil
@@ -387,6 +380,39 @@ class World:
             self._kubectl("delete", "secrets", "-n", SYSTEM_NAMESPACE, "-l", "trustcap.io/reveal", "--wait=false")
         with contextlib.suppress(WorldError):
             self._purge()
+
+
+@contextlib.contextmanager
+def _one_world(lock: Path, say: Progress, timeout: float = 900.0) -> Iterator[None]:
+    """One world at a time on a stack: two would share the system namespace, the cluster-scoped Gateways
+    and HPCNodes, and two operators would drive the same capsules. A second waits for the first."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if not waiting:
+                    say(f"waiting for another world (pid {holder}) to end")
+                    waiting = True
+                if time.monotonic() > deadline:
+                    raise WorldError(f"another world (pid {holder}) holds {lock} after {timeout:g} s; stop it "
+                                     "(Ctrl-C in its terminal, or kill that pid)") from None
+                time.sleep(1)
+        if waiting:
+            say(f"waiting for another world (pid {holder}) to end", done=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def _run(cmd: list[str]) -> None:
