@@ -18,8 +18,8 @@ its seed block within a second and nothing the stack's shared anvil holds is dis
 Two extra registered nodes (anvil accounts 3 and 4) sign the chain-writer's batches: in production the
 verifier gateways co-sign batches (operator/chainwriter.py); they never commit to a task, so they are
 never drawn. One world runs on a stack at a time (a lock in the stack's state folder; a second waits):
-two would share the system namespace and the cluster-scoped Gateways. Everything started here is stopped, and every namespace and object removed, when the
-`World.up` block ends, even when it fails.
+two would share the system namespace and the cluster-scoped Gateways. Everything started here is
+stopped, and every namespace and object removed, when the `World.up` block ends, even when it fails.
 """
 
 from __future__ import annotations
