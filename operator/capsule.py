@@ -425,9 +425,12 @@ class Driver:
         # The chain-writer records a decided round from the counted verdicts only.
         counted = {s.verdict.verifier.lower() for s in t.signed}
         verdicts = [v for v in st.get("verdicts") or [] if str(v.get("verifier", "")).lower() in counted]
-        self.kube.patch_status("attestations", self.sys, att["metadata"]["name"],
-                               {"result": result, "decidedAt": cond.format_time(now), "conditions": up.conditions,
-                                **({"verdicts": verdicts} if len(verdicts) != len(st.get("verdicts") or []) else {})})
+        body = self.kube.patch_status("attestations", self.sys, att["metadata"]["name"],
+                                      {"result": result, "decidedAt": cond.format_time(now),
+                                       "conditions": up.conditions,
+                                       **({"verdicts": verdicts} if len(verdicts) != len(st.get("verdicts") or [])
+                                          else {})})
+        att["status"] = (body or {}).get("status") or {**st, "result": result, "conditions": up.conditions}
         self._note_round(capsule, att, passed=result == rounds.PASSED)
         return str(result)
 
@@ -492,7 +495,9 @@ class Driver:
                               "executor key", timeline="sealed")
             self._to_wiping(capsule, "", "")
             return
+        # A broker's refusal and an input that does not open are both the input's failure: nothing ran.
         why = {"Timeout": cond.REASON_TIMEOUT, "InputRejected": cond.REASON_INPUT_REJECTED,
+               "ReleaseRefused": cond.REASON_INPUT_REJECTED,
                "Stopped": cond.REASON_DELETED}.get(reason, cond.REASON_RUN_FAILED)
         cond_type = cond.INPUTS_RELEASED if why == cond.REASON_INPUT_REJECTED else cond.RAN
         self._set(capsule, condition=cond_type, status="False", reason=why,

@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -357,6 +358,7 @@ class World:
         if not line.startswith("ready"):
             proc.wait(timeout=10)
             raise WorldError(f"{name} did not start: {line or 'no output'}; log {log}:\n{p.tail()}")
+        threading.Thread(target=_drain, args=(proc.stdout, log), name=f"world-{name}-stdout", daemon=True).start()
         fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
         return fields.get("url", line)
 
@@ -413,6 +415,14 @@ def _one_world(lock: Path, say: Progress, timeout: float = 900.0) -> Iterator[No
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+def _drain(stream: Any, log: Path) -> None:
+    """Copy what a process prints after its ready line into its log (a full pipe would block it)."""
+    with stream, log.open("ab") as out:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            out.write(chunk)
+            out.flush()
 
 
 def _run(cmd: list[str]) -> None:
