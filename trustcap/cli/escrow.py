@@ -269,5 +269,5 @@ def _rows(info: Any) -> list[tuple[str, str]]:
         ("funded in block", str(info.funded_block)),
         ("executor", info.executor if assigned else "(not assigned yet)"),
         ("attestation", "0x" + info.attestation_id.hex() if assigned else "(not assigned yet)"),
-        ("committee", ", ".join(info.verifiers) if info.verifiers else "(not assigned yet)"),
+        ("committee", "\n".join(info.verifiers) if info.verifiers else "(not assigned yet)"),
     ]
