@@ -37,7 +37,8 @@ QUORUM = 3
 
 def _verdicts(n: int, epoch: int, node: str) -> list[Verdict]:
     return [Verdict(attestation_id="0x" + keccak(epoch.to_bytes(8, "big") + i.to_bytes(8, "big")).hex(), node=node,
-                    phase=3, passed=True, quote_digest="0x" + keccak(b"q" + i.to_bytes(8, "big")).hex(),
+                    verifier=node, phase=3, passed=True,
+                    quote_digest="0x" + keccak(b"q" + i.to_bytes(8, "big")).hex(),
                     policy_digest="0x" + keccak(b"policy").hex(), epoch=epoch, issued_at=1_700_000_000 + i)
             for i in range(n)]
 
