@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustcap.errors import StackError
-from trustcap.stack import build, pki, procs
+from trustcap.stack import build, pki, procs, versions
 from trustcap.stack.stack import Stack, _wait
 
 
@@ -82,6 +82,22 @@ def test_kubernetes_binaries_carry_their_version() -> None:
         if tool.module_dir == "tools/kube":
             ldflags = next(a for a in tool.args if a.startswith("-ldflags="))
             assert f"gitVersion={tool.version}" in ldflags
+
+
+@pytest.mark.parametrize(
+    ("module_dir", "requirement"),
+    [
+        pytest.param("tools/kube", f"k8s.io/kubernetes {versions.KUBERNETES}", id="kubernetes"),
+        pytest.param("tools/kubo", f"github.com/ipfs/kubo {versions.KUBO}", id="kubo"),
+    ],
+)
+def test_wrapper_modules_require_the_pinned_release(module_dir: str, requirement: str) -> None:
+    # the stamp records versions.*, so a wrapper go.mod left at another release would build one thing and
+    # stamp another
+    gomod = (Path(__file__).parents[2] / module_dir / "go.mod").read_text()
+    assert f"require {requirement}\n" in gomod or f"\t{requirement}\n" in gomod
+    assert (Path(__file__).parents[2] / module_dir / "go.sum").is_file()
+    assert any(t.module_dir == module_dir for t in build.TOOLS)
 
 
 def test_env_lines_point_at_the_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

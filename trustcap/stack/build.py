@@ -2,7 +2,8 @@
 
 kube-apiserver and kubectl come from k8s.io/kubernetes through the wrapper module in `tools/kube`
 (its go.mod maps the staging modules to their published releases: `go install pkg@version` refuses
-a module with replace directives). kine and helm have none, so `go install pkg@version` builds them.
+a module with replace directives). kubo's `ipfs` comes through `tools/kubo` for the same reason: kubo's
+go.mod replaces go-libp2p with a fork. kine and helm have none, so `go install pkg@version` builds them.
 A stamp next to each binary records what it was built from; a changed pin rebuilds it.
 """
 
@@ -83,6 +84,14 @@ TOOLS: tuple[Tool, ...] = (
         ("build", "-trimpath", f"-ldflags={_K8S_LDFLAGS}", "-o", "{out}", "k8s.io/kubernetes/cmd/kubectl"),
         module_dir="tools/kube",
     ),
+    # kubo's go.mod replaces go-libp2p, so `go install .../cmd/ipfs@version` refuses it: the wrapper module
+    # repeats the replace (pointed at a release the module proxy serves; see tools/kubo/go.mod).
+    Tool(
+        "ipfs",
+        versions.KUBO,
+        ("build", "-trimpath", f"-ldflags={_LDFLAGS}", "-o", "{out}", "github.com/ipfs/kubo/cmd/ipfs"),
+        module_dir="tools/kubo",
+    ),
     Tool(
         "kine",
         versions.KINE,
@@ -104,7 +113,9 @@ def missing_tools() -> list[Tool]:
 def _go() -> str:
     go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
     if go is None:
-        raise StackError("the Go toolchain is not on PATH: install Go 1.26+ (it builds kube-apiserver, kine, helm)")
+        raise StackError(
+            "the Go toolchain is not on PATH: install Go 1.26+ (it builds kube-apiserver, kubectl, kubo, kine, helm)"
+        )
     return go
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 #: k8s.io/kubernetes release for kube-apiserver and kubectl (wrapper module in tools/kube).
 KUBERNETES = "v1.36.3"
+#: kubo, the IPFS node (`ipfs`) the content store's kubo backend talks to. Built through the wrapper module
+#: in tools/kubo: kubo's go.mod replaces go-libp2p with a fork, which `go install pkg@version` refuses, and the
+#: module proxy does not serve that fork, so the wrapper points the replace at go-libp2p v0.50.0 instead.
+KUBO = "v0.43.1"
 #: kine, k3s's datastore shim: SQLite behind an etcd API (go install, cgo for SQLite).
 KINE = "v0.17.5"
 #: helm v3 CLI (go install).
