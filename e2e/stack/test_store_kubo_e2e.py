@@ -40,8 +40,7 @@ def _ipfs() -> Path:
 
 IPFS = _ipfs()
 NO_KUBO = (f"kubo's `ipfs` binary is not at {IPFS}, nor on PATH: `make stack` builds the stack's tools into "
-           f"{paths.bin_dir()} (kubo only once the stack builds it through a wrapper module, as tools/kube; "
-           "its go.mod has replace directives that `go install` refuses), or set TRUSTCAP_IPFS=/path/to/ipfs")
+           f"{paths.bin_dir()} (kubo through the wrapper module tools/kubo), or set TRUSTCAP_IPFS=/path/to/ipfs")
 
 
 class Kubo:

@@ -1,7 +1,7 @@
 """The local stack, part by part: kine (SQLite) -> kube-apiserver, Docker Engine, anvil, base image.
 
     trustcap stack up
-      ├── build tools once (kube-apiserver, kubectl, kine, helm)   ~/.cache/trustcap/bin
+      ├── build tools once (kube-apiserver, kubectl, kine, helm, kubo) ~/.cache/trustcap/bin
       ├── PKI + kubeconfig                                         ~/.local/state/trustcap/stack
       ├── kine        127.0.0.1:32379  (etcd API over SQLite, k3s's datastore)
       ├── apiserver   https://127.0.0.1:36443  (waits for /readyz)
