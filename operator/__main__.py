@@ -2,18 +2,30 @@
 
 Credentials come the usual way (KUBECONFIG, in-cluster service account); `trustcap stack env` prints the
 local stack's. Several replicas elect one leader through kopf peering (`--peering`); `--standalone`
-skips it for a single instance.
+skips it for a single instance. Prometheus metrics (operator/metrics.py) are served on
+`--metrics HOST:PORT` (default $TRUSTCAP_METRICS_ADDR, else 127.0.0.1:9464; "off" disables).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import secrets
 import sys
 from collections.abc import Sequence
+from typing import Final
+from wsgiref.simple_server import WSGIServer
 
 import kopf
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from trustcap.operator import handlers  # noqa: F401  (importing registers every handler)
+from trustcap.operator.metrics import KubeSource, LifecycleCollector, ObjectSource, parse_address
+
+METRICS_ENV: Final = "TRUSTCAP_METRICS_ADDR"
+METRICS_DEFAULT: Final = "127.0.0.1:9464"
+
+log = logging.getLogger("trustcap.operator")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peering priority of this replica (default: random, so replicas never tie)")
     p.add_argument("--liveness", default=None, metavar="URL",
                    help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help=f"serve Prometheus metrics on http://HOST:PORT/metrics, or 'off' "
+                        f"(default: ${METRICS_ENV}, else {METRICS_DEFAULT})")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p
@@ -41,9 +56,36 @@ def default_priority() -> int:
     return secrets.randbelow(2**31 - 2) + 1
 
 
+def serve_metrics(flag: str | None, env: str | None, *, registry: CollectorRegistry = REGISTRY,
+                  source: ObjectSource | None = None) -> WSGIServer | None:
+    """Start the /metrics server (None: off, or the default address is taken). An address the user chose
+    (flag or environment) that cannot be bound is fatal; the default one is only warned about, so a
+    second operator on the same machine (tests, a developer's shell) still runs."""
+    chosen = flag if flag is not None else env
+    try:
+        where: tuple[str, int] | None = parse_address(chosen if chosen is not None else METRICS_DEFAULT)
+    except ValueError as exc:
+        raise SystemExit(f"--metrics: {exc}") from None
+    if where is None:
+        return None
+    try:
+        server, _thread = start_http_server(where[1], addr=where[0], registry=registry)
+    except OSError as exc:
+        if chosen is not None:
+            raise SystemExit(f"cannot serve metrics on {where[0]}:{where[1]}: {exc}; choose another --metrics "
+                             f"HOST:PORT or 'off'") from None
+        log.warning("metrics off: cannot listen on the default %s:%s (%s); pass --metrics HOST:PORT",
+                    where[0], where[1], exc)
+        return None
+    registry.register(LifecycleCollector(source if source is not None else KubeSource()))
+    log.info("serving Prometheus metrics on http://%s:%s/metrics", *where)
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kopf.configure(verbose=args.verbose, debug=args.debug, log_prefix=True)  # "[ns/name]" on object lines
+    serve_metrics(args.metrics, os.environ.get(METRICS_ENV))
     namespaces = tuple(args.namespace)
     kopf.run(
         clusterwide=not namespaces,

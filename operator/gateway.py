@@ -45,7 +45,11 @@ def gateway_on_chain(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta
     phase, ready, reason, message = judge(info)
     up = cond.set_condition(status.get("conditions") or [], type_=cond.READY, status=ready, reason=reason,
                             message=message, observed_generation=int(meta.get("generation") or 0), now=cond.utcnow())
-    if up.changed or status.get("phase") != phase:
+    # Stake and reputation move without a phase change (a slash, a reputation update): the dashboards
+    # read them from this status (operator/metrics.py), so a drift is written too.
+    drift = info is not None and (status.get("bondedStakeWei") != str(info.stake)
+                                  or status.get("reputation") != int(info.reputation_bp))
+    if up.changed or status.get("phase") != phase or drift:
         patch.status["phase"] = phase
         patch.status["conditions"] = up.conditions
         patch.status["observedGeneration"] = int(meta.get("generation") or 0)
