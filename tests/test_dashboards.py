@@ -1,0 +1,125 @@
+"""The dashboards (dashboards/build.py): dashboards/out/ is exactly what the code writes, and every panel
+queries only metrics the code exports, so a renamed metric breaks this test, not a dashboard in prod.
+
+The exported names are read from the code itself: the operator's LifecycleCollector (describe(), which
+lists nothing) and the prometheus_client metrics that the gateway and the chain-writer register on import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC = re.compile(r"\btrustcap_[a-zA-Z0-9_]+")
+
+
+def _load_build() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("trustcap_dashboards_build", ROOT / "dashboards" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
+
+
+class Tripwire:
+    def list_all(self, plural: str) -> list[dict[str, Any]]:
+        raise AssertionError(f"Must not be called! (listed {plural})")
+
+
+def _sample_names(families: Iterable[Any]) -> set[str]:
+    names: set[str] = set()
+    for fam in families:
+        if fam.type == "counter":
+            names |= {fam.name + "_total", fam.name + "_created"}
+        elif fam.type == "histogram":
+            names |= {fam.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+        else:
+            names.add(fam.name)
+    return names
+
+
+def exported_names() -> set[str]:
+    from prometheus_client import REGISTRY
+    from trustcap.gateway import monitor as _monitor  # noqa: F401  (trustcap_gateway_monitor_*)
+    from trustcap.gateway import relay as _relay  # noqa: F401  (trustcap_gateway_relay_*, node_trusted)
+    from trustcap.operator.metrics import LifecycleCollector
+
+    from trustcap.chain import metrics as _chain  # noqa: F401  (registers trustcap_chain_writer_*)
+
+    names = _sample_names(LifecycleCollector(Tripwire()).describe())
+    names |= _sample_names(REGISTRY.collect())
+    return {n for n in names if n.startswith("trustcap_")}
+
+
+def test_out_is_exactly_what_build_writes(tmp_path: Path) -> None:
+    assert build.main(["--check"]) == 0, "dashboards/out/ is edited by hand or stale: run python dashboards/build.py"
+    wanted = build.files()
+    assert sorted(p.name for p in (ROOT / "dashboards" / "out").iterdir()) == sorted(wanted)
+    # positive control: --check notices one changed byte and one stray file
+    build.main(["--out", str(tmp_path)])
+    assert build.main(["--out", str(tmp_path), "--check"]) == 0
+    (tmp_path / "trust.json").write_text(wanted["trust.json"].replace("Nodes ready", "Nodes Ready"))
+    assert build.main(["--out", str(tmp_path), "--check"]) == 1
+    build.main(["--out", str(tmp_path)])
+    (tmp_path / "hand-made.json").write_text("{}")
+    assert build.main(["--out", str(tmp_path), "--check"]) == 1
+
+
+def test_the_four_dashboards_exist() -> None:
+    assert set(build.DASHBOARDS) == {"trust", "attestation", "capsules", "chain"}
+
+
+@pytest.mark.parametrize("name", sorted(build.DASHBOARDS))
+def test_every_panel_queries_only_metrics_the_code_exports(name: str) -> None:
+    known = exported_names()
+    assert "trustcap_capsules" in known and "trustcap_gateway_relay_challenges_total" in known  # positive control
+    doc = json.loads(build.files()[f"{name}.json"])
+    assert doc["panels"], f"{name} has no panels"
+    for panel in doc["panels"]:
+        exprs = [t.get("expr", "") for t in panel.get("targets") or []]
+        assert exprs and all(exprs), f"{name}: panel {panel['title']!r} has no PromQL target"
+        for expr in exprs:
+            used = set(METRIC.findall(expr))
+            assert used, f"{name}: {panel['title']!r} queries no trustcap metric: {expr}"
+            assert used <= known, f"{name}: {panel['title']!r} names metrics no code exports: {sorted(used - known)}"
+
+
+def test_a_query_naming_an_unknown_metric_is_caught() -> None:
+    """Positive control for the check above: the regex and the exported set tell a typo apart."""
+    used = set(METRIC.findall("sum(rate(trustcap_capsule_finished_total[5m]))"))
+    assert used and not used <= exported_names()
+
+
+@pytest.mark.parametrize("name", sorted(build.DASHBOARDS))
+def test_configmap_carries_the_dashboard_with_the_sidecar_label(name: str) -> None:
+    files = build.files()
+    cm = yaml.safe_load(files[f"{name}-configmap.yaml"])
+    assert cm["kind"] == "ConfigMap"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert len(cm["metadata"]["name"]) <= 63
+    (key,) = cm["data"]
+    assert key.endswith(".json")
+    assert json.loads(cm["data"][key]) == json.loads(files[f"{name}.json"])
+
+
+def test_dashboards_have_stable_unique_uids_and_panel_ids() -> None:
+    docs = [json.loads(t) for n, t in build.files().items() if n.endswith(".json")]
+    uids = [d["uid"] for d in docs]
+    assert len(set(uids)) == len(uids) and all(u.startswith("trustcap-") for u in uids)
+    for d in docs:
+        ids = [p["id"] for p in d["panels"]]
+        assert len(set(ids)) == len(ids)
+        assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in d["panels"])
+        assert all(t["datasource"]["uid"] == "${datasource}" for p in d["panels"] for t in p["targets"])
