@@ -177,7 +177,8 @@ class LifecycleCollector(Collector):
         self._decided_total: dict[tuple[str, str], int] = {}
         self._recorded_total = 0
         self._quarantines_total = 0
-        self._latency: dict[str, _Histogram] = {}
+        # Every phase from the start: a series born at its first observation hides it from increase().
+        self._latency: dict[str, _Histogram] = {phase: _Histogram() for phase in ROUND_PHASES}
 
     # --- prometheus_client -----------------------------------------------------------------------------
     def describe(self) -> Iterable[Metric]:
