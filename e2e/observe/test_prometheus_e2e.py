@@ -1,0 +1,241 @@
+"""Observability end to end: the world (trustcap/world.py) runs one PSI capsule to Completed while a real
+Prometheus (Debian's binary) scrapes the operator's /metrics and every gateway's relay /metrics each
+second; then every PromQL query of every dashboard (dashboards/build.py) must return data from it.
+
+Proves that the names the dashboards query are the names the running processes serve, that the
+operator's lifecycle metrics follow a real capsule (finished, rounds decided, latency observed, chain
+records written), and that every scrape target is up. Needs root and the stack, as e2e/lifecycle does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+NS = "trustcap-e2e-observe"
+ROOT = Path(__file__).resolve().parents[2]
+NAMES_B = ["alice", "bob", "carol", "dave", "erin"]
+NAMES_C = ["bob", "erin", "grace", "alice", "ivan"]
+# Grafana's own variables, as Grafana would substitute them over this short run.
+GRAFANA_VARS = {"$__rate_interval": "5m", "$__range": "15m"}
+
+
+def _build() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("trustcap_dashboards_build", ROOT / "dashboards" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def prometheus_bin() -> str:
+    found = shutil.which("prometheus")
+    if not found:
+        pytest.skip("prometheus is not installed (Debian package `prometheus`; scripts/install-deps installs it)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> Iterator[int]:
+    """The world's operator inherits this environment: it serves /metrics here (operator/__main__.py)."""
+    port = _free_port()
+    old = os.environ.get("TRUSTCAP_METRICS_ADDR")
+    os.environ["TRUSTCAP_METRICS_ADDR"] = f"127.0.0.1:{port}"
+    yield port
+    if old is None:
+        os.environ.pop("TRUSTCAP_METRICS_ADDR", None)
+    else:
+        os.environ["TRUSTCAP_METRICS_ADDR"] = old
+
+
+@pytest.fixture(scope="module")
+def world(stack: dict[str, Any], prometheus_bin: str, metrics_port: int,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from netlab import need_root
+
+    from trustcap.world import World
+
+    need_root("the observability e2e")
+    with World.up(n=4, workdir=tmp_path_factory.mktemp("world"), namespace=NS) as w:
+        yield w
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as resp:  # noqa: S310 (loopback)
+                doc = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # 400/422 carry the reason in the body
+            doc = json.loads(exc.read())
+        return doc
+
+    def query(self, expr: str) -> dict[str, Any]:
+        return dict(self.api("/api/v1/query", query=expr))
+
+    def value(self, expr: str) -> float | None:
+        doc = self.query(expr)
+        assert doc["status"] == "success", (expr, doc)
+        result = doc["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def wait(self, expr: str, ok: Any, timeout: float, what: str) -> float | None:
+        deadline = time.monotonic() + timeout
+        got = None
+        while time.monotonic() < deadline:
+            got = self.value(expr)
+            if got is not None and ok(got):
+                return got
+            time.sleep(1)
+        raise AssertionError(f"{what}: {expr} is {got} after {timeout:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def prometheus(world: Any, prometheus_bin: str, metrics_port: int,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    home = tmp_path_factory.mktemp("prometheus")
+    relays = [f"127.0.0.1:{g['relay_port']}" for g in world.gateways]
+    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [
+                  {"job_name": "trustcap-operator", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
+                  {"job_name": "trustcap-gateway", "static_configs": [{"targets": relays}]}]}
+    (home / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = (home / "prometheus.log").open("wb")
+    proc = subprocess.Popen([prometheus_bin, f"--config.file={home / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={home / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                             "--storage.tsdb.retention.time=1h"], stdout=log, stderr=log, start_new_session=True)
+    prom = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2):  # noqa: S310 (loopback)
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (home / "prometheus.log").read_text()[-2000:]
+                    raise AssertionError(f"prometheus did not start: {tail}") from None
+                time.sleep(0.5)
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def completed(world: Any, prometheus: Prometheus) -> dict[str, Any]:
+    """One PSI capsule from apply to Completed, the way e2e/lifecycle submits it, while Prometheus scrapes."""
+    from kubernetes import client, config
+
+    from trustcap import scenario
+    from trustcap.capsule.keys import KeyPair
+    from trustcap.cli.capsule import build_image
+    from trustcap.store import open_store
+
+    api = config.new_client_from_config(config_file=str(world.kubeconfig))  # type: ignore[no-untyped-call]
+    custom = client.CustomObjectsApi(api)
+    image_id, _tag = build_image(scenario.PSI_DIR)
+    owners = [scenario.Owner(name=n, keys=KeyPair.load(Path(world.owners[n]["key_file"])),
+                             broker_url=world.owners[n]["broker_url"], names=names)
+              for n, names in (("b", NAMES_B), ("c", NAMES_C))]
+    doc = scenario.manifest_for(name="psi-observe", namespace=NS, image_digest=str(image_id), owners=owners,
+                                payer=world.payer_address, amount_wei=10**15)
+    scenario.seal_inputs(doc, owners, open_store(world.store_url))
+    custom.create_namespaced_custom_object("trustcap.io", "v1alpha1", NS, "capsules", doc)
+    obj = scenario.wait_capsule(custom, NS, "psi-observe", lambda o: bool((o.get("status") or {}).get("taskId")),
+                                timeout=60)
+    scenario.fund(world.rpc_url, world.deployment, world.payer, bytes.fromhex(obj["status"]["taskId"][2:]),
+                  k=int(doc["spec"]["committee"]["size"]), amount_wei=10**15,
+                  timeout_s=int(doc["spec"]["timeoutSeconds"]))
+    final = scenario.wait_capsule(custom, NS, "psi-observe",
+                                  lambda o: (o.get("status") or {}).get("phase") in scenario.TERMINAL, timeout=420)
+    assert final["status"]["phase"] == "Completed", (final["status"].get("conditions"), world.logs_tail())
+    return dict(final)
+
+
+def test_every_target_is_up(world: Any, prometheus: Prometheus) -> None:
+    n = len(world.gateways)
+    prometheus.wait('sum(up{job="trustcap-operator"})', lambda v: v == 1, 30, "the operator's /metrics")
+    prometheus.wait('sum(up{job="trustcap-gateway"})', lambda v: v == n, 30, f"all {n} relays' /metrics")
+
+
+def test_lifecycle_metrics_follow_the_capsule(world: Any, prometheus: Prometheus, completed: dict[str, Any]) -> None:
+    n = len(world.gateways)
+    prometheus.wait('sum(trustcap_capsules_finished_total{phase="Completed"})', lambda v: v >= 1, 30,
+                    "the completed capsule")
+    prometheus.wait('sum(trustcap_capsules{phase="Completed"})', lambda v: v >= 1, 10, "capsules by phase")
+    # PSI runs a pre and a post round at least; both passed, and their latency was observed.
+    prometheus.wait('sum(trustcap_attestation_rounds_decided_total{result="Passed"})', lambda v: v >= 2, 30,
+                    "passed rounds")
+    prometheus.wait("sum(trustcap_attestation_round_decision_seconds_count)", lambda v: v >= 2, 10,
+                    "decision latency observations")
+    assert prometheus.value('sum(trustcap_attestation_rounds_decided_total{result=~"Failed|Expired"})') == 0
+    # HPCNodes and Gateways are cluster-scoped and the stack is shared: look at this world's own.
+    nodes = "|".join(g["node"] for g in world.gateways)
+    gateways = "|".join(g["name"] for g in world.gateways)
+    prometheus.wait(f'sum(trustcap_hpcnode_phase{{node=~"{nodes}"}})', lambda v: v == n, 10,
+                    "each node in exactly one phase")
+    prometheus.wait(f'sum(trustcap_gateway_ready{{gateway=~"{gateways}"}})', lambda v: v == n, 30,
+                    "every gateway active on chain")
+    prometheus.wait(f'count(trustcap_gateway_reputation_ratio{{gateway=~"{gateways}"}} <= 1)', lambda v: v == n, 30,
+                    "each gateway's reputation as a ratio")
+    prometheus.wait("sum(trustcap_chain_records_written_total)", lambda v: v >= 2, 90, "rounds recorded on chain")
+    prometheus.wait("sum(trustcap_chain_records_pending)", lambda v: v == 0, 90, "no decided round left unrecorded")
+    prometheus.wait('sum(trustcap_gateway_relay_challenges_total{result="served"})', lambda v: v >= 1, 10,
+                    "challenges the relays served")
+
+
+def test_every_dashboard_query_returns_data(prometheus: Prometheus, completed: dict[str, Any]) -> None:
+    build = _build()
+    prometheus.wait("sum(trustcap_chain_records_written_total)", lambda v: v >= 1, 90, "a chain record")
+    time.sleep(3)  # a few more scrapes after the last change
+    empty: list[str] = []
+    invalid: list[str] = []
+    ran = 0
+    for name, make in build.DASHBOARDS.items():
+        doc = json.loads(build.render(make()))
+        for title, expr in build.queries(doc):
+            promql = expr
+            for var, value in GRAFANA_VARS.items():
+                promql = promql.replace(var, value)
+            answer = prometheus.query(promql)
+            ran += 1
+            if answer.get("status") != "success":
+                invalid.append(f"{name}/{title}: {promql}: {answer.get('error')}")
+            elif not answer["data"]["result"]:
+                empty.append(f"{name}/{title}: {promql}")
+    assert ran >= 30, f"only {ran} queries: the dashboards lost panels"
+    assert invalid == [], "queries Prometheus refuses:\n" + "\n".join(invalid)
+    # Every series a panel reads exists from the first scrape or after this run (none is legitimately empty).
+    assert empty == [], "panels with no data after a completed capsule:\n" + "\n".join(empty)
