@@ -8,7 +8,7 @@ from platformkit import NAMESPACE, PSI
 
 
 def test_crds_are_established(kubectl: Any, trustcap_crds: list[str]) -> None:
-    assert len(trustcap_crds) == 5
+    assert len(trustcap_crds) == 6
     for name in trustcap_crds:
         out = kubectl("get", "crd", name, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}')
         assert out.stdout == "True", name
@@ -17,10 +17,11 @@ def test_crds_are_established(kubectl: Any, trustcap_crds: list[str]) -> None:
 def test_api_resources_with_short_names_and_scope(kubectl: Any, trustcap_crds: list[str]) -> None:
     out = kubectl("api-resources", "--api-group=trustcap.io", "--no-headers").stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
-    assert set(rows) == {"attestations", "bootimages", "capsules", "gateways", "hpcnodes"}
+    assert set(rows) == {"attestations", "bootimages", "capsuleruns", "capsules", "gateways", "hpcnodes"}
     assert "cap,caps" in rows["capsules"] and "true" in rows["capsules"]       # namespaced
     assert "hpc" in rows["hpcnodes"] and "false" in rows["hpcnodes"]         # cluster-scoped
     assert "gw" in rows["gateways"] and "att" in rows["attestations"]
+    assert "crun" in rows["capsuleruns"] and "true" in rows["capsuleruns"]  # run orders: the system namespace
 
 
 def test_category_lists_every_kind(kubectl: Any, platform_ns: str) -> None:

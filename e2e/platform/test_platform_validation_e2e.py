@@ -123,7 +123,7 @@ CAPSULE_CASES = [
 OTHER_CASES = [
     pytest.param("Attestation", _set_in(["phase"], "midway"), "spec.phase", id="attestation-unknown-phase"),
     pytest.param("Attestation", _set_in(["nonce"], "0x1234"), "spec.nonce", id="attestation-short-nonce"),
-    pytest.param("Attestation", _spec(lambda s: s.pop("capsule")), "spec.capsule",
+    pytest.param("Attestation", _spec(lambda s: s.pop("capsule")), "spec.capsuleRef",
                  id="attestation-pre-without-capsule"),
     pytest.param("Attestation", _set_in(["committee", "quorum"], 1), "spec.committee.quorum",
                  id="attestation-quorum-of-one"),
