@@ -61,6 +61,11 @@ VERSION: Final = "v1alpha1"
 REASON_AWAITING_ENROLMENT: Final = "AwaitingEnrolment"
 REASON_ENROLLED: Final = "Enrolled"
 REASON_QUARANTINED: Final = "Quarantined"
+REASON_TRUSTED: Final = "Trusted"
+REASON_GATEWAY_NOT_ACTIVE: Final = "GatewayNotActive"
+REASON_ATTESTATION_FAILED: Final = "AttestationFailed"
+#: trustLevel (crds/hpcnode.yaml): the HPCs here netboot with no TPM of their own, so an enrolled node is 1
+TRUST_NETBOOT_NO_TPM: Final = 1
 
 PHASE_REGISTERED: Final = "Registered"
 PHASE_BOOTING: Final = "Booting"
@@ -295,6 +300,33 @@ def decide(
                     failed_claims=report.event_ids)
 
 
+def judge_trust(*, status: Mapping[str, Any], gateway: Mapping[str, Any] | None,
+                last_round: Mapping[str, Any] | None) -> tuple[str, str, str, int]:
+    """(Ready status, reason, message, trustLevel) of an HPCNode the operator has enrolled.
+
+    Ready = enrolled, its gateway active and staked on chain (the Gateway controller's word), and the
+    latest decided committee round about it not failed. The trust level says what stands behind the
+    node's claims: an enrolled HPC here is netbooted with no TPM of its own (1), whatever its gateway's
+    root; the message names the root kind (software or zymkey), since a software root is never a Zymkey."""
+    gw_status = (gateway or {}).get("status") or {}
+    if status.get("phase") != PHASE_ENROLLED or not gw_status.get("phase"):
+        return "False", "", "", 0  # not enrolled, or no chain judged the gateway: the enrolment's word stands
+    root = ((gateway or {}).get("spec") or {}).get("trustRoot", "unknown")
+    if gw_status.get("phase") != "Active":
+        return ("False", REASON_GATEWAY_NOT_ACTIVE,
+                f"enrolled, but its gateway is {gw_status['phase']} on chain",
+                TRUST_NETBOOT_NO_TPM)
+    if last_round is not None and (last_round.get("status") or {}).get("result") in ("Failed", "Expired"):
+        name = (last_round.get("metadata") or {}).get("name", "?")
+        return ("False", REASON_ATTESTATION_FAILED,
+                f"the committee did not pass it in round {name} ({last_round['status']['result']})",
+                TRUST_NETBOOT_NO_TPM)
+    rounds = f"; last round {last_round['metadata']['name']} passed" if last_round is not None else ""
+    return ("True", REASON_TRUSTED,
+            f"enrolled, netbooted (no TPM on the HPC), gateway active on chain with a {root} root{rounds}",
+            TRUST_NETBOOT_NO_TPM)
+
+
 # -- kopf wiring ---------------------------------------------------------------------------------------
 
 @kopf.index(GROUP, VERSION, "gateways")
@@ -362,3 +394,45 @@ def judge_enrolment(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec
         logger.warning("enrolment refused; failed claims: %s", ", ".join(decision.failed_claims) or "none")
     if decision.warning is not None:
         kopf.warn(body, reason=decision.warning[0], message=decision.warning[1])
+
+
+@kopf.index(GROUP, VERSION, "gateways")
+def trustcap_gateway_trust(name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> dict[str, dict[str, Any]]:
+    """Gateway name -> its root kind and its chain state as the Gateway controller judged it."""
+    return {name: {"spec": {"trustRoot": spec.get("trustRoot", "unknown")},
+                   "status": {"phase": status.get("phase"), "reputation": status.get("reputation")}}}
+
+
+@kopf.index(GROUP, VERSION, "attestations")
+def trustcap_node_rounds(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> dict[str, Any]:
+    """The decided capsule rounds about each node (Attestation spec.node), for `judge_node_trust`."""
+    if not status.get("result") or not spec.get("node"):
+        return {}
+    return {str(spec["node"]): {"metadata": {"name": meta.get("name")},
+                                "status": {"result": status.get("result"), "decidedAt": status.get("decidedAt")}}}
+
+
+@kopf.timer(GROUP, VERSION, "hpcnodes", interval=10.0, initial_delay=2.0, idle=None, timeout=30.0)
+def judge_node_trust(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
+                     patch: kopf.Patch, **kwargs: Any) -> None:
+    """Ready, trustLevel and reputation of an enrolled node, from what the operator itself judged: the
+    Gateway's chain state and the committee rounds about the node (the operator stays the only writer)."""
+    gateway = _one(kwargs["trustcap_gateway_trust"], spec.get("gateway"))
+    decided = list(kwargs["trustcap_node_rounds"].get(name, []))
+    last = max(decided, key=lambda r: str(r["status"].get("decidedAt") or ""), default=None)
+    ready, reason, message, level = judge_trust(status=status, gateway=gateway, last_round=last)
+    if not reason:
+        return
+    now = cond.utcnow()
+    up = cond.set_condition(status.get("conditions"), type_=cond.READY, status=ready,
+                            reason=reason, message=message, observed_generation=int(meta.get("generation") or 0),
+                            now=now)
+    reputation = ((gateway or {}).get("status") or {}).get("reputation")
+    if up.changed or status.get("trustLevel") != level or (reputation is not None
+                                                          and status.get("reputation") != reputation):
+        patch.status["conditions"] = up.conditions
+        patch.status["trustLevel"] = level
+        if reputation is not None:
+            patch.status["reputation"] = int(reputation)
+        if up.flipped:
+            kopf.event(body, type="Normal" if ready == "True" else "Warning", reason=reason, message=message)
