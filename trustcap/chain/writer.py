@@ -5,7 +5,9 @@
         |----------------->| INSERT OR IGNORE by id ----->|  (a verdict is journaled once)
         |  seal()          |                              |                              |
         |----------------->| tree(leaves) -> root, id = hashStruct(Batch(epoch, root, count))
-        |                  | quorum signs Batch (EIP-712) |                              |
+        |                  | quorum signs Batch (EIP-712): cosigners (the verifier gateways, each after
+        |                  |   checking every leaf; decision 0094) until the contract's quorum, else the
+        |                  |   batch is not sealed and the next seal asks again; dev keys only in development
         |                  | batch + verdict->batch ----->|  one atomic step             |
         |  run()           |                              |                              |
         |----------------->| recorded(id)? ---------------------------------------------->|  yes: go to confirm
@@ -30,7 +32,15 @@ Why it cannot lose or double a record, whatever line it is killed at:
   nonces come from the node's pending count with nothing of ours outstanding: they never skip;
 - a batch is confirmed only after N confirmations with its block still canonical; if a reorg drops it,
   the journaled raw transaction is sent again;
-- RPC errors (refused, timed out) back off exponentially and retry until the caller's deadline.
+- RPC errors (refused, timed out) back off exponentially and retry until the caller's deadline;
+- signatures are gathered before the batch is journaled: a batch too few cosigners signed is not sealed
+  (its verdicts stay pending), so nothing is ever sent that the contract's quorum did not sign.
+
+Who signs (decision 0094): `cosigners(leaves)` names the parties to ask for a batch, each a `Cosigner`
+(an address and a call that returns its signature over the batch digest); the writer keeps a signature
+only if it recovers to that cosigner's address, one per address, until `quorum()` (read from
+AttestationLog), and sorts them by signer as the contract requires. `batch_signers` (keys in this
+process) is the development path: whoever holds them can record any batch.
 """
 
 from __future__ import annotations
@@ -40,20 +50,21 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from trustcap import merkle
 from trustcap.chain import metrics
 from trustcap.chain.client import ChainClient, Deployment, Fees
 from trustcap.chain.errors import ChainError, ContractReverted, NonceConflict, RpcUnavailable, TransactionFailed
 from trustcap.chain.journal import BatchRow, Journal, TxRow
-from trustcap.chain.typed import batch_id, sign_batch
-from trustcap.evidence.signing import Signer
+from trustcap.chain.typed import batch_digest, batch_id, sign_batch
+from trustcap.evidence.errors import SignatureError
+from trustcap.evidence.signing import Signer, recover_address
 from trustcap.evidence.verdict import Verdict, verdict_id
 
-__all__ = ["KILLPOINT_ENV", "Record", "Writer"]
+__all__ = ["KILLPOINT_ENV", "Cosigner", "Cosigners", "Record", "Writer"]
 
 log = logging.getLogger("trustcap.chain")
 
@@ -66,6 +77,22 @@ _UNDERPRICED = ("underpriced", "fee cap", "feecap", "less than block base fee", 
 def _killpoint(name: str) -> None:
     if os.environ.get(KILLPOINT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Cosigner(Protocol):
+    """One party whose signature counts toward a batch's quorum (a verifier gateway's trust root)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def __call__(self, epoch: int, root: bytes, count: int, leaves: Sequence[Verdict]) -> bytes:
+        """Its 65-byte signature over batch_digest(epoch, root, count, chain, contract); raises when it
+        refuses or cannot be reached."""
+        ...
+
+
+#: who to ask for a batch, given its leaves (e.g. the gateways of the verifiers the leaves name)
+Cosigners = Callable[[Sequence[Verdict]], Iterable[Cosigner]]
 
 
 @dataclass(frozen=True)
@@ -87,8 +114,9 @@ class Writer:
         client: ChainClient,
         deployment: Deployment,
         journal: Journal,
-        batch_signers: Sequence[Signer],
+        batch_signers: Sequence[Signer] = (),
         *,
+        cosigners: Cosigners | None = None,
         confirmations: int = 1,
         max_batch: int = 1000,
         stuck_after: float = 20.0,
@@ -99,10 +127,14 @@ class Writer:
     ) -> None:
         if confirmations < 1:
             raise ChainError("confirmations must be at least 1")
+        if (cosigners is None) == (not batch_signers):
+            raise ChainError("give the writer cosigners (the verifier gateways) or, in development only, "
+                             "batch_signers (keys it holds), not both and not neither")
         self.client = client
         self.d = deployment
         self.journal = journal
         self.batch_signers = list(batch_signers)
+        self.cosigners = cosigners
         self.confirmations = confirmations
         self.max_batch = max_batch
         self.stuck_after = stuck_after
@@ -135,12 +167,54 @@ class Writer:
             while rows := self.journal.pending(epoch, self.max_batch):
                 tree = merkle.MerkleTree([r.leaf for r in rows])
                 bid = batch_id(epoch, tree.root, len(rows))
-                sigs = sign_batch(self.batch_signers, epoch, tree.root, len(rows), self.d.chain_id, self.d.log)
+                sigs = self._signatures(epoch, tree.root, rows)
+                if sigs is None:
+                    break  # too few co-signed: these verdicts stay pending, the next seal asks again
                 self.journal.seal("0x" + bid.hex(), epoch, tree.root, len(rows), sigs, [r.verdict_id for r in rows])
                 log.info("sealed batch %s: epoch %s, %s verdicts", "0x" + bid.hex(), epoch, len(rows))
                 sealed.append("0x" + bid.hex())
                 metrics.BATCH_VERDICTS.set(len(rows))
         return sealed
+
+    def quorum(self) -> int:
+        """How many signatures AttestationLog wants for a batch (its `quorum`, read now)."""
+        return int(self.client.call_fn(self._log_contract.functions.quorum()))
+
+    def _signatures(self, epoch: int, root: bytes, rows: Sequence[Any]) -> list[bytes] | None:
+        """The batch's signatures in ascending signer order, or None when fewer than quorum co-signed."""
+        if self.cosigners is None:
+            return sign_batch(self.batch_signers, epoch, root, len(rows), self.d.chain_id, self.d.log)
+        need = self.quorum()
+        leaves = [Verdict.model_validate_json(r.body) for r in rows]
+        digest = batch_digest(epoch, root, len(rows), self.d.chain_id, self.d.log)
+        got: dict[str, bytes] = {}
+        refusals: list[str] = []
+        for c in self.cosigners(leaves):
+            if len(got) >= need:
+                break
+            if c.address.lower() in got:
+                continue
+            try:
+                sig = c(epoch, root, len(rows), leaves)
+                signer = recover_address(digest, sig).lower()
+            except SignatureError as exc:
+                refusals.append(f"{c.address}: not a signature ({exc})")
+                continue
+            except Exception as exc:  # a cosigner is another party's service: its failure is its "no"
+                refusals.append(f"{c.address}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            if signer != c.address.lower():
+                refusals.append(f"{c.address}: signed as {signer}")
+                continue
+            got[signer] = sig
+        if len(got) < need:
+            self._event("cosign_short")
+            log.warning("batch of epoch %s (root 0x%s, %s verdicts): %s of quorum %s co-signed, not sent; asking "
+                        "again at the next seal. Refusals: %s", epoch, root.hex(), len(rows), len(got), need,
+                        "; ".join(refusals) or "no cosigner to ask")
+            return None
+        self._event("cosigned")
+        return [got[a] for a in sorted(got, key=lambda a: int(a, 16))]
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, timeout: float = 120.0) -> None:
