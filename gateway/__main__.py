@@ -16,6 +16,7 @@
     CommitteeMember                   challenge, appraise and sign a verdict in every round it sits on
     Runner                            prepare, release inputs through the owners' brokers, run, store
                                       the sealed results, for every CapsuleRun that names this gateway
+    CosignService (relay /v1/cosign)  co-sign a chain-writer batch once every leaf is checked (0094)
 
 Only wiring lives here; each part's module says why it is built the way it is.
 """
@@ -98,14 +99,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lifecycle(args: argparse.Namespace, root: Any, server: Any, policy: Any) -> tuple[list[Any], Any, Any]:
-    """(loops to start, round_members, before_capsule_quote) for the capsule lifecycle; nothing without a
-    chain: the gateway then serves attestation only."""
+def _lifecycle(args: argparse.Namespace, root: Any, server: Any,
+               policy: Any) -> tuple[list[Any], Any, Any, Any]:
+    """(loops to start, round_members, before_capsule_quote, cosign) for the capsule lifecycle; nothing
+    without a chain: the gateway then serves attestation only."""
     if not (args.chain_rpc and args.deployment and args.kubeconfig):
         if args.chain_rpc or args.deployment:
             raise ConfigError("--chain-rpc and --deployment need each other and --kubeconfig")
-        return [], None, None
+        return [], None, None, None
     from trustcap.gateway.committee import CommitteeMember, KubeRounds, endpoint_from_gateways
+    from trustcap.gateway.cosign import CosignService
     from trustcap.gateway.participant import KubeCapsules, Participant
     from trustcap.gateway.relay import kube_round_members
     from trustcap.gateway.runner import Runner
@@ -127,7 +130,8 @@ def _lifecycle(args: argparse.Namespace, root: Any, server: Any, policy: Any) ->
         return server.wait_for_agent(0) is not None
 
     participant = Participant(root, escrow, kube, namespace=ns, eligible=_quietly(eligible))
-    return [participant, member, runner], kube_round_members(kubeconfig, ns), runner.ensure_prepared
+    cosign = CosignService(root, rounds, namespace=ns, domain=escrow.domain())
+    return [participant, member, runner], kube_round_members(kubeconfig, ns), runner.ensure_prepared, cosign
 
 
 def _quietly(probe: Callable[[], bool]) -> Callable[[], bool]:
@@ -216,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         arming.arm()
         monitor = Monitor(server, policy, sinks=sinks, on_action=on_action, booting=arming.awaiting_boot)
         max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
-        loops, round_members, before_capsule_quote = _lifecycle(args, root, server, policy)
+        loops, round_members, before_capsule_quote, cosign = _lifecycle(args, root, server, policy)
         relay = RelayService(server, verifiers=verifiers, records=lambda: list(monitor.records),
                              max_age_s=max_age, host=args.relay[0], port=args.relay[1],
-                             round_members=round_members, before_capsule_quote=before_capsule_quote)
+                             round_members=round_members, before_capsule_quote=before_capsule_quote,
+                             cosign=cosign)
     except (TrustcapError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -88,12 +88,13 @@ from trustcap.evidence import (
 )
 from trustcap.evidence.errors import EvidenceFormatError, SignatureError
 
-__all__ = ["MAX_BODY", "RelayService", "RoundDirectory", "RoundMembers", "TrustState", "kube_round_members",
-           "request_quote", "request_status", "trust_state"]
+__all__ = ["MAX_BODY", "MAX_COSIGN_BODY", "Cosign", "RelayService", "RoundDirectory", "RoundMembers", "TrustState",
+           "kube_round_members", "request_quote", "request_status", "trust_state"]
 
 log = logging.getLogger("trustcap.gateway")
 
 MAX_BODY = 2048  # a capsule challenge with the longest node and round names fits
+MAX_COSIGN_BODY = 1 << 20  # a batch of 1000 verdicts fits (gateway/cosign.py MAX_BODY)
 MAX_RESPONSE = 256 * 1024  # trustcap.evidence's own limit on a signed quote
 
 CHALLENGES = Counter("trustcap_gateway_relay_challenges_total", "Committee challenges through the relay, by result.",
@@ -127,6 +128,12 @@ class _Challenger(Protocol):
 
 
 RoundMembers = Callable[[str], set[str] | None]  # round -> lowercase member addresses, None: no such round
+
+
+class Cosign(Protocol):
+    """`POST /v1/cosign` (gateway/cosign.py `CosignService`): a chain-writer batch, co-signed once checked."""
+
+    def handle(self, body: bytes) -> tuple[int, bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -201,20 +208,23 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 
 class RelayService:
-    """HTTP service on the Pi's cluster side: `POST /v1/challenge`, `GET /v1/status`."""
+    """HTTP service on the Pi's cluster side: `POST /v1/challenge`, `GET /v1/status`, and with `cosign`
+    `POST /v1/cosign` (the chain-writer's batches, decision 0094; its body is bounded by MAX_COSIGN_BODY)."""
 
     def __init__(self, server: _Challenger, *, verifiers: VerifierDirectory,
                  records: Callable[[], Iterable[_Record]] = lambda: (), max_age_s: float = 60.0,
                  host: str = "127.0.0.1", port: int = 0, max_inflight: int = 4, max_connections: int = 32,
                  read_timeout_s: float = 10.0, max_skew_s: float = 60.0, max_recent: int = 4096,
                  clock: Callable[[], float] = time.time, round_members: RoundMembers | None = None,
-                 before_capsule_quote: Callable[[dict[str, str]], None] | None = None) -> None:
+                 before_capsule_quote: Callable[[dict[str, str]], None] | None = None,
+                 cosign: Cosign | None = None) -> None:
         if max_inflight < 1 or max_connections < 1 or max_age_s <= 0 or max_skew_s <= 0 or max_recent < 1:
             raise ValueError("max_inflight, max_connections, max_age_s, max_skew_s and max_recent must be positive")
         self.server = server
         self.verifiers = verifiers
         self.round_members = round_members
         self.before_capsule_quote = before_capsule_quote
+        self.cosign = cosign
         self.max_skew_s = max_skew_s
         self.max_recent = max_recent
         self._recent: OrderedDict[bytes, float] = OrderedDict()  # challenge digest -> forget-at (clock time)
@@ -407,17 +417,19 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
             self._send(HTTPStatus.OK, json.dumps(relay.status()).encode())
 
         def do_POST(self) -> None:
-            if self.path != "/v1/challenge":
+            cosign = relay.cosign if self.path == "/v1/cosign" else None
+            if self.path != "/v1/challenge" and cosign is None:
                 self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
                 return
+            limit = MAX_BODY if cosign is None else MAX_COSIGN_BODY
             length = self.headers.get("Content-Length", "")
             if not length.isdigit():
                 self.close_connection = True
                 self._send(*_error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"))
                 return
-            if int(length) > MAX_BODY:
+            if int(length) > limit:
                 self.close_connection = True
-                self._send(*_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes"))
+                self._send(*_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes"))
                 return
             try:
                 body = self.rfile.read(int(length))
@@ -427,7 +439,7 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
             if len(body) < int(length):
                 self.close_connection = True
                 return
-            self._send(*relay.challenge(body))
+            self._send(*(relay.challenge(body) if cosign is None else cosign.handle(body)))
 
     return Handler
 

@@ -17,10 +17,27 @@ trustcap.chain.writer and is tested against anvil without Kubernetes.
         |<---------------------------------------------|                          |
         | patch status.chain {epoch, merkleRoot, txHash, block, batchId}; Recorded=True
 
+Who signs a batch (decision 0094): with TRUSTCAP_CHAIN_COSIGN=gateways, the verifier gateways. For each
+batch the writer asks the gateways of the verifiers its leaves name first, then the other gateways (their
+Gateway objects' spec.endpoint, `POST http://<endpoint>/v1/cosign`), each of which checks every leaf
+against the decided rounds itself and signs with its trust root; the batch is sent once AttestationLog's
+`quorum` of them signed, and asked again at the next tick when fewer did. The operator holds no key that
+counts toward the quorum.
+
+    writer.seal()  -> cosigners(leaves): Gateway objects, leaves' verifiers first -> GatewayCosigner each
+                   -> POST /v1/cosign {epoch, root, count, chainId, contract, leaves} -> {signature, address}
+                   -> quorum signatures recovering to those addresses, sorted by signer -> journal -> chain
+
+TRUSTCAP_CHAIN_COSIGN=dev-keys signs with the keys in TRUSTCAP_CHAIN_KEYS "batchSigners" instead: a
+development option only (whoever holds those keys can record any batch), said so at startup. When
+TRUSTCAP_CHAIN_COSIGN is not set, a keys file with "batchSigners" is taken as that development choice
+(with the same warning), and one without as `gateways`.
+
 Configuration (environment): TRUSTCAP_CHAIN_RPC, TRUSTCAP_CHAIN_DEPLOYMENT (the Deployment JSON),
 TRUSTCAP_CHAIN_JOURNAL (SQLite path on a persistent volume), TRUSTCAP_CHAIN_KEYS (JSON: {"sender": hex key,
-"batchSigners": [hex keys]}; development only: in production the batch signatures come from the verifier
-gateways' trust roots), TRUSTCAP_CHAIN_CONFIRMATIONS (default 2), TRUSTCAP_CHAIN_BATCH_SECONDS (default 10).
+and for dev-keys "batchSigners": [hex keys]}), TRUSTCAP_CHAIN_COSIGN (gateways | dev-keys),
+TRUSTCAP_CHAIN_COSIGN_TIMEOUT_SECONDS (default 15), TRUSTCAP_CHAIN_CONFIRMATIONS (default 2),
+TRUSTCAP_CHAIN_BATCH_SECONDS (default 10).
 """
 
 from __future__ import annotations
@@ -29,9 +46,11 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import kopf
 from pydantic import ValidationError
@@ -40,11 +59,11 @@ from trustcap.chain.client import ChainClient, Deployment
 from trustcap.chain.errors import ChainError
 from trustcap.chain.journal import Journal
 from trustcap.chain.keys import KeySigner
-from trustcap.chain.writer import Writer
+from trustcap.chain.writer import Cosigner, Cosigners, Writer
 from trustcap.evidence.errors import EvidenceError
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, verdict_id, verify_verdict
 
-__all__ = ["ChainWriterController", "verdicts_of"]
+__all__ = ["ChainWriterController", "CosignRefused", "GatewayCosigner", "gateway_cosigners", "verdicts_of"]
 
 log = logging.getLogger("trustcap.operator.chainwriter")
 
@@ -188,7 +207,102 @@ class ChainWriterController:
         return {"epoch": r.epoch, "merkleRoot": r.root, "txHash": r.tx_hash, "block": r.block, "batchId": r.batch_id}
 
 
+# -- who co-signs a batch: the verifier gateways ----------------------------------------------------------
+class CosignRefused(ChainError):
+    """A gateway did not co-sign a batch: it refused (naming the leaf and why) or could not be reached."""
+
+
+MAX_COSIGN_ANSWER: Final = 4096
+
+
+class GatewayCosigner:
+    """A verifier gateway's `POST /v1/cosign` as the writer's Cosigner: it sends the batch and its leaves and
+    returns the signature the gateway answered (the writer checks it recovers to `address`)."""
+
+    def __init__(self, address: str, url: str, domain: Domain, *, timeout: float = 15.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise CosignRefused(f"gateway {address}: endpoint {url!r} is not an http(s) URL")
+        self._address = address.lower()
+        self.url = url.rstrip("/") + "/v1/cosign"
+        self.domain = domain
+        self.timeout = timeout
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def __call__(self, epoch: int, root: bytes, count: int, leaves: Sequence[Verdict]) -> bytes:
+        body = json.dumps({"epoch": epoch, "root": "0x" + root.hex(), "count": count,
+                           "chainId": self.domain.chain_id, "contract": self.domain.verifying_contract,
+                           "leaves": [v.model_dump(mode="json") for v in leaves]}).encode()
+        req = urllib.request.Request(self.url, data=body, method="POST",  # noqa: S310 - http(s) checked
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                data: bytes = resp.read(MAX_COSIGN_ANSWER + 1)
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = str(json.loads(exc.read(64 * 1024)).get("error", ""))
+            except (ValueError, AttributeError):
+                reason = ""
+            finally:
+                exc.close()
+            raise CosignRefused(f"gateway {self.address} at {self.url} refused: HTTP {exc.code} "
+                                f"{reason[:500]}".rstrip()) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise CosignRefused(f"gateway {self.address} at {self.url} unreachable: "
+                                f"{getattr(exc, 'reason', exc)}") from None
+        try:
+            doc = json.loads(data[:MAX_COSIGN_ANSWER])
+            sig = str(doc["signature"])
+            return bytes.fromhex(sig.removeprefix("0x"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CosignRefused(f"gateway {self.address} at {self.url} answered no signature") from None
+
+
+def gateway_cosigners(gateways: Callable[[], Iterable[Mapping[str, Any]]], domain: Domain, *,
+                      timeout: float = 15.0) -> Cosigners:
+    """`cosigners(leaves)`: a GatewayCosigner for each Gateway object with spec.endpoint (read when the
+    batch is sealed): first the verifiers the leaves name, in the leaves' order, then the other gateways
+    by address. The others are asked too because a batch may name fewer verifiers than the quorum (a
+    verdict written after its round was decided is batched alone), and every gateway checks every leaf
+    against the same rounds."""
+
+    def cosigners(leaves: Sequence[Verdict]) -> list[Cosigner]:
+        wanted = list(dict.fromkeys(v.verifier.lower() for v in leaves))
+        endpoints: dict[str, str] = {}
+        for gw in gateways():
+            spec = (gw or {}).get("spec") or {}
+            addr = str(spec.get("address", "")).lower()
+            if addr and spec.get("endpoint"):
+                endpoints.setdefault(addr, f"http://{spec['endpoint']}")
+        missing = [a for a in wanted if a not in endpoints]
+        if missing:
+            log.info("chain-writer: no Gateway endpoint for verifier(s) %s; they cannot co-sign", ", ".join(missing))
+        order = [a for a in wanted if a in endpoints] + sorted(a for a in endpoints if a not in wanted)
+        return [GatewayCosigner(a, endpoints[a], domain, timeout=timeout) for a in order]
+
+    return cosigners
+
+
+def _kube_gateways() -> Callable[[], list[dict[str, Any]]]:
+    from trustcap.operator.kube import GROUP as KGROUP
+    from trustcap.operator.kube import TIMEOUT_S, Kube
+
+    kube = Kube()
+
+    def gateways() -> list[dict[str, Any]]:
+        try:
+            doc = kube.custom.list_cluster_custom_object(KGROUP, VERSION, "gateways", _request_timeout=TIMEOUT_S)
+        except Exception as exc:  # an API outage: no cosigner this tick, the writer asks again
+            raise CosignRefused(f"cannot list Gateway objects: {getattr(exc, 'reason', exc)}") from exc
+        return list(cast(dict[str, Any], doc).get("items") or [])
+
+    return gateways
+
+
 _controller: ChainWriterController | None = None
+COSIGN_MODES: Final = ("gateways", "dev-keys")
 
 
 def _from_env() -> ChainWriterController:
@@ -201,8 +315,26 @@ def _from_env() -> ChainWriterController:
         raise kopf.PermanentError(f"chain-writer: setting {exc.args[0]} is missing") from None
     except (OSError, ValueError) as exc:
         raise kopf.PermanentError(f"chain-writer: cannot read its configuration: {exc}") from None
-    writer = Writer(client, dep, journal, [KeySigner(k) for k in keys["batchSigners"]],
-                    confirmations=int(os.environ.get("TRUSTCAP_CHAIN_CONFIRMATIONS", "2")))
+    mode = os.environ.get("TRUSTCAP_CHAIN_COSIGN") or ("dev-keys" if keys.get("batchSigners") else "gateways")
+    if mode not in COSIGN_MODES:
+        raise kopf.PermanentError(f"chain-writer: TRUSTCAP_CHAIN_COSIGN={mode!r} is not one of {COSIGN_MODES}")
+    confirmations = int(os.environ.get("TRUSTCAP_CHAIN_CONFIRMATIONS", "2"))
+    if mode == "dev-keys":
+        if not keys.get("batchSigners"):
+            raise kopf.PermanentError("chain-writer: TRUSTCAP_CHAIN_COSIGN=dev-keys needs \"batchSigners\" in "
+                                      "TRUSTCAP_CHAIN_KEYS")
+        log.warning("chain-writer: batches signed with %s development key(s) from TRUSTCAP_CHAIN_KEYS: DEVELOPMENT "
+                    "ONLY, whoever holds them can record any batch; set TRUSTCAP_CHAIN_COSIGN=gateways to have the "
+                    "verifier gateways co-sign", len(keys["batchSigners"]))
+        writer = Writer(client, dep, journal, [KeySigner(k) for k in keys["batchSigners"]],
+                        confirmations=confirmations)
+    else:
+        domain = Domain(chain_id=dep.chain_id, verifying_contract=dep.log)
+        timeout = float(os.environ.get("TRUSTCAP_CHAIN_COSIGN_TIMEOUT_SECONDS", "15"))
+        writer = Writer(client, dep, journal, cosigners=gateway_cosigners(_kube_gateways(), domain, timeout=timeout),
+                        confirmations=confirmations)
+        log.info("chain-writer: batches co-signed by the verifier gateways (POST /v1/cosign), AttestationLog "
+                 "quorum; the operator holds no batch key")
     return ChainWriterController(writer, batch_seconds=float(os.environ.get("TRUSTCAP_CHAIN_BATCH_SECONDS", "10")))
 
 

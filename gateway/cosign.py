@@ -1,0 +1,252 @@
+"""A verifier gateway's co-signature on a chain-writer batch, given only after it checked every leaf itself.
+
+Decision 0094. `AttestationLog.recordBatch` takes a batch (epoch, Merkle root, count) on the word of
+`quorum` registered, active nodes. If the operator held those keys it alone could record any root; so
+the signatures come from the verifier gateways' trust roots, and each gateway signs only a batch whose
+every leaf it found, itself, in a decided round of the cluster: a verdict entry whose signed verdict
+verifies under the chain's domain, by a member of that round's committee. The chain-writer collects
+`quorum` of these; a batch one gateway would refuse is not refused by the others on its say-so, and one
+they all refuse is never sent.
+
+    chain-writer (operator)                    CosignService (this gateway, trust root R)        API server
+      | POST /v1/cosign {epoch, root, count,     |                                                  |
+      |   chainId, contract, leaves: [Verdict]}  |                                                  |
+      |----------------------------------------->| 1 body well-formed, bounded                  400/413
+      |                                          | 2 chainId, contract == this gateway's chain      403
+      |                                          | 3 count == len(leaves); root == tree(leaves)      403
+      |                                          | 4 each leaf: epoch == batch epoch, once           403
+      |                                          |-- list Attestations (system namespace) ------->| 503
+      |                                          | 5 each leaf: the round whose spec.nonce == leaf.attestationId,
+      |                                          |   decided (status.result Passed/Failed), node and phase the
+      |                                          |   round's, and equal to a status.verdicts[] entry's signed
+      |                                          |   verdict that verifies (verify_verdict, chain domain), by
+      |                                          |   that entry's verifier, a member of spec.committee      403
+      |<-- 200 {signature, address} -------------| sig = R.sign(batch_digest(epoch, root, count, chainId, contract))
+      |<-- 4xx {error, field, failures} ---------| every failed leaf named (leaves[i]: why); nothing signed
+
+The writer recomputes nothing on the gateway's behalf: the gateway rebuilds the tree from the leaves
+exactly as the writer does (`verdict_leaf(verdict_id(leaf, domain))`, OZ layout, leaves sorted), so the
+root it signs is the root of the leaves it checked. A gateway signs one batch at a time (a second gets 503
+and is asked again later); the body is at most `MAX_BODY` bytes and `MAX_LEAVES` leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, Final, Protocol
+
+from pydantic import ValidationError
+
+from trustcap import merkle
+from trustcap.chain.typed import batch_digest
+from trustcap.errors import TrustcapError
+from trustcap.evidence.errors import EvidenceError
+from trustcap.evidence.signing import Signer
+from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, verdict_id, verify_verdict
+
+__all__ = ["MAX_BODY", "MAX_LEAVES", "CosignKube", "CosignService"]
+
+log = logging.getLogger("trustcap.gateway")
+
+MAX_BODY: Final = 1 << 20  # 1000 verdicts of ~450 bytes each fit
+MAX_LEAVES: Final = 1000  # the writer's default max_batch
+DECIDED: Final = ("Passed", "Failed")
+_FIELDS: Final = frozenset({"epoch", "root", "count", "chainId", "contract", "leaves"})
+_U64: Final = (1 << 64) - 1
+
+
+class CosignKube(Protocol):
+    """What the co-signer reads in the cluster (gateway/committee.py `KubeRounds` in production)."""
+
+    def attestations(self, namespace: str) -> list[dict[str, Any]]: ...
+
+
+class _Refused(Exception):
+    def __init__(self, status: HTTPStatus, field: str, cause: str, failures: Sequence[str] = ()) -> None:
+        super().__init__(cause)
+        self.status, self.field, self.cause, self.failures = status, field, cause, list(failures)
+
+
+class _Unavailable(Exception):
+    """The rounds cannot be read now (API server); the writer asks again later."""
+
+
+class CosignService:
+    """`handle(body)` for `POST /v1/cosign` on the relay: (HTTP status, JSON body); never raises for a
+    client's fault or an API-server outage (503: the writer asks again later)."""
+
+    def __init__(self, root: Signer, kube: CosignKube, *, namespace: str, domain: Domain) -> None:
+        self.root = root
+        self.kube = kube
+        self.namespace = namespace
+        self.domain = domain
+        self._one = threading.Lock()
+        self.stats = {"signed": 0, "refused": 0, "busy": 0, "unavailable": 0}
+
+    def handle(self, body: bytes) -> tuple[int, bytes]:
+        if not self._one.acquire(blocking=False):
+            self.stats["busy"] += 1
+            return _answer(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy: co-signing another batch, retry"})
+        try:
+            return self._handle(body)
+        finally:
+            self._one.release()
+
+    def _handle(self, body: bytes) -> tuple[int, bytes]:
+        try:
+            epoch, root, count, leaves = self._parse(body)
+            self._check_leaves(epoch, leaves)
+        except _Refused as exc:
+            self.stats["refused"] += 1
+            log.info("cosign: batch refused: %s: %s", exc.field, exc.cause)
+            doc: dict[str, Any] = {"error": f"field {exc.field!r}: {exc.cause}", "field": exc.field}
+            if exc.failures:
+                doc["failures"] = exc.failures
+            return _answer(exc.status, doc)
+        except _Unavailable as exc:  # the API server's outage: no evidence either way
+            self.stats["unavailable"] += 1
+            log.warning("cosign: cannot read the rounds: %s", exc)
+            return _answer(HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"rounds unavailable: {str(exc)[:200]}"})
+        digest = batch_digest(epoch, root, count, self.domain.chain_id, self.domain.verifying_contract)
+        sig = self.root.sign_digest(digest)
+        self.stats["signed"] += 1
+        log.info("cosign: signed batch epoch %s root 0x%s (%s verdicts, each checked)", epoch, root.hex(), count)
+        return _answer(HTTPStatus.OK, {"signature": "0x" + sig.hex(), "address": self.root.address.lower()})
+
+    # -- the batch as a whole ------------------------------------------------------------------------
+    def _parse(self, body: bytes) -> tuple[int, bytes, int, list[Verdict]]:
+        bad = HTTPStatus.BAD_REQUEST
+        if len(body) > MAX_BODY:
+            raise _Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body", f"over {MAX_BODY} bytes")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _Refused(bad, "body", "request body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise _Refused(bad, "body", "request body is not a JSON object")
+        missing, unknown = sorted(_FIELDS - set(doc)), sorted(set(doc) - _FIELDS)
+        if missing or unknown:
+            raise _Refused(bad, (missing or unknown)[0], "missing" if missing else "unknown field")
+        epoch, count, chain_id, contract = doc["epoch"], doc["count"], doc["chainId"], doc["contract"]
+        for name, value, top in (("epoch", epoch, _U64), ("count", count, MAX_LEAVES), ("chainId", chain_id, _U64)):
+            if type(value) is not int or not 0 <= value <= top:
+                raise _Refused(bad, name, f"must be an integer from 0 to {top}")
+        root = _hex32(doc["root"])
+        if root is None:
+            raise _Refused(bad, "root", "must be 0x and 64 lowercase hex digits")
+        if not isinstance(contract, str):
+            raise _Refused(bad, "contract", "must be an address")
+        if chain_id != self.domain.chain_id or contract.lower() != self.domain.verifying_contract.lower():
+            raise _Refused(HTTPStatus.FORBIDDEN, "contract", f"this gateway signs for chain {self.domain.chain_id} "
+                           f"AttestationLog {self.domain.verifying_contract} only, not chain {chain_id} {contract}")
+        raw = doc["leaves"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_LEAVES:
+            raise _Refused(bad, "leaves", f"must be a list of 1 to {MAX_LEAVES} verdicts")
+        leaves: list[Verdict] = []
+        for i, item in enumerate(raw):
+            try:
+                leaves.append(Verdict.model_validate(item))
+            except ValidationError as exc:
+                err = exc.errors(include_url=False, include_input=False)[0]
+                where = ".".join(str(p) for p in err.get("loc", ())) or "(leaf)"
+                raise _Refused(bad, f"leaves[{i}]", f"{where} is not valid: {err.get('msg', 'invalid')}") from None
+        if count != len(leaves):
+            raise _Refused(HTTPStatus.FORBIDDEN, "count", f"count {count} but {len(leaves)} leaves")
+        mine = merkle.MerkleTree([merkle.verdict_leaf(verdict_id(v, self.domain)) for v in leaves]).root
+        if mine != root:
+            raise _Refused(HTTPStatus.FORBIDDEN, "root", f"the leaves' Merkle root is 0x{mine.hex()}, not "
+                           f"0x{root.hex()}")
+        return epoch, root, count, leaves
+
+    # -- each leaf, against the cluster's rounds -----------------------------------------------------
+    def _check_leaves(self, epoch: int, leaves: Sequence[Verdict]) -> None:
+        rounds: dict[str, Mapping[str, Any]] = {}
+        try:
+            listed = self.kube.attestations(self.namespace)
+        except (TrustcapError, OSError) as exc:
+            raise _Unavailable(str(exc)) from exc
+        for att in listed:
+            nonce = str(((att or {}).get("spec") or {}).get("nonce", "")).lower()
+            if nonce:
+                rounds[nonce] = att
+        failures: list[str] = []
+        seen: set[bytes] = set()
+        for i, leaf in enumerate(leaves):
+            vid = verdict_id(leaf, self.domain)
+            why = ("the same verdict twice in one batch" if vid in seen
+                   else f"epoch {leaf.epoch} is not the batch's epoch {epoch}" if leaf.epoch != epoch
+                   else self._refusal(leaf, rounds.get(leaf.attestation_id.lower())))
+            seen.add(vid)
+            if why:
+                failures.append(f"leaves[{i}] (round {leaf.attestation_id[:18]}.., verifier {leaf.verifier}): {why}")
+        if failures:
+            first = failures[0].split(" ", 1)[0]
+            raise _Refused(HTTPStatus.FORBIDDEN, first, "; ".join(failures), failures)
+
+    def _refusal(self, leaf: Verdict, att: Mapping[str, Any] | None) -> str:
+        """Why this leaf is not a counted verdict of a decided round, or "" when it is."""
+        if att is None:
+            return f"no Attestation in {self.namespace} has spec.nonce {leaf.attestation_id}"
+        spec, status = att.get("spec") or {}, att.get("status") or {}
+        name = (att.get("metadata") or {}).get("name", "?")
+        if status.get("result") not in DECIDED:
+            return f"round {name} is not decided (status.result {status.get('result')!r})"
+        members = {str(m.get("address", "")).lower() for m in (spec.get("committee") or {}).get("members") or []
+                   if isinstance(m, Mapping)}
+        if str(spec.get("executor", "")).lower() != leaf.node.lower():
+            return f"about node {leaf.node}, not round {name}'s executor"
+        try:
+            phase = int(Phase[str(spec.get("phase", "")).upper()])
+        except KeyError:
+            return f"round {name} has no valid spec.phase"
+        if leaf.phase != phase:
+            return f"phase {leaf.phase}, not round {name}'s phase {spec.get('phase')}"
+        reasons: list[str] = []
+        for entry in status.get("verdicts") or []:
+            why = _entry_refusal(entry, leaf, members, self.domain)
+            if not why:
+                return ""
+            if why != "another verdict":
+                reasons.append(why)
+        if reasons:
+            return f"round {name}'s entry for this verdict is not counted: {'; '.join(reasons)}"
+        return f"not among round {name}'s status.verdicts"
+
+
+def _entry_refusal(entry: Any, leaf: Verdict, members: set[str], domain: Domain) -> str:
+    """"" when this status.verdicts entry is the leaf, signed by a member; "another verdict" when it is not
+    the leaf at all; else why the entry that is the leaf does not count."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("verdict"), Mapping):
+        return "another verdict"
+    try:
+        signed = SignedVerdict.model_validate(entry["verdict"])
+    except ValidationError:
+        return "another verdict"
+    if signed.verdict != leaf:
+        return "another verdict"
+    try:
+        signer = verify_verdict(signed, domain=domain).lower()
+    except EvidenceError as exc:
+        return str(exc)
+    if signer != str(entry.get("verifier", "")).lower():
+        return f"signed by {signer}, not by the entry's verifier {entry.get('verifier')}"
+    if signer not in members:
+        return f"verifier {signer} is not a member of spec.committee"
+    return ""
+
+
+def _hex32(value: Any) -> bytes | None:
+    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x"):
+        return None
+    try:
+        return bytes.fromhex(value[2:]) if value[2:] == value[2:].lower() else None
+    except ValueError:
+        return None
+
+
+def _answer(status: HTTPStatus, doc: Mapping[str, Any]) -> tuple[int, bytes]:
+    return int(status), json.dumps(doc).encode()
