@@ -4,9 +4,9 @@
       kube-apiserver (the stack)   <- operator (capsule, rounds,    agent: enrols with a one-time token,
         CRDs, Gateway / BootImage /   chain-writer, Gateway Ready)  quotes, runs capsules on Docker Engine
         HPCNode objects                                              |  veth 169.254.(80+i).2/30 only
-      anvil (its own, 1 s blocks)  <- contracts, 4 + 2 nodes         |
+      anvil (its own, 1 s blocks)  <- contracts, 4 nodes             |
       gateway i (trust root i)  169.254.(80+i).1 <-------------------+
-        participant, committee member, runner; relay on 127.0.0.1
+        participant, committee member, runner; relay on 127.0.0.1 (with /v1/cosign for the chain-writer)
       brokers B and C (127.0.0.1), a file store
 
 Why a world of its own: the demo and the e2e must show the seed's mission on real components (the API
@@ -15,11 +15,12 @@ this machine. Each HPC's only link is a veth to its gateway (the Pi's point-to-p
 can reach nothing but its gateway. The chain is a fresh anvil with `--block-time 1`, so a funded task gets
 its seed block within a second and nothing the stack's shared anvil holds is disturbed.
 
-Two extra registered nodes (anvil accounts 3 and 4) sign the chain-writer's batches: in production the
-verifier gateways co-sign batches (operator/chainwriter.py); they never commit to a task, so they are
-never drawn. One world runs on a stack at a time (a lock in the stack's state folder; a second waits):
-two would share the system namespace and the cluster-scoped Gateways. Everything started here is
-stopped, and every namespace and object removed, when the `World.up` block ends, even when it fails.
+The chain-writer's batches are co-signed by the verifier gateways themselves (decision 0094,
+TRUSTCAP_CHAIN_COSIGN=gateways): AttestationLog's quorum is 2, the operator holds no batch key, and each
+gateway signs a batch only after finding every leaf among the decided rounds' verdicts. One world runs
+on a stack at a time (a lock in the stack's state folder; a second waits): two would share the system
+namespace and the cluster-scoped Gateways. Everything started here is stopped, and every namespace and
+object removed, when the `World.up` block ends, even when it fails.
 """
 
 from __future__ import annotations
@@ -208,15 +209,13 @@ class World:
                                   "name": f"gw-{i}", "node": f"hpc-{i}", "ip": f"169.254.{80 + i}.1",
                                   "hpc_ip": f"169.254.{80 + i}.2", "netns": f"tcw{i}"})
             specs.append(NodeSpec(root, root.vrf_public_key(), bytes.fromhex(root.address[2:]).rjust(32, b"\0")))
-        signers = [KeySigner(ANVIL_KEYS[3]), KeySigner(ANVIL_KEYS[4])]
-        for s in signers:  # the chain-writer's batch co-signers (module docstring)
-            specs.append(NodeSpec(s, bytes.fromhex("02" + "00" * 31 + "01"), bytes(32)))
-        d = deploy_network(self.rpc_url, owner, specs, coordinator=KeySigner(ANVIL_KEYS[2]).address)
+        # quorum 2: two verifier gateways co-sign each batch (module docstring); no extra signer nodes
+        d = deploy_network(self.rpc_url, owner, specs, coordinator=KeySigner(ANVIL_KEYS[2]).address, quorum=2)
         self.deployment = self.workdir / "deployment.json"
         d.save(self.deployment)
         self._owner = owner
         self._keys = self.workdir / "chain-keys.json"
-        self._keys.write_text(json.dumps({"sender": ANVIL_KEYS[2], "batchSigners": [ANVIL_KEYS[3], ANVIL_KEYS[4]]}))
+        self._keys.write_text(json.dumps({"sender": ANVIL_KEYS[2]}))  # the coordinator's account; no batch keys
         os.chmod(self._keys, 0o600)
 
     def _objects(self) -> None:
@@ -277,7 +276,7 @@ class World:
             "TRUSTCAP_COMMIT_WINDOW_SECONDS": "3", "TRUSTCAP_ROUND_TIMEOUT_SECONDS": "60",
             "TRUSTCAP_POLICY_DIGEST": self.policy_digest, "TRUSTCAP_CHAIN_RPC": self.rpc_url,
             "TRUSTCAP_CHAIN_DEPLOYMENT": str(self.deployment), "TRUSTCAP_CHAIN_KEYS": str(self._keys),
-            "TRUSTCAP_CHAIN_JOURNAL": str(self.workdir / "chain-journal.sqlite"),
+            "TRUSTCAP_CHAIN_COSIGN": "gateways", "TRUSTCAP_CHAIN_JOURNAL": str(self.workdir / "chain-journal.sqlite"),
             "TRUSTCAP_CHAIN_BATCH_SECONDS": "2", "TRUSTCAP_CHAIN_CONFIRMATIONS": "1",
             "TRUSTCAP_BOOTIMAGE_POLL_SECONDS": "2",
         })
@@ -375,9 +374,10 @@ class World:
         with contextlib.suppress(WorldError):
             self._kubectl("delete", "capsules", "--all", "-n", self.namespace, "--wait=true", "--timeout=90s")
         for kind in _KINDS[1:]:
-            with contextlib.suppress(WorldError):
-                ns = ["-n", SYSTEM_NAMESPACE] if kind in ("capsuleruns", "attestations") else []
-                self._kubectl("delete", kind, "--all", *ns, "--wait=true", "--timeout=60s")
+            with contextlib.suppress(WorldError):  # only this world's: other tests share the cluster
+                which = (["--all", "-n", SYSTEM_NAMESPACE] if kind in ("capsuleruns", "attestations")
+                         else ["-l", f"{WORLD_LABEL}=true"])
+                self._kubectl("delete", kind, *which, "--wait=true", "--timeout=60s")
         with contextlib.suppress(WorldError):
             self._kubectl("delete", "secrets", "-n", SYSTEM_NAMESPACE, "-l", "trustcap.io/reveal", "--wait=false")
         with contextlib.suppress(WorldError):
