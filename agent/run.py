@@ -361,7 +361,9 @@ class CapsuleRunner:
         if result.output is None:
             return "Failed", result.output_error or "the capsule wrote no /output/result"
         if result.wipe.get("verified") is not True:
-            return "Failed", "the wipe did not verify: the result is withheld"
+            bad = [f"{i.get('what', '?')}: {i.get('error') or i.get('why') or 'not verified'}"
+                   for i in result.wipe.get("items") or [] if i.get("verified") is not True]
+            return "Failed", f"the wipe did not verify ({'; '.join(bad) or 'no wipe items'}): the result is withheld"
         return "Completed", ""
 
     def _spec(self, manifest: Manifest, input_bytes: int) -> IsolationSpec:
