@@ -204,7 +204,11 @@ class ChainWriterController:
                                       delay=CONFIRM_POLL_S)
         r = records[0]
         assert r is not None
-        return {"epoch": r.epoch, "merkleRoot": r.root, "txHash": r.tx_hash, "block": r.block, "batchId": r.batch_id}
+        # A late verdict of a round already decided lands in a later batch: each verdict says where it is.
+        inclusions = [{"verdictId": x.verdict_id, "batchId": x.batch_id, "merkleRoot": x.root, "proof": list(x.proof)}
+                      for x in records if x is not None]
+        return {"epoch": r.epoch, "merkleRoot": r.root, "txHash": r.tx_hash, "block": r.block, "batchId": r.batch_id,
+                "inclusions": inclusions}
 
 
 # -- who co-signs a batch: the verifier gateways ----------------------------------------------------------

@@ -45,7 +45,7 @@ def verify_capsule(capsule: Mapping[str, Any], view: Any, *, batch_recorded: Any
     from trustcap.capsule.ids import capsule_id, task_id
     from trustcap.evidence.quote import decode_signed_quote
     from trustcap.evidence.verdict import Phase, SignedVerdict, verdict_id, verify_verdict
-    from trustcap.merkle import MerkleTree, verdict_leaf
+    from trustcap.merkle import MerkleTree, verdict_leaf, verify_proof
     from trustcap.sortition import Reveal, select_from_chain
 
     out: list[Check] = []
@@ -76,6 +76,7 @@ def verify_capsule(capsule: Mapping[str, Any], view: Any, *, batch_recorded: Any
     record = list(st.get("record") or [])
     executor_keys: set[str] = set()
     by_batch: dict[str, list[bytes]] = {}
+    inclusions: list[tuple[str, Mapping[str, Any], bytes]] = []
     roots: dict[str, str] = {}
     post_nonce = ""
     for rnd in record:
@@ -99,10 +100,15 @@ def verify_capsule(capsule: Mapping[str, Any], view: Any, *, batch_recorded: Any
                 problems.append(f"{signer}: about another round, node or phase")
                 continue
             counted[signer] = v.passed
-            batch = str((rnd.get("chain") or {}).get("batchId") or "")
-            if batch:
+            chain = rnd.get("chain") or {}
+            vid = "0x" + verdict_id(v, domain).hex()
+            where = {str(i.get("verdictId", "")).lower(): i for i in chain.get("inclusions") or []}.get(vid)
+            batch = str(chain.get("batchId") or "")
+            if where is not None:  # this verdict's own batch and Merkle proof
+                inclusions.append((vid, where, verdict_leaf(verdict_id(v, domain))))
+            elif batch:
                 by_batch.setdefault(batch, []).append(verdict_leaf(verdict_id(v, domain)))
-                roots[batch] = str((rnd.get("chain") or {}).get("merkleRoot") or "")
+                roots[batch] = str(chain.get("merkleRoot") or "")
             if phase == "pre" and v.passed and item.get("quote"):
                 quote = decode_signed_quote(base64.b64decode(item["quote"])).quote
                 executor_keys.add(str(quote.capsule_state.get("executorKey", "")).lower())
@@ -115,6 +121,19 @@ def verify_capsule(capsule: Mapping[str, Any], view: Any, *, batch_recorded: Any
                          + (f"; refused: {'; '.join(problems)}" if problems else "")))
         if phase == "post":
             post_nonce = str(rnd.get("nonce", "")).lower()
+    for vid, where, leaf in inclusions:
+        root_hex = str(where.get("merkleRoot", "")).lower()
+        try:
+            root = bytes.fromhex(root_hex.removeprefix("0x"))
+            proof = [bytes.fromhex(str(p).removeprefix("0x")) for p in where.get("proof") or []]
+        except ValueError:
+            root, proof = b"", []
+        included = verify_proof(root, leaf, proof)
+        recorded = included and bool(batch_recorded(str(where.get("batchId", "")), root_hex)) if batch_recorded \
+            else False
+        out.append(Check(f"verdict {vid[:10]}… on chain", included and recorded,
+                         f"Merkle proof {'leads' if included else 'does NOT lead'} to root {root_hex[:18]}…, "
+                         + ("recorded in the AttestationLog" if recorded else "NOT found on chain")))
     for batch, leaves in by_batch.items():
         local = "0x" + MerkleTree(leaves).root.hex()
         recorded = bool(batch_recorded(batch, local)) if batch_recorded else False
