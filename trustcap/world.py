@@ -48,6 +48,19 @@ SYSTEM_NAMESPACE = "trustcap-system"
 BOOT_DIGEST = "0x" + "b0" * 32  # the (simulated) approved boot image every agent here reports
 AGENT_PORT = 7100
 WORLD_LABEL = "trustcap.io/world"
+GUARD_TABLE = "trustcap_world_guard"
+GUARD_RULES = f"""table inet {GUARD_TABLE} {{
+  chain input {{
+    type filter hook input priority filter - 10; policy accept;
+    iifname "tcg*" tcp dport {AGENT_PORT} accept
+    iifname "tcg*" counter log prefix "trustcap-hpc-deny " drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    iifname "tcg*" counter log prefix "trustcap-hpc-deny " drop
+  }}
+}}
+"""
 _KINDS = ("capsules", "capsuleruns", "attestations", "hpcnodes", "gateways", "bootimages")
 GROUP, VERSION = "trustcap.io", "v1alpha1"
 Progress = Callable[..., None]
@@ -284,6 +297,8 @@ class World:
                     env=env)
 
     def _pairs(self) -> None:
+        self.guard_on()
+        self._cleanup.callback(self.guard_off)
         for g in self.gateways:
             self._netns(g)
             token = self.workdir / f"gw{g['index']}" / "token"
@@ -303,6 +318,29 @@ class World:
                 "--gateway", f"{g['ip']}:{AGENT_PORT}",
                 "--token", armed, "--bootdigest", "sha256:" + BOOT_DIGEST[2:], "--gatewayaddr", g["root"].address,
                 "--node", g["node"]])
+
+    # --- the Pi's guard on every HPC link ------------------------------------------------------------
+    def guard_on(self) -> None:
+        """What each Pi enforces on its HPC link: from an HPC only the agent channel to its own gateway;
+        anything else, to the host or forwarded beyond it, is counted and dropped (the per-run egress
+        tables of gateway/egress.py add a run's declared endpoints on a real Pi). Capsule runs here have
+        no network of their own (the executor's `none`)."""
+        self.guard_off()
+        _run(["nft", "-f", "-"], stdin=GUARD_RULES)
+
+    def guard_off(self) -> None:
+        subprocess.run(["nft", "delete", "table", "inet", GUARD_TABLE], capture_output=True, check=False)
+
+    def guard_drops(self) -> int:
+        """Packets the guard dropped so far (its counter, read back from the kernel)."""
+        out = subprocess.run(["nft", "-j", "list", "table", "inet", GUARD_TABLE], capture_output=True, text=True,
+                             check=False).stdout
+        total = 0
+        for item in (json.loads(out).get("nftables", []) if out else []):
+            for expr in (item.get("rule") or {}).get("expr", []):
+                if "counter" in expr:
+                    total += int(expr["counter"].get("packets", 0))
+        return total
 
     def _netns(self, g: dict[str, Any]) -> None:
         ns, i = g["netns"], g["index"]
@@ -425,8 +463,8 @@ def _drain(stream: Any, log: Path) -> None:
             out.flush()
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+def _run(cmd: list[str], stdin: str | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False, input=stdin)
     if proc.returncode != 0:
         raise WorldError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
 

@@ -253,3 +253,42 @@ def test_an_input_that_cannot_be_opened_fails_naming_it_and_releases_nothing(wor
     assert "names-b" in failed["message"], failed
     run = _run_of(custom, final)
     assert run is not None and not run["status"].get("inputsReleased"), run["status"]
+
+
+def test_an_hpc_reaches_only_its_gateways_agent_channel(world: Any) -> None:
+    """An HPC that tries the host's other services is dropped and counted by the Pi's guard; its agent
+    channel still works (positive control), and the same attempt gets through with the guard off, so the
+    guard is what stops it. Traffic stays on this machine: the HPC's veth and a listener the test opens."""
+    import socket
+
+    from netlab import in_netns
+
+    from trustcap.world import AGENT_PORT
+
+    gw = world.gateways[0]
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))  # noqa: S104 - the host service an HPC must not reach, on every address here
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def reaches(port_: int) -> bool:
+        with in_netns(gw["netns"]):
+            try:
+                socket.create_connection((gw["ip"], port_), timeout=2).close()
+                return True
+            except OSError:
+                return False
+
+    try:
+        assert reaches(AGENT_PORT), "the agent channel to its own gateway must stay open"
+        before = world.guard_drops()
+        assert not reaches(port), "an HPC reached a host service beside its agent channel"
+        assert world.guard_drops() > before, "the refused attempt was not counted by the guard"
+        world.guard_off()
+        try:
+            assert reaches(port), "without the guard the attempt gets through: the control shows the guard stops it"
+        finally:
+            world.guard_on()
+        assert not reaches(port)
+    finally:
+        listener.close()
