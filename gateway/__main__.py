@@ -126,8 +126,11 @@ def _lifecycle(args: argparse.Namespace, root: Any, server: Any,
                              endpoint_of=endpoint_from_gateways(rounds.gateways))
 
     def eligible() -> bool:
-        """Only a node whose HPC is enrolled and whose agent answers may be drawn."""
-        return server.wait_for_agent(0) is not None
+        """Only a node whose agent is connected and whose HPCNode the operator calls Enrolled takes part
+        (a quarantined or not yet enrolled HPC would only fail its committee, and lock the deposit)."""
+        server.wait_for_agent(0)  # raises when no agent is connected
+        node = rounds.hpcnode(args.node) or {}
+        return (node.get("status") or {}).get("phase") == "Enrolled"
 
     participant = Participant(root, escrow, kube, namespace=ns, eligible=_quietly(eligible))
     cosign = CosignService(root, rounds, namespace=ns, domain=escrow.domain())
