@@ -73,13 +73,11 @@ class KubeCapsules:
     and their status, the task's reveal Secrets)."""
 
     def __init__(self, kubeconfig: str | None = None, *, timeout_s: float = TIMEOUT_S) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
-        if kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
+        from trustcap.kubeclient import api_client as kube_api_client
+
+        api_client = kube_api_client(kubeconfig)
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
         self._timeout = timeout_s

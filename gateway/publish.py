@@ -60,13 +60,11 @@ class KubeHPCNodes:
     """HPCNode reads and status patches through the real API server; errors become PublishError."""
 
     def __init__(self, kubeconfig: str | None = None, *, timeout_s: float = 10.0) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
-        if kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
+        from trustcap.kubeclient import api_client as kube_api_client
+
+        api_client = kube_api_client(kubeconfig)
         self._api = client.CustomObjectsApi(api_client)
         self._timeout = timeout_s
 

@@ -72,15 +72,13 @@ class AnyDirectory:
 
 def _kube_lister(kubeconfig: str | None, timeout_s: float) -> Callable[[], list[dict[str, Any]]]:
     import yaml
-    from kubernetes import client, config
+    from kubernetes import client
     from kubernetes.config.config_exception import ConfigException
 
     try:
-        if kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
+        from trustcap.kubeclient import api_client as kube_api_client
+
+        api_client = kube_api_client(kubeconfig)
     except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
         raise DirectoryError(f"cannot load kubeconfig {kubeconfig or 'in-cluster'!r}: {exc}") from exc
     api = client.CustomObjectsApi(api_client)

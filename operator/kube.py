@@ -26,14 +26,12 @@ class KubeError(OperatorError):  # type: ignore[misc]  # package-dir mapping (is
 
 class Kube:
     def __init__(self, kubeconfig: str | None = None) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
         path = kubeconfig or os.environ.get("KUBECONFIG")
-        if path:
-            api_client = config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call]
-        else:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
+        from trustcap.kubeclient import api_client as kube_api_client
+
+        api_client = kube_api_client(path)
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
 

@@ -1,0 +1,23 @@
+"""One way to reach the API server, for every component that talks to it (operator, gateway, netboot, CLI).
+
+A kubeconfig path when one is given (the local stack, a person's machine), else the pod's service account
+(`in-cluster`, as the chart runs the operator and the gateways). Errors are the kubernetes library's own
+(ConfigException, OSError, ValueError, yaml.YAMLError): each caller names them in its own terms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["api_client"]
+
+
+def api_client(kubeconfig: str | Path | None = None) -> Any:
+    """A kubernetes ApiClient from `kubeconfig`, or from the in-cluster service account when it is None."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    config.load_incluster_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
