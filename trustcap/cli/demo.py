@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from trustcap.cli._progress import step_bar, step_reporter
 from trustcap.errors import TrustcapError
 from trustcap.stack import paths
 from trustcap.stack.stack import Stack
@@ -59,16 +60,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.gateways < 4:
         raise DemoError(f"--gateways {args.gateways}: the PSI capsule's committee of 3 needs at least 4 gateways "
                         "(an executor and 3 verifiers)")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
-        steps: dict[str, Any] = {}
-
-        def progress(step: str, done: bool = False) -> None:
-            if step not in steps:
-                steps[step] = bar.add_task(step, total=None)
-            if done:
-                bar.update(steps[step], description=f"[green]{step}")
-                bar.stop_task(steps[step])
+    with step_bar(console) as bar:
+        progress = step_reporter(bar)
 
         progress("building the PSI function image")
         digest = _build_image()

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from trustcap.cli._progress import step_bar, step_reporter
 from trustcap.errors import ConfigError
 
 __all__ = ["env_lines", "register"]
@@ -78,16 +78,8 @@ def _up(args: argparse.Namespace) -> int:
         raise ConfigError(f"{workdir} holds an earlier world's owner keys ({workdir / 'owners'}): pass a new "
                           f"--workdir, or remove {workdir} if nothing in it is needed")
     signal.signal(signal.SIGTERM, _interrupt)  # while it comes up: unwind, so what is up is torn down
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
-        steps: dict[str, Any] = {}
-
-        def progress(step: str, done: bool = False) -> None:
-            if step not in steps:
-                steps[step] = bar.add_task(step, total=None)
-            if done:
-                bar.update(steps[step], description=f"[green]{step}")
-                bar.stop_task(steps[step])
+    with step_bar(console) as bar:
+        progress = step_reporter(bar)
 
         world = World.up(n=args.gateways, workdir=workdir, namespace=args.namespace, progress=progress)
         w = world.__enter__()
