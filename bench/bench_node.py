@@ -2,8 +2,9 @@
 
     launch   isolated capsule run of `true` (Executor: scratch on a loop device, seccomp, limits, wipe with
              read-back, state snapshots)  vs  `docker run --rm IMAGE true` of the same image
-    wipe     BlockScratch.wipe() of a 1 GiB scratch (hash before, zero-fill + fsync, discard, read back
-             device and backing file)  vs  `dd` zero-fill of 1 GiB (fsync) + one `dd` read-back
+    wipe     BlockScratch.wipe() of a 1 GiB scratch (hash of what was there, zero-fill + fsync, read back
+             the backing file past the page cache)  vs  `dd` zero-fill of 1 GiB (fsync) + one uncached
+             (`iflag=direct`) `dd` read-back: the wipe's read-back is O_DIRECT, so the baseline's is too
     quote    quote round trip through the gateway (encrypted channel, real measurements, countersign)
              vs  the agent measuring and signing locally (no transport, no countersignature)
 
@@ -93,7 +94,8 @@ def bench_wipe(mib: int, root: Path) -> tuple[float, float]:
         t = timed(lambda: (
             subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=4M", f"count={mib // 4}", "conv=fsync",
                             "status=none"], check=True, timeout=600),
-            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "status=none"], check=True, timeout=600)))
+            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"], check=True,
+                           timeout=600)))
         f.unlink()
         return t
 

@@ -82,7 +82,7 @@ def test_wipe_refuses_to_verify_a_device_that_is_not_zero(scratch: BlockScratch,
     if fault == "nonzero":
         monkeypatch.setattr(wipe, "_ZERO", b"\x01" * len(wipe._ZERO))  # the "overwrite" writes non-zero
     else:
-        monkeypatch.setattr(wipe, "_overwrite", lambda path, size: None)
+        monkeypatch.setattr(wipe, "_overwrite", lambda path, size, **_: None)
     with pytest.raises(WipeError, match="did not verify"):
         scratch.wipe()
 
@@ -118,7 +118,7 @@ def test_log_file_overwrite_is_read_back(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         os.close(fd)
     log.write_bytes(b"SECRET-OUTPUT" * 10)
-    monkeypatch.setattr(wipe, "_overwrite", lambda path, size: None)
+    monkeypatch.setattr(wipe, "_overwrite", lambda path, size, **_: None)
     assert wipe.overwrite_file(log, "log")["verified"] is False
 
 
