@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
@@ -43,6 +42,7 @@ from typing import Any, Final, Protocol, cast
 
 from eth_utils.address import to_checksum_address
 from pydantic import ValidationError
+from trustcap.gateway._loop import PollingLoop
 from trustcap.gateway.attest_errors import RelayError
 from trustcap.gateway.participant import LifecycleError
 from trustcap.gateway.relay import request_quote
@@ -209,8 +209,11 @@ def verdict_entry(signed: SignedVerdict, quote: SignedQuote, *, nonce: bytes, do
     }
 
 
-class CommitteeMember:
+class CommitteeMember(PollingLoop):
     """Writes this gateway's verdict into every open capsule round whose committee it sits on."""
+
+    loop_name = "trustcap-committee"
+    step_label = "committee pass"
 
     def __init__(self, root: Signer, *, kube: CommitteeKube, namespace: str, domain: Domain, policy: Policy,
                  endpoint_of: Callable[[str], str | None], poll_s: float = 1.0, request_timeout_s: float = 10.0,
@@ -222,36 +225,12 @@ class CommitteeMember:
         self.domain = domain
         self.policy = policy
         self.endpoint_of = endpoint_of
-        self.poll_s = poll_s
         self.request_timeout_s = request_timeout_s
         self.max_quote_age_s = max_quote_age_s
         self.clock = clock
         self.nonces = NonceRegistry(window_seconds=max(request_timeout_s, max_quote_age_s) * 2, clock=clock)
         self.written = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- the loop ---------------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="trustcap-committee", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_s)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:  # one bad pass (an API outage) must not end the gateway's committee work
-                log.exception("committee: pass failed")
-            self._stop.wait(self.poll_s)
+        self._init_loop(poll_s)
 
     # -- one pass ---------------------------------------------------------------------------------------
     def step(self) -> int:
@@ -259,7 +238,7 @@ class CommitteeMember:
         rounds = self.kube.attestations(self.namespace)
         written = 0
         for att in rounds:
-            if self._stop.is_set():
+            if self._halt.is_set():
                 break
             if not self._is_open_for_me(att):
                 continue

@@ -27,10 +27,10 @@ from __future__ import annotations
 import base64
 import builtins
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol, cast
 
+from trustcap.gateway._loop import PollingLoop
 from trustcap.gateway.errors import GatewayError
 
 from trustcap import sortition
@@ -194,42 +194,20 @@ def _bytes32(value: Any) -> bytes | None:
         return None
 
 
-class Participant:
+class Participant(PollingLoop):
     """Commits this gateway to its draw for every funded, seeded, Pending capsule, once per task."""
+
+    loop_name = "trustcap-gateway-participant"
+    step_label = "selection pass"
 
     def __init__(self, root: _Root, escrow: Any, kube: ParticipantKube, *, namespace: str,
                  eligible: Callable[[], bool] = lambda: True, poll_s: float = 1.0) -> None:
         self.root, self.escrow, self.kube = root, escrow, kube
         self.namespace = namespace
         self.eligible = eligible
-        self.poll_s = poll_s
         self.address = str(root.address).lower()
         self._done: set[bytes] = set()  # tasks committed (or found committed, or past Funded)
-        self._halt = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- the loop -------------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._halt.clear()
-        self._thread = threading.Thread(target=self._loop, name="trustcap-gateway-participant", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.step()
-            except (TrustcapError, OSError) as exc:
-                log.warning("selection pass failed, will retry: %s", exc)
-            except Exception:  # the loop outlives a bug in one pass; the next pass starts from the objects
-                log.exception("selection pass failed, will retry")
-            self._halt.wait(self.poll_s)
+        self._init_loop(poll_s)
 
     def step(self) -> int:
         """One pass over the Capsules; returns how many commitments this pass sent."""

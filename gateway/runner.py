@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
+from trustcap.gateway._loop import PollingLoop
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.participant import REVEAL_LABEL, LifecycleError
 
@@ -142,8 +143,11 @@ def _refused_result(exc: Exception) -> dict[str, Any] | None:
                                                  "session refuses an answer that carries an error"}}
 
 
-class Runner:
+class Runner(PollingLoop):
     """Runs on this gateway's agent the capsules whose CapsuleRun names this gateway as executor."""
+
+    loop_name = "trustcap-gateway-runner"
+    step_label = "runner pass"
 
     def __init__(self, server: _Server, root: _Root, kube: RunnerKube, *, namespace: str,
                  store_of: Callable[[str], _Store] = open_store, poll_s: float = 1.0,
@@ -151,7 +155,6 @@ class Runner:
         self.server, self.kube = server, kube
         self.namespace = namespace
         self.store_of = store_of
-        self.poll_s = poll_s
         self.clock, self.wall = clock, wall
         self.address = str(root.address).lower()
         self._lock = threading.Lock()
@@ -159,36 +162,15 @@ class Runner:
         self._threads: dict[str, threading.Thread] = {}
         self._runs_seen: set[str] = set()           # tasks whose CapsuleRun this gateway has seen
         self._finished: set[str] = set()
-        self._halt = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_loop(poll_s)
 
-    # -- the loop -------------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._halt.clear()
-        self._thread = threading.Thread(target=self._loop, name="trustcap-gateway-runner", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         """Stop looking for work and end the run threads' polling (the agent's runs go on; see resume)."""
-        self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout_s)
         with self._lock:
             threads = list(self._threads.values())
         for t in threads:
-            t.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._halt.is_set():
-            try:
-                self.step()
-            except (TrustcapError, OSError) as exc:
-                log.warning("runner pass failed, will retry: %s", exc)
-            except Exception:  # the loop outlives a bug in one pass; the next pass starts from the objects
-                log.exception("runner pass failed, will retry")
-            self._halt.wait(self.poll_s)
+            t.join(timeout_s)
 
     def step(self) -> int:
         """One pass: start a thread for each new (or orphaned Running) run of mine, finish ended tasks.

@@ -308,4 +308,4 @@ def test_start_and_stop_run_passes_in_a_thread(lab: Lab) -> None:
             time.sleep(0.05)
     finally:
         member.stop(timeout_s=10)
-    assert member.written == 1 and member._thread is None
+    assert member.written == 1 and not member.running and member._thread is None

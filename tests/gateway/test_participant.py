@@ -306,6 +306,6 @@ def test_loop_starts_and_stops(roots: list[SoftwareTrustRoot], chain: FakeChain)
                 break
             time.sleep(0.01)
     finally:
-        g.stop(timeout=5)
+        g.stop(timeout_s=5)
     assert len(chain.commits) == 1
-    assert g._thread is not None and not g._thread.is_alive()
+    assert not g.running and g._thread is None

@@ -316,7 +316,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
 
     yield build
     for server, _agent, w in made:
-        w.runner.stop(timeout=5)
+        w.runner.stop(timeout_s=5)
         for b in w.brokers.values():
             b.close()
         server.close()
@@ -448,6 +448,6 @@ def test_the_loop_runs_in_its_own_thread(make: Any) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and w.kube.run_status().get("phase") != "Succeeded":
         time.sleep(0.02)
-    w.runner.stop(timeout=5)
+    w.runner.stop(timeout_s=5)
     assert w.kube.run_status()["phase"] == "Succeeded"
-    assert w.runner._thread is not None and not w.runner._thread.is_alive()
+    assert not w.runner.running and w.runner._thread is None
