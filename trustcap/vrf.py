@@ -5,11 +5,13 @@ gateway's draw must be unpredictable to everyone else before it reveals it, yet 
 afterwards, and the gateway must not be able to pick among several outputs. A VRF gives exactly that:
 one output per (key, input), with a proof that binds it to the public key.
 
-Why this suite: P-256 is what the RFC's vectors cover for the NIST curves, the `ecdsa` package gives its
-arithmetic, and a Pi without hardware help proves in a few milliseconds. The curve arithmetic comes
-from `ecdsa` (`PointJacobi`); everything the RFC defines on top of it (hash_to_curve by try-and-increment,
-the RFC 6979 nonce, the challenge, encodings and every check) is written here step by step, with the
-RFC's step numbers in comments, so that a reader can hold this file against the RFC.
+Why this suite: P-256 is what the RFC's vectors cover for the NIST curves. The curve arithmetic (scalar
+multiplication, point addition) is native code from `fastecdsa` (Rust), because every committee member
+verifies every other member's draw and pure-Python arithmetic made that the slowest step of a round
+(docs/decisions/0100-native-crypto.md); the RFC 6979 nonce comes from `ecdsa`. Everything the RFC
+defines on top of the arithmetic (hash_to_curve by try-and-increment, the challenge, encodings and every
+check) is written here step by step, with the RFC's step numbers in comments, so that a reader can hold
+this file against the RFC.
 
 Interface (other components rely on it):
     prove(secret_key, alpha) -> pi (81 bytes)
@@ -37,9 +39,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from ecdsa.curves import NIST256p
-from ecdsa.ellipticcurve import INFINITY, PointJacobi
 from ecdsa.rfc6979 import generate_k
+from fastecdsa.curve import P256
+from fastecdsa.point import Point  # type: ignore[attr-defined]  # re-exported from its Rust core, untyped
 
 from trustcap.errors import InvalidKey, InvalidProof
 
@@ -58,12 +60,12 @@ __all__ = [
 
 # Section 5.5, ECVRF-P256-SHA256-TAI.
 SUITE_STRING = b"\x01"
-_CURVE = NIST256p.curve
-_B: PointJacobi = NIST256p.generator  # precomputed tables: k*B is the fast multiplication
-_P = _CURVE.p()
-_Q = NIST256p.order
-_A = _CURVE.a()
-_BCOEF = _CURVE.b()
+_CURVE = P256
+_B: Point = P256.G
+_P: int = P256.p
+_Q: int = P256.q
+_A: int = P256.a
+_BCOEF: int = P256.b
 C_LEN = 16  # cLen: the challenge is truncated to 128 bits
 Q_LEN = 32  # qLen
 PT_LEN = 33  # ptLen: SEC1 compressed point
@@ -89,13 +91,20 @@ def _string_to_int(data: bytes) -> int:
     return int.from_bytes(data, "big")
 
 
-def _point_to_string(point: PointJacobi) -> bytes:
+def _is_identity(point: Point) -> bool:
+    """fastecdsa keeps the identity as a projective point with z = 0 (its x, y are no coordinates)."""
+    return point.z == 0
+
+
+def _point_to_string(point: Point) -> bytes:
     """SEC1 2.3.3 with point compression: 0x02/0x03 by the parity of y, then x in 32 bytes."""
-    x, y = point.x(), point.y()
+    if _is_identity(point):  # no compressed encoding exists; callers check before, this is the backstop
+        raise InvalidProof("the identity point has no compressed encoding")
+    x, y = point.x, point.y
     return bytes([2 + (y & 1)]) + _int_to_string(x, 32)
 
 
-def _string_to_point(data: bytes) -> PointJacobi | None:
+def _string_to_point(data: bytes) -> Point | None:
     """SEC1 2.3.4 for compressed points; None (the RFC's INVALID) unless `data` encodes a curve point.
 
     Only the compressed form is accepted: the suite encodes points compressed, so any other form
@@ -112,7 +121,7 @@ def _string_to_point(data: bytes) -> PointJacobi | None:
         return None
     if (y & 1) != (data[0] & 1):
         y = _P - y
-    return PointJacobi(_CURVE, x, y, 1, _Q)
+    return Point(x, y, curve=_CURVE)  # checks once more that (x, y) is on the curve
 
 
 def _secret_scalar(secret_key: bytes) -> int:
@@ -124,7 +133,7 @@ def _secret_scalar(secret_key: bytes) -> int:
     return x
 
 
-def _encode_to_curve(salt: bytes, alpha: bytes) -> tuple[PointJacobi, int]:
+def _encode_to_curve(salt: bytes, alpha: bytes) -> tuple[Point, int]:
     """ECVRF_encode_to_curve_try_and_increment (section 5.4.1.1); returns H and the ctr it succeeded on.
 
     The salt is PK_string (section 5.5: encode_to_curve_salt = PK_string), which binds H to the key.
@@ -153,7 +162,7 @@ def _nonce(x: int, h_string: bytes) -> int:
     return int(generate_k(_Q, x, hashlib.sha256, hashlib.sha256(h_string).digest()))
 
 
-def _challenge(*points: PointJacobi) -> int:
+def _challenge(*points: Point) -> int:
     """ECVRF_challenge_generation (section 5.4.3): c from the five points Y, H, Gamma, U, V."""
     # 1.-3. str = suite_string || front || point_to_string(P1..P5) || back
     data = SUITE_STRING + _CHALLENGE_FRONT + b"".join(_point_to_string(p) for p in points) + _BACK
@@ -161,7 +170,7 @@ def _challenge(*points: PointJacobi) -> int:
     return _string_to_int(hashlib.sha256(data).digest()[:C_LEN])
 
 
-def _decode_proof(pi: bytes) -> tuple[PointJacobi, int, int]:
+def _decode_proof(pi: bytes) -> tuple[Point, int, int]:
     """ECVRF_decode_proof (section 5.4.4); InvalidProof names what is wrong."""
     if not isinstance(pi, (bytes, bytearray)):
         raise InvalidProof("VRF proof must be bytes")
@@ -179,7 +188,7 @@ def _decode_proof(pi: bytes) -> tuple[PointJacobi, int, int]:
     return gamma, c, s
 
 
-def _gamma_to_hash(gamma: PointJacobi) -> bytes:
+def _gamma_to_hash(gamma: Point) -> bytes:
     """Section 5.2 steps 4-6: beta = Hash(suite_string || 0x03 || point_to_string(cofactor*Gamma) || 0x00)."""
     return hashlib.sha256(SUITE_STRING + _P2H_FRONT + _point_to_string(gamma) + _BACK).digest()
 
@@ -244,17 +253,17 @@ def verify(public_key: bytes, pi: bytes, alpha: bytes) -> bytes:
     if y_point is None:
         raise InvalidProof("VRF public key is not a valid compressed P-256 point")
     # 3. validate_key (section 5.4.5): Y must not be the identity (or of low order: cofactor is 1)
-    if y_point == INFINITY:  # pragma: no cover - string_to_point cannot return the identity
+    if _is_identity(y_point):  # pragma: no cover - string_to_point cannot return the identity
         raise InvalidProof("VRF public key is the identity point")
     # 4.-5. D = ECVRF_decode_proof(pi_string); (Gamma, c, s) = D
     gamma, c, s = _decode_proof(pi)
     # 6. H = ECVRF_encode_to_curve(encode_to_curve_salt = PK_string, alpha_string)
     h_point, _ = _encode_to_curve(pk_string, bytes(alpha))
-    # 7. U = s*B - c*Y  (computed as s*B + (q-c)*Y in one pass)
-    u_point = _B.mul_add(s, y_point, (_Q - c) % _Q)
+    # 7. U = s*B - c*Y  (as s*B + (q-c)*Y: a scalar of 0 gives the identity, which addition absorbs)
+    u_point = _B * s + y_point * ((_Q - c) % _Q)
     # 8. V = s*H - c*Gamma
-    v_point = h_point.mul_add(s, gamma, (_Q - c) % _Q)
-    if u_point == INFINITY or v_point == INFINITY:
+    v_point = h_point * s + gamma * ((_Q - c) % _Q)
+    if _is_identity(u_point) or _is_identity(v_point):
         # An honest proof never yields the identity here (probability ~2^-256); a forged one may try.
         raise InvalidProof("VRF proof does not verify: U or V is the identity")
     # 9.-10. c' = ECVRF_challenge_generation(Y, H, Gamma, U, V); VALID iff c == c'
