@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_check_release import PLAINTEXT, B, FakeChain, World
+from test_check_release import NOW, PLAINTEXT, B, FakeChain, World
 
 from trustcap.chain.errors import RpcUnavailable
 from trustcap.cli.broker import parse_listen
@@ -30,7 +30,7 @@ def world() -> World:
 
 @pytest.fixture
 def broker(world: World) -> Iterator[BrokerServer]:
-    with BrokerServer(B, world.chain, read_timeout=1.0) as server:
+    with BrokerServer(B, world.chain, read_timeout=1.0, clock=lambda: NOW) as server:
         yield server
 
 
@@ -86,6 +86,19 @@ def test_refusal_carries_the_checks_status_and_field(world: World, broker: Broke
     assert "owned by" in str(info.value)
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(refused) == 1 and "field=input" in refused[0] and "input='names-c'" in refused[0]
+
+
+def test_the_brokers_own_clock_decides_what_is_too_old(world: World) -> None:
+    """The same request, granted at NOW (control), is refused by a broker whose clock reads 400 s later:
+    the server hands its clock to the check, not the caller's word."""
+    now = [float(NOW)]
+    with BrokerServer(B, world.chain, clock=lambda: now[0]) as server:
+        request_release(server.url, world.body(), timeout=30)
+        now[0] += 400
+        with pytest.raises(ReleaseRefused) as info:
+            request_release(server.url, world.body(), timeout=30)
+    assert (info.value.status, info.value.field) == (403, "verdicts")
+    assert "old; keys are released on evidence of the last 300 s only" in str(info.value)
 
 
 @pytest.mark.parametrize(("body", "status", "field"), [
@@ -175,7 +188,7 @@ class _DownChain(FakeChain):
 def test_chain_that_cannot_be_read_is_503_never_a_release(world: World) -> None:
     down = _DownChain(world.chain.tasks, world.chain.blocks, world.chain.commitments, world.chain.nodes,
                       world.chain.domain())
-    with BrokerServer(B, down) as server:
+    with BrokerServer(B, down, clock=lambda: NOW) as server:
         status, doc = _post(server, json.dumps(world.body()).encode())
     assert (status, doc["field"]) == (503, "chain") and "retry later" in doc["error"]
     assert "wrappedKey" not in doc

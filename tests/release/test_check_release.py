@@ -28,6 +28,7 @@ from trustcap.chain.escrow import NodeInfo, TaskInfo
 from trustcap.evidence.quote import SignedQuote, encode_signed_quote, new_quote, quote_digest, sign_quote
 from trustcap.evidence.verdict import Domain, Phase, Verdict, sign_verdict
 from trustcap.release import ReleaseDenied, check_release, open_with_key, quorum_of, unwrap_key
+from trustcap.release.binding import challenge_nonce
 from trustcap.sortition import participate, select_from_chain, selection_alpha
 from trustcap.vrf import public_key as vrf_public_key
 
@@ -56,7 +57,10 @@ SPEC: dict[str, Any] = {
     "payment": {"payer": "0x4C9183C39E36BD8bfb8e86f073b3F5693E57d128", "amountWei": "1"},
 }
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
-SEED_BLOCK = 101
+SEED_BLOCK = 101  # the task's seed block, so the epoch of its rounds and verdicts
+NOW = 1_700_000_100  # the broker's frozen clock
+QUOTED = NOW - 20  # when the executor's agent answered the pre round's challenges
+SIGNED = NOW - 19  # when the members signed their verdicts
 PLAINTEXT = b"alice\nbob\ndave\n"
 
 
@@ -142,25 +146,36 @@ class World:
         return {"taskId": _0x(self.tid), "manifestDigest": _0x(self.binding), "imageDigest": IMAGE,
                 "round": self.nonce, "phase": "pre", "executorKey": _0x(self.executor_key.public_key()), **over}
 
-    def quote(self, *, gateway: Node | None = None, **state: Any) -> SignedQuote:
+    def challenge(self, verifier: Node, *, tid: bytes | None = None, nonce: str | None = None) -> bytes:
+        """The nonce `verifier` challenges the executor with in this pre round (trustcap.release.binding)."""
+        return challenge_nonce(task_id=_0x(tid or self.tid), round_id=nonce or self.nonce, phase="pre",
+                               verifier=verifier.addr)
+
+    def quote(self, verifier: Node, *, gateway: Node | None = None, nonce: bytes | None = None,
+              issued_at: int = QUOTED, node_id: str = "hpc-1", **state: Any) -> SignedQuote:
+        """The executor's answer to `verifier`'s challenge (its nonce unless `nonce` is given)."""
         gw = gateway or self.executor
-        q = new_quote(nonce=hashlib.sha256(repr(state).encode() + gw.addr.encode()).digest(), issued_at=1_700_000_000,
-                      node_id="hpc-1", gateway=gw.checksum, agent_key=self.agent.public_key(),
+        q = new_quote(nonce=self.challenge(verifier) if nonce is None else nonce, issued_at=issued_at,
+                      node_id=node_id, gateway=gw.checksum, agent_key=self.agent.public_key(),
                       boot_image_digest=bytes(32), measurements={"m": "1"}, capsule_state=self.state(**state))
         return sign_quote(q, self.agent, gw.key)
 
     def verdict(self, verifier: Node, quote: SignedQuote | None = None, *, about: Node | None = None,
-                phase: Phase = Phase.PRE, passed: bool = True, domain: Domain = DOMAIN) -> dict[str, Any]:
-        sq = quote or self.quote()
-        v = Verdict(attestation_id=self.nonce, node=(about or self.executor).checksum, verifier=verifier.checksum,
-                    phase=int(phase), passed=passed, quote_digest=_0x(quote_digest(sq.quote)),
-                    policy_digest=self.policy, epoch=1, issued_at=1_700_000_001)
+                phase: Phase = Phase.PRE, passed: bool = True, domain: Domain = DOMAIN, epoch: int = SEED_BLOCK,
+                issued_at: int = SIGNED, nonce: str | None = None) -> dict[str, Any]:
+        sq = quote or self.quote(verifier)
+        v = Verdict(attestation_id=nonce or self.nonce, node=(about or self.executor).checksum,
+                    verifier=verifier.checksum, phase=int(phase), passed=passed,
+                    quote_digest=_0x(quote_digest(sq.quote)), policy_digest=self.policy, epoch=epoch,
+                    issued_at=issued_at)
         return {"verdict": sign_verdict(v, domain, verifier.key).model_dump(mode="json"),
                 "quote": base64.b64encode(encode_signed_quote(sq)).decode()}
 
-    def round(self, *, executor: Node | None = None, members: Sequence[Node] | None = None) -> dict[str, Any]:
+    def round(self, *, executor: Node | None = None, members: Sequence[Node] | None = None, nonce: str | None = None,
+              epoch: int = SEED_BLOCK) -> dict[str, Any]:
         return {"capsuleRef": {"namespace": NS, "name": NAME, "uid": UID}, "taskId": _0x(self.tid), "node": "hpc-1",
-                "executor": (executor or self.executor).addr, "phase": "pre", "nonce": self.nonce, "epoch": 1,
+                "executor": (executor or self.executor).addr, "phase": "pre", "nonce": nonce or self.nonce,
+                "epoch": epoch,
                 "policyDigest": self.policy,
                 "committee": {"members": [{"address": m.addr, "vrfProof": "0x00"} for m in (members or self.committee)],
                               "quorum": quorum_of(3)}}
@@ -182,14 +197,14 @@ def world() -> World:
 
 def _denied(world: World, body: dict[str, Any]) -> ReleaseDenied:
     with pytest.raises(ReleaseDenied) as info:
-        check_release(body, key=B, view=world.chain)
+        check_release(body, key=B, view=world.chain, now=NOW)
     return info.value
 
 
 # -- the positive control ----------------------------------------------------------------------------------
 
 def test_valid_request_is_granted_and_the_key_opens_the_envelope(world: World) -> None:
-    release = check_release(world.body(), key=B, view=world.chain)
+    release = check_release(world.body(), key=B, view=world.chain, now=NOW)
     assert release.executor == world.executor.addr
     assert release.executor_key == world.executor_key.public_key()
     assert release.counted == tuple(sorted(m.addr for m in world.committee))
@@ -202,12 +217,12 @@ def test_valid_request_is_granted_and_the_key_opens_the_envelope(world: World) -
 
 def test_a_quorum_is_enough(world: World) -> None:
     two = [world.verdict(m) for m in world.committee[:quorum_of(3)]]
-    assert check_release(world.body(verdicts=two), key=B, view=world.chain).counted == tuple(
+    assert check_release(world.body(verdicts=two), key=B, view=world.chain, now=NOW).counted == tuple(
         sorted(m.addr for m in world.committee[:2]))
 
 
 def test_the_wrapped_key_opens_for_the_executor_key_only(world: World) -> None:
-    release = check_release(world.body(), key=B, view=world.chain)
+    release = check_release(world.body(), key=B, view=world.chain, now=NOW)
     from trustcap.release import WrappedKeyError
 
     with pytest.raises(WrappedKeyError):
@@ -224,7 +239,7 @@ def test_wrong_executor_is_refused(world: World) -> None:
     name it, signed by its own gateway key."""
     impostor = world.committee[0]
     rest = [m for m in world.gateways if m is not impostor and m is not world.executor][:3]
-    verdicts = [world.verdict(m, world.quote(gateway=impostor), about=impostor) for m in rest]
+    verdicts = [world.verdict(m, world.quote(m, gateway=impostor), about=impostor) for m in rest]
     body = world.body(round=world.round(executor=impostor), verdicts=verdicts)
     err = _denied(world, body)
     assert (err.field, err.status) == ("round.executor", 403)
@@ -233,13 +248,13 @@ def test_wrong_executor_is_refused(world: World) -> None:
 
 def test_verdicts_about_another_node_are_refused(world: World) -> None:
     other = world.spare
-    verdicts = [world.verdict(m, world.quote(gateway=other), about=other) for m in world.committee]
+    verdicts = [world.verdict(m, world.quote(m, gateway=other), about=other) for m in world.committee]
     err = _denied(world, world.body(verdicts=verdicts))
     assert err.field == "verdicts" and "not the executor" in err.reason
 
 
 def test_quote_countersigned_by_another_gateway_is_refused(world: World) -> None:
-    verdicts = [world.verdict(m, world.quote(gateway=world.spare)) for m in world.committee]
+    verdicts = [world.verdict(m, world.quote(m, gateway=world.spare)) for m in world.committee]
     err = _denied(world, world.body(verdicts=verdicts))
     assert err.field == "verdicts" and "not countersigned by the executor" in err.reason
 
@@ -277,7 +292,7 @@ def test_one_verifiers_verdict_twice_counts_once(world: World) -> None:
 def test_one_verifier_with_two_different_verdicts_counts_once(world: World) -> None:
     m = world.committee[0]
     # a second genuine verdict by the same verifier, about a second quote (another challenge nonce)
-    first, second = world.verdict(m), world.verdict(m, world.quote(round=world.nonce))
+    first, second = world.verdict(m), world.verdict(m, world.quote(m, issued_at=QUOTED + 1))
     assert second["verdict"]["signature"] != first["verdict"]["signature"]
     err = _denied(world, world.body(verdicts=[first, second]))
     assert err.field == "verdicts" and "counted already" in err.reason
@@ -308,8 +323,9 @@ def test_verdicts_that_are_not_passed_pre_on_this_chain_do_not_count(world: Worl
 
 def test_verdict_whose_quote_was_swapped_is_refused(world: World) -> None:
     verdicts = [world.verdict(m) for m in world.committee]
+    swapped = world.quote(world.committee[0], imageDigest="sha256:" + "cd" * 32)
     for v in verdicts:
-        v["quote"] = base64.b64encode(encode_signed_quote(world.quote(imageDigest="sha256:" + "cd" * 32))).decode()
+        v["quote"] = base64.b64encode(encode_signed_quote(swapped)).decode()
     err = _denied(world, world.body(verdicts=verdicts))
     assert err.field == "verdicts" and "does not hash to the verdict's quoteDigest" in err.reason
 
@@ -324,7 +340,7 @@ def test_verdict_whose_quote_was_swapped_is_refused(world: World) -> None:
 ])
 def test_quote_whose_capsule_state_binds_something_else_is_refused(world: World, state: dict[str, Any],
                                                                    field: str) -> None:
-    verdicts = [world.verdict(m, world.quote(**state)) for m in world.committee]
+    verdicts = [world.verdict(m, world.quote(m, **state)) for m in world.committee]
     err = _denied(world, world.body(verdicts=verdicts))
     assert err.field == "verdicts" and f"quote.capsule_state.{field}" in err.reason
 
@@ -332,7 +348,7 @@ def test_quote_whose_capsule_state_binds_something_else_is_refused(world: World,
 def test_quotes_naming_two_executor_keys_are_refused(world: World) -> None:
     other = _0x(_key("a key the attacker holds").public_key())
     verdicts = [world.verdict(world.committee[0]), world.verdict(world.committee[1]),
-                world.verdict(world.committee[2], world.quote(executorKey=other))]
+                world.verdict(world.committee[2], world.quote(world.committee[2], executorKey=other))]
     err = _denied(world, world.body(verdicts=verdicts))
     assert err.field == "verdicts" and "2 different executor keys" in err.reason
 
@@ -389,7 +405,7 @@ def test_task_not_funded_any_more_is_refused(world: World) -> None:
     chain = FakeChain({world.tid: replace(world.chain.tasks[world.tid], state="Paid")}, world.chain.blocks,
                       world.chain.commitments, world.chain.nodes, DOMAIN)
     with pytest.raises(ReleaseDenied) as info:
-        check_release(world.body(), key=B, view=chain)
+        check_release(world.body(), key=B, view=chain, now=NOW)
     assert info.value.field == "capsule" and "Paid" in info.value.reason
 
 
@@ -404,3 +420,152 @@ def test_withheld_reveals_cannot_make_another_selection(world: World) -> None:
 def test_unknown_field_is_refused(world: World) -> None:
     err = _denied(world, world.body(extra=1))
     assert (err.field, err.status) == ("extra", 400)
+
+
+# -- what binds the evidence to this release: epoch, challenge nonce, time (decision 0095) ----------------
+# Each attack below is consistent in every field the broker checked before 0095 (signatures, digests,
+# capsule_state), and was granted then; each names the defence that now refuses it.
+
+OTHER_TID = task_id(capsule_id(NS, NAME), "another-uid")  # the same capsule, submitted again: another task
+OTHER_SEED_BLOCK = 202
+OTHER_ROUND = _0x(hashlib.sha256(b"the other task's pre round").digest())
+OLD_ROUND = _0x(hashlib.sha256(b"an earlier pre round of this task").digest())
+
+
+def _granted(world: World, body: dict[str, Any]) -> None:
+    release = check_release(body, key=B, view=world.chain, now=NOW)
+    assert release.executor_key == world.executor_key.public_key()
+
+
+def _another_tasks_verdict(world: World, m: Node) -> dict[str, Any]:
+    """What m signed, in good faith, in the other task's pre round (same executor, same agent)."""
+    q = world.quote(m, nonce=world.challenge(m, tid=OTHER_TID, nonce=OTHER_ROUND), taskId=_0x(OTHER_TID),
+                    round=OTHER_ROUND)
+    return world.verdict(m, q, nonce=OTHER_ROUND, epoch=OTHER_SEED_BLOCK)
+
+
+def test_verdicts_replayed_from_another_task_are_refused_at_the_verdict(world: World) -> None:
+    """The executor replays the other task's pre round, the round's spec edited to name this task: the
+    verdicts' epoch is the other task's seed block, not this one's."""
+    _granted(world, world.body())  # positive control
+    verdicts = [_another_tasks_verdict(world, m) for m in world.committee]
+    err = _denied(world, world.body(round=world.round(nonce=OTHER_ROUND), verdicts=verdicts))
+    assert err.field == "verdicts"
+    assert f"is of epoch {OTHER_SEED_BLOCK}, not this task's epoch {SEED_BLOCK}" in err.reason
+    # and the round's epoch edited too does not pass for this task's
+    err = _denied(world, world.body(round=world.round(nonce=OTHER_ROUND, epoch=OTHER_SEED_BLOCK), verdicts=verdicts))
+    assert err.field == "round.epoch" and f"seed block {SEED_BLOCK}" in err.reason
+
+
+def test_a_round_whose_epoch_is_not_the_tasks_seed_block_is_refused(world: World) -> None:
+    _granted(world, world.body())  # positive control
+    verdicts = [world.verdict(m, epoch=SEED_BLOCK + 1) for m in world.committee]
+    err = _denied(world, world.body(round=world.round(epoch=SEED_BLOCK + 1), verdicts=verdicts))
+    assert err.field == "round.epoch"
+    err = _denied(world, world.body(verdicts=verdicts))  # the round right, the verdicts of another epoch
+    assert err.field == "verdicts" and f"is of epoch {SEED_BLOCK + 1}" in err.reason
+
+
+def _old_round(world: World, *, age: int) -> dict[str, Any]:
+    """A consistent replay of an earlier pre round of this very task, `age` seconds old."""
+    verdicts = []
+    for m in world.committee:
+        q = world.quote(m, nonce=world.challenge(m, nonce=OLD_ROUND), round=OLD_ROUND, issued_at=NOW - age)
+        verdicts.append(world.verdict(m, q, nonce=OLD_ROUND, issued_at=NOW - age + 1))
+    return world.body(round=world.round(nonce=OLD_ROUND), verdicts=verdicts)
+
+
+def test_a_replayed_earlier_round_of_the_same_task_is_refused_once_it_is_old(world: World) -> None:
+    """Another pre round of the same task is genuine evidence while it is recent (control); replayed later,
+    the attestation no longer says what the executor runs now."""
+    _granted(world, _old_round(world, age=60))  # positive control: a recent round of this task
+    err = _denied(world, _old_round(world, age=400))
+    assert err.field == "verdicts" and "the verdict is 399 s old" in err.reason and "last 300 s only" in err.reason
+
+
+def test_verdicts_of_another_round_of_the_same_task_do_not_count_for_this_round(world: World) -> None:
+    verdicts = [world.verdict(m, world.quote(m, nonce=world.challenge(m, nonce=OLD_ROUND), round=OLD_ROUND),
+                              nonce=OLD_ROUND) for m in world.committee]
+    err = _denied(world, world.body(verdicts=verdicts))
+    assert err.field == "verdicts" and "attestationId != round.nonce" in err.reason
+
+
+def _random_nonce(world: World, m: Node) -> bytes:
+    return hashlib.sha256(b"a nonce nobody can tie to this round" + m.key.address.encode()).digest()
+
+
+def _another_members_nonce(world: World, m: Node) -> bytes:
+    i = world.committee.index(m)
+    return world.challenge(world.committee[(i + 1) % len(world.committee)])
+
+
+def _another_rounds_nonce(world: World, m: Node) -> bytes:
+    return world.challenge(m, nonce=OLD_ROUND)
+
+
+def _another_tasks_nonce(world: World, m: Node) -> bytes:
+    return world.challenge(m, tid=OTHER_TID)
+
+
+def _during_phase_nonce(world: World, m: Node) -> bytes:
+    return challenge_nonce(task_id=_0x(world.tid), round_id=world.nonce, phase="during", verifier=m.addr)
+
+
+@pytest.mark.parametrize("nonce_of", [
+    pytest.param(_random_nonce, id="random-nonce"),
+    pytest.param(_another_members_nonce, id="another-members-challenge"),
+    pytest.param(_another_rounds_nonce, id="another-rounds-challenge"),
+    pytest.param(_another_tasks_nonce, id="another-tasks-challenge"),
+    pytest.param(_during_phase_nonce, id="during-phase-challenge"),
+])
+def test_a_quote_whose_nonce_is_not_the_members_challenge_of_this_round_does_not_count(world: World,
+                                                                                        nonce_of: Any) -> None:
+    """Quotes whose capsule_state binds this round, task and executor key, each answering a nonce that is
+    not its own verifier's challenge of this round: a member that appraised a quote it did not ask for."""
+    _granted(world, world.body())  # positive control
+    verdicts = [world.verdict(m, world.quote(m, nonce=nonce_of(world, m))) for m in world.committee]
+    err = _denied(world, world.body(verdicts=verdicts))
+    assert err.field == "verdicts" and "nonce.mismatch" in err.reason and "challenge of this round" in err.reason
+    assert "0 valid passed pre verdicts" in err.reason
+
+
+@pytest.mark.parametrize(("quoted", "signed", "why"), [
+    pytest.param(NOW - 400, SIGNED, "quote.expired: quote is 400 s old (limit 300 s)", id="old-quote"),
+    pytest.param(NOW + 60, NOW + 3, "quote.future: quote is dated 60 s in the future", id="quote-from-the-future"),
+    pytest.param(NOW, SIGNED, "after the verdict that appraised it", id="quote-after-its-verdict"),
+    pytest.param(QUOTED, NOW - 400, "the verdict is 400 s old", id="old-verdict"),
+    pytest.param(QUOTED, NOW + 60, "the verdict is dated 60 s ahead of the broker's clock",
+                 id="verdict-from-the-future"),
+])
+def test_stale_or_future_evidence_does_not_count(world: World, quoted: int, signed: int, why: str) -> None:
+    _granted(world, world.body())  # positive control
+    verdicts = [world.verdict(m, world.quote(m, issued_at=quoted), issued_at=signed) for m in world.committee]
+    err = _denied(world, world.body(verdicts=verdicts))
+    assert err.field == "verdicts" and why in err.reason
+
+
+def test_evidence_inside_the_window_and_the_skew_counts(world: World) -> None:
+    """The edges: a quote exactly 300 s old, a verdict 5 s ahead of the broker's clock."""
+    verdicts = [world.verdict(m, world.quote(m, issued_at=NOW - 300), issued_at=NOW + 5) for m in world.committee]
+    _granted(world, world.body(verdicts=verdicts))
+
+
+def test_a_quote_about_another_node_than_the_rounds_does_not_count(world: World) -> None:
+    verdicts = [world.verdict(m, world.quote(m, node_id="hpc-2")) for m in world.committee]
+    err = _denied(world, world.body(verdicts=verdicts))
+    assert err.field == "verdicts" and "quote.identity.node" in err.reason
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    pytest.param("policyDigest", None, id="no-policy"),
+    pytest.param("epoch", "101", id="epoch-not-an-integer"),
+    pytest.param("node", "", id="no-node"),
+])
+def test_a_round_without_its_binding_fields_is_malformed(world: World, field: str, value: Any) -> None:
+    rnd = world.round()
+    if value is None:
+        del rnd[field]
+    else:
+        rnd[field] = value
+    err = _denied(world, world.body(round=rnd))
+    assert (err.field, err.status) == (f"round.{field}", 400)

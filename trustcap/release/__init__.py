@@ -10,6 +10,9 @@
       |<-- {wrappedKey, executorKey} ---------------------| wrap_key(cek, executorKey, ids, input) |
       | agent: unwrap_key (executor key), open_with_key (owner, capsule id, binding digest)        |
 
+Committee members challenge with `challenge_nonce(task, round, phase, verifier)`, so the broker can tell a
+quote answered that member's challenge of this round; the evidence must also be recent (decision 0095).
+
 Why (docs/decisions/0092-key-release-broker.md): the owner keeps its own trust boundary, as a Trustee
 KBS does; the gateway relays an opaque wrapped key; the operator never sees one.
 """
@@ -17,6 +20,7 @@ KBS does; the gateway relays an opaque wrapped key; the operator never sees one.
 from __future__ import annotations
 
 from trustcap.capsule.envelope import open_with_key
+from trustcap.release.binding import challenge_nonce
 from trustcap.release.check import Release, check_release, quorum_of
 from trustcap.release.client import request_release
 from trustcap.release.errors import ReleaseDenied, ReleaseError, ReleaseRefused, WrappedKeyError
@@ -28,6 +32,7 @@ __all__ = [
     "ReleaseError",
     "ReleaseRefused",
     "WrappedKeyError",
+    "challenge_nonce",
     "check_release",
     "open_with_key",
     "quorum_of",

@@ -1,19 +1,24 @@
-"""The broker's check: release an input's content key only to the executor a quorum attested.
+"""The broker's check: release an input's content key only to the executor a quorum attested, now.
 
 The broker trusts nothing in the request; every claim is recomputed from the chain or verified by
-signature (docs/lifecycle-interfaces.md section 6, docs/decisions/0092-key-release-broker.md):
+signature (docs/lifecycle-interfaces.md section 6, docs/decisions/0092-key-release-broker.md, and what binds
+the evidence to this one release, docs/decisions/0095-release-and-cosign-freshness.md):
 
     request field      checked against
     capsule            capsule id and task id recomputed from {namespace, name, uid}; the escrow task exists, Funded
     manifest           parsed strictly; its binding digest recomputed; `input` is one of its inputs, owned by us
     header             unwraps with our key; binds our capsule id, binding digest and our key as owner
     reveals            sortition.select_from_chain: k, seed, committers, stakes, keys all from the chain
-    round              pre round of this task and capsule; executor and committee == the recomputed ones
+    round              pre round of this task and capsule; executor and committee == the recomputed ones;
+                       epoch == the task's seed block on chain (funding block + 1); a policyDigest and a node
     verdicts[i]        EIP-712 signature under the chain's domain by its named verifier, a committee member,
                        counted once; passed, PRE, about the executor, attestationId == round.nonce, the
-                       round's policy; its quote hashes to quoteDigest, is signed by its agent key and
-                       countersigned by the executor's gateway, and its capsule_state binds this task, the
-                       binding digest, the image, this round, phase pre and one executor key for all
+                       round's epoch and policy, issued within the evidence window and not after now + skew;
+                       its quote hashes to quoteDigest and passes appraise_quote: signed by its agent key,
+                       countersigned by the executor's gateway, about the round's node, answering exactly
+                       binding.challenge_nonce(task, round, "pre", that verifier), issued within the window,
+                       not after the verdict; its capsule_state binds this task, the binding digest, the
+                       image, this round, phase pre and one executor key for all
     -> >= ceil(2k/3) such verdicts: the content key wrapped to that executor key, for this input only
 """
 
@@ -21,9 +26,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from eth_utils.address import to_checksum_address
 
 from trustcap.capsule.envelope import unwrap_cek
 from trustcap.capsule.errors import CapsuleError, EnvelopeError, NotARecipient
@@ -32,8 +40,9 @@ from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import parse_manifest
 from trustcap.errors import TrustcapError
 from trustcap.evidence import quote as quotes
-from trustcap.evidence.signing import address_of, recover_address
+from trustcap.evidence.freshness import NonceRegistry
 from trustcap.evidence.verdict import Phase, SignedVerdict, verify_verdict
+from trustcap.release.binding import MAX_EVIDENCE_AGE_S, MAX_SKEW_S, challenge_nonce
 from trustcap.release.errors import ReleaseDenied
 from trustcap.release.keywrap import wrap_key
 from trustcap.sortition import Reveal, Selection, SortitionError, select_from_chain
@@ -97,9 +106,30 @@ def _0x(b: bytes) -> str:
     return "0x" + b.hex()
 
 
-def check_release(body: Any, *, key: KeyPair, view: ChainView) -> Release:
+@dataclass(frozen=True)
+class _Bound:
+    """What every counted verdict and quote must agree with: this release's task, round and time."""
+
+    tid: bytes
+    nonce: str  # the round's id (spec.nonce), lowercase 0x-hex
+    epoch: int
+    policy: str
+    node: str  # the round's HPCNode: the quote's node_id
+    binding: bytes
+    image: str
+    now: float
+    max_age_s: float
+    max_skew_s: float
+
+
+def check_release(body: Any, *, key: KeyPair, view: ChainView, now: float | None = None,
+                  max_age_s: float = MAX_EVIDENCE_AGE_S, max_skew_s: float = MAX_SKEW_S) -> Release:
     """Run every check of the module docstring on a request body; ReleaseDenied names the first field
-    at fault (a malformed field is status 400, a refused claim 403). Nothing is released on any error."""
+    at fault (a malformed field is status 400, a refused claim 403). Nothing is released on any error.
+
+    `now` is the broker's clock (unix seconds; time.time() when None): quotes and verdicts older than
+    `max_age_s`, or dated more than `max_skew_s` ahead of it, do not count."""
+    now = time.time() if now is None else float(now)
     if not isinstance(body, Mapping):
         raise ReleaseDenied("body", "must be a JSON object", status=400)
     unknown = sorted(set(body) - set(_FIELDS))
@@ -162,8 +192,9 @@ def check_release(body: Any, *, key: KeyPair, view: ChainView) -> Release:
     rnd = body["round"]
     if not isinstance(rnd, Mapping):
         raise ReleaseDenied("round", "must be the pre round's Attestation spec", status=400)
-    nonce = _round(rnd, sel, cap=(ns, name, uid), tid=tid)
-    policy = rnd.get("policyDigest")
+    nonce, policy, node = _round(rnd, sel, cap=(ns, name, uid), tid=tid, epoch=task.funded_block + 1)
+    bound = _Bound(tid=tid, nonce=nonce, epoch=task.funded_block + 1, policy=policy, node=node, binding=binding,
+                   image=manifest.function.digest, now=now, max_age_s=max_age_s, max_skew_s=max_skew_s)
 
     # verdicts
     raw = body["verdicts"]
@@ -177,8 +208,7 @@ def check_release(body: Any, *, key: KeyPair, view: ChainView) -> Release:
         where = f"verdicts[{i}]"
         try:
             member, executor_key = _one_verdict(item, where, domain=domain, committee=committee, sel=sel,
-                                                nonce=nonce, policy=policy, tid=tid, binding=binding,
-                                                image=manifest.function.digest)
+                                                bound=bound)
         except ReleaseDenied as exc:
             problems.append(str(exc))
             continue
@@ -219,7 +249,9 @@ def _selection(raw: Any, view: ChainView, tid: bytes) -> Selection:
         raise ReleaseDenied("reveals", str(exc)) from None
 
 
-def _round(rnd: Mapping[str, Any], sel: Selection, *, cap: tuple[str, str, str], tid: bytes) -> str:
+def _round(rnd: Mapping[str, Any], sel: Selection, *, cap: tuple[str, str, str], tid: bytes,
+           epoch: int) -> tuple[str, str, str]:
+    """(round id, policy digest, node) of a round that names this task, its chain selection and epoch."""
     if rnd.get("phase") != "pre":
         raise ReleaseDenied("round.phase", f"is {rnd.get('phase')!r}: keys are released on the pre round only")
     if _hex(rnd.get("taskId"), "round.taskId", 32) != tid:
@@ -240,11 +272,24 @@ def _round(rnd: Mapping[str, Any], sel: Selection, *, cap: tuple[str, str, str],
                                                       f"{sorted(sel.committee)}")
     nonce = rnd.get("nonce")
     _hex(nonce, "round.nonce", 32)
-    return str(nonce).lower()
+    # The epoch is the task's seed block (operator/capsule.py opens every round of a task with it), so the
+    # broker reads it from the chain rather than from the round, and a round of another task cannot carry it.
+    got = rnd.get("epoch")
+    if isinstance(got, bool) or not isinstance(got, int):
+        raise ReleaseDenied("round.epoch", "must be an integer", status=400)
+    if got != epoch:
+        raise ReleaseDenied("round.epoch", f"is {got}; this task's epoch on chain is its seed block {epoch} "
+                                           "(funding block + 1)")
+    policy = rnd.get("policyDigest")
+    _hex(policy, "round.policyDigest", 32)
+    node = rnd.get("node")
+    if not isinstance(node, str) or not node:
+        raise ReleaseDenied("round.node", "must name the executor's HPCNode", status=400)
+    return str(nonce).lower(), str(policy).lower(), node
 
 
-def _one_verdict(item: Any, where: str, *, domain: Any, committee: set[str], sel: Selection, nonce: str,
-                 policy: Any, tid: bytes, binding: bytes, image: str) -> tuple[str, bytes]:
+def _one_verdict(item: Any, where: str, *, domain: Any, committee: set[str], sel: Selection,
+                 bound: _Bound) -> tuple[str, bytes]:
     """One verdict and its quote; returns (committee member, executor key) or raises naming the field."""
     if not isinstance(item, Mapping):
         raise ReleaseDenied(where, "must be an object {verdict, quote}", status=400)
@@ -262,10 +307,13 @@ def _one_verdict(item: Any, where: str, *, domain: Any, committee: set[str], sel
         raise ReleaseDenied(f"{where}.verdict", f"phase {v.phase} is not PRE")
     if v.node.lower() != sel.executor:
         raise ReleaseDenied(f"{where}.verdict", f"is about node {v.node.lower()}, not the executor {sel.executor}")
-    if v.attestation_id.lower() != nonce:
+    if v.attestation_id.lower() != bound.nonce:
         raise ReleaseDenied(f"{where}.verdict", "is about another round (attestationId != round.nonce)")
-    if isinstance(policy, str) and v.policy_digest.lower() != policy.lower():
+    if v.epoch != bound.epoch:
+        raise ReleaseDenied(f"{where}.verdict", f"is of epoch {v.epoch}, not this task's epoch {bound.epoch}")
+    if v.policy_digest.lower() != bound.policy:
         raise ReleaseDenied(f"{where}.verdict", "was appraised under another policy than the round's")
+    _fresh(f"{where}.verdict", "verdict", v.issued_at, bound)
     try:
         sq = quotes.decode_signed_quote(_b64(item.get("quote"), f"{where}.quote"))
     except TrustcapError as exc:
@@ -273,14 +321,17 @@ def _one_verdict(item: Any, where: str, *, domain: Any, committee: set[str], sel
     q = sq.quote
     if _0x(quotes.quote_digest(q)) != v.quote_digest.lower():
         raise ReleaseDenied(f"{where}.quote", "does not hash to the verdict's quoteDigest")
-    _quote_signatures(sq, f"{where}.quote", sel.executor)
+    _appraise(sq, f"{where}.quote", verifier=signer, executor=sel.executor, bound=bound)
+    if q.issued_at > v.issued_at + bound.max_skew_s:
+        raise ReleaseDenied(f"{where}.quote", f"is dated {q.issued_at}, after the verdict that appraised it "
+                                              f"({v.issued_at})")
     state = q.capsule_state
     key_hex = state.get("executorKey")
     if not isinstance(key_hex, str):
         raise ReleaseDenied(f"{where}.quote", "capsule_state names no executorKey")
     executor_key = _hex(key_hex, f"{where}.quote.capsule_state.executorKey", 33)
-    expected = {"taskId": _0x(tid), "manifestDigest": _0x(binding), "imageDigest": image, "round": nonce,
-                "phase": "pre", "executorKey": key_hex}
+    expected = {"taskId": _0x(bound.tid), "manifestDigest": _0x(bound.binding), "imageDigest": bound.image,
+                "round": bound.nonce, "phase": "pre", "executorKey": key_hex}
     got = {k: (s.lower() if isinstance(s := state.get(k), str) else s) for k in expected}
     wrong = sorted(k for k in expected if got[k] != expected[k].lower())
     if wrong:
@@ -289,18 +340,40 @@ def _one_verdict(item: Any, where: str, *, domain: Any, committee: set[str], sel
     return signer, executor_key
 
 
-def _quote_signatures(sq: quotes.SignedQuote, field: str, executor: str) -> None:
-    """Both signatures of a quote: the agent key it names, countersigned by the executor's gateway. (The
-    agent key was appraised against enrolment by each verifier; the broker checks the quote is whole.)"""
-    qd = quotes.quote_digest(sq.quote)
-    agent_sig = bytes.fromhex(sq.agent_signature[2:])
-    try:
-        agent_ok = recover_address(quotes._agent_digest(qd), agent_sig) == address_of(
-            bytes.fromhex(sq.quote.agent_key[2:]))
-        gateway = recover_address(quotes._gateway_digest(qd, agent_sig), bytes.fromhex(sq.gateway_signature[2:]))
-    except TrustcapError as exc:
-        raise ReleaseDenied(field, f"signature is not valid: {exc}") from None
-    if not agent_ok:
-        raise ReleaseDenied(field, "is not signed by the agent key it names")
-    if gateway.lower() != executor or sq.quote.gateway.lower() != executor:
-        raise ReleaseDenied(field, f"is not countersigned by the executor's gateway {executor}")
+def _fresh(field: str, what: str, issued_at: int, bound: _Bound) -> None:
+    age = bound.now - issued_at
+    if age > bound.max_age_s:
+        raise ReleaseDenied(field, f"the {what} is {age:.0f} s old; keys are released on evidence of the last "
+                                   f"{bound.max_age_s:g} s only (a new pre round is needed)")
+    if -age > bound.max_skew_s:
+        raise ReleaseDenied(field, f"the {what} is dated {-age:.0f} s ahead of the broker's clock (at most "
+                                   f"{bound.max_skew_s:g} s of skew)")
+
+
+def _appraise(sq: quotes.SignedQuote, field: str, *, verifier: str, executor: str, bound: _Bound) -> None:
+    """appraise_quote with this verdict's expectations: the agent's signature, the executor's gateway's
+    countersignature, the round's node, the verifier's challenge nonce of this round (binding.py), and an
+    issue time inside the window. The agent key is the quote's own: each verifier appraised it against the
+    HPC's enrolment, and their verdicts are what the quorum counts; the broker checks the quote is whole."""
+    expected = challenge_nonce(task_id=_0x(bound.tid), round_id=bound.nonce, phase="pre", verifier=verifier)
+    # The broker keeps no nonce memory of its own: a second request on the same evidence only wraps the key
+    # again to the same attested executor key (decision 0092). A one-nonce registry, issued now, lets
+    # appraise_quote check that the quote answers exactly `expected` and is inside the window.
+    nonces = NonceRegistry(bound.max_age_s, capacity=1, clock=lambda: bound.now, token=lambda _n: expected)
+    nonces.issue()
+    report = quotes.appraise_quote(sq, nonces=nonces, expected_nonce=expected, node_id=bound.node,
+                                   agent_key=bytes.fromhex(sq.quote.agent_key[2:]),
+                                   gateway_address=to_checksum_address(executor), now=bound.now,
+                                   max_age_seconds=bound.max_age_s, max_skew_seconds=bound.max_skew_s)
+    if report.ok:
+        return
+    why = []
+    for f in report.failures:
+        if f.event_id == "nonce.mismatch":
+            why.append(f"{f.event_id}: its nonce is not verifier {verifier}'s challenge of this round "
+                       "(trustcap.release.binding.challenge_nonce)")
+        elif f.event_id in ("quote.identity.gateway", "quote.signature.gateway"):
+            why.append(f"{f.event_id}: is not countersigned by the executor's gateway {executor}")
+        else:
+            why.append(str(f))
+    raise ReleaseDenied(field, "; ".join(why))

@@ -24,11 +24,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from trustcap.capsule.keys import KeyPair
 from trustcap.errors import ConfigError, TrustcapError
+from trustcap.release.binding import MAX_EVIDENCE_AGE_S
 from trustcap.release.check import check_release
 from trustcap.release.errors import ReleaseDenied
 
@@ -151,7 +152,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         capsule, input_name, executor = _claims(body)
         try:
             with self.server.lock:
-                release = check_release(body, key=self.server.key, view=self.server.view)
+                release = check_release(body, key=self.server.key, view=self.server.view, now=self.server.clock(),
+                                        max_age_s=self.server.max_age_s)
         except ReleaseDenied as exc:
             log.info("refused peer=%s capsule=%s input=%s executor=%s field=%s status=%d reason=%s", peer, capsule,
                      input_name, executor, _one_line(exc.field), exc.status, _one_line(exc.reason))
@@ -234,21 +236,24 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, addr: tuple[str, int], key: KeyPair, view: ChainView, max_body: int,
-                 read_timeout: float) -> None:
+                 read_timeout: float, clock: Callable[[], float], max_age_s: float) -> None:
         self.key, self.view, self.lock = key, view, threading.Lock()
         self.max_body, self.read_timeout = max_body, read_timeout
+        self.clock, self.max_age_s = clock, max_age_s
         super().__init__(addr, _Handler)
 
 
 class BrokerServer:
     """Serves `POST /v1/release` and `GET /healthz` on host:port (port 0: a free one) from construction
     until `close()`, in a background thread. Also a context manager. A body above `max_body` bytes is
-    refused unread (413); one that takes longer than `read_timeout` seconds to arrive is dropped (408)."""
+    refused unread (413); one that takes longer than `read_timeout` seconds to arrive is dropped (408).
+    Keys are released only on pre-round evidence at most `max_age_s` old by `clock` (decision 0095)."""
 
     def __init__(self, key: KeyPair, view: ChainView, *, host: str = "127.0.0.1", port: int = 0,
-                 max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT) -> None:
+                 max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT,
+                 clock: Callable[[], float] = time.time, max_age_s: float = MAX_EVIDENCE_AGE_S) -> None:
         try:
-            self._server = _Server((host, port), key, view, max_body, read_timeout)
+            self._server = _Server((host, port), key, view, max_body, read_timeout, clock, max_age_s)
         except OSError as exc:
             raise ConfigError(f"the broker cannot listen on {host}:{port}: {exc.strerror or exc} (is another "
                               "process on that port? pick another --listen)") from exc
