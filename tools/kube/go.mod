@@ -1,4 +1,5 @@
-// Wrapper module: builds kube-apiserver and kubectl from k8s.io/kubernetes at a pinned release.
+// Wrapper module: builds kube-apiserver, kubectl and (for `stack up --node`) kube-controller-manager,
+// kube-scheduler, kubelet and kube-proxy from k8s.io/kubernetes at a pinned release.
 // k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging paths that a
 // depending module cannot see, so each is mapped here to its published v0.36.3 release.
 module trustcap.io/tools/kube

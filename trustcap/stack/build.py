@@ -5,6 +5,12 @@ kube-apiserver and kubectl come from k8s.io/kubernetes through the wrapper modul
 a module with replace directives). kubo's `ipfs` comes through `tools/kubo` for the same reason: kubo's
 go.mod replaces go-libp2p with a fork. kine and helm have none, so `go install pkg@version` builds them.
 A stamp next to each binary records what it was built from; a changed pin rebuilds it.
+
+The node's tools (`NODE_TOOLS`: controller-manager, scheduler, kubelet, kube-proxy, containerd with its
+shim and `ctr`, coredns) are built only for `stack up --node`, so the quick API-server-only stack does
+not wait for them.
+containerd's go.mod has no replace directives, so `go install pkg@version` builds it; cgo is off (a
+static binary, as containerd's own static releases) with btrfs left out, which needs cgo headers.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 from trustcap.errors import StackError
 from trustcap.stack import paths, versions
 
-__all__ = ["TOOLS", "Tool", "ensure_tools", "missing_tools"]
+__all__ = ["NODE_TOOLS", "TOOLS", "Tool", "ensure_tools", "missing_tools"]
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,45 @@ TOOLS: tuple[Tool, ...] = (
 )
 
 
-def missing_tools() -> list[Tool]:
-    return [t for t in TOOLS if not t.is_current()]
+def _k8s_cmd(name: str) -> Tool:
+    return Tool(
+        name,
+        versions.KUBERNETES,
+        ("build", "-trimpath", f"-ldflags={_K8S_LDFLAGS}", "-o", "{out}", f"k8s.io/kubernetes/cmd/{name}"),
+        module_dir="tools/kube",
+    )
+
+
+def _containerd_cmd(name: str) -> Tool:
+    return Tool(
+        name,
+        versions.CONTAINERD,
+        ("install", "-trimpath", "-tags=no_btrfs urfave_cli_no_docs",
+         f"-ldflags={_LDFLAGS} -X github.com/containerd/containerd/v2/version.Version={versions.CONTAINERD}",
+         f"github.com/containerd/containerd/v2/cmd/{name}@{versions.CONTAINERD}"),
+    )
+
+
+NODE_TOOLS: tuple[Tool, ...] = (
+    _k8s_cmd("kube-controller-manager"),
+    _k8s_cmd("kube-scheduler"),
+    _k8s_cmd("kubelet"),
+    _k8s_cmd("kube-proxy"),
+    _containerd_cmd("containerd"),
+    _containerd_cmd("containerd-shim-runc-v2"),
+    _containerd_cmd("ctr"),
+    # The cluster's DNS (Services by name, as a chart's pods and `helm test` use them); coredns's go.mod has
+    # no replace directives either.
+    Tool(
+        "coredns",
+        versions.COREDNS,
+        ("install", "-trimpath", f"-ldflags={_LDFLAGS}", f"github.com/coredns/coredns@{versions.COREDNS}"),
+    ),
+)
+
+
+def missing_tools(tools: tuple[Tool, ...] = TOOLS) -> list[Tool]:
+    return [t for t in tools if not t.is_current()]
 
 
 def _go() -> str:
@@ -154,10 +197,12 @@ def build_tool(tool: Tool) -> float:
     return time.monotonic() - start
 
 
-def ensure_tools(on_progress: Callable[[Tool, str], None] | None = None) -> dict[str, float]:
+def ensure_tools(
+    on_progress: Callable[[Tool, str], None] | None = None, tools: tuple[Tool, ...] = TOOLS
+) -> dict[str, float]:
     """Build every tool that is missing or stale; returns seconds per tool built (empty when all cached)."""
     built: dict[str, float] = {}
-    for tool in missing_tools():
+    for tool in missing_tools(tools):
         if on_progress:
             on_progress(tool, "building")
         built[tool.name] = build_tool(tool)

@@ -18,9 +18,14 @@ from typing import Any
 from trustcap.errors import StackError
 from trustcap.stack import paths, versions
 
-__all__ = ["BASE_IMAGE", "base_tarball", "ensure_base_image"]
+__all__ = ["BASE_IMAGE", "PAUSE_IMAGE", "base_tarball", "ensure_base_image", "ensure_pause_image"]
 
 BASE_IMAGE = f"trustcap/base:{versions.DEBIAN_SUITE}"
+#: The node's pod sandbox image (`stack up --node`): registry.k8s.io/pause cannot be pulled here, and a
+#: sandbox only has to hold the pod's namespaces open and exit on SIGTERM, which a shell with a trap does.
+PAUSE_IMAGE = f"trustcap/pause:{versions.DEBIAN_SUITE}"
+_PAUSE_ENTRYPOINT = ('ENTRYPOINT ["/bin/sh", "-c", '
+                     '"trap \'exit 0\' TERM INT; while :; do sleep 3600 & wait $!; done"]')
 _PACKAGES = ("python3-minimal",)
 _DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -70,29 +75,37 @@ def _build_tarball(out: Path) -> None:
         partial.replace(out)
 
 
-def ensure_base_image(client: Any | None = None) -> str:
-    """Make sure `trustcap/base:<suite>` exists in the Docker Engine; returns its tag."""
+_ENV = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ENV LANG=C.UTF-8"]
+
+
+def _ensure_imported(image: str, changes: list[str], client: Any | None) -> str:
     import docker  # local: the core library does not need Docker to import this module
     from docker.errors import DockerException, ImageNotFound
 
     try:
         client = client or docker.from_env()
         try:
-            client.images.get(BASE_IMAGE)
-            return BASE_IMAGE
+            client.images.get(image)
+            return image
         except ImageNotFound:
             pass
         tarball = base_tarball()
         if not tarball.is_file():
             _build_tarball(tarball)
-        repo, tag = BASE_IMAGE.split(":")
+        repo, tag = image.split(":")
         with tarball.open("rb") as fh:
-            client.api.import_image_from_data(
-                fh.read(), repository=repo, tag=tag,
-                changes=['CMD ["/bin/sh"]', "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                         "ENV LANG=C.UTF-8"],
-            )
-        client.images.get(BASE_IMAGE)
+            client.api.import_image_from_data(fh.read(), repository=repo, tag=tag, changes=changes)
+        client.images.get(image)
     except DockerException as exc:
-        raise StackError(f"cannot build or import {BASE_IMAGE}: {exc}") from exc
-    return BASE_IMAGE
+        raise StackError(f"cannot build or import {image}: {exc}") from exc
+    return image
+
+
+def ensure_base_image(client: Any | None = None) -> str:
+    """Make sure `trustcap/base:<suite>` exists in the Docker Engine; returns its tag."""
+    return _ensure_imported(BASE_IMAGE, ['CMD ["/bin/sh"]', *_ENV], client)
+
+
+def ensure_pause_image(client: Any | None = None) -> str:
+    """Make sure the node's sandbox image `trustcap/pause:<suite>` exists in Docker; returns its tag."""
+    return _ensure_imported(PAUSE_IMAGE, [_PAUSE_ENTRYPOINT, *_ENV], client)

@@ -51,6 +51,17 @@ class Daemon:
             return None
         return pid
 
+    def running_argv(self) -> list[str] | None:
+        """The argv our running daemon was started with (to tell whether its flags are still wanted)."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return None
+        return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
     def start(self) -> int:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 #: k8s.io/kubernetes release for kube-apiserver and kubectl (wrapper module in tools/kube).
 KUBERNETES = "v1.36.3"
+#: containerd 2.x, the node's container runtime (go install; `stack up --node`). Kubernetes 1.36's kubelet
+#: needs a CRI runtime that reports its cgroup driver (containerd 2.x); Debian bookworm's containerd is 1.6.
+CONTAINERD = "v2.2.9"
+#: CoreDNS, the node's cluster DNS (go install; `stack up --node`).
+COREDNS = "v1.14.7"
 #: kubo, the IPFS node (`ipfs`) the content store's kubo backend talks to. Built through the wrapper module
 #: in tools/kubo: kubo's go.mod replaces go-libp2p with a fork, which `go install pkg@version` refuses, and the
 #: module proxy does not serve that fork, so the wrapper points the replace at go-libp2p v0.50.0 instead.
