@@ -209,7 +209,7 @@ def verdict_entry(signed: SignedVerdict, quote: SignedQuote, *, nonce: bytes, do
     }
 
 
-class CommitteeMember(PollingLoop):
+class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
     """Writes this gateway's verdict into every open capsule round whose committee it sits on."""
 
     loop_name = "trustcap-committee"

@@ -194,7 +194,7 @@ def _bytes32(value: Any) -> bytes | None:
         return None
 
 
-class Participant(PollingLoop):
+class Participant(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
     """Commits this gateway to its draw for every funded, seeded, Pending capsule, once per task."""
 
     loop_name = "trustcap-gateway-participant"

@@ -143,7 +143,7 @@ def _refused_result(exc: Exception) -> dict[str, Any] | None:
                                                  "session refuses an answer that carries an error"}}
 
 
-class Runner(PollingLoop):
+class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
     """Runs on this gateway's agent the capsules whose CapsuleRun names this gateway as executor."""
 
     loop_name = "trustcap-gateway-runner"

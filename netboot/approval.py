@@ -21,6 +21,8 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from trustcap.netboot.errors import ApprovalUnavailable, PathRejected
 
+from trustcap.kubeclient import local_api_client
+
 __all__ = [
     "ApprovalSource",
     "BootImageApproval",
@@ -100,11 +102,10 @@ ListBootImages = Callable[[], list[dict[str, Any]]]
 
 
 def _list_with_kubernetes(kubeconfig: str | None) -> ListBootImages:
-    from kubernetes import client, config
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    api = client.CustomObjectsApi(api_client)
+    api = client.CustomObjectsApi(local_api_client(kubeconfig))
 
     def list_all() -> list[dict[str, Any]]:
         try:

@@ -19,6 +19,8 @@ from typing import Any
 
 from trustcap.netboot.store import Refusal
 
+from trustcap.kubeclient import local_api_client
+
 __all__ = ["REASONS", "KubeEventReporter"]
 
 log = logging.getLogger("trustcap.netboot")
@@ -36,9 +38,9 @@ CreateEvent = Callable[[str, dict[str, Any]], None]
 
 
 def _kubernetes_creator(kubeconfig: str | None) -> CreateEvent:
-    from kubernetes import client, config
+    from kubernetes import client
 
-    api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))  # type: ignore[no-untyped-call]
+    api = client.CoreV1Api(local_api_client(kubeconfig))
 
     def create(namespace: str, body: dict[str, Any]) -> None:
         api.create_namespaced_event(namespace, body, _request_timeout=10)  # type: ignore[arg-type]  # dict bodies are accepted

@@ -1,7 +1,9 @@
 """One way to reach the API server, for every component that talks to it (operator, gateway, netboot, CLI).
 
 A kubeconfig path when one is given (the local stack, a person's machine), else the pod's service account
-(`in-cluster`, as the chart runs the operator and the gateways). Errors are the kubernetes library's own
+(`in-cluster`, as the chart runs the operator and the gateways): `api_client`. A person's command and
+netboot on a Pi have no service account, so without a path they look where kubectl does ($KUBECONFIG,
+then ~/.kube/config): `local_api_client`. Errors are the kubernetes library's own
 (ConfigException, OSError, ValueError, yaml.YAMLError): each caller names them in its own terms.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["api_client"]
+__all__ = ["api_client", "local_api_client"]
 
 
 def api_client(kubeconfig: str | Path | None = None) -> Any:
@@ -21,3 +23,10 @@ def api_client(kubeconfig: str | Path | None = None) -> Any:
         return config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
     config.load_incluster_config()  # type: ignore[no-untyped-call]
     return client.ApiClient()
+
+
+def local_api_client(kubeconfig: str | Path | None = None) -> Any:
+    """A kubernetes ApiClient from `kubeconfig`, or from kubectl's lookup ($KUBECONFIG, ~/.kube/config)."""
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=str(kubeconfig) if kubeconfig else None)  # type: ignore[no-untyped-call]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trustcap.capsule.keys import SECRET_NAME, KeyPair
+from trustcap.cli._chain import open_escrow
 from trustcap.errors import ConfigError
 
 
@@ -51,25 +52,8 @@ def load_key(path: Path) -> KeyPair:
 
 
 def chain_view(rpc: str | None, deployment: Path | None) -> Any:
-    """A read-only Escrow: its client's key is a throwaway that never signs (the broker only reads)."""
-    from trustcap.chain.client import ChainClient, Deployment
-    from trustcap.chain.errors import ChainError
-    from trustcap.chain.escrow import Escrow
-    from trustcap.chain.keys import KeySigner
-
-    if not rpc or not deployment:
-        raise ConfigError("--rpc and --deployment are needed (or TRUSTCAP_CHAIN_RPC and TRUSTCAP_CHAIN_DEPLOYMENT)")
-    d = Deployment.load(Path(deployment))
-    client = ChainClient(rpc, KeySigner(os.urandom(32)))
-    try:
-        chain_id = client.chain_id
-    except ChainError as exc:
-        raise ConfigError(f"cannot read the chain at {rpc}: {exc} (is the chain running? `trustcap stack up` "
-                          "starts the local one; `trustcap stack env` prints its RPC URL)") from exc
-    if chain_id != d.chain_id:
-        raise ConfigError(f"the chain at {rpc} has chain id {chain_id}, the deployment {deployment} is for "
-                          f"{d.chain_id}: pass the RPC URL of the chain the contracts are deployed on")
-    return Escrow(client, d)
+    """A read-only Escrow: the broker only reads the task and its attestations."""
+    return open_escrow(rpc, deployment)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from rich.progress import Progress
 
 from trustcap.cli._progress import step_bar, step_reporter
 from trustcap.errors import TrustcapError
+from trustcap.kubeclient import local_api_client
 from trustcap.stack import paths
 from trustcap.stack.stack import Stack
 
@@ -89,7 +90,7 @@ def _build_image() -> str:
 
 def _play(w: Any, names: dict[str, list[str]], digest: str, args: argparse.Namespace, bar: Progress,
           KeyPair: Any, open_store: Any, scenario: Any) -> Any:
-    from kubernetes import client, config
+    from kubernetes import client
 
     store = open_store(w.store_url)
     owners = [scenario.Owner(name=n, keys=KeyPair.load(Path(w.owners[n]["key_file"])),
@@ -101,7 +102,7 @@ def _play(w: Any, names: dict[str, list[str]], digest: str, args: argparse.Names
     bar.update(step, description="[green]B and C sealed and stored their lists: "
                + ", ".join(f"{o.name.upper()} {len(o.names)} names -> {o.cid[:16]}…" for o in owners))
     bar.stop_task(step)
-    custom = client.CustomObjectsApi(config.new_client_from_config(config_file=str(w.kubeconfig)))  # type: ignore[no-untyped-call]
+    custom = client.CustomObjectsApi(local_api_client(w.kubeconfig))
     _delete_if_there(custom, w.namespace, "psi")
     custom.create_namespaced_custom_object("trustcap.io", "v1alpha1", w.namespace, "capsules", doc)
     t_apply = time.time()

@@ -28,9 +28,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from trustcap.cli._chain import open_escrow
 from trustcap.errors import ConfigError, TrustcapError
 
-__all__ = ["EscrowCliError", "open_escrow", "parse_task_id", "read_payer_key", "register"]
+__all__ = ["EscrowCliError", "parse_task_id", "read_payer_key", "register"]
 
 console = Console(highlight=False)
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -121,37 +122,13 @@ def read_payer_key(path: Path | None) -> Any:
         raise ConfigError(f"payer key file {path}: not a secp256k1 private key (64 hex digits)") from exc
 
 
-def open_escrow(rpc: str | None, deployment: Path | None, signer: Any = None) -> Any:
-    """An Escrow on the chain at `rpc`, checked to be the chain the deployment file is for. Without a
-    signer the client holds a throwaway key that never signs (reads only)."""
-    from trustcap.chain.client import ChainClient, Deployment
-    from trustcap.chain.errors import ChainError
-    from trustcap.chain.escrow import Escrow
-    from trustcap.chain.keys import KeySigner
-
-    if not rpc or not deployment:
-        raise ConfigError("--rpc and --deployment are needed (or TRUSTCAP_CHAIN_RPC and TRUSTCAP_CHAIN_DEPLOYMENT; "
-                          "`trustcap world up` prints them)")
-    d = Deployment.load(Path(deployment))
-    client = ChainClient(rpc, signer or KeySigner(os.urandom(32)))
-    try:
-        chain_id = client.chain_id
-    except ChainError as exc:
-        raise EscrowCliError(f"cannot reach the chain at {rpc}: {exc} (is it running? `trustcap world up` or "
-                             "`trustcap stack up` starts one and prints its RPC URL)") from exc
-    if chain_id != d.chain_id:
-        raise EscrowCliError(f"the chain at {rpc} has chain id {chain_id}, the deployment {deployment} is for "
-                             f"{d.chain_id}: pass the RPC URL of the chain the contracts are deployed on")
-    return Escrow(client, d)
-
-
 # --- the commands -------------------------------------------------------------------------------------
 def _fund(args: argparse.Namespace) -> int:
     task = parse_task_id(args.task_id)
     if args.deadline_seconds <= 0:
         raise ConfigError(f"--deadline-seconds {args.deadline_seconds}: must be positive (seconds from now)")
     payer = read_payer_key(args.key)
-    escrow = open_escrow(args.rpc, args.deployment, payer)
+    escrow = open_escrow(args.rpc, args.deployment, payer, error=EscrowCliError)
     deadline = max(_block_time(escrow), int(time.time())) + int(args.deadline_seconds)
     receipt = _write(escrow, "fund", task, lambda: escrow.fund(task, args.k, deadline, args.amount_wei), args)
     console.print(f"funded task 0x{task.hex()} with {args.amount_wei} wei from {payer.address}: committee "
@@ -161,7 +138,7 @@ def _fund(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     task = parse_task_id(args.task_id)
-    escrow = open_escrow(args.rpc, args.deployment)
+    escrow = open_escrow(args.rpc, args.deployment, error=EscrowCliError)
     info = _read(escrow, task, args)
     table = Table(show_header=False, title=f"escrow task 0x{task.hex()}", title_justify="left")
     table.add_column("field", style="bold")
@@ -175,7 +152,7 @@ def _status(args: argparse.Namespace) -> int:
 def _refund(args: argparse.Namespace) -> int:
     task = parse_task_id(args.task_id)
     payer = read_payer_key(args.key)
-    escrow = open_escrow(args.rpc, args.deployment, payer)
+    escrow = open_escrow(args.rpc, args.deployment, payer, error=EscrowCliError)
     info = _read(escrow, task, args)
     receipt = _write(escrow, "refund", task, lambda: escrow.refund(task), args)
     console.print(f"refunded task 0x{task.hex()}: {info.payment} wei are owed to the payer {info.payer} "

@@ -10,7 +10,9 @@ from typing import Any, cast
 from rich.console import Console
 from rich.table import Table
 
+from trustcap.cli._chain import open_chain
 from trustcap.errors import TrustcapError
+from trustcap.kubeclient import local_api_client
 
 console = Console(highlight=False)
 
@@ -33,16 +35,11 @@ def register(sub: Any) -> None:
 
 
 def read_capsule(name: str, namespace: str, kubeconfig: str | None) -> dict[str, Any]:
-    from kubernetes import client, config
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     try:
-        if kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
-        api = client.CustomObjectsApi(api_client)
+        api = client.CustomObjectsApi(local_api_client(kubeconfig))
         doc = cast(dict[str, Any], api.get_namespaced_custom_object("trustcap.io", "v1alpha1", namespace,
                                                                    "capsules", name))
     except ApiException as exc:
@@ -54,14 +51,9 @@ def read_capsule(name: str, namespace: str, kubeconfig: str | None) -> dict[str,
 
 def chain_view(rpc: str | None, deployment: Path | None) -> tuple[Any, Any]:
     """(ChainView, batch_recorded) over a read-only client."""
-    from trustcap.chain.client import ChainClient, Deployment
     from trustcap.chain.escrow import Escrow
-    from trustcap.chain.keys import KeySigner
 
-    if not rpc or not deployment:
-        raise VerifyError("--rpc and --deployment are needed (or TRUSTCAP_CHAIN_RPC and TRUSTCAP_CHAIN_DEPLOYMENT)")
-    d = Deployment.load(Path(deployment))
-    client = ChainClient(rpc, KeySigner("0x" + "11" * 32))  # reads only: the key never signs anything
+    client, d = open_chain(rpc, deployment, error=VerifyError)
 
     def batch_recorded(batch_id: str, root: str) -> bool:
         return client.find_batch(d, bytes.fromhex(batch_id[2:]), bytes.fromhex(root[2:])) is not None
