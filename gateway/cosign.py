@@ -4,7 +4,9 @@ Decision 0094. `AttestationLog.recordBatch` takes a batch (epoch, Merkle root, c
 `quorum` registered, active nodes. If the operator held those keys it alone could record any root; so
 the signatures come from the verifier gateways' trust roots, and each gateway signs only a batch whose
 every leaf it found, itself, in a decided round of the cluster: a verdict entry whose signed verdict
-verifies under the chain's domain, by a member of that round's committee. The chain-writer collects
+verifies under the chain's domain, by a member of that round's committee, where the committee is not the
+operator's word (`spec.committee`) but the task's selection recomputed from the chain and the reveals
+(`select_from_chain`, as the owners' brokers do; decision 0095). The chain-writer collects
 `quorum` of these; a batch one gateway would refuse is not refused by the others on its say-so, and one
 they all refuse is never sent.
 
@@ -20,7 +22,12 @@ they all refuse is never sent.
       |                                          |   decided (status.result Passed/Failed), node and phase the
       |                                          |   round's, and equal to a status.verdicts[] entry's signed
       |                                          |   verdict that verifies (verify_verdict, chain domain), by
-      |                                          |   that entry's verifier, a member of spec.committee      403
+      |                                          |   that entry's verifier                                  403
+      |                                          |-- reveal Secrets of the round's task ------------>| 503
+      |                                          |-- getTask, block hash, commitments, nodes -> chain  503
+      |                                          | 6 each leaf's round: select_from_chain(task, reveals);
+      |                                          |   spec.executor == its executor, the set of spec.committee
+      |                                          |   == its committee; the leaf's verifier is in it          403
       |<-- 200 {signature, address} -------------| sig = R.sign(batch_digest(epoch, root, count, chainId, contract))
       |<-- 4xx {error, field, failures} ---------| every failed leaf named (leaves[i]: why); nothing signed
 
@@ -28,6 +35,11 @@ The writer recomputes nothing on the gateway's behalf: the gateway rebuilds the 
 exactly as the writer does (`verdict_leaf(verdict_id(leaf, domain))`, OZ layout, leaves sorted), so the
 root it signs is the root of the leaves it checked. A gateway signs one batch at a time (a second gets 503
 and is asked again later); the body is at most `MAX_BODY` bytes and `MAX_LEAVES` leaves.
+
+Why recompute: an operator that writes its own registered nodes into `spec.committee` would otherwise have
+their verdicts co-signed by every honest gateway (a sybil committee). A task's selection is remembered once
+it matched a round (`SELECTIONS` tasks): registry reputation and stake move with later settlements, and a
+round's committee is the one drawn when the task was scheduled, not one drawn again today.
 """
 
 from __future__ import annotations
@@ -35,11 +47,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Final, Protocol
 
 from pydantic import ValidationError
+from trustcap.gateway.participant import REVEAL_LABEL
 
 from trustcap import merkle
 from trustcap.chain.typed import batch_digest
@@ -47,8 +61,9 @@ from trustcap.errors import TrustcapError
 from trustcap.evidence.errors import EvidenceError
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, verdict_id, verify_verdict
+from trustcap.sortition import ChainView, Reveal, Selection, SortitionError, select_from_chain
 
-__all__ = ["MAX_BODY", "MAX_LEAVES", "CosignKube", "CosignService"]
+__all__ = ["MAX_BODY", "MAX_LEAVES", "SELECTIONS", "CosignKube", "CosignService", "RevealSecrets"]
 
 log = logging.getLogger("trustcap.gateway")
 
@@ -57,12 +72,20 @@ MAX_LEAVES: Final = 1000  # the writer's default max_batch
 DECIDED: Final = ("Passed", "Failed")
 _FIELDS: Final = frozenset({"epoch", "root", "count", "chainId", "contract", "leaves"})
 _U64: Final = (1 << 64) - 1
+SELECTIONS: Final = 1024  # tasks whose confirmed selection is remembered
 
 
 class CosignKube(Protocol):
     """What the co-signer reads in the cluster (gateway/committee.py `KubeRounds` in production)."""
 
     def attestations(self, namespace: str) -> list[dict[str, Any]]: ...
+
+
+class RevealSecrets(Protocol):
+    """Where the tasks' selection reveals are (gateway/participant.py `KubeCapsules` in production): each
+    Secret labelled `trustcap.io/reveal=<task id hex[:16]>`, decoded, as {node, pi, salt}."""
+
+    def secrets(self, namespace: str, label_selector: str) -> list[dict[str, str]]: ...
 
 
 class _Refused(Exception):
@@ -79,11 +102,15 @@ class CosignService:
     """`handle(body)` for `POST /v1/cosign` on the relay: (HTTP status, JSON body); never raises for a
     client's fault or an API-server outage (503: the writer asks again later)."""
 
-    def __init__(self, root: Signer, kube: CosignKube, *, namespace: str, domain: Domain) -> None:
+    def __init__(self, root: Signer, kube: CosignKube, *, namespace: str, domain: Domain, view: ChainView,
+                 reveals: RevealSecrets) -> None:
         self.root = root
         self.kube = kube
         self.namespace = namespace
         self.domain = domain
+        self.view = view
+        self.reveals = reveals
+        self._selections: OrderedDict[bytes, Selection] = OrderedDict()
         self._one = threading.Lock()
         self.stats = {"signed": 0, "refused": 0, "busy": 0, "unavailable": 0}
 
@@ -175,11 +202,12 @@ class CosignService:
                 rounds[nonce] = att
         failures: list[str] = []
         seen: set[bytes] = set()
+        committees: dict[str, tuple[frozenset[str], str]] = {}  # per round: (chain's committee, why not)
         for i, leaf in enumerate(leaves):
             vid = verdict_id(leaf, self.domain)
             why = ("the same verdict twice in one batch" if vid in seen
                    else f"epoch {leaf.epoch} is not the batch's epoch {epoch}" if leaf.epoch != epoch
-                   else self._refusal(leaf, rounds.get(leaf.attestation_id.lower())))
+                   else self._refusal(leaf, rounds.get(leaf.attestation_id.lower()), committees))
             seen.add(vid)
             if why:
                 failures.append(f"leaves[{i}] (round {leaf.attestation_id[:18]}.., verifier {leaf.verifier}): {why}")
@@ -187,8 +215,10 @@ class CosignService:
             first = failures[0].split(" ", 1)[0]
             raise _Refused(HTTPStatus.FORBIDDEN, first, "; ".join(failures), failures)
 
-    def _refusal(self, leaf: Verdict, att: Mapping[str, Any] | None) -> str:
-        """Why this leaf is not a counted verdict of a decided round, or "" when it is."""
+    def _refusal(self, leaf: Verdict, att: Mapping[str, Any] | None,
+                 committees: dict[str, tuple[frozenset[str], str]]) -> str:
+        """Why this leaf is not a counted verdict of a decided round, or "" when it is. _Unavailable when
+        the reveals or the chain cannot be read (no evidence either way)."""
         if att is None:
             return f"no Attestation in {self.namespace} has spec.nonce {leaf.attestation_id}"
         spec, status = att.get("spec") or {}, att.get("status") or {}
@@ -205,6 +235,14 @@ class CosignService:
             return f"round {name} has no valid spec.phase"
         if leaf.phase != phase:
             return f"phase {leaf.phase}, not round {name}'s phase {spec.get('phase')}"
+        key = leaf.attestation_id.lower()
+        if key not in committees:
+            committees[key] = self._chain_committee(name, spec)
+        chosen, why = committees[key]
+        if why:
+            return why
+        if leaf.verifier.lower() not in chosen:
+            return f"verifier {leaf.verifier.lower()} is not in the committee the chain selected for round {name}"
         reasons: list[str] = []
         for entry in status.get("verdicts") or []:
             why = _entry_refusal(entry, leaf, members, self.domain)
@@ -215,6 +253,53 @@ class CosignService:
         if reasons:
             return f"round {name}'s entry for this verdict is not counted: {'; '.join(reasons)}"
         return f"not among round {name}'s status.verdicts"
+
+
+    # -- the committee, from the chain -------------------------------------------------------------------
+    def _chain_committee(self, name: str, spec: Mapping[str, Any]) -> tuple[frozenset[str], str]:
+        """(the committee the chain selected for the round's task, "") when spec.executor and spec.committee
+        are that selection; else (empty, why). A round of no task has no committee anyone can recompute."""
+        tid = _hex32(str(spec.get("taskId", "")).lower())
+        if tid is None:
+            return frozenset(), (f"round {name} names no task (spec.taskId), so its committee cannot be "
+                                 "recomputed from the chain")
+        members = [str(m.get("address", "")).lower() for m in (spec.get("committee") or {}).get("members") or []
+                   if isinstance(m, Mapping)]
+        executor = str(spec.get("executor", "")).lower()
+        sel = self._selections.get(tid)
+        if sel is None or not _names(sel, executor, members):
+            try:
+                sel = select_from_chain(self.view, tid, self._reveals(tid))
+            except SortitionError as exc:
+                return frozenset(), f"the chain gives no selection for round {name}'s task 0x{tid.hex()}: {exc}"
+            except (TrustcapError, OSError) as exc:
+                raise _Unavailable(f"cannot recompute the selection of task 0x{tid.hex()}: {exc}") from exc
+        if executor != sel.executor:
+            return frozenset(), (f"round {name}'s spec.executor {executor} is not the chain's selection "
+                                 f"{sel.executor}")
+        if not _names(sel, executor, members):
+            return frozenset(), (f"round {name}'s spec.committee {sorted(members)} is not the committee the chain "
+                                 f"selected {sorted(sel.committee)}")
+        self._selections[tid] = sel
+        self._selections.move_to_end(tid)
+        while len(self._selections) > SELECTIONS:
+            self._selections.popitem(last=False)
+        return frozenset(sel.committee), ""
+
+    def _reveals(self, tid: bytes) -> list[Reveal]:
+        out = []
+        for data in self.reveals.secrets(self.namespace, f"{REVEAL_LABEL}={tid.hex()[:16]}"):
+            try:
+                out.append(Reveal(node_id=data["node"].lower(), pi=bytes.fromhex(data["pi"].removeprefix("0x")),
+                                  salt=bytes.fromhex(data["salt"].removeprefix("0x"))))
+            except (KeyError, ValueError, AttributeError):
+                continue  # a malformed reveal is that node's fault: select_from_chain skips it like a missing one
+        return out
+
+
+def _names(sel: Selection, executor: str, members: Sequence[str]) -> bool:
+    """Does a round (its executor, its committee members) name exactly this selection?"""
+    return executor == sel.executor and len(members) == len(set(members)) and set(members) == set(sel.committee)
 
 
 def _entry_refusal(entry: Any, leaf: Verdict, members: set[str], domain: Domain) -> str:
