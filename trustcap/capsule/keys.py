@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import coincurve
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustcap.capsule.errors import CapsuleError
@@ -57,7 +58,6 @@ class KeyPair:
         if len(secret) != 32 or not 0 < int.from_bytes(secret, "big") < _secp256k1.N:
             raise InvalidKey("a secp256k1 secret key is 32 bytes in [1, n-1]")
         self._secret = bytes(secret)
-        self._ec = ec.derive_private_key(int.from_bytes(secret, "big"), ec.SECP256K1())
         self._public = _secp256k1.public_key_from_secret(secret)
 
     @classmethod
@@ -102,6 +102,7 @@ class KeyPair:
         return _secp256k1.sign(self._secret, digest32)
 
     def ecdh(self, peer_public_key: bytes) -> bytes:
-        """x-coordinate of secret * peer (32 bytes)."""
-        peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), peer_public_key)
-        return self._ec.exchange(ec.ECDH(), peer)
+        """x-coordinate of secret * peer (32 bytes), as OpenSSL's ECDH gives it; libsecp256k1 computes it
+        (decision 0100). ValueError if `peer_public_key` is not a point on the curve."""
+        peer = coincurve.PublicKey(bytes(peer_public_key))
+        return bytes(peer.multiply(self._secret).format(compressed=True)[1:])

@@ -7,16 +7,20 @@ it (Zymkey or software); evidence code only ever sees this shape.
 Verification is strict where a contract would be: exactly 65 bytes, v in {27, 28}, 1 <= r < n,
 1 <= s <= n/2 (high s is a malleated copy of a valid signature: refusing it keeps one signature per
 message, as OpenZeppelin's ECDSA.recover does).
+
+The curve work is libsecp256k1's (through `coincurve`), called directly rather than through eth_keys'
+backend choice: a verifier appraises every quote of every round, and a silent fall-back to pure-Python
+arithmetic (what eth_keys does when coincurve is missing) made two recoveries cost ~15 ms
+(docs/decisions/0100-native-crypto.md).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from eth_keys import keys  # type: ignore[attr-defined]
-from eth_keys.exceptions import BadSignature
+import coincurve
 from eth_utils.address import to_checksum_address
-from eth_utils.exceptions import ValidationError
+from eth_utils.crypto import keccak
 
 from trustcap.evidence.errors import SignatureError
 
@@ -38,10 +42,19 @@ class Signer(Protocol):
 
 def address_of(public_key: bytes) -> str:
     """The EIP-55 address of a 33-byte compressed secp256k1 public key."""
+    raw = bytes(public_key) if isinstance(public_key, (bytes, bytearray)) else b""
+    if len(raw) != 33 or raw[0] not in (2, 3):  # coincurve would also take the 65-byte form: we do not
+        raise SignatureError(f"not a compressed secp256k1 public key: {len(raw)} bytes, want 33 starting 02/03")
     try:
-        return str(keys.PublicKey.from_compressed_bytes(bytes(public_key)).to_checksum_address())
-    except (ValidationError, ValueError, TypeError) as exc:
+        point = coincurve.PublicKey(raw)  # refuses an x with no point on the curve
+    except ValueError as exc:
         raise SignatureError(f"not a compressed secp256k1 public key: {exc}") from exc
+    return _address(point)
+
+
+def _address(point: coincurve.PublicKey) -> str:
+    """EIP-55: the last 20 bytes of keccak256 of the uncompressed X || Y."""
+    return str(to_checksum_address(keccak(point.format(compressed=False)[1:])[-20:]))
 
 
 def recover_address(digest32: bytes, signature: bytes) -> str:
@@ -58,7 +71,9 @@ def recover_address(digest32: bytes, signature: bytes) -> str:
     if not 1 <= r < _N or not 1 <= s <= _N // 2:
         raise SignatureError("signature r or s is out of range (high s is refused as malleable)")
     try:
-        public = keys.Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(bytes(digest32))
-    except (BadSignature, ValidationError, ValueError) as exc:
+        public = coincurve.PublicKey.from_signature_and_message(
+            bytes(signature[:64]) + bytes([v - 27]), bytes(digest32), hasher=None
+        )
+    except ValueError as exc:
         raise SignatureError(f"no public key can be recovered from the signature: {exc}") from exc
-    return str(to_checksum_address(public.to_canonical_address()))
+    return _address(public)

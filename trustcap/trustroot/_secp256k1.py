@@ -3,11 +3,17 @@
 Why here and not in each backend: whatever holds the key (a file or a Zymkey slot), the signature a
 contract's `ecrecover` accepts has one shape: r || s || v, s in the lower half of the order (EIP-2), v in
 {27, 28}. A module that returns plain (r, s) is turned into that shape by `to_recoverable`.
+
+Signing and recovery are libsecp256k1's (through `coincurve`): the owner's signature and its check sit
+on every seal and open, and eth_keys' pure-Python fall-back cost milliseconds each
+(docs/decisions/0100-native-crypto.md). libsecp256k1 signs deterministically (RFC 6979) and always low s,
+which is exactly the shape above.
 """
 
 from __future__ import annotations
 
-from eth_keys.datatypes import PrivateKey, PublicKey, Signature
+import coincurve
+from eth_keys.datatypes import PublicKey
 from eth_keys.exceptions import BadSignature
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
@@ -29,9 +35,17 @@ def check_digest(digest32: bytes) -> None:
 def public_key_from_secret(secret: bytes) -> bytes:
     """The 33-byte compressed public key of a 32-byte secret scalar."""
     try:
-        return bytes(PrivateKey(secret).public_key.to_compressed_bytes())
-    except (ValidationError, ValueError) as exc:
+        return bytes(coincurve.PrivateKey(_secret_bytes(secret)).public_key.format(compressed=True))
+    except ValueError as exc:
         raise InvalidKey(f"not a secp256k1 secret key: {exc}") from exc
+
+
+def _secret_bytes(secret: bytes) -> bytes:
+    """coincurve would take a shorter secret as a smaller scalar; a key file that lost bytes is an error."""
+    raw = bytes(secret)
+    if len(raw) != 32:
+        raise ValueError(f"a secp256k1 secret key is 32 bytes, got {len(raw)}")
+    return raw
 
 
 def compress(public_key: bytes) -> bytes:
@@ -62,9 +76,10 @@ def address_of(public_key: bytes) -> str:
 def sign(secret: bytes, digest32: bytes) -> bytes:
     """Deterministic (RFC 6979) low-s recoverable signature, v in {27, 28}."""
     check_digest(digest32)
-    sig = PrivateKey(secret).sign_msg_hash(bytes(digest32))
-    r, s, v = int(sig.r), int(sig.s), int(sig.v)
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([27 + v])
+    sig = coincurve.PrivateKey(_secret_bytes(secret)).sign_recoverable(bytes(digest32), hasher=None)
+    if sig[64] > 1:  # r overflowed the order (probability ~2^-127): no Ethereum v can express it
+        raise ValueError("signature has recovery id above 1; sign another digest")
+    return sig[:64] + bytes([27 + sig[64]])
 
 
 def recover(digest32: bytes, signature: bytes) -> bytes | None:
@@ -78,10 +93,12 @@ def recover(digest32: bytes, signature: bytes) -> bytes | None:
     if not (0 < r < N and 0 < s <= HALF_N):
         return None
     try:
-        pk = Signature(vrs=(signature[64] - 27, r, s)).recover_public_key_from_msg_hash(bytes(digest32))
-    except (BadSignature, ValidationError, ValueError):
+        pk = coincurve.PublicKey.from_signature_and_message(
+            bytes(signature[:64]) + bytes([signature[64] - 27]), bytes(digest32), hasher=None
+        )
+    except ValueError:
         return None
-    return bytes(pk.to_compressed_bytes())
+    return bytes(pk.format(compressed=True))
 
 
 def to_recoverable(digest32: bytes, r: int, s: int, public_key: bytes) -> bytes:
