@@ -35,8 +35,8 @@ from clusterkit import (
     tracked_cluster,
     wait_for,
 )
+from pxelab import HPC_MAC
 from trustcap.netboot.image.builder import INITRD_FILE, KERNEL_FILE, SCRIPT_FILE, BuiltImage
-from trustcap.netboot.lab import HPC_MAC
 
 __all__ = ["ClusterLink", "JoinObjects", "apiserver_port", "create_join_objects", "join_cluster", "join_crds",
            "join_operator", "wait_for"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available
 from trustcap.netboot.image.builder import INITRD_FILE, BuildInputs, BuiltImage, build_image, copy_image
-from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available
 
 TOKEN = "tok-e2e-0001"  # noqa: S105 -- a test enrolment token, not a secret
 NODE = "hpc-netboot-e2e"

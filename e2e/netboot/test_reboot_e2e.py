@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pxelab
 import pytest
 import yaml
 from joinkit import ClusterLink, JoinObjects, apiserver_port, create_join_objects, wait_for
 from pxekit import AGENT_PORT, Gateway, _start_gateway, _stop
+from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
 from trustcap.netboot.image.builder import BuiltImage, copy_image
-from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
 
 from trustcap.evidence import verify_wipe_proof
 from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
@@ -114,7 +115,7 @@ def rig(agent_image: BuiltImage, workdir: Path, stack: dict[str, Any], kubeconfi
                 "--policy", str(_policy(workdir / "policy.yaml", objects.node, boot_hex)),
                 "--listen", f"{GW_IP}:{AGENT_PORT}", "--relay", "127.0.0.1:7791", "--token-file", str(token_file),
                 "--kubeconfig", str(kubeconfig), "--journal", str(journal), "--boot-timeout", str(REBOOT_TIMEOUT),
-                "--reboot-command", f"{sys.executable} -P -m trustcap.netboot.lab reset {qmp}",
+                "--reboot-command", f"{sys.executable} {pxelab.__file__} reset {qmp}",
             ])
             with gw_log.open("wb") as out:
                 gateway = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd="/")

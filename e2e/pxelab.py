@@ -1,6 +1,7 @@
 """A lab HPC link on one machine: network namespaces, a bridge, a tap and a PXE-booting qemu.
 
-Used by the e2e suite and the bench, never by a gateway. Topology (all made here, all removed by
+Test support for the e2e suite and the bench, outside the production packages: no gateway uses it.
+Importable by its unique name from any e2e folder, like netlab. Topology (all made here, all removed by
 `close()`, also after a failure):
 
     netns <gw>:   nbgw0 10.77.0.1/24  <- the gateway's boot services bind here
@@ -12,45 +13,18 @@ The HPC's only link is the bridge, whose only other member is the gateway: it re
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from netlab import in_netns
 
 __all__ = ["LabLink", "QemuHpc", "in_netns", "qemu_available", "qmp_system_reset"]
 
-log = logging.getLogger("trustcap.netboot")
-
 GW_IP = "10.77.0.1"
 HPC_MAC = "52:54:00:7c:00:01"
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-@contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the block with this thread in network namespace `name`; sockets made here stay there (so an
-    in-process server, e.g. the gateway's attestation server, can listen on the lab link)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
-        try:
-            yield
-        finally:
-            if libc.setns(back, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back failed")
-    finally:
-        os.close(target)
-        os.close(back)
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -209,9 +183,9 @@ def qmp_system_reset(socket_path: Path, timeout: float = 10.0) -> None:
                 raise RuntimeError(f"qemu refused {cmd}: {answer['error']}")
 
 
-if __name__ == "__main__":  # `python -P -m trustcap.netboot.lab reset QMP_SOCKET`: the lab's --reboot-command
+if __name__ == "__main__":  # `python e2e/pxelab.py reset QMP_SOCKET`: the lab's --reboot-command
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "reset":
-        sys.exit("usage: python -P -m trustcap.netboot.lab reset QMP_SOCKET")
+        sys.exit("usage: python e2e/pxelab.py reset QMP_SOCKET")
     qmp_system_reset(Path(sys.argv[2]))
