@@ -1,5 +1,7 @@
-"""The dashboards (dashboards/build.py): dashboards/out/ is exactly what the code writes, and every panel
-queries only metrics the code exports, so a renamed metric breaks this test, not a dashboard in prod.
+"""The dashboards (dashboards/build.py) and alert rules (dashboards/alerts.py): dashboards/out/ is exactly
+what the code writes, and every panel and every alert queries only metrics the code exports, so a renamed
+metric breaks this test, not a dashboard or an alert in prod. promtool (Debian's `prometheus` package,
+scripts/apt-packages.txt) checks the rule file.
 
 The exported names are read from the code itself: the operator's LifecycleCollector (describe(), which
 lists nothing) and the prometheus_client metrics that the gateway and the chain-writer register on import.
@@ -10,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +58,7 @@ def exported_names() -> set[str]:
     from prometheus_client import REGISTRY
     from trustcap.gateway import monitor as _monitor  # noqa: F401  (trustcap_gateway_monitor_*)
     from trustcap.gateway import relay as _relay  # noqa: F401  (trustcap_gateway_relay_*, node_trusted)
+    from trustcap.netboot import store as _netboot  # noqa: F401  (trustcap_netboot_*)
     from trustcap.operator.metrics import LifecycleCollector
 
     from trustcap.chain import metrics as _chain  # noqa: F401  (registers trustcap_chain_writer_*)
@@ -123,3 +128,44 @@ def test_dashboards_have_stable_unique_uids_and_panel_ids() -> None:
         assert len(set(ids)) == len(ids)
         assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in d["panels"])
         assert all(t["datasource"]["uid"] == "${datasource}" for p in d["panels"] for t in p["targets"])
+
+
+alerts = build.sibling("alerts")
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    assert found, "promtool is missing: install Debian's `prometheus` package (scripts/apt-packages.txt)"
+    return found
+
+
+def test_alert_rules_are_the_generated_file() -> None:
+    doc = yaml.safe_load(build.files()["alerts.yaml"])
+    assert doc == alerts.rule_file()
+    names = [r["alert"] for g in doc["groups"] for r in g["rules"]]
+    assert len(set(names)) == len(names)
+    # the alerts the issue asks for: a node quarantined, quorum failures, the chain-writer lagging
+    assert {"TrustcapNodeQuarantined", "TrustcapQuorumFailures", "TrustcapChainWriterLagging"} <= set(names)
+
+
+@pytest.mark.parametrize("alert", alerts.alerts(), ids=lambda a: a.name)
+def test_every_alert_queries_only_metrics_the_code_exports(alert: Any) -> None:
+    used = set(METRIC.findall(alert.expr))
+    assert used, f"{alert.name} watches no trustcap metric: {alert.expr}"
+    unknown = used - exported_names()
+    assert not unknown, f"{alert.name} names metrics no code exports: {sorted(unknown)}"
+    assert alert.expr == f"{alert.signal} {alert.condition}" and alert.condition
+
+
+def test_promtool_accepts_the_rule_file(tmp_path: Path) -> None:
+    out = subprocess.run([_promtool(), "check", "rules", str(ROOT / "dashboards" / "out" / "alerts.yaml")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(alerts.alerts())} rules found" in out.stdout
+    # positive control: promtool refuses a rule whose expression does not parse
+    broken = alerts.rule_file()
+    broken["groups"][0]["rules"][0]["expr"] = "sum(trustcap_hpcnode_phase"
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    bad = subprocess.run([_promtool(), "check", "rules", str(tmp_path / "broken.yaml")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0 and "parse error" in (bad.stdout + bad.stderr).lower(), bad.stdout + bad.stderr
