@@ -12,7 +12,9 @@ import {NodeRegistry} from "./NodeRegistry.sol";
 /// hash. A batch is accepted when at least `quorum` distinct active registered verifiers signed the
 /// EIP-712 `Batch(uint64 epoch,bytes32 root,uint32 count)` under this contract's domain (chain id and
 /// address), with low-s signatures only (OZ ECDSA). Signatures must come in strictly ascending signer
-/// order, so one signer cannot count twice. A batch (by id and by root) is recorded once.
+/// order, so one signer cannot count twice. A batch id is recorded once, and a root once per epoch: a
+/// root recorded under another epoch (a quorum front-running the real batch with a forged epoch) does not
+/// block the real batch, whose verdicts stay provable (decision 0096).
 /// Anyone can prove a verdict's inclusion with an OZ Merkle proof (double-hashed leaf, sorted pairs).
 contract AttestationLog is EIP712, Ownable {
     struct Verdict {
@@ -42,8 +44,10 @@ contract AttestationLog is EIP712, Ownable {
     NodeRegistry public immutable registry;
     uint256 public quorum;
 
+    /// keyed by keccak256(abi.encode(root, epoch)): a verdict's inclusion needs its own epoch's batch.
     mapping(bytes32 => BatchRecord) private _byRoot;
     mapping(bytes32 => bytes32) public rootOfBatch;
+    mapping(bytes32 => BatchRecord) private _byId;
 
     event BatchRecorded(bytes32 indexed batchId, uint64 indexed epoch, bytes32 root, uint32 count, uint256 signers);
     event QuorumSet(uint256 quorum);
@@ -101,7 +105,8 @@ contract AttestationLog is EIP712, Ownable {
         if (count == 0) revert EmptyBatch();
         id = batchId(epoch, root, count);
         if (rootOfBatch[id] != bytes32(0)) revert BatchAlreadyRecorded(id);
-        if (_byRoot[root].blockNumber != 0) revert RootAlreadyRecorded(root);
+        bytes32 key = _rootKey(root, epoch);
+        if (_byRoot[key].blockNumber != 0) revert RootAlreadyRecorded(root);
         uint256 need = quorum;
         if (signatures.length < need) revert InsufficientSignatures(signatures.length, need);
         bytes32 digest = _hashTypedDataV4(id);
@@ -113,7 +118,10 @@ contract AttestationLog is EIP712, Ownable {
             if (!registry.isActive(signer)) revert UnknownVerifier(signer);
             previous = signer;
         }
-        _byRoot[root] = BatchRecord({epoch: epoch, count: count, blockNumber: uint64(block.number), batchId: id});
+        BatchRecord memory rec =
+            BatchRecord({epoch: epoch, count: count, blockNumber: uint64(block.number), batchId: id});
+        _byRoot[key] = rec;
+        _byId[id] = rec;
         rootOfBatch[id] = root;
         emit BatchRecorded(id, epoch, root, count, signatures.length);
     }
@@ -122,8 +130,18 @@ contract AttestationLog is EIP712, Ownable {
         return rootOfBatch[id] != bytes32(0);
     }
 
-    function batchOfRoot(bytes32 root) external view returns (BatchRecord memory) {
-        return _byRoot[root];
+    function _rootKey(bytes32 root, uint64 epoch) private pure returns (bytes32) {
+        return keccak256(abi.encode(root, epoch));
+    }
+
+    /// The batch that recorded `root` for `epoch` (blockNumber 0: none).
+    function batchOfRoot(bytes32 root, uint64 epoch) external view returns (BatchRecord memory) {
+        return _byRoot[_rootKey(root, epoch)];
+    }
+
+    /// The record of batch `id` (blockNumber 0: not recorded); its root is `rootOfBatch(id)`.
+    function batchOf(bytes32 id) external view returns (BatchRecord memory) {
+        return _byId[id];
     }
 
     /// hashStruct(Verdict): the verdict's id.
@@ -156,8 +174,7 @@ contract AttestationLog is EIP712, Ownable {
 
     /// True when `v` is in a recorded batch with root `root` and the batch's epoch matches the verdict's.
     function isIncluded(Verdict calldata v, bytes32 root, bytes32[] calldata proof) public view returns (bool) {
-        BatchRecord storage b = _byRoot[root];
-        if (b.blockNumber == 0 || b.epoch != v.epoch) return false;
+        if (_byRoot[_rootKey(root, v.epoch)].blockNumber == 0) return false;
         return MerkleProof.verifyCalldata(proof, root, verdictLeaf(verdictId(v)));
     }
 

@@ -8,9 +8,10 @@ import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol
 /// @notice A gateway registers from its own trust-root address (its signing address IS its chain
 /// address), with a deposit, its VRF public key and the Merkle root of its HPC's hardware fingerprint.
 /// It can leave only after a delay, so a node caught misbehaving cannot pull its deposit out before the
-/// slash lands, and not at all while it is the executor or a verifier of an assigned task: TaskEscrow
-/// locks each participant's deposit at `assign` and unlocks it when the task settles or is refunded, so
-/// the stake a settlement may slash is still there when the verdicts arrive. Boot-image digests are approved by the owner (governance); a gateway serves only those.
+/// slash lands, and not at all while its deposit is locked: TaskEscrow locks a node's deposit when it
+/// commits to a task's draw (so an executor, who learns its role at selection, cannot leave during the run),
+/// releases the committers `assign` does not name, and unlocks the participants when the task settles or is
+/// refunded, so the stake a settlement may slash is still there when the verdicts arrive. Boot-image digests are approved by the owner (governance); a gateway serves only those.
 contract NodeRegistry is Ownable, ReentrancyGuard {
     struct Node {
         uint256 deposit;
@@ -28,7 +29,8 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
 
     mapping(address => Node) private _nodes;
     mapping(bytes32 => bool) public approvedBootImage;
-    /// How many assigned tasks hold this node's deposit (executor or verifier); withdraw and leave wait for 0.
+    /// How many open tasks hold this node's deposit (committed, or executor or verifier); withdraw and leave
+    /// wait for 0.
     mapping(address => uint256) public locks;
     uint256 public activeCount;
 
@@ -123,7 +125,7 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
         if (!ok) revert TransferFailed(to, taken);
     }
 
-    /// The slasher (TaskEscrow) holds `node`'s deposit for one more assigned task.
+    /// The slasher (TaskEscrow) holds `node`'s deposit for one more task (committed to, or assigned).
     function lock(address node) external {
         if (msg.sender != slasher) revert NotSlasher(msg.sender);
         if (!_nodes[node].registered) revert NotRegistered(node);
@@ -132,7 +134,7 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
         emit DepositLocked(node, n);
     }
 
-    /// The slasher releases one hold (the task settled, or was refunded after its deadline).
+    /// The slasher releases one hold (not selected, or the task settled, was cancelled or refunded).
     function unlock(address node) external {
         if (msg.sender != slasher) revert NotSlasher(msg.sender);
         uint256 n = locks[node];

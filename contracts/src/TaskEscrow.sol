@@ -10,11 +10,15 @@ import {Reputation} from "./Reputation.sol";
 
 /// @title TaskEscrow: a capsule's payment, its selection commitments, and a settlement the chain checks itself.
 /// @notice The payer escrows the payment under the capsule's task id (a hash; no task data) with the committee
-/// size k and a deadline (`fund`); the funding block fixes the selection seed (decision 0090). While Funded,
-/// registered active nodes commit to their VRF draw (`commit`, once each). After the run the coordinator
-/// (the operator's chain account) binds the task to its post-execution attestation, the revealed executor
-/// and the k verifiers (`assign`): all distinct, registered, active and committed; their deposits are then
-/// locked in the registry until the task closes. Anyone may then `settle` with the verifiers' signed
+/// size k and a deadline (`fund`); the funding block fixes the selection seed (decision 0090). Until the
+/// commit deadline (`commitWindow` seconds after funding) registered active nodes commit to their VRF draw
+/// (`commit`, once each, only once the seed block exists); a commitment locks the node's deposit in the
+/// registry. After the run the coordinator (the operator's chain account) binds the task to its
+/// post-execution attestation, the executor and the k verifiers (`assign`), with each one's reveal: all
+/// distinct, committed before the commit deadline, each reveal opening its node's commitment; the
+/// participants stay locked until the task closes, every other committer is unlocked. The chain does not
+/// verify the VRF proofs (too costly): the brokers, the co-signers and `trustcap verify capsule` recompute
+/// the exact selection from the reveals `assign` publishes (decision 0096). Anyone may then `settle` with the verifiers' signed
 /// verdicts: each signature is recovered here (EIP-712 under AttestationLog's domain, the one verifiers sign
 /// with), each signer must be a distinct member of this task's committee, and each verdict must be about
 /// the bound attestation, the executor and phase POST. ceil(2k/3) passed pays the executor its share and
@@ -25,6 +29,9 @@ import {Reputation} from "./Reputation.sol";
 /// @dev Deadline (decision 0030): once it has passed, a Funded or Assigned task can be refunded by its payer
 /// (whole payment, no slash: a timeout proves nothing). Until then `assign` and `settle` keep working after
 /// the deadline. A task that fails before assignment is cancelled by the coordinator (full refund).
+///
+/// A commit locks the committer's deposit; `assign` releases the committers it does not name, `cancel` and a
+/// refund while Funded release them all, and a settlement or a refund while Assigned releases the participants.
 ///
 ///   payer --fund(k, deadline)--> Funded --assign--> Assigned --settle--> Paid | Slashed
 ///                                  |  |                |
@@ -39,6 +46,9 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     /// The furthest a deadline may lie ahead at `fund`: a payment should not be locked for longer than any
     /// capsule plausibly runs (and a typo of a few digits must not lock it for centuries).
     uint64 public constant MAX_DEADLINE = 30 days;
+    /// sortition.DOMAIN (trustcap/sortition.py): the reveal check rebuilds its RFC 8785 JSON byte for byte.
+    bytes private constant _SORTITION = "trustcap/sortition/v1";
+    bytes16 private constant _HEX = "0123456789abcdef";
 
     enum State {
         None,
@@ -60,6 +70,14 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         bytes32 attestationId;
         address executor;
         address[] verifiers;
+        uint64 commitDeadline;
+        bytes32 seed; // hash(fundedBlock + 1), kept at the first commit: blockhash forgets after 256 blocks
+    }
+
+    /// A node's private selection reveal (sortition.Reveal): its VRF proof and the commitment's salt.
+    struct Reveal {
+        bytes pi;
+        bytes salt;
     }
 
     /// What `getTask` returns (the Python TaskInfo).
@@ -81,6 +99,8 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     address public coordinator;
     uint16 public immutable executorShareBps;
     uint256 public immutable slashAmount;
+    /// Seconds after `fund` during which nodes may commit; selection and `assign` only after it.
+    uint64 public immutable commitWindow;
 
     mapping(bytes32 => Task) private _tasks;
     mapping(bytes32 => mapping(address => bytes32)) private _commitments;
@@ -93,6 +113,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
 
     event TaskFunded(bytes32 indexed taskId, address indexed payer, uint256 payment, uint8 k, uint64 deadline);
     event Committed(bytes32 indexed taskId, address indexed node, bytes32 commitment);
+    event Revealed(bytes32 indexed taskId, address indexed node, bytes pi, bytes salt);
     event TaskAssigned(bytes32 indexed taskId, bytes32 indexed attestationId, address indexed executor);
     event TaskPaid(bytes32 indexed taskId, address indexed executor, uint256 executorAmount, uint256 perVerifier);
     event TaskSlashed(bytes32 indexed taskId, address indexed executor, uint256 slashed);
@@ -130,6 +151,11 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     error DeadlineTooFar(uint64 deadline, uint256 latest);
     error DeadlineNotReached(bytes32 taskId, uint64 deadline, uint256 now_);
     error NotPayer(address caller, address payer);
+    error CommitWindowClosed(bytes32 taskId, uint64 commitDeadline, uint256 now_);
+    error CommitWindowOpen(bytes32 taskId, uint64 commitDeadline, uint256 now_);
+    error SeedNotKnown(bytes32 taskId, uint256 seedBlock);
+    error WrongRevealCount(uint256 got, uint256 expected);
+    error RevealMismatch(address node);
 
     constructor(
         address owner_,
@@ -138,7 +164,8 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         Reputation reputation_,
         address coordinator_,
         uint16 executorShareBps_,
-        uint256 slashAmount_
+        uint256 slashAmount_,
+        uint64 commitWindow_
     ) Ownable(owner_) {
         registry = registry_;
         log = log_;
@@ -146,6 +173,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         coordinator = coordinator_;
         executorShareBps = executorShareBps_;
         slashAmount = slashAmount_;
+        commitWindow = commitWindow_;
         emit CoordinatorSet(coordinator_);
     }
 
@@ -168,20 +196,32 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         t.payment = msg.value;
         t.deadline = deadline;
         t.fundedBlock = uint64(block.number);
+        t.commitDeadline = uint64(block.timestamp) + commitWindow;
         t.state = State.Funded;
         emit TaskFunded(taskId, msg.sender, msg.value, k, deadline);
     }
 
-    /// @notice A registered, active node commits to its selection draw for `taskId`, once, while Funded.
+    /// @notice A registered, active node commits to its selection draw for `taskId`, once, while Funded, after
+    /// the seed block and no later than the commit deadline. Its deposit is locked from here: a node that
+    /// learns it is the executor cannot leave before the settlement that may slash it.
     function commit(bytes32 taskId, bytes32 c) external {
         Task storage t = _tasks[taskId];
         if (t.state != State.Funded) revert WrongState(taskId, t.state);
+        // Closed on the chain's clock, so every checker reads the same committer set once it has passed, and
+        // nobody can join after seeing the others' reveals.
+        if (block.timestamp > t.commitDeadline) revert CommitWindowClosed(taskId, t.commitDeadline, block.timestamp);
         if (!registry.isActive(msg.sender)) revert NotActiveNode(msg.sender);
         if (c == bytes32(0)) revert InvalidCommitment();
         if (_commitments[taskId][msg.sender] != bytes32(0)) revert AlreadyCommitted(taskId, msg.sender);
         if (_committers[taskId].length >= MAX_COMMITTERS) revert TooManyCommitters(taskId);
+        if (t.seed == bytes32(0)) {
+            bytes32 seed = blockhash(t.fundedBlock + 1); // 0 while that block is this one or not yet mined
+            if (seed == bytes32(0)) revert SeedNotKnown(taskId, t.fundedBlock + 1);
+            t.seed = seed;
+        }
         _commitments[taskId][msg.sender] = c;
         _committers[taskId].push(msg.sender);
+        registry.lock(msg.sender);
         emit Committed(taskId, msg.sender, c);
     }
 
@@ -193,22 +233,39 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         return _committers[taskId];
     }
 
-    /// @notice Bind the task to its post attestation, executor and committee; locks their deposits.
-    function assign(bytes32 taskId, bytes32 attestationId, address executor, address[] calldata verifiers)
-        external
-    {
+    /// The commit deadline (unix seconds) and the selection seed (0 until the first commit) of `taskId`.
+    function selectionOf(bytes32 taskId) external view returns (uint64 commitDeadline, bytes32 seed) {
+        Task storage t = _tasks[taskId];
+        return (t.commitDeadline, t.seed);
+    }
+
+    /// @notice Bind the task to its post attestation, executor and committee, each with its reveal
+    /// (`reveals[0]` the executor's, `reveals[1 + i]` verifiers[i]'s). Each must have committed before the
+    /// commit deadline (so it was registered and active then, and its deposit has been locked since) and its
+    /// reveal must open that commitment; no node twice, the executor not in the committee, exactly k
+    /// verifiers. The participants stay locked until the task closes; every other committer is released.
+    function assign(
+        bytes32 taskId,
+        bytes32 attestationId,
+        address executor,
+        address[] calldata verifiers,
+        Reveal[] calldata reveals
+    ) external {
         if (msg.sender != coordinator) revert NotCoordinator(msg.sender);
         Task storage t = _tasks[taskId];
         if (t.state != State.Funded) revert WrongState(taskId, t.state);
+        if (block.timestamp <= t.commitDeadline) revert CommitWindowOpen(taskId, t.commitDeadline, block.timestamp);
         if (verifiers.length != t.k) revert WrongCommitteeSize(verifiers.length, t.k);
+        if (reveals.length != verifiers.length + 1) revert WrongRevealCount(reveals.length, verifiers.length + 1);
         if (attestationId == bytes32(0)) revert InvalidAttestation();
         if (attestationAssigned[attestationId]) revert AttestationAlreadyAssigned(attestationId);
-        _checkParticipant(taskId, executor);
+        bytes memory alphaHex = _hex(_alpha(taskId, t.seed));
+        _checkParticipant(taskId, executor, reveals[0], alphaHex);
         for (uint256 i = 0; i < verifiers.length; ++i) {
             address v = verifiers[i];
             if (v == executor) revert ExecutorInCommittee(executor);
             if (_seat[taskId][v] != 0) revert DuplicateNode(v);
-            _checkParticipant(taskId, v);
+            _checkParticipant(taskId, v, reveals[i + 1], alphaHex);
             _seat[taskId][v] = i + 1;
         }
         attestationAssigned[attestationId] = true;
@@ -216,16 +273,55 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         t.executor = executor;
         t.verifiers = verifiers;
         t.state = State.Assigned;
-        registry.lock(executor);
-        for (uint256 i = 0; i < verifiers.length; ++i) {
-            registry.lock(verifiers[i]);
+        address[] storage cs = _committers[taskId];
+        for (uint256 i = 0; i < cs.length; ++i) {
+            address c = cs[i];
+            if (c != executor && _seat[taskId][c] == 0) registry.unlock(c);
         }
         emit TaskAssigned(taskId, attestationId, executor);
     }
 
-    function _checkParticipant(bytes32 taskId, address node) private view {
-        if (!registry.isActive(node)) revert NotActiveNode(node);
-        if (_commitments[taskId][node] == bytes32(0)) revert NotCommitted(node);
+    /// Active is checked at `commit`, not here: a participant's deposit is locked from its commitment on, and
+    /// an executor slashed below the minimum by another task must still be assignable (and slashable) here.
+    function _checkParticipant(bytes32 taskId, address node, Reveal calldata r, bytes memory alphaHex) private {
+        bytes32 c = _commitments[taskId][node];
+        if (c == bytes32(0)) revert NotCommitted(node);
+        if (_commitment(alphaHex, node, r) != c) revert RevealMismatch(node);
+        emit Revealed(taskId, node, r.pi, r.salt);
+    }
+
+    /// sortition.selection_alpha(taskId.hex(), seed): RFC 8785 JSON, keys sorted, the task id without 0x.
+    function _alpha(bytes32 taskId, bytes32 seed) private pure returns (bytes memory) {
+        return abi.encodePacked(
+            '{"capsule":"', _hex(abi.encodePacked(taskId)), '","domain":"', _SORTITION,
+            '","role":"executor","round":0,"seed":"0x', _hex(abi.encodePacked(seed)), '"}'
+        );
+    }
+
+    /// sortition.commitment(alpha, node, pi, salt): sha256 of its RFC 8785 JSON, the node in lowercase hex.
+    function _commitment(bytes memory alphaHex, address node, Reveal calldata r) private pure returns (bytes32) {
+        return sha256(
+            abi.encodePacked(
+                '{"alpha":"0x', alphaHex, '","domain":"', _SORTITION, '/commit","node":"0x',
+                _hex(abi.encodePacked(node)), '","pi":"0x', _hex(r.pi), '","salt":"0x', _hex(r.salt), '"}'
+            )
+        );
+    }
+
+    function _hex(bytes memory b) private pure returns (bytes memory out) {
+        out = new bytes(2 * b.length);
+        for (uint256 i = 0; i < b.length; ++i) {
+            out[2 * i] = _HEX[uint8(b[i]) >> 4];
+            out[2 * i + 1] = _HEX[uint8(b[i]) & 0x0f];
+        }
+    }
+
+    /// Releases every committer of a task that closes before assignment.
+    function _unlockCommitters(bytes32 taskId) private {
+        address[] storage cs = _committers[taskId];
+        for (uint256 i = 0; i < cs.length; ++i) {
+            registry.unlock(cs[i]);
+        }
     }
 
     /// @notice Settle an Assigned task from its committee's signed post-round verdicts. Reverts naming the
@@ -310,6 +406,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         if (t.state != State.Funded) revert WrongState(taskId, t.state);
         t.state = State.Cancelled;
         owed[t.payer] += t.payment;
+        _unlockCommitters(taskId);
         emit TaskCancelled(taskId, t.payer, t.payment);
     }
 
@@ -324,6 +421,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         t.state = State.Refunded;
         owed[t.payer] += t.payment;
         if (s == State.Assigned) _unlockAll(t);
+        else _unlockCommitters(taskId);
         emit TaskRefunded(taskId, t.payer, t.payment);
     }
 

@@ -22,6 +22,7 @@ from trustcap.chain.errors import ContractReverted
 from trustcap.chain.escrow import Escrow, NodeSpec, deploy_network
 from trustcap.chain.keys import ANVIL_KEYS, KeySigner
 from trustcap.evidence.verdict import Domain, SignedVerdict, Verdict, sign_verdict, verdict_id
+from trustcap.sortition import Reveal, commitment, selection_alpha
 
 ETH = 10**18
 OWNER = KeySigner(ANVIL_KEYS[0])
@@ -35,6 +36,10 @@ EXECUTOR = VERIFIERS[0]
 COMMITTEE = VERIFIERS[1:4]
 PAYER = VERIFIERS[4]
 POST = 3
+#: TaskEscrow.commitWindow of the tests' deployments: commits close this long after funding (chain clock)
+COMMIT_WINDOW = 60
+#: every reveal a test node made, by task id: what `assign` publishes (the chain checks each opens its commitment)
+REVEALS: dict[bytes, dict[str, Reveal]] = {}
 
 
 def new_epoch() -> int:
@@ -87,7 +92,7 @@ def deploy(anvil: Anvil, *, quorum: int = 3, register: int = 4, slash_amount: in
     """Fresh contracts; the first `register` verifiers registered with 2 ETH each."""
     nodes = [NodeSpec(v, VRF_KEY, hashlib.sha256(v.address.encode()).digest()) for v in VERIFIERS[:register]]
     d = deploy_network(anvil.url, OWNER, nodes, deposit=2 * ETH, quorum=quorum, min_deposit=ETH, leave_delay=3600,
-                       slash_amount=slash_amount)
+                       slash_amount=slash_amount, commit_window=COMMIT_WINDOW)
     return Chain(anvil, ChainClient(anvil.url, OWNER), d)
 
 
@@ -96,21 +101,77 @@ def escrow(chain: Chain, signer: KeySigner = OWNER) -> Escrow:
     return Escrow(chain.client(signer), chain.d)
 
 
+def seed_of(chain: Chain, task: bytes) -> bytes:
+    """The task's selection seed, the hash of the block after its funding block, mining blocks if the
+    shared anvil (no block time) has not yet: commits are refused until it exists."""
+    e = escrow(chain)
+    info = e.task(task)
+    assert info is not None
+    # A commit runs in a later block than the seed block (blockhash of the current block is 0), and anvil
+    # estimates gas in the latest block's context: mine until the seed block has a successor.
+    while chain.owner.block_number() < info.funded_block + 2:
+        chain.anvil.rpc("evm_mine")
+    seed = e.block_hash(info.funded_block + 1)
+    assert seed is not None
+    return seed
+
+
+def node_commit(chain: Chain, task: bytes, node: KeySigner) -> Reveal:
+    """`node` commits to the task's draw as a gateway does (sortition.commitment over a proof and a salt);
+    its reveal is kept in REVEALS. The proof is random bytes: the chain checks the opening, not the VRF."""
+    alpha = selection_alpha(task.hex(), seed_of(chain, task))
+    r = Reveal(node.address.lower(), os.urandom(81), os.urandom(32))
+    escrow(chain, node).commit(task, commitment(alpha, r.node_id, r.pi, r.salt))
+    REVEALS.setdefault(task, {})[r.node_id] = r
+    return r
+
+
+def reveals(task: bytes) -> list[Reveal]:
+    return list(REVEALS.get(task, {}).values())
+
+
+def close_commits(chain: Chain, task: bytes) -> int:
+    """Move the chain's clock just past the task's commit deadline (assign is refused until then)."""
+    deadline, _seed = escrow(chain).selection(task)
+    now = block_time(chain)
+    while now <= deadline:  # evm_increaseTime counts from anvil's clock, which the latest block may lead
+        now = advance(chain, deadline + 1 - now)
+    return now
+
+
 def funded(chain: Chain, *, k: int = 3, value: int = ETH, seconds: int = 3600,
            committers: list[KeySigner] | None = None) -> bytes:
     """A task funded by PAYER with committee size k, committed to by `committers` (default all four nodes)."""
     task = os.urandom(32)
     escrow(chain, PAYER).fund(task, k, task_deadline(chain, seconds), value)
     for node in VERIFIERS[:4] if committers is None else committers:
-        escrow(chain, node).commit(task, os.urandom(32))
+        node_commit(chain, task, node)
     return task
 
 
+def assign(chain: Chain, task: bytes, att: bytes, executor: KeySigner | str = EXECUTOR,
+           committee: list[KeySigner] | list[str] | None = None, *, signer: KeySigner = OWNER,
+           opening: list[Reveal] | None = None) -> dict[str, Any]:
+    """`signer` (default the coordinator) calls TaskEscrow.assign directly, with each node's reveal from
+    REVEALS (random bytes for a node that has none) or `opening` as given, so the contract's own refusal
+    comes back: Escrow.assign would refuse a missing reveal itself before sending anything."""
+    members = [m if isinstance(m, str) else m.address for m in (COMMITTEE if committee is None else committee)]
+    nodes = [executor if isinstance(executor, str) else executor.address, *members]
+    mine = REVEALS.get(task, {})
+    if opening is None:
+        opening = [mine.get(n.lower()) or Reveal(n.lower(), os.urandom(81), os.urandom(32)) for n in nodes]
+    client = chain.client(signer)
+    fn = client.contract("TaskEscrow", chain.d.escrow).functions.assign(
+        task, att, nodes[0], nodes[1:], [(r.pi, r.salt) for r in opening])
+    return client.transact(fn)
+
+
 def assigned(chain: Chain, **kw: Any) -> tuple[bytes, bytes]:
-    """(task id, attestation id) of a funded task assigned to EXECUTOR and COMMITTEE."""
+    """(task id, attestation id) of a funded task assigned to EXECUTOR and COMMITTEE, after its commit window."""
     task = funded(chain, **kw)
     att = os.urandom(32)
-    escrow(chain).assign(task, att, EXECUTOR.address, [v.address for v in COMMITTEE])
+    close_commits(chain, task)
+    assign(chain, task, att)
     return task, att
 
 

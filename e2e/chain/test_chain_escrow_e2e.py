@@ -18,13 +18,17 @@ from chainkit import (
     VERIFIERS,
     Chain,
     advance,
+    assign,
     assigned,
+    close_commits,
     deploy,
     deposit_of,
     escrow,
     funded,
+    node_commit,
     post_verdict,
     reverts,
+    seed_of,
     task_deadline,
 )
 
@@ -157,7 +161,7 @@ def test_a_verdict_that_is_not_the_rounds_or_not_signed_is_refused(chain: Chain,
 # -- assign ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("case", "error"), [
     pytest.param("uncommitted-verifier", "NotCommitted", id="uncommitted-verifier"),
-    pytest.param("unregistered-verifier", "NotActiveNode", id="unregistered-verifier"),
+    pytest.param("unregistered-verifier", "NotCommitted", id="unregistered-verifier"),  # it cannot commit
     pytest.param("duplicate-verifier", "DuplicateNode", id="duplicate-verifier"),
     pytest.param("executor-in-committee", "ExecutorInCommittee", id="executor-in-committee"),
     pytest.param("uncommitted-executor", "NotCommitted", id="uncommitted-executor"),
@@ -179,23 +183,25 @@ def test_assign_binds_only_distinct_registered_committed_nodes(chain: Chain, cas
     elif case == "committee-too-small":
         committee = committee[:2]
     task = funded(chain, committers=committers)
-    reverts(lambda: escrow(chain).assign(task, os.urandom(32), executor, committee), error)
+    close_commits(chain, task)
+    reverts(lambda: assign(chain, task, os.urandom(32), executor, committee), error)
     assert escrow(chain).task(task).state == "Funded"  # type: ignore[union-attr]
     if case != "uncommitted-executor" and case != "uncommitted-verifier":  # control on the same task
-        escrow(chain).assign(task, os.urandom(32), EXECUTOR.address, [v.address for v in COMMITTEE])
+        assign(chain, task, os.urandom(32))
         assert escrow(chain).task(task).state == "Assigned"  # type: ignore[union-attr]
 
 
 def test_only_the_coordinator_assigns_or_cancels_and_one_attestation_settles_one_task(chain: Chain) -> None:
     task = funded(chain)
-    committee = [v.address for v in COMMITTEE]
     att = os.urandom(32)
-    reverts(lambda: escrow(chain, PAYER).assign(task, att, EXECUTOR.address, committee), "NotCoordinator")
+    close_commits(chain, task)
+    reverts(lambda: assign(chain, task, att, signer=PAYER), "NotCoordinator")
     reverts(lambda: escrow(chain, PAYER).cancel(task), "NotCoordinator")
     reverts(lambda: escrow(chain, PAYER).fund(task, 3, task_deadline(chain), ETH), "TaskExists")
-    escrow(chain).assign(task, att, EXECUTOR.address, committee)
+    assign(chain, task, att)
     other = funded(chain)
-    reverts(lambda: escrow(chain).assign(other, att, EXECUTOR.address, committee), "AttestationAlreadyAssigned")
+    close_commits(chain, other)
+    reverts(lambda: assign(chain, other, att), "AttestationAlreadyAssigned")
     reverts(lambda: escrow(chain).cancel(task), "WrongState")  # assigned: only settle or the deadline close it
     escrow(chain).cancel(other)
     info = escrow(chain).task(other)
@@ -215,6 +221,7 @@ def test_fund_takes_an_odd_committee_of_3_to_31(chain: Chain, k: int, error: str
 
 def test_commit_once_by_an_active_node_while_funded(chain: Chain) -> None:
     task = funded(chain, committers=[])
+    seed_of(chain, task)  # commits wait for the seed block
     c = os.urandom(32)
     reverts(lambda: escrow(chain, OUTSIDER).commit(task, c), "NotActiveNode")
     reverts(lambda: escrow(chain, EXECUTOR).commit(task, b"\0" * 32), "InvalidCommitment")
@@ -258,14 +265,16 @@ def test_a_node_with_an_assigned_task_cannot_withdraw(chain: Chain) -> None:
     assert escrow(chain).node(EXECUTOR.address) is None
 
 
-def test_a_node_that_asked_to_leave_cannot_withdraw_once_assigned(chain: Chain) -> None:
-    """A node that requested leave before assignment is no longer active, so it cannot be assigned; one that
-    is assigned cannot start leaving. Either way the deposit a settlement may slash stays in the registry."""
-    task = funded(chain)
-    me = chain.client(COMMITTEE[2])
-    me.transact(me.contract("NodeRegistry", chain.d.registry).functions.requestLeave())
-    reverts(lambda: escrow(chain).assign(task, os.urandom(32), EXECUTOR.address, [v.address for v in COMMITTEE]),
-            "NotActiveNode")
+def test_a_node_that_asked_to_leave_cannot_commit_and_a_committed_node_cannot_leave(chain: Chain) -> None:
+    """A node that requested leave is no longer active, so it cannot commit (nor be assigned); one that
+    committed cannot start leaving. Either way the deposit a settlement may slash stays in the registry."""
+    task = funded(chain, committers=VERIFIERS[:3])
+    late = chain.client(COMMITTEE[2])
+    late.transact(late.contract("NodeRegistry", chain.d.registry).functions.requestLeave())
+    reverts(lambda: node_commit(chain, task, COMMITTEE[2]), "NotActiveNode")
+    me = chain.client(EXECUTOR)
+    reverts(lambda: me.transact(me.contract("NodeRegistry", chain.d.registry).functions.requestLeave()),
+            "DepositIsLocked")
 
 
 def test_only_the_escrow_locks_slashes_and_records_reputation(chain: Chain) -> None:

@@ -19,8 +19,11 @@ from chainkit import (
     VERIFIERS,
     Chain,
     advance,
+    assign,
     block_time,
+    close_commits,
     escrow,
+    node_commit,
     post_verdict,
     reverts,
     task_deadline,
@@ -50,12 +53,13 @@ def _fund(chain: Chain, *, window: int = WINDOW) -> tuple[bytes, int]:
     task, deadline = os.urandom(32), task_deadline(chain, window)
     escrow(chain, PAYER).fund(task, 3, deadline, ETH)
     for node in VERIFIERS[:4]:
-        escrow(chain, node).commit(task, os.urandom(32))
+        node_commit(chain, task, node)
     return task, deadline
 
 
 def _assign(chain: Chain, task: bytes, att: bytes) -> None:
-    escrow(chain).assign(task, att, EXECUTOR.address, COMMITTEE)
+    close_commits(chain, task)
+    assign(chain, task, att)
 
 
 def _quorum(chain: Chain, att: bytes, *, passed: bool) -> list[SignedVerdict]:
@@ -125,7 +129,7 @@ def test_refund_before_the_deadline_reverts_naming_it(chain: Chain, assigned: bo
     if assigned:
         _assign(chain, task, os.urandom(32))
         assert _locks(chain, EXECUTOR.address) == 1
-    advance(chain, WINDOW - 60)  # close to the deadline, still before it
+    advance(chain, deadline - 60 - block_time(chain))  # close to the deadline, still before it
     err = reverts(lambda: _refund(chain, task), "DeadlineNotReached")
     assert err.error_args[0] == task and err.error_args[1] == deadline and err.error_args[2] <= deadline
     assert _state(chain, task) == (ASSIGNED if assigned else FUNDED)

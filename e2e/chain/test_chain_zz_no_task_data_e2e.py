@@ -14,7 +14,20 @@ import hashlib
 import os
 from pathlib import Path
 
-from chainkit import COMMITTEE, ETH, EXECUTOR, PAYER, VERIFIERS, WRITER, Chain, escrow, scan_chain, task_deadline
+from chainkit import (
+    COMMITTEE,
+    ETH,
+    EXECUTOR,
+    PAYER,
+    VERIFIERS,
+    WRITER,
+    Chain,
+    close_commits,
+    escrow,
+    scan_chain,
+    seed_of,
+    task_deadline,
+)
 
 from trustcap import canonical, sortition
 from trustcap.chain.anvil import Anvil
@@ -35,11 +48,15 @@ def test_no_capsule_payload_or_key_on_chain(anvil: Anvil, chain: Chain, tmp_path
     task = hashlib.sha256(b"capsule-id" + state_digest).digest()
     esc = escrow(chain)
     sent = [escrow(chain, PAYER).fund(task, 3, task_deadline(chain), ETH)]
-    alpha = sortition.selection_alpha(task.hex(), hashlib.sha256(state_digest).digest())
+    alpha = sortition.selection_alpha(task.hex(), seed_of(chain, task))
+    reveals = []
     for node in VERIFIERS[:4]:
-        c = sortition.commitment(alpha, node.address.lower(), hashlib.sha256(SESSION_KEY).digest(), os.urandom(16))
-        sent.append(escrow(chain, node).commit(task, c))
-    sent.append(esc.assign(task, att, EXECUTOR.address, [v.address for v in COMMITTEE]))
+        r = sortition.Reveal(node.address.lower(), hashlib.sha256(SESSION_KEY + node.address.encode()).digest(),
+                             os.urandom(16))
+        reveals.append(r)
+        sent.append(escrow(chain, node).commit(task, sortition.commitment(alpha, r.node_id, r.pi, r.salt)))
+    close_commits(chain, task)
+    sent.append(esc.assign(task, att, EXECUTOR.address, [v.address for v in COMMITTEE], reveals))
     signed = [sign_verdict(Verdict(attestation_id="0x" + att.hex(), node=EXECUTOR.address, verifier=v.address,
                                    phase=3, passed=True,
                                    quote_digest="0x" + hashlib.sha256(state_digest + bytes([i])).hexdigest(),

@@ -68,6 +68,9 @@ class FakeChain:
     def find_batch(self, d: Deployment, bid: bytes, root: bytes) -> None:
         return None
 
+    def find_root(self, d: Deployment, root: bytes, epoch: int) -> None:
+        return None
+
     def nonce(self, block: str = "pending") -> int:
         return 0
 

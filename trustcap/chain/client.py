@@ -173,15 +173,17 @@ class ChainClient:
         executor_share_bps: int = 7000,
         slash_amount: int = 10**18,
         reputation: tuple[int, int, int, int] = (1, 1000, 1000, 1),
+        commit_window: int = 15,
     ) -> Deployment:
         """Deploy and wire the four contracts: the escrow becomes the registry's only slasher (and locker)
-        and the reputation's only recorder. `reputation` = (gain, maxScore, failPenalty, decayPerDay)."""
+        and the reputation's only recorder. `reputation` = (gain, maxScore, failPenalty, decayPerDay);
+        `commit_window` = seconds after funding that nodes may commit (TaskEscrow.commitWindow)."""
         me = self.signer.address
         registry = self.deploy("NodeRegistry", me, min_deposit, leave_delay)
         log_addr = self.deploy("AttestationLog", me, registry, quorum)
         rep = self.deploy("Reputation", me, *reputation)
         escrow = self.deploy("TaskEscrow", me, registry, log_addr, rep, coordinator or me, executor_share_bps,
-                             slash_amount)
+                             slash_amount, commit_window)
         self.transact(self.contract("NodeRegistry", registry).functions.setSlasher(escrow))
         self.transact(self.contract("Reputation", rep).functions.setRecorder(escrow))
         d = Deployment(self.chain_id, registry, log_addr, rep, escrow)
@@ -203,9 +205,24 @@ class ChainClient:
         # State and logs are read at one pinned head: read at "latest" while a reorg rewinds the chain,
         # the state could name a block the node no longer has (BlockOutOfRangeError from eth_getLogs).
         head = self.block_number()
-        rec = call("read batchOfRoot", lambda: log_c.functions.batchOfRoot(root).call(block_identifier=head))
+        rec = call("read batchOf", lambda: log_c.functions.batchOf(batch_id).call(block_identifier=head))
+        got = call("read rootOfBatch", lambda: log_c.functions.rootOfBatch(batch_id).call(block_identifier=head))
+        return self._batch_event(log_c, rec, head, batch_id, root, bytes(got))
+
+    def find_root(self, d: Deployment, root: bytes, epoch: int) -> dict[str, Any] | None:
+        """The BatchRecorded event of whichever batch recorded `root` for `epoch`, or None. A verdict of
+        that epoch under that root is provable whatever batch id carried it (decision 0096)."""
+        log_c = self.contract("AttestationLog", d.log)
+        head = self.block_number()
+        rec = call("read batchOfRoot",
+                   lambda: log_c.functions.batchOfRoot(root, int(epoch)).call(block_identifier=head))
+        return self._batch_event(log_c, rec, head, bytes(rec[3]), root, root)
+
+    @staticmethod
+    def _batch_event(log_c: Any, rec: Any, head: int, batch_id: bytes, root: bytes, recorded_root: bytes
+                     ) -> dict[str, Any] | None:
         block = int(rec[2])
-        if block == 0 or block > head or bytes(rec[3]) != batch_id:
+        if block == 0 or block > head or bytes(rec[3]) != batch_id or recorded_root != root:
             return None
         ev = log_c.events.BatchRecorded
 

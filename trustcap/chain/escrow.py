@@ -3,8 +3,8 @@ reads (`ChainView`) that selection, brokers, `trustcap verify capsule` and the o
 
     payer            node (gateway)         coordinator (operator)        anyone
       | fund(k, deadline) -> Funded at block F  |                              |
-      |                  | commit(c) (own key)  |                              |
-      |                  |                      | assign(post round, executor, committee) -> Assigned
+      |                  | commit(c) (own key, until the commit deadline; locks its deposit)   |
+      |                  |                      | assign(post round, executor, committee, reveals) -> Assigned
       |                  |                      |                              | settle(signed post verdicts)
       |                  |                      |                              |   -> Paid | Slashed
       |                  |                      | cancel (Funded)  | refund (payer, after the deadline)
@@ -16,7 +16,7 @@ lowercase `0x` hex (the protocol's form); bytes32 values as bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -27,6 +27,7 @@ from trustcap.chain.errors import ChainError
 from trustcap.chain.typed import verdict_tuple
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, SignedVerdict
+from trustcap.sortition import Reveal, commitment, selection_alpha
 
 __all__ = ["STATES", "ChainView", "Escrow", "NodeInfo", "NodeSpec", "TaskInfo", "deploy_network", "quorum_of"]
 
@@ -109,12 +110,38 @@ class Escrow:
     def commit(self, task_id: bytes, c: bytes) -> dict[str, Any]:
         return self.client.transact(self._escrow.functions.commit(_b32(task_id, "task id"), _b32(c, "commitment")))
 
-    def assign(self, task_id: bytes, attestation_id: bytes, executor: str, verifiers: Sequence[str]
-               ) -> dict[str, Any]:
-        fn = self._escrow.functions.assign(_b32(task_id, "task id"), _b32(attestation_id, "attestation id"),
-                                           _addr(executor, "executor"),
-                                           [_addr(v, f"verifiers[{i}]") for i, v in enumerate(verifiers)])
+    def assign(self, task_id: bytes, attestation_id: bytes, executor: str, verifiers: Sequence[str],
+               reveals: Iterable[Reveal]) -> dict[str, Any]:
+        """Bind the task; `reveals` holds (at least) the executor's and each verifier's reveal, in any order.
+        The contract checks each opens its node's commitment (decision 0096); ChainError names a node whose
+        reveal is missing or opens nothing before anything is sent."""
+        task = _b32(task_id, "task id")
+        nodes = [_addr(executor, "executor"), *(_addr(v, f"verifiers[{i}]") for i, v in enumerate(verifiers))]
+        opening = self._openings(task, nodes, reveals)
+        fn = self._escrow.functions.assign(task, _b32(attestation_id, "attestation id"), nodes[0], nodes[1:],
+                                           [(r.pi, r.salt) for r in opening])
         return self.client.transact(fn)
+
+    def _openings(self, task: bytes, nodes: Sequence[str], reveals: Iterable[Reveal]) -> list[Reveal]:
+        """For each node, the reveal that opens its on-chain commitment (a node may have left several)."""
+        _deadline, seed = self.selection(task)
+        alpha = selection_alpha(task.hex(), seed)
+        by_node: dict[str, list[Reveal]] = {}
+        for r in reveals:
+            by_node.setdefault(r.node_id.lower(), []).append(r)
+        out = []
+        for node in nodes:
+            want = self.commitment(task, node)
+            mine = by_node.get(node.lower(), [])
+            hit = next((r for r in mine if want is not None
+                        and commitment(alpha, node.lower(), r.pi, r.salt) == want), None)
+            if hit is None:
+                why = "has no commitment on chain" if want is None else (
+                    "has no reveal" if not mine else "has no reveal that opens its commitment")
+                raise ChainError(f"assign: node {node.lower()} {why}; only committed nodes with their reveal "
+                                 "can be assigned")
+            out.append(hit)
+        return out
 
     def settle(self, task_id: bytes, signed_verdicts: Sequence[SignedVerdict]) -> dict[str, Any]:
         vs = [verdict_tuple(s.verdict) for s in signed_verdicts]
@@ -136,6 +163,12 @@ class Escrow:
         return TaskInfo(payer=str(payer).lower(), payment=int(payment), k=int(k), deadline=int(deadline),
                         state=STATES[int(state)], funded_block=int(funded_block), executor=str(executor).lower(),
                         attestation_id=bytes(attestation_id), verifiers=tuple(str(v).lower() for v in verifiers))
+
+    def selection(self, task_id: bytes) -> tuple[int, bytes]:
+        """(commit deadline in unix seconds, seed kept at the first commit or 32 zero bytes before it).
+        Selection reads the committers only after the chain's clock has passed the deadline."""
+        deadline, seed = self.client.call_fn(self._escrow.functions.selectionOf(_b32(task_id, "task id")))
+        return int(deadline), bytes(seed)
 
     def block_hash(self, number: int) -> bytes | None:
         h = self.client.block_hash(int(number))

@@ -254,12 +254,16 @@ class Writer:
             return
         attempts = self.journal.txs(b.batch_id)
         if not attempts:
+            if self._taken(b):
+                return
             self._sign_and_send(b, self.client.nonce("pending"), self.fees(), gas=None)
             return
         for a in attempts:
             r = self.client.receipt(bytes.fromhex(a.tx_hash[2:]))
             if r is not None:
                 if r["status"] != 1:
+                    if self._taken(b):
+                        return
                     raise TransactionFailed(f"batch {b.batch_id}: transaction {a.tx_hash} reverted in block "
                                             f"{r['blockNumber']}; the contract refuses this batch")
                 return  # mined: the event query will see it on the next step
@@ -278,6 +282,22 @@ class Writer:
             return
         if time.monotonic() - self._last_send.get(last.tx_hash, 0.0) >= self.resend_every:
             self._send(b, last)
+
+    def _taken(self, b: BatchRow) -> bool:
+        """Whether another batch id already recorded this batch's root for its epoch (a quorum that signed
+        a forged count and sent it first). The contract then refuses ours (RootAlreadyRecorded) for good,
+        but every verdict of ours is provable under that record, so it confirms ours instead of failing
+        forever (decision 0096)."""
+        ev = self.client.find_root(self.d, b.root, b.epoch)
+        if ev is None:
+            return False
+        other = "0x" + bytes(ev["args"]["batchId"]).hex()
+        log.warning("batch %s: its root %s for epoch %s was recorded by batch %s (transaction 0x%s); its "
+                    "verdicts are provable under that record, confirming from it", b.batch_id, b.root.hex(),
+                    b.epoch, other, bytes(ev["transactionHash"]).hex())
+        self._event("taken")
+        self._confirm(b, ev)
+        return True
 
     def _replace(self, b: BatchRow, last: TxRow) -> None:
         self._event("replaced")
