@@ -52,22 +52,34 @@ class TokenBook:
             self._pending[token] = (node_id, self.clock())
         return token
 
+    def _valid(self, token: str, node_id: str, boot_digest: str) -> str:
+        """The pending token that `token` is, if it may enrol `node_id` booted from `boot_digest`; caller
+        holds the lock. EnrolmentRefused names what was wrong."""
+        if token in self._used:
+            raise EnrolmentRefused("enrolment token was already used (a token enrols one boot key once)")
+        match = next((t for t in self._pending if hmac.compare_digest(t, token)), None)
+        if match is None:
+            raise EnrolmentRefused("enrolment token is unknown to this gateway")
+        want_node, issued = self._pending[match]
+        if self.clock() - issued > self.ttl:
+            del self._pending[match]
+            raise EnrolmentRefused(f"enrolment token expired ({self.ttl:g} s)")
+        if want_node != node_id:
+            raise EnrolmentRefused(f"enrolment token is for node {want_node!r}, not {node_id!r}")
+        if boot_digest.lower() not in self.allowed:
+            raise EnrolmentRefused(f"boot image {boot_digest} is not one this gateway serves")
+        return match
+
+    def check(self, token: str, node_id: str, boot_digest: str) -> None:
+        """Would `enrol` accept this token? Changes nothing: the handshake asks before it answers a HELLO,
+        and enrols only once the agent's FINISHED proved the key live (a HELLO alone commits nothing)."""
+        with self._lock:
+            self._valid(token, node_id, boot_digest)
+
     def enrol(self, token: str, node_id: str, agent_key: str, boot_digest: str) -> Enrolment:
         """Burn `token` and bind `agent_key` to `node_id`; EnrolmentRefused names what was wrong."""
         with self._lock:
-            if token in self._used:
-                raise EnrolmentRefused("enrolment token was already used (a token enrols one boot key once)")
-            match = next((t for t in self._pending if hmac.compare_digest(t, token)), None)
-            if match is None:
-                raise EnrolmentRefused("enrolment token is unknown to this gateway")
-            want_node, issued = self._pending[match]
-            if self.clock() - issued > self.ttl:
-                del self._pending[match]
-                raise EnrolmentRefused(f"enrolment token expired ({self.ttl:g} s)")
-            if want_node != node_id:
-                raise EnrolmentRefused(f"enrolment token is for node {want_node!r}, not {node_id!r}")
-            if boot_digest.lower() not in self.allowed:
-                raise EnrolmentRefused(f"boot image {boot_digest} is not one this gateway serves")
+            match = self._valid(token, node_id, boot_digest)
             del self._pending[match]
             self._used.add(match)
             e = Enrolment(node_id, agent_key, boot_digest.lower(), self.clock())

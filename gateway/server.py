@@ -51,6 +51,7 @@ from trustcap.gateway.errors import ChannelError, EnrolmentRefused, GatewayError
 from trustcap import canonical
 from trustcap.evidence import Quote, SignedQuote, Signer, recover_address, sign_quote
 from trustcap.evidence.errors import EvidenceError, SignatureError
+from trustcap.forms import hex_bytes
 
 __all__ = ["AgentSession", "AttestationServer"]
 
@@ -122,16 +123,10 @@ class AgentSession:
         self.chan.close()
 
 
-def _hex(msg: dict[str, Any], field: str, n: int | None = None) -> bytes:
-    v = msg.get(field)
-    if not isinstance(v, str) or not v.startswith("0x"):
-        raise ChannelError(f"handshake field {field!r} missing or not 0x-hex")
-    try:
-        b = bytes.fromhex(v[2:])
-    except ValueError as exc:
-        raise ChannelError(f"handshake field {field!r} is not hex") from exc
-    if n is not None and len(b) != n:
-        raise ChannelError(f"handshake field {field!r} must be {n} bytes, got {len(b)}")
+def _hex(msg: dict[str, Any], field: str, n: int) -> bytes:
+    b = hex_bytes(msg.get(field), n)
+    if b is None:
+        raise ChannelError(f"handshake field {field!r} missing or not {n} bytes of 0x-hex")
     return b
 
 
@@ -275,12 +270,13 @@ class AttestationServer:
             raise EnrolmentRefused(f"agent claims node {node_id!r}; this gateway serves {self.node_id!r}")
         key_hex = "0x" + agent_key.hex()
         enrolment = self.tokens.lookup(key_hex, node_id)
+        token = ""
         if enrolment is None:
-            token = hello.get("token")
-            if not isinstance(token, str) or not token:
+            presented = hello.get("token")
+            if not isinstance(presented, str) or not presented:
                 raise EnrolmentRefused("agent key is not enrolled and no enrolment token was presented")
-            enrolment = self.tokens.enrol(token, node_id, key_hex, boot)
-            log.info("enrolled agent key %s for node %s", key_hex[:12], node_id)
+            token = presented
+            self.tokens.check(token, node_id, boot)  # refused now, but burnt only after FINISHED (below)
         elif enrolment.boot_digest != boot.lower():
             raise EnrolmentRefused("agent reconnects with another boot-image digest than it enrolled with")
         priv, eph_g = new_ephemeral()
@@ -305,6 +301,12 @@ class AttestationServer:
         except (SignatureError, EvidenceError) as exc:
             raise ChannelError(f"FINISHED signature is invalid: {exc}") from exc
         chan.records_in_epoch = 0  # the handshake's record is not a request: rotation counts requests
+        if enrolment is None:
+            # Only now, with the key proven live over this handshake, is the token burnt and the node's
+            # earlier boot key forgotten: a HELLO that never finishes (a replay, a probe with a stolen
+            # token) changes nothing (issue 12 item 16).
+            enrolment = self.tokens.enrol(token, node_id, key_hex, boot)
+            log.info("enrolled agent key %s for node %s", key_hex[:12], node_id)
         return AgentSession(chan, enrolment, rekey_after=self.rekey_after, rekey_seconds=self.rekey_seconds)
 
     # -- requests --------------------------------------------------------------------------------------
