@@ -24,6 +24,7 @@ from typing import Any
 from trustcap.agent.errors import ChannelError
 
 from trustcap import canonical, channel
+from trustcap.forms import hex_bytes
 
 __all__ = ["AgentChannel", "SecureChannel", "connect"]
 
@@ -52,13 +53,10 @@ class SecureChannel(channel.SecureChannel):
 
 
 def _hexfield(msg: dict[str, Any], field: str, n: int) -> bytes:
-    v = msg.get(field)
-    if not isinstance(v, str) or not v.startswith("0x") or len(v) != 2 + 2 * n:
+    b = hex_bytes(msg.get(field), n)
+    if b is None:
         raise ChannelError(f"field {field!r} missing or not {n} bytes of 0x-hex")
-    try:
-        return bytes.fromhex(v[2:])
-    except ValueError as exc:
-        raise ChannelError(f"field {field!r} is not hex") from exc
+    return b
 
 
 def connect(host: str, port: int, *, signer: Any, node_id: str, boot_digest: str, gateway_address: str,

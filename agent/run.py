@@ -43,6 +43,7 @@ from trustcap.agent.isolation import IsolationSpec, parse_endpoint
 from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import Manifest, parse_manifest
 from trustcap.errors import TrustcapError
+from trustcap.forms import hex_bytes
 
 __all__ = ["PHASES", "REASONS", "CapsuleRunner", "InputOpener", "open_released"]
 
@@ -79,14 +80,10 @@ def binding_digest(manifest: Manifest) -> bytes:
 
 
 def _hex(req: Mapping[str, Any], name: str, n: int, where: str = "") -> bytes:
-    v = req.get(name)
-    label = f"{where}{name}"
-    if not isinstance(v, str) or not v.startswith("0x") or len(v) != 2 + 2 * n:
-        raise RunRequestError(f"field {label!r} must be {n} bytes of 0x-hex")
-    try:
-        return bytes.fromhex(v[2:])
-    except ValueError as exc:
-        raise RunRequestError(f"field {label!r} is not hex") from exc
+    b = hex_bytes(req.get(name), n)
+    if b is None:
+        raise RunRequestError(f"field {where + name!r} must be {n} bytes of 0x-hex")
+    return b
 
 
 def _b64(v: Any, label: str) -> bytes:

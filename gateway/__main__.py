@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustcap.errors import ConfigError, TrustcapError
+from trustcap.forms import hex_digest
 
 if TYPE_CHECKING:
     from trustcap.gateway.server import AgentSession
@@ -47,10 +48,10 @@ def _hostport(value: str) -> tuple[str, int]:
 
 
 def _digest(value: str) -> str:
-    hexpart = value.removeprefix("sha256:").removeprefix("0x").lower()
-    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+    digest = hex_digest(value)
+    if digest is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not sha256:<64 hex>")
-    return "0x" + hexpart
+    return digest
 
 
 def parser() -> argparse.ArgumentParser:

@@ -62,6 +62,7 @@ from trustcap.evidence.quote import (
 )
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, sign_verdict, verdict_id, verify_verdict
+from trustcap.forms import hex_bytes
 
 __all__ = ["CAPSULE_PHASES", "CommitteeKube", "CommitteeMember", "KubeRounds", "endpoint_from_gateways",
            "field_manager", "verdict_entry"]
@@ -342,11 +343,9 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         except LifecycleError as exc:
             raise _Retry(str(exc)) from None
         key = ((hpc or {}).get("status") or {}).get("agentKey")
-        try:
-            if isinstance(key, str) and key.startswith("0x") and len(key) == 68:
-                return bytes.fromhex(key[2:])
-        except ValueError:
-            pass
+        agent_key = hex_bytes(key, 33)
+        if agent_key is not None:
+            return agent_key
         report.add("enrolment", "enrolment.agent_key.missing", Severity.CRITICAL,
                    f"HPCNode {node} has no enrolled agent key (status.agentKey), so no quote of it can be checked")
         return None
@@ -416,10 +415,5 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
 
 
 def _is_pubkey(value: Any) -> bool:
-    if not isinstance(value, str) or len(value) != 68 or value[:4].lower() not in ("0x02", "0x03"):
-        return False
-    try:
-        bytes.fromhex(value[2:])
-    except ValueError:
-        return False
-    return True
+    key = hex_bytes(value, 33)
+    return key is not None and key[0] in (2, 3)

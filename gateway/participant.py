@@ -36,6 +36,7 @@ from trustcap.gateway.errors import GatewayError
 from trustcap import sortition
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.errors import TrustcapError
+from trustcap.forms import hex_bytes
 
 __all__ = ["REVEAL_LABEL", "KubeCapsules", "LifecycleError", "Participant", "ParticipantKube", "reveal_name"]
 
@@ -185,15 +186,6 @@ class _Root(Protocol):
     def vrf_prove(self, alpha: bytes) -> bytes: ...
 
 
-def _bytes32(value: Any) -> bytes | None:
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
-        return None
-    try:
-        return bytes.fromhex(value[2:])
-    except ValueError:
-        return None
-
-
 class Participant(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
     """Commits this gateway to its draw for every funded, seeded, Pending capsule, once per task."""
 
@@ -234,7 +226,7 @@ class Participant(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gate
         st = capsule.get("status") or {}
         if st.get("phase") != "Pending" or not (st.get("vrf") or {}).get("seed"):
             return None
-        claimed = _bytes32(st.get("taskId"))
+        claimed = hex_bytes(st.get("taskId"), 32)
         if claimed is None or claimed in self._done:
             return None
         meta = capsule.get("metadata") or {}
@@ -260,7 +252,7 @@ class Participant(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gate
             self._done.add(task)
             return 0
         seed = self.escrow.block_hash(info.funded_block + 1)
-        claimed = _bytes32(((capsule.get("status") or {}).get("vrf") or {}).get("seed"))
+        claimed = hex_bytes(((capsule.get("status") or {}).get("vrf") or {}).get("seed"), 32)
         if seed is None or seed != claimed:
             raise LifecycleError(f"status.vrf.seed {claimed.hex() if claimed else None} is not the hash of block "
                                  f"{info.funded_block + 1} on chain ({seed.hex() if seed else 'not mined'})")

@@ -25,13 +25,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.server import AgentSession, AttestationServer
 
 from trustcap.evidence import SignedQuote, encode_signed_quote, quote_digest
+from trustcap.forms import hex_bytes, rfc3339, sha256_digest
 
 __all__ = ["EnrolmentPublisher", "HPCNodeStore", "KubeHPCNodes", "PublishConflict", "PublishError",
            "enrolment_status"]
@@ -93,9 +93,7 @@ class KubeHPCNodes:
             raise PublishError(f"cannot patch HPCNode {name!r} status: {exc}") from exc
 
 
-def status_time(ts: float) -> str:
-    """A unix time as the CRDs' `date-time` (UTC, whole seconds)."""
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+status_time = rfc3339  # the CRDs' `date-time`; the gateway's other modules import it from here
 
 
 def enrolment_status(signed: SignedQuote, gateway_address: str, now: float) -> dict[str, Any]:
@@ -103,7 +101,7 @@ def enrolment_status(signed: SignedQuote, gateway_address: str, now: float) -> d
     quote = signed.quote
     return {
         "agentKey": quote.agent_key,
-        "bootImageDigest": "sha256:" + quote.boot_image_digest[2:],
+        "bootImageDigest": sha256_digest(quote.boot_image_digest),
         "gateway": gateway_address,
         "quote": encode_signed_quote(signed).decode(),
         "quoteDigest": "sha256:" + quote_digest(quote).hex(),
@@ -112,13 +110,7 @@ def enrolment_status(signed: SignedQuote, gateway_address: str, now: float) -> d
 
 
 def _challenge_nonce(node: dict[str, Any]) -> bytes | None:
-    value = (node.get("status") or {}).get("enrolmentChallenge", {}).get("nonce")
-    if not isinstance(value, str) or len(value) != 66 or not value.startswith("0x"):
-        return None
-    try:
-        return bytes.fromhex(value[2:])
-    except ValueError:
-        return None
+    return hex_bytes((node.get("status") or {}).get("enrolmentChallenge", {}).get("nonce"), 32)
 
 
 class EnrolmentPublisher:

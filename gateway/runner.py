@@ -34,7 +34,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from trustcap.gateway._loop import PollingLoop
@@ -45,6 +44,7 @@ from trustcap.capsule.envelope import read_header
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.capsule.manifest import Manifest, parse_manifest
 from trustcap.errors import TrustcapError
+from trustcap.forms import hex_bytes, rfc3339
 
 __all__ = ["NotMyRound", "RunFailed", "Runner", "RunnerKube", "open_store"]
 
@@ -105,23 +105,15 @@ def open_store(url: str) -> _Store:
     return store
 
 
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def post_round_name(task: bytes) -> str:
     """The post round's Attestation name, as the operator names it (operator/rounds.py `round_name`)."""
     return f"r-{task.hex()[:16]}-post"
 
 
 def _task_hex(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 66:
+    if hex_bytes(value, 32) is None:
         raise NotMyRound(f"{what} must be a task id (0x + 64 hex), got {value!r}")
-    try:
-        bytes.fromhex(value[2:])
-    except ValueError:
-        raise NotMyRound(f"{what} must be a task id (0x + 64 hex), got {value!r}") from None
-    return value.lower()
+    return str(value).lower()
 
 
 _REFUSED_RESULT: Final = "agent refused 'result': "
@@ -289,10 +281,10 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             except RunFailed as exc:
                 log.warning("run %s not started: %s", name, exc)
                 self._status(name, {"phase": "Failed", "reason": exc.reason, "error": str(exc)[:MAX_ERROR],
-                                    "wipe": dict(NOTHING_RAN), "finishedAt": _rfc3339(self.wall())})
+                                    "wipe": dict(NOTHING_RAN), "finishedAt": rfc3339(self.wall())})
                 return
             self._status(name, {"phase": "Running", "inputsReleased": released,
-                                "startedAt": _rfc3339(self.wall())})
+                                "startedAt": rfc3339(self.wall())})
         self._follow(name, tid, manifest, key, spec.get("store") or "")
 
     def _start(self, run: Mapping[str, Any], capsule: Mapping[str, Any], manifest: Manifest, key: str,
@@ -388,7 +380,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             except (TrustcapError, OSError) as exc:  # no agent session (a reboot, a reconnect): wait a while
                 lost_since, answer, lost_why = self._lost(lost_since), {"state": "running"}, str(exc)
             if lost_since is not None and self.clock() - lost_since > AGENT_LOST_S:
-                self._status(name, {"phase": "Failed", "reason": "Failed", "finishedAt": _rfc3339(self.wall()),
+                self._status(name, {"phase": "Failed", "reason": "Failed", "finishedAt": rfc3339(self.wall()),
                                     "error": f"the agent did not report the run for {AGENT_LOST_S:g} s: "
                                              f"{lost_why}"[:MAX_ERROR]})
                 return
@@ -397,7 +389,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
                 return
             if self.clock() > deadline:
                 self._send_stop(tid, "Timeout")
-                self._status(name, {"phase": "Failed", "reason": "Timeout", "finishedAt": _rfc3339(self.wall()),
+                self._status(name, {"phase": "Failed", "reason": "Timeout", "finishedAt": rfc3339(self.wall()),
                                     "error": "the agent reported no result by timeoutSeconds plus "
                                              f"{RESULT_MARGIN_S:g} s"})
                 return
@@ -419,7 +411,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
         reason = str(answer.get("reason") or "Failed")
         status: dict[str, Any] = {"phase": "Succeeded" if reason == "Completed" else "Failed", "reason": reason,
                                   "resultSigner": key, "wipe": dict(answer.get("wipe") or {}),
-                                  "finishedAt": _rfc3339(self.wall()), "error": str(answer.get("error") or "")}
+                                  "finishedAt": rfc3339(self.wall()), "error": str(answer.get("error") or "")}
         if isinstance(answer.get("exitCode"), int) and not isinstance(answer.get("exitCode"), bool):
             status["exitCode"] = answer["exitCode"]
         if isinstance(answer.get("seconds"), int | float):

@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from trustcap.netboot.errors import ApprovalUnavailable, PathRejected
 
+from trustcap.bootimage import BootImageSpecError, parse_sha256
 from trustcap.kubeclient import local_api_client
 
 __all__ = [
@@ -33,16 +34,16 @@ __all__ = [
 
 log = logging.getLogger("trustcap.netboot")
 
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # The same pattern the BootImage CRD enforces on artifact paths: plain relative names, no '..', no '/' lead.
 SAFE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$")
 
 
 def parse_digest(value: str, field: str) -> bytes:
     """`sha256:<64 hex>` to 32 bytes; a clear error names the field otherwise."""
-    if not isinstance(value, str) or not _DIGEST.match(value):
-        raise ApprovalUnavailable(f"{field}: digest must look like sha256:<64 lowercase hex>, got {value!r}")
-    return bytes.fromhex(value[7:])
+    try:
+        return parse_sha256(value, field)
+    except BootImageSpecError as exc:
+        raise ApprovalUnavailable(str(exc)) from None
 
 
 def check_path(name: str, field: str) -> str:

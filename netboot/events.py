@@ -9,7 +9,6 @@ thread and a failure is logged, not raised.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import queue
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 
 from trustcap.netboot.store import Refusal
 
+from trustcap.forms import rfc3339
 from trustcap.kubeclient import local_api_client
 
 __all__ = ["REASONS", "KubeEventReporter"]
@@ -66,7 +66,7 @@ class KubeEventReporter:
         if now - self._last.get(key, -1e18) < self.min_interval:
             return
         self._last[key] = now
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = rfc3339(time.time())
         body = {
             "apiVersion": "v1", "kind": "Event", "type": "Warning",
             "metadata": {"generateName": f"{self.node}.netboot.", "namespace": "default"},

@@ -121,7 +121,7 @@ def test_pin_directory_pins_files_not_symlinks(boot_root: Root) -> None:
 @pytest.mark.parametrize(("content", "match"), [
     pytest.param("{", "cannot read JSON", id="not-json"),
     pytest.param("[]", "must be an object", id="not-object"),
-    pytest.param('{"kernel": "md5:00"}', "kernel: digest must look like", id="bad-digest"),
+    pytest.param('{"kernel": "md5:00"}', "kernel: must be sha256:<64 lowercase hex>", id="bad-digest"),
     pytest.param('{"../k": "sha256:' + "0" * 64 + '"}', "not a plain relative", id="bad-path"),
 ])
 def test_manifest_errors_name_the_field(tmp_path: Path, content: str, match: str) -> None:
