@@ -51,6 +51,8 @@ CHECKS = Counter("trustcap_gateway_monitor_checks_total",
                  ["outcome", "action"])
 SINK_FAILURES = Counter("trustcap_gateway_monitor_sink_failures_total",
                         "Check records a sink (journal, publisher) failed to export.")
+STOP_FAILURES = Counter("trustcap_gateway_monitor_stop_failures_total",
+                        "Stops of the HPC's run that the agent did not confirm (escalated to quarantine).")
 
 
 @dataclass
@@ -206,14 +208,33 @@ class Monitor:
                           exc)
 
     def _act(self, rec: CheckRecord) -> None:
+        unstopped = False
         if rec.action in ("stop", "quarantine", "reboot"):
             try:
-                self.server.command("stop", reason=f"{rec.action}: {rec.failed[0]['id']}")
+                answer = self.server.command("stop", reason=f"{rec.action}: {rec.failed[0]['id']}")
             except GatewayError as exc:
                 rec.extra["stop_error"] = str(exc)
+                unstopped = True
+            else:
+                # Only the agent's word that no run is going on ends the matter: `running` false (stopped
+                # now, or nothing was running). A run still going, or an answer without the field, is a stop
+                # that failed (issue 12 item 20: the old agent answered `stopped: false` and nobody looked).
+                if answer.get("running") is not False:
+                    rec.extra["stop_error"] = f"the agent did not stop the run: it answered {answer}"
+                    unstopped = True
         hook = self.on_action.get(rec.action)
         if hook is not None:
             hook(rec)
+        if unstopped and rec.action == "stop":
+            # A stop that cannot be confirmed escalates: the Pi quarantines the node (cuts its link and
+            # reports it) rather than trusting a capsule it could not end.
+            rec.extra["escalated_to"] = "quarantine"
+            STOP_FAILURES.inc()
+            log.error("stop on %s not confirmed (%s): escalating to quarantine", self.server.node_id,
+                      rec.extra["stop_error"])
+            escalate = self.on_action.get("quarantine")
+            if escalate is not None:
+                escalate(rec)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="trustcap-monitor", daemon=True)
