@@ -217,3 +217,26 @@ def test_spec_is_immutable_once_submitted(capsules: Any) -> None:
         GROUP, VERSION, NAMESPACE, "capsules", name, patch), "spec")
     assert "immutable" in msg
     assert capsules.get(name)["spec"]["function"]["digest"] != "sha256:" + "00" * 32
+
+
+def test_a_gateways_vrf_key_cannot_change(custom: Any, platform_ns: str) -> None:
+    """Issue 12 item 7: a node that could swap its VRF key after seeing a seed could grind the draw, so the
+    key (and its suite) is fixed for the Gateway's life. Control: the endpoint, which is not identity, can
+    be patched on the same object."""
+    body = _obj("Gateway")
+    name = body["metadata"]["name"]
+    custom.create_cluster_custom_object(GROUP, VERSION, "gateways", body)
+    try:
+        other = "0x02" + "11" * 32
+        msg = _expect_422(lambda: custom.patch_cluster_custom_object(
+            GROUP, VERSION, "gateways", name, {"spec": {"vrfKey": other}}), "spec.vrfKey")
+        assert "VRF key cannot change" in msg
+        msg = _expect_422(lambda: custom.patch_cluster_custom_object(
+            GROUP, VERSION, "gateways", name, {"spec": {"vrfSuite": "ECVRF-EDWARDS25519-SHA512-TAI",
+                                                        "vrfKey": "0x" + "11" * 32}}), "spec.vrfSuite")
+        assert custom.get_cluster_custom_object(GROUP, VERSION, "gateways", name)["spec"]["vrfKey"] == KEY_B
+        patched = custom.patch_cluster_custom_object(GROUP, VERSION, "gateways", name,
+                                                     {"spec": {"endpoint": "pi-1.local:7444"}})
+        assert patched["spec"]["endpoint"] == "pi-1.local:7444"
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "gateways", name)
