@@ -169,3 +169,46 @@ def test_promtool_accepts_the_rule_file(tmp_path: Path) -> None:
     bad = subprocess.run([_promtool(), "check", "rules", str(tmp_path / "broken.yaml")],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode != 0 and "parse error" in (bad.stdout + bad.stderr).lower(), bad.stdout + bad.stderr
+
+
+render = build.sibling("render")
+
+
+def test_render_draws_every_panel_of_the_trust_dashboard_from_the_fetched_data(tmp_path: Path) -> None:
+    """The picture's code with a fake `fetch` (e2e/observe passes the real Prometheus): every panel's query
+    is asked for, Grafana's variables substituted, and each returned series drawn."""
+    doc = json.loads(build.files()["trust.json"])
+    asked: list[str] = []
+
+    def by_phase(expr: str) -> bool:
+        return "phase" in expr and "Quarantined" not in expr
+
+    def fetch(expr: str) -> list[Any]:
+        asked.append(expr)
+        if by_phase(expr):
+            return [render.Series({"phase": p}, [(1_700_000_000.0 + t, float(t % 3)) for t in range(0, 60, 5)])
+                    for p in ("Ready", "Booting")]
+        return [render.Series({"node": "hpc-1"}, [(1_700_000_000.0, 1.0), (1_700_000_060.0, 2.0)])]
+
+    out = tmp_path / "trust.png"
+    drawn = render.render(doc, fetch, out, substitute={"$__range": "15m", "$__rate_interval": "5m"})
+    wanted = [t["expr"].replace("$__range", "15m").replace("$__rate_interval", "5m")
+              for p in doc["panels"] for t in p["targets"]]
+    assert asked == wanted and not any("$__" in e for e in asked)
+    assert drawn == sum(2 if by_phase(e) else 1 for e in wanted)  # by-phase queries returned two series
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_render_reports_no_data_when_nothing_came_back(tmp_path: Path) -> None:
+    doc = json.loads(build.files()["trust.json"])
+    assert render.render(doc, lambda expr: [], tmp_path / "empty.png") == 0
+
+
+@pytest.mark.parametrize(("fmt", "labels", "want"), [
+    pytest.param("{{phase}}", {"phase": "Ready"}, "Ready", id="label"),
+    pytest.param("p95 {{ phase }}", {"phase": "pre"}, "p95 pre", id="spaces"),
+    pytest.param("", {"__name__": "x", "node": "a"}, "node=a", id="no-format"),
+])
+def test_legend_follows_grafana_legend_format(fmt: str, labels: dict[str, str], want: str) -> None:
+    assert render.legend(fmt, labels) == want

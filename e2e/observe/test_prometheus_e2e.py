@@ -1,6 +1,9 @@
 """Observability end to end: the world (trustcap/world.py) runs one PSI capsule to Completed while a real
 Prometheus (Debian's binary) scrapes the operator's /metrics and every gateway's relay /metrics each
-second; then every PromQL query of every dashboard (dashboards/build.py) must return data from it.
+second; then every PromQL query of every dashboard (dashboards/build.py) must return data from it, every
+alert rule (dashboards/alerts.py, loaded from dashboards/out/alerts.yaml as Prometheus's rule file) must be
+evaluated healthy and watch series that exist, and the trust dashboard's data is drawn to
+docs/img/trust-dashboard.png (dashboards/render.py) from the real query results.
 
 Proves that the names the dashboards query are the names the running processes serve, that the
 operator's lifecycle metrics follow a real capsule (finished, rounds decided, latency observed, chain
@@ -34,6 +37,12 @@ NAMES_B = ["alice", "bob", "carol", "dave", "erin"]
 NAMES_C = ["bob", "erin", "grace", "alice", "ivan"]
 # Grafana's own variables, as Grafana would substitute them over this short run.
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__range": "15m"}
+
+
+RULES = ROOT / "dashboards" / "out" / "alerts.yaml"
+PICTURE = ROOT / "docs" / "img" / "trust-dashboard.png"
+# The components this world runs (trustcap/world.py): the operator and the gateways, not netboot.
+WORLD_EXPORTS = {"operator", "gateway"}
 
 
 def _build() -> ModuleType:
@@ -86,6 +95,7 @@ def world(stack: dict[str, Any], prometheus_bin: str, metrics_port: int,
 class Prometheus:
     def __init__(self, url: str) -> None:
         self.url = url
+        self.started = time.time()
 
     def api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
@@ -105,6 +115,11 @@ class Prometheus:
         result = doc["data"]["result"]
         return float(result[0]["value"][1]) if result else None
 
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        doc = self.api("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}")
+        assert doc["status"] == "success", (expr, doc)
+        return list(doc["data"]["result"])
+
     def wait(self, expr: str, ok: Any, timeout: float, what: str) -> float | None:
         deadline = time.monotonic() + timeout
         got = None
@@ -121,7 +136,9 @@ def prometheus(world: Any, prometheus_bin: str, metrics_port: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     home = tmp_path_factory.mktemp("prometheus")
     relays = [f"127.0.0.1:{g['relay_port']}" for g in world.gateways]
+    assert RULES.is_file(), f"{RULES} is missing: run python dashboards/build.py"
     config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(RULES)],
               "scrape_configs": [
                   {"job_name": "trustcap-operator", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
                   {"job_name": "trustcap-gateway", "static_configs": [{"targets": relays}]}]}
@@ -239,3 +256,57 @@ def test_every_dashboard_query_returns_data(prometheus: Prometheus, completed: d
     assert invalid == [], "queries Prometheus refuses:\n" + "\n".join(invalid)
     # Every series a panel reads exists from the first scrape or after this run (none is legitimately empty).
     assert empty == [], "panels with no data after a completed capsule:\n" + "\n".join(empty)
+
+
+def test_every_alert_rule_is_evaluated_and_watches_series_the_world_exports(
+        prometheus: Prometheus, completed: dict[str, Any]) -> None:
+    """The alert rules as Prometheus itself loads them: every rule of dashboards/alerts.py is in the rule
+    file it runs, is evaluated without error, its expression is accepted by the query API, and its signal
+    (the expression before the threshold) has series where this world runs the exporting component."""
+    alerts = _build().sibling("alerts").alerts()
+    assert len(alerts) >= 5, f"only {len(alerts)} alert rules"
+    deadline = time.monotonic() + 30
+    while True:  # each rule group is evaluated once per second; wait until every rule was
+        groups = prometheus.api("/api/v1/rules", type="alert")["data"]["groups"]
+        loaded = {r["name"]: r for g in groups for r in g["rules"]}
+        evaluated = all(not str(r.get("lastEvaluation", "")).startswith("0001") for r in loaded.values())
+        if (set(loaded) >= {a.name for a in alerts} and evaluated) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert set(loaded) == {a.name for a in alerts}, f"Prometheus loaded {sorted(loaded)} from {RULES}"
+    unhealthy = [f"{n}: {r.get('health')} {r.get('lastError', '')}" for n, r in loaded.items()
+                 if r.get("health") != "ok"]
+    assert unhealthy == [], "rules Prometheus cannot evaluate:\n" + "\n".join(unhealthy)
+    refused: list[str] = []
+    empty: list[str] = []
+    for alert in alerts:
+        answer = prometheus.query(alert.expr)
+        if answer.get("status") != "success":
+            refused.append(f"{alert.name}: {alert.expr}: {answer.get('error')}")
+            continue
+        if alert.exported_by in WORLD_EXPORTS:
+            signal = prometheus.query(alert.signal)
+            if signal.get("status") != "success" or not signal["data"]["result"]:
+                empty.append(f"{alert.name}: {alert.signal}")
+    assert refused == [], "alert expressions the query API refuses:\n" + "\n".join(refused)
+    assert empty == [], "alerts watching series this world does not export:\n" + "\n".join(empty)
+
+
+def test_trust_dashboard_picture_from_the_real_query_results(prometheus: Prometheus,
+                                                             completed: dict[str, Any]) -> None:
+    """Runs last: draws the trust dashboard over this run from Prometheus's query_range answers into
+    docs/img/trust-dashboard.png (docs/observability.md shows it; the lead commits the file)."""
+    build = _build()
+    render = build.sibling("render")
+    end = time.time()
+    start = max(prometheus.started, end - 15 * 60)
+    step = max(1.0, (end - start) / 300)
+
+    def fetch(expr: str) -> list[Any]:
+        return [render.Series(dict(r["metric"]), [(float(t), float(v)) for t, v in r["values"]])
+                for r in prometheus.query_range(expr, start, end, step)]
+
+    doc = json.loads(build.render(build.DASHBOARDS["trust"]()))
+    drawn = render.render(doc, fetch, PICTURE, substitute={"$__rate_interval": "5m", "$__range": "15m"})
+    assert drawn >= len(doc["panels"]), f"only {drawn} series for {len(doc['panels'])} panels in {PICTURE}"
+    assert PICTURE.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
