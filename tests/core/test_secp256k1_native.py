@@ -119,3 +119,20 @@ def test_recipient_slots_cross_between_openssl_and_libsecp256k1() -> None:
     assert kek.decrypt(bytes(12), wrapped, envelope._CEK_AAD) == envelope._unwrap(new_header, alice)
     assert envelope.open_bytes(blob, key=alice, owner=owner.public_key(), capsule_id=capsule,
                                manifest_digest=manifest) == b"payload" * 1000
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_recovers_key_is_true_only_for_the_signing_key(seed: int) -> None:
+    """The appraisal compares keys instead of addresses: the signer's key passes (positive control),
+    another key fails, and a malformed key or signature is an error, never a pass."""
+    rng = random.Random(3000 + seed)  # noqa: S311 - reproducible test inputs
+    secret, other, digest = _secret(rng), _secret(rng), rng.randbytes(32)
+    sig = _secp256k1.sign(secret, digest)
+    mine, theirs = _secp256k1.public_key_from_secret(secret), _secp256k1.public_key_from_secret(other)
+    assert signing.recovers_key(digest, sig, mine)
+    assert not signing.recovers_key(digest, sig, theirs)
+    assert not signing.recovers_key(bytes([digest[0] ^ 1]) + digest[1:], sig, mine)
+    with pytest.raises(signing.SignatureError):
+        signing.recovers_key(digest, sig, b"\x04" + bytes(64))
+    with pytest.raises(signing.SignatureError):
+        signing.recovers_key(digest, sig[:64] + b"\x1d", mine)

@@ -47,7 +47,7 @@ from trustcap.evidence.errors import (
 )
 from trustcap.evidence.failure import Report, Severity
 from trustcap.evidence.freshness import NonceRegistry
-from trustcap.evidence.signing import Signer, address_of, recover_address
+from trustcap.evidence.signing import Signer, recover_address, recovers_key
 
 __all__ = [
     "Quote",
@@ -174,7 +174,6 @@ def appraise_quote(
     agent_sig = bytes.fromhex(signed.agent_signature[2:])
     gateway_sig = bytes.fromhex(signed.gateway_signature[2:])
 
-    expected_agent = _address_or_none(agent_key)
     if quote.agent_key != "0x" + bytes(agent_key).hex():
         report.add("quote", "quote.identity.agent_key", Severity.CRITICAL,
                    "quote names another agent key than the enrolled one")
@@ -187,7 +186,7 @@ def appraise_quote(
 
     signatures_ok = True
     try:
-        if expected_agent is None or recover_address(_agent_digest(qd), agent_sig) != expected_agent:
+        if not recovers_key(_agent_digest(qd), agent_sig, agent_key):  # a malformed enrolled key raises
             raise SignatureError("signer is not the enrolled agent key")
     except SignatureError as exc:
         signatures_ok = False
@@ -213,13 +212,6 @@ def appraise_quote(
     if -age > max_skew_seconds:
         report.add("quote", "quote.future", Severity.MEDIUM, f"quote is dated {-age:.0f} s in the future")
     return report
-
-
-def _address_or_none(public_key: bytes) -> str | None:
-    try:
-        return address_of(public_key)
-    except SignatureError:
-        return None
 
 
 # Which exception a failed report raises: the first class whose failure ids appear, in order of gravity.
