@@ -212,3 +212,13 @@ def test_render_reports_no_data_when_nothing_came_back(tmp_path: Path) -> None:
 ])
 def test_legend_follows_grafana_legend_format(fmt: str, labels: dict[str, str], want: str) -> None:
     assert render.legend(fmt, labels) == want
+
+
+def test_every_alert_has_its_runbook_section_in_the_docs() -> None:
+    """Each rule's `runbook` annotation points at a heading of docs/observability.md."""
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    headings = {line[4:].strip().lower() for line in doc.splitlines() if line.startswith("### ")}
+    for alert in alerts.alerts():
+        anchor = alert.rule()["annotations"]["runbook"].split("#", 1)[1]
+        assert anchor in headings, f"docs/observability.md has no '### {alert.name}' section"
+    assert "img/trust-dashboard.png" in doc
