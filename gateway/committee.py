@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from trustcap.gateway._loop import PollingLoop
 from trustcap.gateway.attest_errors import RelayError
 from trustcap.gateway.participant import LifecycleError
-from trustcap.gateway.relay import request_quote
+from trustcap.gateway.relay_client import request_quote
 
 from trustcap.capsule.errors import ManifestError
 from trustcap.capsule.manifest import parse_manifest

@@ -59,20 +59,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from trustcap.gateway.attest_errors import DirectoryError, RelayBusy, RelayError
+from trustcap.gateway.attest_errors import DirectoryError
 from trustcap.gateway.errors import GatewayError, QuoteRejected
 from trustcap.gateway.verifiers import VerifierDirectory
 
@@ -80,22 +77,18 @@ from trustcap.evidence import (
     Challenge,
     ChallengeFormatError,
     SignedQuote,
-    Signer,
-    decode_signed_quote,
     encode_signed_quote,
-    sign_challenge,
     verify_challenge,
 )
-from trustcap.evidence.errors import EvidenceFormatError, SignatureError
+from trustcap.evidence.errors import SignatureError
 
 __all__ = ["MAX_BODY", "MAX_COSIGN_BODY", "Cosign", "RelayService", "RoundDirectory", "RoundMembers", "TrustState",
-           "kube_round_members", "request_quote", "request_status", "trust_state"]
+           "kube_round_members", "trust_state"]
 
 log = logging.getLogger("trustcap.gateway")
 
 MAX_BODY = 2048  # a capsule challenge with the longest node and round names fits
 MAX_COSIGN_BODY = 1 << 20  # a batch of 1000 verdicts fits (gateway/cosign.py MAX_BODY)
-MAX_RESPONSE = 256 * 1024  # trustcap.evidence's own limit on a signed quote
 
 CHALLENGES = Counter("trustcap_gateway_relay_challenges_total", "Committee challenges through the relay, by result.",
                      ["result"])
@@ -513,60 +506,3 @@ def kube_round_members(kubeconfig: str | None, namespace: str, *, ttl_s: float =
         return cast(list[dict[str, Any]], doc.get("items") or [])
 
     return RoundDirectory(list_rounds, ttl_s=ttl_s)
-
-
-# --- the verifier's side --------------------------------------------------------------------------------
-def _endpoint(url: str, path: str) -> str:
-    """Only http(s) URLs: a `file:` or custom scheme must never be opened on a gateway's behalf."""
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise RelayError(f"gateway URL {url!r} must be http:// or https:// with a host")
-    return url.rstrip("/") + path
-
-
-def _call(req: urllib.request.Request, url: str, timeout: float, limit: int) -> bytes:
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) URL of a gateway
-            data: bytes = resp.read(limit + 1)
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = json.loads(exc.read(4096)).get("error", "")
-        except (ValueError, AttributeError):
-            reason = ""
-        cls = RelayBusy if exc.code == HTTPStatus.SERVICE_UNAVAILABLE and "busy" in reason else RelayError
-        raise cls(f"gateway {url} refused: HTTP {exc.code} {reason}".rstrip()) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise RelayError(f"gateway {url} unreachable: {getattr(exc, 'reason', exc)}") from None
-    if len(data) > limit:
-        raise RelayError(f"gateway {url} answered more than {limit} bytes")
-    return data
-
-
-def request_quote(url: str, nonce: bytes, *, signer: Signer, node: str, timeout: float = 30.0,
-                  capsule: Mapping[str, str] | None = None) -> SignedQuote:
-    """Send `nonce` through the gateway of executor `node` at `url`, signed by the verifier's trust root
-    `signer` (with `capsule` {taskId, round, phase}: a capsule round's challenge); the signed quote it
-    returns, parsed (not appraised: appraise it with your own nonce registry)."""
-    if len(nonce) != 32:
-        raise ValueError("a challenge nonce is 32 bytes")
-    endpoint = _endpoint(url, "/v1/challenge")
-    body = json.dumps(sign_challenge(nonce, node, signer, issued_at=int(time.time()), capsule=capsule)).encode()
-    req = urllib.request.Request(endpoint, data=body, method="POST",  # noqa: S310
-                                 headers={"Content-Type": "application/json"})
-    data = _call(req, url, timeout, MAX_RESPONSE)
-    try:
-        return decode_signed_quote(data)
-    except EvidenceFormatError as exc:
-        raise RelayError(f"gateway {url} answered something that is not a signed quote: {exc}") from None
-
-
-def request_status(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
-    """The executor gateway's view of its node's trust (advisory: a verifier trusts its own appraisal)."""
-    req = urllib.request.Request(_endpoint(url, "/v1/status"))  # noqa: S310 - scheme checked
-    data = _call(req, url, timeout, 64 * 1024)
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise RelayError(f"gateway {url} status is not JSON") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("trusted"), bool):
-        raise RelayError(f"gateway {url} status lacks a boolean 'trusted'")
-    return doc

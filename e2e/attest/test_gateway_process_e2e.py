@@ -23,7 +23,7 @@ import pytest
 import yaml
 from attestlab import BOOT, GW_IP, NODE, Lab, in_netns, start_agent, stop_agent
 from trustcap.gateway.attest_errors import RelayError
-from trustcap.gateway.relay import request_quote, request_status
+from trustcap.gateway.relay_client import request_quote, request_status
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry, appraise_quote

@@ -17,7 +17,8 @@ import pytest
 from enrolkit import Cluster, wait_for
 from trustcap.gateway.attest_errors import RelayError
 from trustcap.gateway.enrol import TokenBook
-from trustcap.gateway.relay import RelayService, request_quote
+from trustcap.gateway.relay import RelayService
+from trustcap.gateway.relay_client import request_quote
 from trustcap.gateway.server import AttestationServer
 from trustcap.gateway.verifiers import KubeGatewayDirectory
 

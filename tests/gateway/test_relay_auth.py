@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from trustcap.gateway.attest_errors import RelayError
-from trustcap.gateway.relay import RelayService, RoundDirectory, request_quote
+from trustcap.gateway.relay import RelayService, RoundDirectory
+from trustcap.gateway.relay_client import request_quote
 from trustcap.gateway.verifiers import StaticDirectory
 
 from trustcap.chain.keys import KeySigner

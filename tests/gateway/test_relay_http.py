@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from trustcap.gateway.attest_errors import RelayBusy, RelayError
-from trustcap.gateway.relay import MAX_BODY, RelayService, request_quote, request_status, trust_state
+from trustcap.gateway.relay import MAX_BODY, RelayService, trust_state
+from trustcap.gateway.relay_client import request_quote, request_status
 from trustcap.gateway.verifiers import StaticDirectory
 
 from trustcap.chain.keys import KeySigner
