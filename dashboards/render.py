@@ -76,9 +76,9 @@ def render(dashboard: Mapping[str, Any], fetch: Fetch, out: Path, *,
             for name, s in series:
                 if not s.points:
                     continue
-                xs = [date2num(datetime.fromtimestamp(t, tz=UTC)) for t, _ in s.points]
+                xs = [date2num(datetime.fromtimestamp(t, tz=UTC)) for t, _ in s.points]  # type: ignore[no-untyped-call]
                 ax.plot(xs, [v for _, v in s.points], label=name, linewidth=1.2)
-            ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S"))
+            ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             if series:
