@@ -33,7 +33,8 @@ from trustcap.agent import measure
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
 from trustcap.gateway.enrol import TokenBook
-from trustcap.gateway.relay import RelayService, request_quote
+from trustcap.gateway.relay import RelayService
+from trustcap.gateway.relay_client import request_quote
 from trustcap.gateway.server import AttestationServer
 from trustcap.gateway.verifiers import StaticDirectory
 
