@@ -18,7 +18,9 @@
                                       the sealed results, for every CapsuleRun that names this gateway
     CosignService (relay /v1/cosign)  co-sign a chain-writer batch once every leaf is checked (0094)
 
-Only wiring lives here; each part's module says why it is built the way it is.
+Only wiring lives here (`assemble`, with the outside world it reaches injected as `Hooks`, so a test can
+build a whole gateway without a Zymkey, a cluster or a chain); each part's module says why it is built
+the way it is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,8 +103,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lifecycle(args: argparse.Namespace, root: Any, server: Any,
-               policy: Any) -> tuple[list[Any], Any, Any, Any]:
+Lifecycle = tuple[list[Any], Any, Any, Any]  # (loops to start, round_members, before_capsule_quote, cosign)
+
+
+def _lifecycle(args: argparse.Namespace, root: Any, server: Any, policy: Any) -> Lifecycle:
     """(loops to start, round_members, before_capsule_quote, cosign) for the capsule lifecycle; nothing
     without a chain: the gateway then serves attestation only."""
     if not (args.chain_rpc and args.deployment and args.kubeconfig):
@@ -176,87 +181,127 @@ def _verifier_directory(args: argparse.Namespace) -> VerifierDirectory:
     return sources[0] if len(sources) == 1 else AnyDirectory(*sources)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _open_root(args: argparse.Namespace) -> Any:
+    from trustcap.trustroot import open_trust_root
+
+    return open_trust_root(args.trustroot, kek_file=args.kek_file)
+
+
+def _hpcnodes(kubeconfig: str) -> Any:
+    from trustcap.gateway.publish import KubeHPCNodes
+
+    return KubeHPCNodes(None if kubeconfig == "in-cluster" else kubeconfig)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the assembly reaches outside the process for: the trust root, the HPCNode store, the
+    verifier directory and the capsule lifecycle (chain + cluster)."""
+
+    open_root: Callable[[argparse.Namespace], Any] = _open_root
+    hpcnodes: Callable[[str], Any] = _hpcnodes
+    verifiers: Callable[[argparse.Namespace], VerifierDirectory] = _verifier_directory
+    lifecycle: Callable[[argparse.Namespace, Any, Any, Any], Lifecycle] = _lifecycle
+
+
+@dataclass
+class Gateway:
+    """The assembled parts: `services` start in order and stop in reverse, then `closers` run in order."""
+
+    root: Any
+    server: Any
+    relay: Any
+    policy: Any
+    services: list[Any] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    capsules: bool = False  # takes part in the capsule lifecycle
+
+    def start(self) -> None:
+        for service in self.services:
+            service.start()
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        for close in self.closers:
+            close()
+
+
+def assemble(args: argparse.Namespace, hooks: Hooks = Hooks()) -> Gateway:
+    """Build every part from the flags, in the order that lets nothing start half-configured: the
+    verifier directory first (a gateway no committee can reach must not start at all), then policy and
+    journal, and only then the trust root, the listeners and the one-time boot token."""
     from trustcap.gateway.actions import QuarantineReporter, RebootCommand
     from trustcap.gateway.boot import BootArming, Rebooter, RebootRequests
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.monitor import CheckRecord, JournalSink, Monitor
     from trustcap.gateway.policy import load_gateway_policy
+    from trustcap.gateway.publish import EnrolmentPublisher
     from trustcap.gateway.relay import RelayService
     from trustcap.gateway.server import AttestationServer
 
-    from trustcap.trustroot import open_trust_root
+    verifiers = hooks.verifiers(args)
+    policy = load_gateway_policy(args.policy)
+    sinks = [JournalSink(args.journal, node_id=args.node, max_bytes=args.journal_max_bytes,
+                         backups=args.journal_backups)] if args.journal else []
+    root = hooks.open_root(args)
+    tokens = TokenBook(args.boot_digest)
+    server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
+                               rekey_after=args.rekey_after, rekey_seconds=args.rekey_seconds)
+    on_action: dict[str, Callable[[CheckRecord], None]] = {}
+    session_hooks: list[Callable[[AgentSession], None]] = []
+    store = None
+    if args.kubeconfig:
+        store = hooks.hpcnodes(args.kubeconfig)
+        session_hooks.append(EnrolmentPublisher(server, args.node, store).on_session)
+        on_action["quarantine"] = QuarantineReporter(args.node, store)
+    arming = BootArming(tokens, args.node, args.token_file, boot_timeout_s=args.boot_timeout)
+    requests = None
+    if args.reboot_command:
+        power = RebootCommand(args.node, args.reboot_command)
+        rebooter = Rebooter(server, arming, power.run, root, boot_timeout_s=args.boot_timeout, store=store,
+                            sinks=[sinks[0].write] if sinks else [])
+        session_hooks.append(rebooter.on_session)
+        on_action["reboot"] = rebooter
+        if store is not None:
+            requests = RebootRequests(rebooter, store)
+    server.on_session = _fan_out(session_hooks)
+    arming.arm()
+    monitor = Monitor(server, policy, sinks=sinks, on_action=on_action, booting=arming.awaiting_boot)
+    max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
+    loops, round_members, before_capsule_quote, cosign = hooks.lifecycle(args, root, server, policy)
+    relay = RelayService(server, verifiers=verifiers, records=lambda: list(monitor.records),
+                         max_age_s=max_age, host=args.relay[0], port=args.relay[1],
+                         round_members=round_members, before_capsule_quote=before_capsule_quote,
+                         cosign=cosign)
+    services = [monitor, arming, *([requests] if requests is not None else []), *loops]
+    return Gateway(root=root, server=server, relay=relay, policy=policy, services=services,
+                   closers=[relay.close, server.close, root.close], capsules=bool(loops))
 
+
+def main(argv: list[str] | None = None, hooks: Hooks = Hooks()) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        verifiers = _verifier_directory(args)  # first: a gateway no committee can reach must not start at all
-        policy = load_gateway_policy(args.policy)
-        sinks = [JournalSink(args.journal, node_id=args.node, max_bytes=args.journal_max_bytes,
-                             backups=args.journal_backups)] if args.journal else []
-        root = open_trust_root(args.trustroot, kek_file=args.kek_file)
-        tokens = TokenBook(args.boot_digest)
-        server = AttestationServer(root, args.node, tokens, host=args.listen[0], port=args.listen[1],
-                                   rekey_after=args.rekey_after, rekey_seconds=args.rekey_seconds)
-        on_action: dict[str, Callable[[CheckRecord], None]] = {}
-        hooks: list[Callable[[AgentSession], None]] = []
-        store = None
-        if args.kubeconfig:
-            from trustcap.gateway.publish import EnrolmentPublisher, KubeHPCNodes
-
-            store = KubeHPCNodes(None if args.kubeconfig == "in-cluster" else args.kubeconfig)
-            hooks.append(EnrolmentPublisher(server, args.node, store).on_session)
-            on_action["quarantine"] = QuarantineReporter(args.node, store)
-        arming = BootArming(tokens, args.node, args.token_file, boot_timeout_s=args.boot_timeout)
-        rebooter = requests = None
-        if args.reboot_command:
-            power = RebootCommand(args.node, args.reboot_command)
-            rebooter = Rebooter(server, arming, power.run, root, boot_timeout_s=args.boot_timeout, store=store,
-                                sinks=[sinks[0].write] if sinks else [])
-            hooks.append(rebooter.on_session)
-            on_action["reboot"] = rebooter
-            if store is not None:
-                requests = RebootRequests(rebooter, store)
-        server.on_session = _fan_out(hooks)
-        arming.arm()
-        monitor = Monitor(server, policy, sinks=sinks, on_action=on_action, booting=arming.awaiting_boot)
-        max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
-        loops, round_members, before_capsule_quote, cosign = _lifecycle(args, root, server, policy)
-        relay = RelayService(server, verifiers=verifiers, records=lambda: list(monitor.records),
-                             max_age_s=max_age, host=args.relay[0], port=args.relay[1],
-                             round_members=round_members, before_capsule_quote=before_capsule_quote,
-                             cosign=cosign)
+        gw = assemble(args, hooks)
     except (TrustcapError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     log = logging.getLogger("trustcap.gateway")
-    log.info("gateway %s for node %s: agents on %s:%s, relay on %s, policy %s", root.address, args.node,
-             *server.address, relay.url, policy.digest)
-    print(f"ready agent={server.address[0]}:{server.address[1]} relay={relay.url} gateway={root.address}",
+    log.info("gateway %s for node %s: agents on %s:%s, relay on %s, policy %s", gw.root.address, args.node,
+             *gw.server.address, gw.relay.url, gw.policy.digest)
+    print(f"ready agent={gw.server.address[0]}:{gw.server.address[1]} relay={gw.relay.url} gateway={gw.root.address}",
           flush=True)
-    monitor.start()
-    arming.start()
-    if requests is not None:
-        requests.start()
-    for loop in loops:
-        loop.start()
-    if loops:
+    gw.start()
+    if gw.capsules:
         log.info("taking part in capsules: chain %s, system namespace %s", args.chain_rpc, args.system_namespace)
     try:
         stop.wait()
     finally:
-        for loop in reversed(loops):
-            loop.stop()
-        if requests is not None:
-            requests.stop()
-        arming.stop()
-        monitor.stop()
-        relay.close()
-        server.close()
-        root.close()
+        gw.stop()
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,38 @@ def test_starts_mints_one_private_token_and_stops_cleanly_on_sigterm(good: dict[
             proc.kill()
         _out, err = proc.communicate(timeout=10)
     assert "Traceback" not in err, err
+
+
+class _Loop:
+    def __init__(self, name: str, seen: list[str]) -> None:
+        self.name, self.seen = name, seen
+
+    def start(self) -> None:
+        self.seen.append(f"start {self.name}")
+
+    def stop(self) -> None:
+        self.seen.append(f"stop {self.name}")
+
+
+def test_the_assembly_starts_its_parts_in_order_and_stops_them_in_reverse(good: dict[str, str]) -> None:
+    """In-process, with the capsule lifecycle injected: what `main` runs between `ready` and SIGTERM."""
+    import socket
+
+    from trustcap.gateway.__main__ import Hooks, assemble, parser
+
+    seen: list[str] = []
+
+    def lifecycle(args: Any, root: Any, server: Any, policy: Any) -> Any:
+        return [_Loop("participant", seen), _Loop("committee", seen)], None, None, None
+
+    args = parser().parse_args([x for kv in good.items() for x in kv])
+    gw = assemble(args, Hooks(lifecycle=lifecycle))
+    assert gw.capsules and oct(Path(good["--token-file"]).stat().st_mode & 0o777) == "0o600"
+    gw.start()
+    assert seen == ["start participant", "start committee"]
+    assert gw.services[0].__class__.__name__ == "Monitor"  # the monitor starts before any loop
+    host, port = gw.server.address
+    gw.stop()
+    assert seen[2:] == ["stop committee", "stop participant"]
+    with socket.socket() as s:  # the agent port is closed with the server
+        assert s.connect_ex((host, port)) != 0
