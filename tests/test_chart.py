@@ -122,6 +122,7 @@ def test_operator_serves_metrics_on_the_pod_address(defaults: list[dict[str, Any
     assert args[args.index("--metrics") + 1] == "0.0.0.0:9464"
     assert "--peering" in args and "--standalone" not in args
     assert c["image"] == "trustcap/operator:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
+    assert "command" not in c  # the image's entrypoint (python -m trustcap.operator) runs
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["runAsNonRoot"] is True
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["TRUSTCAP_SYSTEM_NAMESPACE"] == "trustcap"
