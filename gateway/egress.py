@@ -33,12 +33,13 @@ import os
 import subprocess
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from trustcap.gateway.errors import EgressError
 
-__all__ = ["EgressAttempt", "EgressGuard", "LinkAttacher", "LocalGatewayAttacher"]
+from trustcap.violations import Violation
+
+__all__ = ["EgressGuard", "LinkAttacher", "LocalGatewayAttacher"]
 
 log = logging.getLogger("trustcap.gateway")
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -47,16 +48,6 @@ _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 class _EndpointLike(Protocol):
     host: str
     port: int
-
-
-@dataclass(frozen=True)
-class EgressAttempt:
-    """One undeclared destination the HPC link tried, as the gateway's nftables saw it."""
-
-    kind: str
-    attempted: str
-    source: str
-    count: int = 1
 
 
 def _run(cmd: Sequence[str], what: str, *, stdin: str | None = None, netns: str | None = None) -> str:
@@ -142,15 +133,15 @@ class EgressGuard:
         return {"table": self.table, "declared": [f"{a}:{p}" for a, p in self.v4], "counters": counters,
                 "attempts": attempts}
 
-    def violations(self) -> list[EgressAttempt]:
+    def violations(self) -> list[Violation]:
         report = self.read()
-        out = [EgressAttempt("egress", f"{a['proto']} {a['host']}:{a['port']}", "nftables", a["packets"] or 1)
+        out = [Violation("egress", f"{a['proto']} {a['host']}:{a['port']}", "nftables", a["packets"] or 1)
                for a in report["attempts"]]
         seen = sum(a["packets"] for a in report["attempts"])
         other = report["counters"].get("denied", {}).get("packets", 0) + \
             report["counters"].get("denied_gateway", {}).get("packets", 0) - seen
         if other > 0:
-            out.append(EgressAttempt("egress", "non-TCP/UDP packets (e.g. ICMP) from the HPC link", "nftables",
+            out.append(Violation("egress", "non-TCP/UDP packets (e.g. ICMP) from the HPC link", "nftables",
                                      other))
         return out
 
@@ -221,7 +212,7 @@ class LinkAttacher:
             self._delete_link()
             raise
 
-    def violations(self) -> list[EgressAttempt]:
+    def violations(self) -> list[Violation]:
         return self.guard.violations() if self.guard else []
 
     def detach(self) -> dict[str, Any]:
