@@ -409,7 +409,7 @@ def test_helm_test_hook_checks_the_crds_and_the_operator_metrics(defaults: list[
     assert env["METRICS_URL"] == "http://rel-trustcap-operator.trustcap.svc:9464/metrics"
     script = c["args"][0]
     compile(script, "helm-test", "exec")  # the check itself is valid Python
-    assert "Established" in script and "trustcap_capsules" in script
+    assert "Established" in script and "trustcap_hpcnode_quarantines_total" in script
     role = one(defaults, "ClusterRole", "rel-trustcap-test")
     assert role["rules"] == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
                               "verbs": ["get"]}]
