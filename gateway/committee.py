@@ -63,6 +63,7 @@ from trustcap.evidence.quote import (
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, sign_verdict, verdict_id, verify_verdict
 from trustcap.forms import hex_bytes
+from trustcap.kubeclient import api_call
 
 __all__ = ["CAPSULE_PHASES", "CommitteeKube", "CommitteeMember", "KubeRounds", "endpoint_from_gateways",
            "field_manager", "verdict_entry"]
@@ -111,30 +112,12 @@ class KubeRounds:
         self._timeout = timeout_s
 
     @staticmethod
-    def _fail(what: str, exc: Exception) -> Exception:
-        err: Exception = LifecycleError(f"{what}: {getattr(exc, 'status', '') or ''} "
-                                        f"{getattr(exc, 'reason', exc)}".strip())
-        return err
+    def _get(what: str, call: Callable[[], Any]) -> dict[str, Any] | None:
+        return cast("dict[str, Any] | None", api_call(f"cannot read {what}", call, error=LifecycleError, absent=404))
 
-    def _get(self, what: str, call: Callable[[], Any]) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return cast(dict[str, Any], call())
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise self._fail(f"cannot read {what}", exc) from exc
-        except OSError as exc:
-            raise self._fail(f"cannot read {what}", exc) from exc
-
-    def _items(self, what: str, call: Callable[[], Any]) -> list[dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            doc = cast(dict[str, Any], call())
-        except (ApiException, OSError) as exc:
-            raise self._fail(f"cannot list {what}", exc) from exc
+    @staticmethod
+    def _items(what: str, call: Callable[[], Any]) -> list[dict[str, Any]]:
+        doc = cast(dict[str, Any], api_call(f"cannot list {what}", call, error=LifecycleError))
         return list(doc.get("items") or [])
 
     def attestations(self, namespace: str) -> list[dict[str, Any]]:
@@ -156,16 +139,13 @@ class KubeRounds:
     def apply_verdict(self, namespace: str, name: str, entry: Mapping[str, Any], manager: str) -> None:
         """Server-side apply of this gateway's one `status.verdicts[]` entry (a list-map keyed by
         `verifier`): the API server merges it beside the other members' entries, each owned by its writer."""
-        from kubernetes.client.exceptions import ApiException
-
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Attestation",
                 "metadata": {"name": name, "namespace": namespace}, "status": {"verdicts": [dict(entry)]}}
-        try:
-            self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, "attestations", name, body, field_manager=manager, force=True,
-                _content_type="application/apply-patch+yaml", _request_timeout=self._timeout)
-        except (ApiException, OSError) as exc:
-            raise self._fail(f"cannot apply the verdict of {manager} to Attestation {namespace}/{name}", exc) from exc
+        api_call(f"cannot apply the verdict of {manager} to Attestation {namespace}/{name}",
+                 lambda: self._custom.patch_namespaced_custom_object_status(
+                     GROUP, VERSION, namespace, "attestations", name, body, field_manager=manager, force=True,
+                     _content_type="application/apply-patch+yaml", _request_timeout=self._timeout),
+                 error=LifecycleError)
 
 
 def endpoint_from_gateways(gateways: Callable[[], Iterable[Mapping[str, Any]]]) -> Callable[[str], str | None]:

@@ -37,6 +37,8 @@ from trustcap import sortition
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.errors import TrustcapError
 from trustcap.forms import hex_bytes
+from trustcap.kubeclient import api_call
+from trustcap.kubeclient import api_client as kube_api_client
 
 __all__ = ["REVEAL_LABEL", "KubeCapsules", "LifecycleError", "Participant", "ParticipantKube", "reveal_name"]
 
@@ -76,103 +78,59 @@ class KubeCapsules:
     def __init__(self, kubeconfig: str | None = None, *, timeout_s: float = TIMEOUT_S) -> None:
         from kubernetes import client
 
-        from trustcap.kubeclient import api_client as kube_api_client
-
-        api_client = kube_api_client(kubeconfig)
-        self._custom = client.CustomObjectsApi(api_client)
-        self._core = client.CoreV1Api(api_client)
+        api = kube_api_client(kubeconfig)
+        self._custom = client.CustomObjectsApi(api)
+        self._core = client.CoreV1Api(api)
         self._timeout = timeout_s
-
-    @staticmethod
-    def _fail(what: str, exc: Exception) -> LifecycleError:
-        return LifecycleError(f"{what}: {getattr(exc, 'status', '') or ''} {getattr(exc, 'reason', exc)}".strip())
 
     # -- participant --------------------------------------------------------------------------------
     def capsules(self) -> list[dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            doc = self._custom.list_cluster_custom_object(GROUP, VERSION, "capsules", _request_timeout=self._timeout)
-        except (ApiException, OSError) as exc:
-            raise self._fail("cannot list Capsules in all namespaces", exc) from exc
+        doc = _call("cannot list Capsules in all namespaces", lambda: self._custom.list_cluster_custom_object(
+            GROUP, VERSION, "capsules", _request_timeout=self._timeout))
         return list(cast(dict[str, Any], doc).get("items") or [])
 
     def secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            item = self._core.read_namespaced_secret(name, namespace, _request_timeout=self._timeout)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise self._fail(f"cannot read Secret {namespace}/{name}", exc) from exc
-        except OSError as exc:
-            raise self._fail(f"cannot read Secret {namespace}/{name}", exc) from exc
-        return _decoded(item.data)
+        item = _call(f"cannot read Secret {namespace}/{name}", lambda: self._core.read_namespaced_secret(
+            name, namespace, _request_timeout=self._timeout), absent=404)
+        return None if item is None else _decoded(item.data)
 
     def create_secret(self, namespace: str, name: str, labels: Mapping[str, str], data: Mapping[str, str]) -> bool:
         """Create the Secret; False when one of that name exists already (it is left as it is)."""
         from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
 
         body = client.V1Secret(metadata=client.V1ObjectMeta(name=name, labels=dict(labels)), type="Opaque",
                                data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
-        try:
-            self._core.create_namespaced_secret(namespace, body, _request_timeout=self._timeout)
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise self._fail(f"cannot create Secret {namespace}/{name}", exc) from exc
-        except OSError as exc:
-            raise self._fail(f"cannot create Secret {namespace}/{name}", exc) from exc
-        return True
+        made = _call(f"cannot create Secret {namespace}/{name}", lambda: self._core.create_namespaced_secret(
+            namespace, body, _request_timeout=self._timeout) or True, absent=409)
+        return made is not None
 
     # -- runner -------------------------------------------------------------------------------------
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return cast(dict[str, Any], self._custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, _request_timeout=self._timeout))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise self._fail(f"cannot read {plural} {namespace}/{name}", exc) from exc
-        except OSError as exc:
-            raise self._fail(f"cannot read {plural} {namespace}/{name}", exc) from exc
+        return cast("dict[str, Any] | None", _call(
+            f"cannot read {plural} {namespace}/{name}", lambda: self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=self._timeout), absent=404))
 
     def list(self, plural: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            doc = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural,
-                                                             label_selector=label_selector,
-                                                             _request_timeout=self._timeout)
-        except (ApiException, OSError) as exc:
-            raise self._fail(f"cannot list {plural} in {namespace}", exc) from exc
+        doc = _call(f"cannot list {plural} in {namespace}", lambda: self._custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, label_selector=label_selector, _request_timeout=self._timeout))
         return list(cast(dict[str, Any], doc).get("items") or [])
 
     def patch_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """A JSON merge patch of the status subresource (the client sends a dict body as merge-patch+json)."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name,
-                                                               {"status": dict(status)},
-                                                               _request_timeout=self._timeout)
-        except (ApiException, OSError) as exc:
-            raise self._fail(f"cannot patch {plural} {namespace}/{name} status", exc) from exc
+        _call(f"cannot patch {plural} {namespace}/{name} status",
+              lambda: self._custom.patch_namespaced_custom_object_status(
+                  GROUP, VERSION, namespace, plural, name, {"status": dict(status)}, _request_timeout=self._timeout))
 
     def secrets(self, namespace: str, label_selector: str) -> builtins.list[dict[str, str]]:
         """Each matching Secret's decoded data."""
-        from kubernetes.client.exceptions import ApiException
+        found = _call(f"cannot list Secrets in {namespace}", lambda: self._core.list_namespaced_secret(
+            namespace, label_selector=label_selector, _request_timeout=self._timeout))
+        return [_decoded(item.data) for item in found.items]
 
-        try:
-            items = self._core.list_namespaced_secret(namespace, label_selector=label_selector,
-                                                      _request_timeout=self._timeout).items
-        except (ApiException, OSError) as exc:
-            raise self._fail(f"cannot list Secrets in {namespace}", exc) from exc
-        return [_decoded(item.data) for item in items]
+
+def _call(what: str, call: Callable[[], Any], *, absent: int | None = None) -> Any:
+    """One API call of the lifecycle, its failure a LifecycleError naming the object."""
+    return api_call(what, call, error=LifecycleError, absent=absent)
 
 
 def _decoded(data: Mapping[str, Any] | None) -> dict[str, str]:

@@ -9,10 +9,13 @@ then ~/.kube/config): `local_api_client`. Errors are the kubernetes library's ow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["api_client", "local_api_client"]
+T = TypeVar("T")
+
+__all__ = ["api_call", "api_client", "local_api_client"]
 
 
 def api_client(kubeconfig: str | Path | None = None) -> Any:
@@ -30,3 +33,20 @@ def local_api_client(kubeconfig: str | Path | None = None) -> Any:
     from kubernetes import config
 
     return config.new_client_from_config(config_file=str(kubeconfig) if kubeconfig else None)  # type: ignore[no-untyped-call]
+
+
+def api_call(what: str, call: Callable[[], T], *, error: Callable[[str], Exception],
+             absent: int | None = None) -> T | None:
+    """`call()` on the API server, a failure raised as `error("<what>: <status> <reason>")`. With `absent`
+    (404 for a read, 409 for a create), that one answer returns None: the caller's "not there" / "there
+    already", which is not a failure."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return call()
+    except ApiException as exc:
+        if absent is not None and exc.status == absent:
+            return None
+        raise error(f"{what}: {exc.status or ''} {exc.reason or exc}".strip()) from exc
+    except OSError as exc:
+        raise error(f"{what}: {exc}") from exc
