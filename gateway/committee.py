@@ -37,7 +37,6 @@ import binascii
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
 from typing import Any, Final, Protocol, cast
 
 from eth_utils.address import to_checksum_address
@@ -62,7 +61,7 @@ from trustcap.evidence.quote import (
 )
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, sign_verdict, verdict_id, verify_verdict
-from trustcap.forms import hex_bytes
+from trustcap.forms import hex_bytes, parse_rfc3339
 from trustcap.kubeclient import api_call
 
 __all__ = ["CAPSULE_PHASES", "CommitteeKube", "CommitteeMember", "KubeRounds", "endpoint_from_gateways",
@@ -166,15 +165,6 @@ class _Retry(Exception):
     """Nothing can be concluded this pass (executor unreachable, an object unreadable): try again later."""
 
 
-def _parse_time(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def verdict_entry(signed: SignedVerdict, quote: SignedQuote, *, nonce: bytes, domain: Domain,
                   failures: Iterable[str]) -> dict[str, Any]:
     """One `status.verdicts[]` entry, in crds/attestation.yaml's shape: what `rounds.tally` counts."""
@@ -248,7 +238,7 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         if any(str(v.get("verifier", "")).lower() == self.me for v in status.get("verdicts") or []
                if isinstance(v, Mapping)):
             return False
-        created = _parse_time((att.get("metadata") or {}).get("creationTimestamp"))
+        created = parse_rfc3339((att.get("metadata") or {}).get("creationTimestamp"))
         timeout = spec.get("timeoutSeconds", 30)
         return created is None or not isinstance(timeout, int) or self.clock() <= created + timeout
 

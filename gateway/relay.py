@@ -488,17 +488,11 @@ class RoundDirectory:
 def kube_round_members(kubeconfig: str | None, namespace: str, *, ttl_s: float = 10.0,
                        timeout_s: float = 5.0) -> RoundDirectory:
     """The relay's `round_members` from the Attestation objects of `namespace` (the system namespace)."""
-    import yaml
     from kubernetes import client
-    from kubernetes.config.config_exception import ConfigException
 
-    try:
-        from trustcap.kubeclient import api_client as kube_api_client
+    from trustcap.kubeclient import api_client
 
-        api_client = kube_api_client(kubeconfig)
-    except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
-        raise DirectoryError(f"cannot load kubeconfig {kubeconfig or 'in-cluster'!r}: {exc}") from exc
-    api = client.CustomObjectsApi(api_client)
+    api = client.CustomObjectsApi(api_client(kubeconfig, error=DirectoryError))
 
     def list_rounds() -> list[dict[str, Any]]:
         doc = cast(dict[str, Any], api.list_namespaced_custom_object("trustcap.io", "v1alpha1", namespace,

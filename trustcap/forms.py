@@ -14,7 +14,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Final
 
-__all__ = ["hex_bytes", "hex_digest", "rfc3339", "sha256_digest"]
+__all__ = ["hex_bytes", "hex_digest", "parse_rfc3339", "rfc3339", "sha256_digest"]
 
 _HEX_DIGEST: Final = re.compile(r"^(?:sha256:|0x)?([0-9a-fA-F]{64})$")
 
@@ -34,6 +34,17 @@ def hex_bytes(value: Any, n: int | None = None) -> bytes | None:
 def rfc3339(ts: float) -> str:
     """A unix time as RFC 3339 in UTC, whole seconds: the form the CRDs' `date-time` fields carry."""
     return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(value: Any) -> float | None:
+    """The unix time of an RFC 3339 string (`Z` or an offset); None when it is not one, or names no zone."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
 
 
 def hex_digest(value: Any) -> str | None:

@@ -18,13 +18,21 @@ T = TypeVar("T")
 __all__ = ["api_call", "api_client", "local_api_client"]
 
 
-def api_client(kubeconfig: str | Path | None = None) -> Any:
-    """A kubernetes ApiClient from `kubeconfig`, or from the in-cluster service account when it is None."""
+def api_client(kubeconfig: str | Path | None = None, *, error: Callable[[str], Exception] | None = None) -> Any:
+    """A kubernetes ApiClient from `kubeconfig`, or from the in-cluster service account when it is None.
+    With `error`, a configuration that cannot be loaded is raised as `error("cannot load kubeconfig ...")`."""
+    import yaml
     from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
 
-    if kubeconfig:
-        return config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-    config.load_incluster_config()  # type: ignore[no-untyped-call]
+    try:
+        if kubeconfig:
+            return config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
+        if error is None:
+            raise
+        raise error(f"cannot load kubeconfig {str(kubeconfig) if kubeconfig else 'in-cluster'!r}: {exc}") from exc
     return client.ApiClient()
 
 
