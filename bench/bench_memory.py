@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 from netlab import in_netns, veth_lab
 from trustcap.gateway.attest_errors import RelayBusy
-from trustcap.gateway.relay import request_quote, request_status
+from trustcap.gateway.relay_client import request_quote, request_status
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry
