@@ -47,7 +47,7 @@ contract AttestationLog is EIP712, Ownable {
     /// keyed by keccak256(abi.encode(root, epoch)): a verdict's inclusion needs its own epoch's batch.
     mapping(bytes32 => BatchRecord) private _byRoot;
     mapping(bytes32 => bytes32) public rootOfBatch;
-    mapping(bytes32 => BatchRecord) private _byId;
+    mapping(bytes32 => uint64) private _epochOfBatch;
 
     event BatchRecorded(bytes32 indexed batchId, uint64 indexed epoch, bytes32 root, uint32 count, uint256 signers);
     event QuorumSet(uint256 quorum);
@@ -118,11 +118,9 @@ contract AttestationLog is EIP712, Ownable {
             if (!registry.isActive(signer)) revert UnknownVerifier(signer);
             previous = signer;
         }
-        BatchRecord memory rec =
-            BatchRecord({epoch: epoch, count: count, blockNumber: uint64(block.number), batchId: id});
-        _byRoot[key] = rec;
-        _byId[id] = rec;
+        _byRoot[key] = BatchRecord({epoch: epoch, count: count, blockNumber: uint64(block.number), batchId: id});
         rootOfBatch[id] = root;
+        _epochOfBatch[id] = epoch;
         emit BatchRecorded(id, epoch, root, count, signatures.length);
     }
 
@@ -140,8 +138,9 @@ contract AttestationLog is EIP712, Ownable {
     }
 
     /// The record of batch `id` (blockNumber 0: not recorded); its root is `rootOfBatch(id)`.
-    function batchOf(bytes32 id) external view returns (BatchRecord memory) {
-        return _byId[id];
+    function batchOf(bytes32 id) external view returns (BatchRecord memory rec) {
+        bytes32 root = rootOfBatch[id];
+        if (root != bytes32(0)) rec = _byRoot[_rootKey(root, _epochOfBatch[id])];
     }
 
     /// hashStruct(Verdict): the verdict's id.
