@@ -12,13 +12,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from trustcap.errors import StackError
 from trustcap.stack import paths, versions
 
-__all__ = ["BASE_IMAGE", "PAUSE_IMAGE", "base_tarball", "ensure_base_image", "ensure_pause_image"]
+__all__ = ["BASE_IMAGE", "PAUSE_IMAGE", "base_tarball", "debootstrap_argv", "debootstrap_rootfs", "ensure_base_image",
+           "ensure_pause_image", "host_arch", "pack_rootfs"]
 
 BASE_IMAGE = f"trustcap/base:{versions.DEBIAN_SUITE}"
 #: The node's pod sandbox image (`stack up --node`): registry.k8s.io/pause cannot be pulled here, and a
@@ -48,31 +50,67 @@ def base_tarball() -> Path:
     return paths.cache_dir() / "images" / f"base-{versions.DEBIAN_SUITE}.tar"
 
 
-def _build_tarball(out: Path) -> None:
+def host_arch() -> str:
+    """The Debian name of this machine's architecture (amd64, arm64): the one debootstrap needs no emulator for."""
+    proc = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise StackError("dpkg --print-architecture failed: base images are built on Debian (apt-get install dpkg)")
+    return proc.stdout.strip()
+
+
+def debootstrap_argv(root: Path, packages: Sequence[str], arch: str, mirror: str, *, foreign: bool) -> list[str]:
+    """A foreign architecture gets only debootstrap's first stage (unpack); its second stage runs its own
+    maintainer scripts, which needs the target's binaries to execute (qemu-user through binfmt_misc)."""
+    return ["debootstrap", "--variant=minbase", f"--arch={arch}", *(["--foreign"] if foreign else []),
+            f"--include={','.join(packages)}", versions.DEBIAN_SUITE, str(root), mirror]
+
+
+def debootstrap_rootfs(root: Path, packages: Sequence[str], arch: str | None = None) -> None:
+    """A Debian minbase tree at `root` with `packages`, for `arch` (default: this machine's), without caches
+    or docs. A foreign architecture needs a binfmt_misc handler for it (`ensure_foreign_ready`)."""
     if shutil.which("debootstrap") is None:
         raise StackError("debootstrap is not installed: run scripts/install-deps (apt-get install debootstrap)")
+    arch = arch or host_arch()
+    foreign = arch != host_arch()
+    cmd = debootstrap_argv(root, packages, arch, _mirror(), foreign=foreign)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StackError(f"debootstrap failed (exit {proc.returncode}): {proc.stdout[-800:]}{proc.stderr[-800:]}")
+    if foreign:
+        proc = subprocess.run(["chroot", str(root), "/debootstrap/debootstrap", "--second-stage"],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            log = root / "debootstrap" / "debootstrap.log"
+            tail = log.read_text(errors="replace")[-800:] if log.is_file() else proc.stderr[-800:]
+            raise StackError(f"debootstrap's second stage for {arch} failed under qemu-user (exit "
+                             f"{proc.returncode}): {tail}")
+    # Caches and docs are not part of any capsule's environment.
+    for sub in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
+                "usr/share/locale", "var/log"):
+        target = root / sub
+        if target.is_dir():
+            shutil.rmtree(target)
+            target.mkdir()
+
+
+def pack_rootfs(root: Path, out: Path) -> None:
+    """Tar `root` with fixed owners and order (the same tree gives the same bytes), atomically to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    tar = ["tar", "--sort=name", "--numeric-owner", "--owner=0", "--group=0", "-C", str(root), "-cf",
+           str(partial), "."]
+    proc = subprocess.run(tar, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise StackError(f"packing the image tree {root} failed: {proc.stderr.strip()}")
+    partial.replace(out)
+
+
+def _build_tarball(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="trustcap-rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(_PACKAGES)}",
-               versions.DEBIAN_SUITE, str(root), _mirror()]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise StackError(f"debootstrap failed (exit {proc.returncode}): {proc.stdout[-800:]}{proc.stderr[-800:]}")
-        # Caches and docs are not part of any capsule's environment.
-        for sub in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
-                    "usr/share/locale", "var/log"):
-            target = root / sub
-            if target.is_dir():
-                shutil.rmtree(target)
-                target.mkdir()
-        partial = out.with_suffix(".partial")
-        tar = ["tar", "--sort=name", "--numeric-owner", "--owner=0", "--group=0", "-C", str(root), "-cf",
-               str(partial), "."]
-        proc = subprocess.run(tar, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise StackError(f"packing the base image failed: {proc.stderr.strip()}")
-        partial.replace(out)
+        debootstrap_rootfs(root, _PACKAGES)
+        pack_rootfs(root, out)
 
 
 _ENV = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ENV LANG=C.UTF-8"]

@@ -20,9 +20,11 @@ that died is restarted. With an external kubeconfig (a real k3s) the Kubernetes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -425,6 +427,10 @@ class Stack:
                 say(d.name, "starting")
                 d.start()
         _wait(f"node {net.name}", self.node_ready, 180, self.kubelet)
+        # Until the controller-manager has made it, the ServiceAccount admission plugin refuses every pod.
+        _wait("kube-controller-manager (ServiceAccount default/default)",
+              lambda: self._api_get("/api/v1/namespaces/default/serviceaccounts/default") is not None, 120,
+              self.controller_manager)
         say("node", f"{net.name} Ready ({net.ip})")
 
     def _check_one_kube_proxy(self) -> None:
@@ -582,16 +588,22 @@ class Stack:
         """Stop what this stack started (never a Docker Engine it found running); keeps data and cache."""
         say = progress or (lambda part, msg: None)
         stopped = []
-        # The node first, while the API server still answers its last status updates.
-        self._stop_pods()
+        # The node first, while the API server still answers its last status updates. The kubelet stops
+        # before the pods are killed (it would start their sandboxes again), containerd after.
         for d in self._node_daemons():
+            if d is self.containerd:
+                self._stop_pods()
             if d.stop():
                 stopped.append(d.name)
                 say(d.name, "stopped")
-        _unmount_under(self.node_paths.kubelet_dir)
+        _kill_shims(self.node_paths.containerd_socket)
+        _unmount_under(self.state)
         if self.node_net is not None:
+            if "kube-proxy" in stopped:
+                _remove_kube_proxy_tables()
             _remove_forward_rule(self.node_net)
             _remove_bridge(self.node_net)
+            _remove_cgroup_root(node.cgroup_root(self.node_net))
             (self.state / "node.json").unlink(missing_ok=True)
             self.node_net = None
         for d in (self.anvil, self.apiserver, self.kine, self.dockerd):
@@ -694,8 +706,9 @@ def _ensure_cgroup_root(root: str) -> None:
 
 
 def _unmount_under(root: Path) -> None:
-    """Unmount what the kubelet left mounted (its root folder, pods' projected volumes): with the kubelet
-    stopped nothing else would, and the state folder could not be removed."""
+    """Unmount what the kubelet and containerd left mounted (the kubelet's root folder, pods' projected
+    volumes, sandboxes' /dev/shm): with them stopped nothing else would, and the state folder could not be
+    removed."""
     prefix = str(root.resolve())
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
@@ -721,3 +734,55 @@ def _ensure_forward_rule(net: node.NodeNet) -> None:
 def _remove_forward_rule(net: node.NodeNet) -> None:
     while _iptables("-D", "FORWARD", *node.forward_rule(net)).returncode == 0:
         pass
+
+
+def _remove_kube_proxy_tables() -> None:
+    """kube-proxy leaves its nftables tables behind when it stops; their DNAT rules would point at the
+    stopped API server and pods."""
+    for family in ("ip", "ip6"):
+        subprocess.run(["nft", "delete", "table", family, "kube-proxy"], capture_output=True, timeout=30,
+                       check=False)
+
+
+def _remove_cgroup_root(root: str) -> None:
+    for hierarchy in sorted(_CGROUP_V1.iterdir()) if _CGROUP_V1.is_dir() else []:
+        top = hierarchy / root.lstrip("/")
+        if not top.is_dir():
+            continue
+        for sub in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
+def _proc_table() -> dict[int, tuple[int, list[bytes]]]:
+    """pid -> (parent pid, argv) of every process we can read."""
+    table: dict[int, tuple[int, list[bytes]]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        table[int(proc.name)] = (ppid, argv)
+    return table
+
+
+def _kill_shims(socket_path: Path) -> None:
+    """Kill what is left of this containerd's containers: shims outlive containerd by design, and a shim
+    killed alone would leave its container's processes running. So each shim started for our socket is
+    killed with every process below it, the leaves first."""
+    table = _proc_table()
+    sock = str(socket_path).encode()
+    shims = [pid for pid, (_, argv) in table.items()
+             if argv and argv[0].endswith(b"containerd-shim-runc-v2") and sock in argv]
+    for shim in shims:
+        tree = [shim]
+        for parent in tree:
+            tree.extend(pid for pid, (ppid, _) in table.items() if ppid == parent and pid not in tree)
+        for pid in reversed(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
