@@ -17,7 +17,12 @@ status written by hand (tests, a cluster without a chain) keeps working. Decisio
         |                                       | RPC down: ChainError -> keep status, log, next tick
 
 Pending = never approved; Revoked = approved once (an event on chain, or our own earlier status), not now.
-An unreachable chain never changes the status: "unknown" is not "revoked" (nor "approved").
+A short outage of the chain changes nothing: "unknown" is not "revoked". A long one does (decision 0097):
+an approval whose last successful chain read (`checkedAt`) is older than
+`TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS` (default 600) turns Pending, Ready False `ApprovalStale` naming the
+outage, so gateways stop serving it and enrolments stop accepting its digest; the next successful read
+approves it again. `checkedAt` is kept per BootImage in this process (the CRD has no status field for it
+yet); after an operator restart the clock starts at the first failed read.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from trustcap.chain.bootimages import ApprovalHistory, BootImageRegistry
 from trustcap.chain.client import Deployment
 from trustcap.chain.errors import ChainError
 
-__all__ = ["Decision", "decide", "needs_history"]
+__all__ = ["MAX_AGE_S", "REASON_APPROVAL_STALE", "Decision", "decide", "expire", "max_age_s", "needs_history"]
 
 log = logging.getLogger("trustcap.operator.bootimage")
 
@@ -46,6 +51,10 @@ GROUP: Final = "trustcap.io"
 VERSION: Final = "v1alpha1"
 POLL_S: Final = float(os.environ.get("TRUSTCAP_BOOTIMAGE_POLL_SECONDS", "5"))
 RPC_TIMEOUT_S: Final = 5.0
+#: How long an approval stands without a successful chain read: long enough that an RPC node's restart
+#: or a few minutes of network trouble keep boots going, short enough that a revocation hidden by an
+#: outage (or by an RPC endpoint an attacker blocks) stops being served within ten minutes.
+MAX_AGE_S: Final = 600.0
 
 PENDING: Final = "Pending"
 APPROVED: Final = "Approved"
@@ -55,6 +64,7 @@ REASON_APPROVED_ON_CHAIN: Final = "ApprovedOnChain"
 REASON_AWAITING_CHAIN_APPROVAL: Final = "AwaitingChainApproval"
 REASON_REVOKED_ON_CHAIN: Final = "RevokedOnChain"
 REASON_INVALID_SPEC: Final = "InvalidSpec"
+REASON_APPROVAL_STALE: Final = "ApprovalStale"
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,38 @@ def decide(spec: Mapping[str, Any], status: Mapping[str, Any], *, generation: in
                          f"approveBootImage({iid_hex})")
 
 
+def expire(spec: Mapping[str, Any], status: Mapping[str, Any], *, generation: int, checked_at: datetime,
+           now: datetime, max_age_s: float, error: str) -> Decision:
+    """The decision while the chain cannot be read: nothing while the last successful read
+    (`checked_at`) is younger than `max_age_s`; after that an Approved image turns Pending (not served,
+    its digest not accepted), Ready False naming the outage. Revoked and Pending stay as they are."""
+    age = (now - checked_at).total_seconds()
+    if status.get("phase") != APPROVED or age <= max_age_s:
+        return Decision({})
+    iid = status.get("imageId") or "?"
+    return _with(status, generation, now, fields={"phase": PENDING, "approvedOnChain": None, "imageDigest": None,
+                                                  "approvalTx": None},
+                 ready="False", reason=REASON_APPROVAL_STALE,
+                 message=f"approval of image id {iid} is stale: the chain was last read {age:.0f} s ago, over the "
+                         f"maximum of {max_age_s:.0f} s (TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS), because the chain RPC "
+                         f"is unreachable ({error[:300]}); gateways stop serving it until the RPC answers again")
+
+
+def max_age_s() -> float:
+    """The operator setting TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS (a positive number of seconds)."""
+    raw = os.environ.get("TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS", "")
+    if not raw:
+        return MAX_AGE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise kopf.PermanentError(f"TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS={raw!r} is not a positive number of "
+                                  "seconds; unset it for the default of 600")
+    return value
+
+
 def _with(status: Mapping[str, Any], generation: int, now: datetime, *, fields: Mapping[str, Any],
           ready: ConditionStatus, reason: str, message: str) -> Decision:
     patch: dict[str, Any] = {}
@@ -134,6 +176,9 @@ def _with(status: Mapping[str, Any], generation: int, now: datetime, *, fields: 
 # -- kopf glue ---------------------------------------------------------------------------------------------
 
 _registry: BootImageRegistry | None = None
+#: BootImage uid (or name) -> when this process last read the chain for it, or first failed to (after a
+#: restart the age of the status it finds is unknown; the clock starts then, see the module docstring).
+_checked_at: dict[str, datetime] = {}
 
 
 @kopf.on.startup()
@@ -173,16 +218,31 @@ def sync_bootimage(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: 
         iid = image_id_of_spec(spec)
     except BootImageSpecError:
         iid = None  # decide() writes the condition naming the field
+    key = str(meta.get("uid") or meta.get("name") or "")
+    now = utcnow()
     if iid is not None:
         try:
             approved = registry.is_approved(iid)
             if needs_history(status, "0x" + iid.hex(), approved):
                 history = registry.history(iid)
         except ChainError as exc:
-            logger.warning("chain unreachable, keeping the BootImage status (phase %s) and retrying in %ss: %s",
-                           status.get("phase") or "unset", POLL_S, exc)
+            checked = _checked_at.setdefault(key, now)
+            decision = expire(spec, status, generation=generation, checked_at=checked, now=now,
+                              max_age_s=max_age_s(), error=str(exc))
+            if not decision.patch:
+                logger.warning("chain unreachable, keeping the BootImage status (phase %s) and retrying in %ss: %s",
+                               status.get("phase") or "unset", POLL_S, exc)
+                return
+            logger.warning("chain unreachable for %.0f s: the approval is stale, BootImage phase -> Pending: %s",
+                           (now - checked).total_seconds(), exc)
+            _write(decision, status, patch, body, logger)
             return
-    decision = decide(spec, status, generation=generation, approved=approved, history=history, now=utcnow())
+        _checked_at[key] = now
+    decision = decide(spec, status, generation=generation, approved=approved, history=history, now=now)
+    _write(decision, status, patch, body, logger)
+
+
+def _write(decision: Decision, status: kopf.Status, patch: kopf.Patch, body: kopf.Body, logger: kopf.Logger) -> None:
     if not decision.patch:
         return
     for key, value in decision.patch.items():

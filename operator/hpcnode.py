@@ -26,10 +26,19 @@ never reaches `on.update`/`on.field`; a short timer sees it and also retries aft
 Every step is idempotent: the evidence id (`enrolmentChecked`) and the spent challenge are written in the
 same patch as the verdict, so an operator killed at any line decides the same evidence the same way.
 Quarantine is sticky: only a person clears it (patching the phase), never the operator or the gateway.
+
+Trust expires (decision 0097): an Enrolled node stays Enrolled only while its freshest verified evidence
+(the enrolment quote the operator checked, `status.lastQuote.time`, or the decision of a committee round
+about it that passed) is younger than `TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS`. Older, `judge_node_trust`
+takes it back to Registered (a fresh challenge is already outstanding), Ready False `EnrolmentExpired`
+naming the age: the gateway's next published quote enrols it again. And when the node's spec declares the
+policy digest its verifiers must apply (`spec.policy.digest`), the digest the gateway reports it applies
+(`status.enrolment.policyDigest`) must be that one, or the node is not Ready (`PolicyMismatch`).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,15 +52,24 @@ from trustcap.operator import conditions as cond
 from trustcap import canonical
 from trustcap.evidence import NonceRegistry, Report, Severity, SignedQuote, address_of, appraise_quote, quote_digest
 from trustcap.evidence.errors import SignatureError
+from trustcap.forms import sha256_digest
 
 __all__ = [
+    "ENROLMENT_MAX_AGE_S",
     "REASON_AWAITING_ENROLMENT",
     "REASON_ENROLLED",
+    "REASON_ENROLMENT_EXPIRED",
+    "REASON_POLICY_MISMATCH",
     "REASON_QUARANTINED",
     "Decision",
     "decide",
+    "enrolment_max_age_s",
+    "evidence_age",
     "evidence_id",
+    "judge_trust",
     "new_challenge",
+    "policy_mismatch",
+    "trust_patch",
     "verify_enrolment",
 ]
 
@@ -64,6 +82,8 @@ REASON_QUARANTINED: Final = "Quarantined"
 REASON_TRUSTED: Final = "Trusted"
 REASON_GATEWAY_NOT_ACTIVE: Final = "GatewayNotActive"
 REASON_ATTESTATION_FAILED: Final = "AttestationFailed"
+REASON_ENROLMENT_EXPIRED: Final = "EnrolmentExpired"
+REASON_POLICY_MISMATCH: Final = "PolicyMismatch"
 #: trustLevel (crds/hpcnode.yaml): the HPCs here netboot with no TPM of their own, so an enrolled node is 1
 TRUST_NETBOOT_NO_TPM: Final = 1
 
@@ -77,6 +97,26 @@ REFERENCE_GRACE_S: Final = 30.0   # how long a missing Gateway/BootImage may sti
 TIMER_INTERVAL_S: Final = 2.0
 HANDLER_TIMEOUT_S: Final = 60.0
 MAX_REASON: Final = 1024          # the CRD's maxLength of quarantineReason
+#: How old the freshest verified evidence of an Enrolled node may be. The gateway publishes an enrolment
+#: once per agent boot and nothing periodic (gateway/publish.py), so the evidence that renews it is a
+#: re-enrolment or a passed committee round; 30 min keeps an idle node usable for a working session and
+#: bounds how long a node nobody has heard from stays trusted. With a periodic publisher every P s, 3 P.
+ENROLMENT_MAX_AGE_S: Final = 1800.0
+
+
+def enrolment_max_age_s() -> float:
+    """The operator setting TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS (a positive number of seconds)."""
+    raw = os.environ.get("TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS", "")
+    if not raw:
+        return ENROLMENT_MAX_AGE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise kopf.PermanentError(f"TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS={raw!r} is not a positive number of "
+                                  "seconds; unset it for the default of 1800")
+    return value
 
 
 def new_challenge(now: datetime) -> dict[str, str]:
@@ -277,12 +317,16 @@ def decide(
     sticky = status.get("phase") == PHASE_QUARANTINED
     if report.ok and signed is not None and not sticky:
         quote = signed.quote
-        message = "agent enrolled with an approved boot image; Ready after the first passed monitoring round"
-        update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
-                                    reason=REASON_ENROLLED, message=message, observed_generation=gen, now=now)
+        if status.get("phase") != PHASE_ENROLLED or status.get("agentKey") != quote.agent_key:
+            message = "agent enrolled with an approved boot image; Ready after the first passed monitoring round"
+            update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
+                                        reason=REASON_ENROLLED, message=message, observed_generation=gen, now=now)
+            patch["conditions"] = update.conditions
+        # else: fresh evidence of the agent already enrolled only renews it (lastQuote.time, the age
+        # `evidence_age` counts from); its Ready stays what `judge_trust` last said, no False/True flap.
         patch.update({
             "phase": PHASE_ENROLLED, "agentKey": quote.agent_key, "quarantineReason": None,
-            "observedGeneration": gen, "conditions": update.conditions,
+            "observedGeneration": gen,
             "lastQuote": {"digest": "sha256:" + quote_digest(quote).hex(),
                           "bootImageDigest": "sha256:" + quote.boot_image_digest[2:],
                           "time": cond.format_time(datetime.fromtimestamp(quote.issued_at, UTC))},
@@ -300,17 +344,78 @@ def decide(
                     failed_claims=report.event_ids)
 
 
+def evidence_age(status: Mapping[str, Any], last_round: Mapping[str, Any] | None,
+                 now: datetime) -> tuple[float | None, str]:
+    """(seconds since the freshest verified evidence of the node, what that evidence was); None: none dated.
+
+    Counted: the enrolment quote the operator verified (`status.lastQuote.time`, written by `decide`) and
+    the decision of the latest committee round about the node, when it passed. The gateway's own
+    `status.enrolment.time` is not: it is the gateway's word, not something the operator checked."""
+    candidates: list[tuple[datetime, str]] = []
+    quoted = _parse_time((status.get("lastQuote") or {}).get("time"))
+    if quoted is not None:
+        candidates.append((quoted, "the verified enrolment quote"))
+    if last_round is not None and (last_round.get("status") or {}).get("result") == "Passed":
+        decided = _parse_time(last_round["status"].get("decidedAt"))
+        if decided is not None:
+            name = (last_round.get("metadata") or {}).get("name", "?")
+            candidates.append((decided, f"committee round {name} (passed)"))
+    if not candidates:
+        return None, "no dated evidence"
+    moment, what = max(candidates, key=lambda c: c[0])
+    return (now - moment).total_seconds(), what
+
+
+def policy_mismatch(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str | None:
+    """Why the policy the gateway applies is not the one the node declares, or None when it is (or the
+    node declares none). A digest the gateway does not report is a mismatch: unknown rules are not the
+    declared rules."""
+    declared_raw = (spec.get("policy") or {}).get("digest")
+    if declared_raw is None:
+        return None
+    declared = sha256_digest(declared_raw)
+    if declared is None:
+        return f"spec.policy.digest {str(declared_raw)[:80]!r} is not a sha256 digest"
+    reported_raw = (status.get("enrolment") or {}).get("policyDigest")
+    if reported_raw is None:
+        return (f"the node declares policy {declared}, but its gateway reports no applied policy digest "
+                "(status.enrolment.policyDigest): update the gateway so it publishes the digest of its --policy")
+    reported = sha256_digest(reported_raw)
+    if reported != declared:
+        shown = reported if reported is not None else repr(str(reported_raw)[:80])
+        return (f"its gateway applies policy {shown}, not the declared "
+                f"spec.policy.digest {declared}: give the gateway the declared policy, or declare the one it runs")
+    return None
+
+
 def judge_trust(*, status: Mapping[str, Any], gateway: Mapping[str, Any] | None,
-                last_round: Mapping[str, Any] | None) -> tuple[str, str, str, int]:
+                last_round: Mapping[str, Any] | None, spec: Mapping[str, Any] | None = None,
+                now: datetime | None = None, max_age_s: float = ENROLMENT_MAX_AGE_S) -> tuple[str, str, str, int]:
     """(Ready status, reason, message, trustLevel) of an HPCNode the operator has enrolled.
 
-    Ready = enrolled, its gateway active and staked on chain (the Gateway controller's word), and the
-    latest decided committee round about it not failed. The trust level says what stands behind the
-    node's claims: an enrolled HPC here is netbooted with no TPM of its own (1), whatever its gateway's
-    root; the message names the root kind (software or zymkey), since a software root is never a Zymkey."""
+    Ready = enrolled, its evidence younger than `max_age_s` (`evidence_age`; judged when `now` is given,
+    which the timer always does), the policy its gateway applies the declared one (`policy_mismatch`),
+    its gateway active and staked on chain (the Gateway controller's word), and the latest decided
+    committee round about it not failed. Reason `EnrolmentExpired` tells the caller to take the node back
+    to Registered. The trust level says what stands behind the node's claims: an enrolled HPC here is
+    netbooted with no TPM of its own (1), whatever its gateway's root; the message names the root kind
+    (software or zymkey), since a software root is never a Zymkey."""
+    if status.get("phase") != PHASE_ENROLLED:
+        return "False", "", "", 0  # not enrolled: the enrolment's word stands
+    if now is not None:
+        age, what = evidence_age(status, last_round, now)
+        if age is None or age > max_age_s:
+            told = "it has no dated evidence" if age is None else f"its freshest evidence ({what}) is {age:.0f} s old"
+            return ("False", REASON_ENROLMENT_EXPIRED,
+                    f"enrolment expired: {told}, over the maximum of {max_age_s:.0f} s "
+                    "(TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS); the gateway's next enrolment quote enrols it again "
+                    "(reboot the HPC, or restart its gateway)", 0)
+    mismatch = policy_mismatch(spec or {}, status)
+    if mismatch is not None:
+        return "False", REASON_POLICY_MISMATCH, f"enrolled, but {mismatch}", TRUST_NETBOOT_NO_TPM
     gw_status = (gateway or {}).get("status") or {}
-    if status.get("phase") != PHASE_ENROLLED or not gw_status.get("phase"):
-        return "False", "", "", 0  # not enrolled, or no chain judged the gateway: the enrolment's word stands
+    if not gw_status.get("phase"):
+        return "False", "", "", 0  # no chain judged the gateway: the enrolment's word stands
     root = ((gateway or {}).get("spec") or {}).get("trustRoot", "unknown")
     if gw_status.get("phase") != "Active":
         return ("False", REASON_GATEWAY_NOT_ACTIVE,
@@ -325,6 +430,36 @@ def judge_trust(*, status: Mapping[str, Any], gateway: Mapping[str, Any] | None,
     return ("True", REASON_TRUSTED,
             f"enrolled, netbooted (no TPM on the HPC), gateway active on chain with a {root} root{rounds}",
             TRUST_NETBOOT_NO_TPM)
+
+
+def trust_patch(*, status: Mapping[str, Any], spec: Mapping[str, Any], generation: int,
+                gateway: Mapping[str, Any] | None, last_round: Mapping[str, Any] | None, now: datetime,
+                max_age_s: float) -> tuple[dict[str, Any], tuple[str, str, str] | None]:
+    """The status patch `judge_node_trust` writes (empty: nothing changed) and the event on a flip
+    (type, reason, message)."""
+    ready, reason, message, level = judge_trust(status=status, gateway=gateway, last_round=last_round, spec=spec,
+                                                now=now, max_age_s=max_age_s)
+    if not reason:
+        return {}, None
+    up = cond.set_condition(status.get("conditions"), type_=cond.READY, status=ready,
+                            reason=reason, message=message, observed_generation=generation, now=now)
+    patch: dict[str, Any] = {}
+    reputation = ((gateway or {}).get("status") or {}).get("reputation")
+    if up.changed or status.get("trustLevel") != level or (reputation is not None
+                                                          and status.get("reputation") != reputation):
+        patch["conditions"] = up.conditions
+        patch["trustLevel"] = level
+        if reputation is not None:
+            patch["reputation"] = int(reputation)
+    if reason == REASON_ENROLMENT_EXPIRED:
+        # Back to Registered: the gateway's eligibility (phase Enrolled) ends with it, and the challenge
+        # the operator already issued is the one the next enrolment quote must answer.
+        patch["phase"] = PHASE_REGISTERED
+        if not status.get("enrolmentChallenge"):
+            patch["enrolmentChallenge"] = new_challenge(now)
+    event = ("Normal" if ready == "True" else "Warning", reason, message) if up.flipped or \
+        reason == REASON_ENROLMENT_EXPIRED else None
+    return patch, event
 
 
 # -- kopf wiring ---------------------------------------------------------------------------------------
@@ -416,23 +551,15 @@ def trustcap_node_rounds(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, 
 def judge_node_trust(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
                      patch: kopf.Patch, **kwargs: Any) -> None:
     """Ready, trustLevel and reputation of an enrolled node, from what the operator itself judged: the
-    Gateway's chain state and the committee rounds about the node (the operator stays the only writer)."""
+    age of its evidence, the policy its gateway applies, the Gateway's chain state and the committee
+    rounds about the node (the operator stays the only writer). Re-judged every 10 s, so an expiry needs
+    no event to happen."""
     gateway = _one(kwargs["trustcap_gateway_trust"], spec.get("gateway"))
     decided = list(kwargs["trustcap_node_rounds"].get(name, []))
     last = max(decided, key=lambda r: str(r["status"].get("decidedAt") or ""), default=None)
-    ready, reason, message, level = judge_trust(status=status, gateway=gateway, last_round=last)
-    if not reason:
-        return
-    now = cond.utcnow()
-    up = cond.set_condition(status.get("conditions"), type_=cond.READY, status=ready,
-                            reason=reason, message=message, observed_generation=int(meta.get("generation") or 0),
-                            now=now)
-    reputation = ((gateway or {}).get("status") or {}).get("reputation")
-    if up.changed or status.get("trustLevel") != level or (reputation is not None
-                                                          and status.get("reputation") != reputation):
-        patch.status["conditions"] = up.conditions
-        patch.status["trustLevel"] = level
-        if reputation is not None:
-            patch.status["reputation"] = int(reputation)
-        if up.flipped:
-            kopf.event(body, type="Normal" if ready == "True" else "Warning", reason=reason, message=message)
+    update, event = trust_patch(status=status, spec=spec, generation=int(meta.get("generation") or 0),
+                                gateway=gateway, last_round=last, now=cond.utcnow(), max_age_s=enrolment_max_age_s())
+    for key, value in update.items():
+        patch.status[key] = value
+    if event is not None:
+        kopf.event(body, type=event[0], reason=event[1], message=event[2])
