@@ -13,6 +13,14 @@ so where the answer comes from is wiring:
   server does not turn every challenge into a blocking API call.
 - `AnyDirectory`: both sources at once.
 
+A Gateway object is not trust by itself (decision 0097): `KubeGatewayDirectory` drops a Gateway whose
+status says the chain judged it other than Active (Offline = exited or slashed, Slashed, Pending,
+Registered with no stake), one whose `status.lastSeen` is older than `max_age_s` (its status is no longer
+refreshed: offline, or nobody is judging it), and, given a chain view (`chain_active`), one the chain
+itself does not call active and staked. A Gateway with no status at all is kept unless `require_active`
+(no chain in the cluster judges anyone; a chain-configured gateway sets it), and one without `lastSeen`
+unless `require_seen` (set it once the writer of `lastSeen` is deployed).
+
 Addresses are compared in EIP-55 form: Gateway objects may hold lowercase addresses.
 """
 
@@ -21,13 +29,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, Protocol, cast
 
 from eth_utils.address import to_checksum_address
 from trustcap.gateway.attest_errors import DirectoryError
 
-__all__ = ["AnyDirectory", "KubeGatewayDirectory", "StaticDirectory", "VerifierDirectory", "normalize_address"]
+__all__ = ["AnyDirectory", "KubeGatewayDirectory", "StaticDirectory", "VerifierDirectory", "gateway_refusal",
+           "normalize_address"]
 
 log = logging.getLogger("trustcap.gateway")
 GROUP, VERSION, PLURAL = "trustcap.io", "v1alpha1", "gateways"
@@ -91,16 +101,60 @@ def _kube_lister(kubeconfig: str | None, timeout_s: float) -> Callable[[], list[
     return list_gateways
 
 
+def _parse_time(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
+def gateway_refusal(item: Mapping[str, Any], *, now: float, max_age_s: float, require_active: bool,
+                    require_seen: bool) -> str | None:
+    """Why this Gateway object is no verifier by its status (None: it is one). The chain's own answer,
+    when the directory has a chain view, is checked apart (`KubeGatewayDirectory.chain_active`)."""
+    status = item.get("status") or {}
+    phase = status.get("phase")
+    if phase is None:
+        if require_active:
+            return "no chain state in its status (not judged Active by the operator)"
+    elif phase != "Active":
+        return f"its status says {phase} on chain, not Active"
+    seen_raw = status.get("lastSeen")
+    if seen_raw is None:
+        return "its status has no lastSeen" if require_seen else None
+    seen = _parse_time(seen_raw)
+    if seen is None:
+        return f"its status.lastSeen {str(seen_raw)[:40]!r} is not an RFC 3339 time"
+    if now - seen > max_age_s:
+        return f"offline: its status was last refreshed {now - seen:.0f} s ago (lastSeen), over {max_age_s:.0f} s"
+    return None
+
+
 class KubeGatewayDirectory:
-    """Every Gateway object's `spec.address`, cached for `ttl_s`; a failed list keeps the last good set."""
+    """Every live, chain-active Gateway object's `spec.address`, cached for `ttl_s`; a failed list keeps
+    the last good set.
+
+    `chain_active(address)` (optional) is the gateway's own chain view: True when the NodeRegistry calls
+    the address active and staked; raising counts as a failed list (the last good set is kept)."""
 
     def __init__(self, kubeconfig: str | None = None, *, ttl_s: float = 30.0, retry_s: float = 5.0,
                  timeout_s: float = 5.0, lister: Callable[[], list[dict[str, Any]]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 max_age_s: float = 120.0, require_active: bool = False, require_seen: bool = False,
+                 chain_active: Callable[[str], bool] | None = None) -> None:
         self._list = lister if lister is not None else _kube_lister(kubeconfig, timeout_s)
         self.ttl_s = ttl_s
         self.retry_s = retry_s
         self.clock = clock
+        self.wall = wall
+        self.max_age_s = max_age_s
+        self.require_active = require_active
+        self.require_seen = require_seen
+        self.chain_active = chain_active
+        self.dropped: dict[str, str] = {}  # Gateway name -> why it is no verifier (last refresh)
         self.addresses: frozenset[str] = frozenset()
         self.loaded = False  # at least one list succeeded
         self.failures = 0
@@ -118,13 +172,35 @@ class KubeGatewayDirectory:
                         "of %d", type(exc).__name__, str(exc)[:200], len(self.addresses))
             return
         found: set[str] = set()
-        for item in items:
-            value = ((item or {}).get("spec") or {}).get("address")
-            try:
-                found.add(normalize_address(value))
-            except DirectoryError as exc:
-                log.warning("verifier directory: Gateway %s skipped: %s",
-                            ((item or {}).get("metadata") or {}).get("name", "?"), exc)
+        dropped: dict[str, str] = {}
+        now = self.wall()
+        try:
+            for item in items:
+                name = str(((item or {}).get("metadata") or {}).get("name", "?"))
+                value = ((item or {}).get("spec") or {}).get("address")
+                try:
+                    address = normalize_address(value)
+                except DirectoryError as exc:
+                    log.warning("verifier directory: Gateway %s skipped: %s", name, exc)
+                    continue
+                why = gateway_refusal(item or {}, now=now, max_age_s=self.max_age_s,
+                                      require_active=self.require_active, require_seen=self.require_seen)
+                if why is None and self.chain_active is not None and not self.chain_active(address):
+                    why = "the NodeRegistry does not call it active and staked (exited, slashed or unstaked)"
+                if why is not None:
+                    dropped[name] = why
+                    continue
+                found.add(address)
+        except Exception as exc:  # the chain view failed: same rule as a failed list, keep the last good set
+            self.failures += 1
+            self._next = self.clock() + self.retry_s
+            log.warning("verifier directory: asking the chain failed (%s: %s); keeping the last good set of %d",
+                        type(exc).__name__, str(exc)[:200], len(self.addresses))
+            return
+        for name, why in dropped.items():
+            if self.dropped.get(name) != why:
+                log.warning("verifier directory: Gateway %s is no verifier: %s", name, why)
+        self.dropped = dropped
         if found != self.addresses:
             log.info("verifier directory: %d Gateway address(es)", len(found))
         self.addresses = frozenset(found)
