@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from trustcap.netboot.errors import ImageBuildError
@@ -166,7 +165,3 @@ def entries_digest(entries: list[Entry]) -> str:
     for e in sorted(entries, key=lambda x: x.path):
         h.update(f"{e.path}\0{e.kind}\0{e.mode}\0".encode() + hashlib.sha256(e.data).digest())
     return h.hexdigest()
-
-
-def tmpdir() -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="trustcap-pyimg-")
