@@ -9,10 +9,10 @@ Why this suite: P-256 is what the RFC's vectors cover for the NIST curves. The c
 code, because every committee member verifies every other member's draw and pure-Python arithmetic made
 that the slowest step of a round (docs/decisions/0100-native-crypto.md): multiples of the generator from
 OpenSSL (through `cryptography`, as the public key of the scalar), every other multiplication and
-addition from `fastecdsa` (Rust), square roots from GMP (`gmpy2`); the RFC 6979 nonce comes from `ecdsa`. Everything the RFC
-defines on top of the arithmetic (hash_to_curve by try-and-increment, the challenge, encodings and every
-check) is written here step by step, with the RFC's step numbers in comments, so that a reader can hold
-this file against the RFC.
+addition from `fastecdsa` (Rust), square roots from GMP (`gmpy2`); the RFC 6979 nonce comes from
+`ecdsa`. Everything the RFC defines on top of the arithmetic (hash_to_curve by try-and-increment, the
+challenge, encodings and every check) is written here step by step, with the RFC's step numbers in
+comments, so that a reader can hold this file against the RFC.
 
 Interface (other components rely on it):
     prove(secret_key, alpha) -> pi (81 bytes)
