@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from trustcap.capsule import envelope
 from trustcap.capsule.errors import CapsuleError
@@ -145,24 +146,31 @@ def _id(value: str | None, flag: str) -> bytes | None:
     return raw
 
 
-def _tmp(out: Path) -> Path:
-    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+def _write_whole(src: Path, out: Path, what: str, write: Callable[[BinaryIO, BinaryIO], object], *,
+                 mode: int) -> None:
+    """`write(src, dst)` into a private partial file that replaces `out` only once it is complete, so a
+    failed seal or open never leaves a truncated file under the name a reader expects. `mode` before the
+    umask: an opened plaintext is the owner's alone (0o600), a sealed envelope is not secret."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with src.open("rb") as reader, os.fdopen(fd, "wb") as dst:
+            write(reader, dst)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CapsuleError(f"cannot {what} {src} {'to' if what == 'seal' else 'into'} {out}: "
+                           f"{exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _seal(args: argparse.Namespace) -> int:
     recipients = [load_public_key(p) for p in args.to]
     owner = KeyPair.load(args.key) if args.key else KeyPair.generate()
     capsule_id, manifest_digest = resolve_binding(args)
-    tmp = _tmp(args.out)
-    try:
-        with args.src.open("rb") as src, tmp.open("wb") as dst:
-            envelope.seal_stream(src, dst, length=os.fstat(src.fileno()).st_size, recipients=recipients,
-                                 owner=owner, capsule_id=capsule_id, manifest_digest=manifest_digest)
-        os.replace(tmp, args.out)
-    except OSError as exc:
-        raise CapsuleError(f"cannot seal {args.src} to {args.out}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_whole(args.src, args.out, "seal", lambda src, dst: envelope.seal_stream(
+        src, dst, length=os.fstat(src.fileno()).st_size, recipients=recipients, owner=owner,
+        capsule_id=capsule_id, manifest_digest=manifest_digest), mode=0o666)
     return 0
 
 
@@ -170,15 +178,6 @@ def _open(args: argparse.Namespace) -> int:
     key = KeyPair.load(args.key)
     owner = load_public_key(args.owner)
     capsule_id, manifest_digest = resolve_binding(args)
-    tmp = _tmp(args.out)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with args.src.open("rb") as src, os.fdopen(fd, "wb") as dst:
-            envelope.open_stream(src, dst, key=key, owner=owner, capsule_id=capsule_id,
-                                 manifest_digest=manifest_digest)
-        os.replace(tmp, args.out)
-    except OSError as exc:
-        raise CapsuleError(f"cannot open {args.src} into {args.out}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_whole(args.src, args.out, "open", lambda src, dst: envelope.open_stream(
+        src, dst, key=key, owner=owner, capsule_id=capsule_id, manifest_digest=manifest_digest), mode=0o600)
     return 0
