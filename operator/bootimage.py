@@ -22,7 +22,8 @@ an approval whose last successful chain read (`checkedAt`) is older than
 `TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS` (default 600) turns Pending, Ready False `ApprovalStale` naming the
 outage, so gateways stop serving it and enrolments stop accepting its digest; the next successful read
 approves it again. `checkedAt` is kept per BootImage in this process (the CRD has no status field for it
-yet); after an operator restart the clock starts at the first failed read.
+yet); after an operator restart it is the status's `checkedAt` when there is one, else the clock starts
+at the first failed read.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def sync_bootimage(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: 
             if needs_history(status, "0x" + iid.hex(), approved):
                 history = registry.history(iid)
         except ChainError as exc:
-            checked = _checked_at.setdefault(key, now)
+            checked = _checked_at.setdefault(key, _recorded_check(status) or now)
             decision = expire(spec, status, generation=generation, checked_at=checked, now=now,
                               max_age_s=max_age_s(), error=str(exc))
             if not decision.patch:
@@ -240,6 +241,19 @@ def sync_bootimage(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: 
         _checked_at[key] = now
     decision = decide(spec, status, generation=generation, approved=approved, history=history, now=now)
     _write(decision, status, patch, body, logger)
+
+
+def _recorded_check(status: Mapping[str, Any]) -> datetime | None:
+    """`status.checkedAt` when the status carries it (a CRD that keeps the field; see decision 0097):
+    after a restart it says how old the approval really is."""
+    raw = status.get("checkedAt")
+    if not isinstance(raw, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
 
 
 def _write(decision: Decision, status: kopf.Status, patch: kopf.Patch, body: kopf.Body, logger: kopf.Logger) -> None:

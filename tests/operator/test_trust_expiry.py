@@ -310,6 +310,22 @@ def test_after_a_restart_the_outage_clock_starts_at_the_first_failed_read(monkey
     assert c.status["phase"] == "Pending"
 
 
+def test_after_a_restart_a_recorded_check_time_dates_the_approval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the status carries checkedAt (decision 0097 asks the CRD for it), a restarted operator in an
+    outage counts from it, not from its own first failed read."""
+    c = Cluster(monkeypatch)
+    c.tick(NOW)
+    monkeypatch.setattr(bi, "_checked_at", {})  # the restart
+    c.registry.answer = RpcUnavailable("no answer")
+    c.status["checkedAt"] = _at(60)  # control: recent
+    c.tick(NOW)
+    assert c.status["phase"] == "Approved"
+    monkeypatch.setattr(bi, "_checked_at", {})
+    c.status["checkedAt"] = _at(bi.MAX_AGE_S + 1)
+    c.tick(NOW)
+    assert c.status["phase"] == "Pending"
+
+
 @pytest.mark.parametrize(("raw", "ok"), [
     pytest.param("", True, id="default"), pytest.param("120", True, id="set"),
     pytest.param("0", False, id="zero"), pytest.param("ten", False, id="not-a-number"),
