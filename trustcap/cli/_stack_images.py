@@ -8,6 +8,7 @@ builds.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -49,7 +50,8 @@ def _images(args: argparse.Namespace) -> int:
     for b in built:
         for comp, tags in b.tags.items():
             table.add_row(b.arch, comp, " ".join(tags), b.image_ids[comp][7:19])
-    Console(highlight=False).print(table)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 130).print(table)
     for b in built:
-        console.print(f"{b.arch}: [bold]docker load -i {b.archive}[/] on a {b.arch} machine gives the chart's tags")
+        console.print(f"{b.arch}: [bold]docker load -i {b.archive}[/] on an {b.arch} machine gives the chart's tags",
+                      soft_wrap=True)
     return 0

@@ -292,6 +292,9 @@ def _wheel(root: Path, version: str, progress: Progress) -> Path:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.move(str(found[0]), dest / found[0].name)
             found = [dest / found[0].name]
+        for stale in _cache().glob("wheel-*"):
+            if stale != dest:
+                shutil.rmtree(stale, ignore_errors=True)
     progress(step, done=True)
     return found[0]
 
@@ -336,6 +339,10 @@ def _layer(arch: str, version: str, runtime: Path, wheel: Path, wheelhouse: Path
             _compile(root, site, arch)
             _smoke(root, arch)
             images.pack_rootfs(root, out)
+        # Every code change makes a new layer of about 400 MB; only the current one is ever loaded again.
+        for stale in _cache().glob(f"layer-*-{arch}-*.tar*"):
+            if not stale.name.startswith(out.name):
+                stale.unlink()
     progress(step, done=True)
     return out
 
@@ -442,12 +449,25 @@ def _load(client: Any, archive: Path, ids: dict[str, str], tags: dict[str, list[
     try:
         if present():
             return
+        before = set()
+        for tag in (t for ts in tags.values() for t in ts):
+            try:
+                before.add(client.images.get(tag).id)
+            except ImageNotFound:
+                pass
         with archive.open("rb") as fh:
             client.images.load(fh)
         if not present():
             raise StackError(f"docker load {archive} did not give {sorted(t for ts in tags.values() for t in ts)}")
     except DockerException as exc:
         raise StackError(f"cannot load {archive} into Docker: {exc}") from exc
+    # The images these tags named before are now untagged copies of an old build: drop them unless a
+    # container still uses one (the engine refuses, and that is fine).
+    for old in before - set(ids.values()):
+        try:
+            client.images.remove(old)
+        except DockerException:
+            pass
 
 
 def build(arches: Sequence[str], progress: Progress = lambda *_a, **_k: None, *, root: Path | None = None,
