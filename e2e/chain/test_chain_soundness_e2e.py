@@ -359,3 +359,20 @@ def test_an_escrow_funded_under_another_id_is_not_the_capsules(chain: Chain) -> 
     assert escrow(chain).task(mine) is None
     escrow(chain, PAYER).fund(mine, 3, task_deadline(chain), ETH)  # control
     assert escrow(chain).task(mine) is not None
+
+
+@pytest.mark.xfail(strict=True, reason="needs the operator change of decision 0096 (Driver._escrow_problem "
+                   "compares spec.committee.quorum with the escrow's ceil(2k/3)); remove this mark with it")
+def test_a_capsule_asking_more_verdicts_than_the_escrow_settles_on_is_refused(
+        chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest lets a capsule ask for more than ceil(2k/3) verdicts (size 3, quorum 3: unanimous); the
+    escrow settles on ceil(2k/3) = 2, so scheduling it would let two verdicts pay or slash a run whose owner
+    asked for three."""
+    monkeypatch.setattr(cap, "_now", lambda: block_time(chain))
+    tid = os.urandom(32)
+    escrow(chain, PAYER).fund(tid, 3, task_deadline(chain, 3600), ETH)
+    spec = _capsule()["spec"]
+    spec["committee"]["quorum"] = 3
+    assert "spec.committee.quorum" in cap.Driver._escrow_problem(spec, escrow(chain).task(tid))
+    spec["committee"]["quorum"] = 2  # control: the escrow's own quorum is accepted
+    assert cap.Driver._escrow_problem(spec, escrow(chain).task(tid)) == ""
