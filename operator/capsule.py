@@ -302,6 +302,13 @@ class Driver:
             return f"the escrow holds {info.payment} wei, less than spec.payment.amountWei {pay['amountWei']}"
         if int(info.k) != int(spec["committee"]["size"]):
             return f"the escrow's committee size {info.k} is not spec.committee.size {spec['committee']['size']}"
+        from trustcap.chain.escrow import quorum_of
+
+        asked = spec["committee"].get("quorum")
+        if asked is not None and int(asked) != quorum_of(int(info.k)):
+            # The escrow pays or slashes on ceil(2k/3) verdicts; a capsule asking for more would be settled on fewer.
+            return (f"spec.committee.quorum {asked} is not the escrow's settlement quorum ceil(2k/3) = "
+                    f"{quorum_of(int(info.k))} of committee {info.k}; omit it or set it to {quorum_of(int(info.k))}")
         need = _now() + int(spec["timeoutSeconds"]) + DEADLINE_MARGIN_S
         if int(info.deadline) < need:
             return (f"the escrow's deadline {int(info.deadline)} is too early: it must leave spec.timeoutSeconds "
@@ -328,6 +335,11 @@ class Driver:
         escrow = self.s.escrow
         waited = _now() - float(vrf.get("seededAt") or _now())
         if waited < self.s.commit_window_s:
+            return
+        # Commits close on the chain's clock (TaskEscrow.commitDeadline, decision 0096): only after it is every
+        # checker's committer set the same as ours.
+        commit_deadline, _seed = escrow.selection(task_id)
+        if _now() <= commit_deadline + 1:
             return
         committers = [c.lower() for c in escrow.committers(task_id)]
         reveals = {r.node_id: r for r in self._reveals(task_id)}
@@ -602,7 +614,8 @@ class Driver:
         spec = post["spec"]
         if info is not None and info.state == "Funded":
             self._add_tx(capsule, escrow.assign(task_id, bytes.fromhex(spec["nonce"][2:]), spec["executor"],
-                                                [m["address"] for m in spec["committee"]["members"]]))
+                                                [m["address"] for m in spec["committee"]["members"]],
+                                                self._reveals(task_id)))
             info = escrow.task(task_id)
         if info is not None and info.state == "Assigned":
             signed = rounds.tally(post, escrow.domain()).signed

@@ -361,8 +361,6 @@ def test_an_escrow_funded_under_another_id_is_not_the_capsules(chain: Chain) -> 
     assert escrow(chain).task(mine) is not None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the operator change of decision 0096 (Driver._escrow_problem "
-                   "compares spec.committee.quorum with the escrow's ceil(2k/3)); remove this mark with it")
 def test_a_capsule_asking_more_verdicts_than_the_escrow_settles_on_is_refused(
         chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest lets a capsule ask for more than ceil(2k/3) verdicts (size 3, quorum 3: unanimous); the

@@ -121,7 +121,11 @@ class FakeEscrow:
         self.tasks[task_id].state = "Cancelled"
         return self._receipt("cancel")
 
-    def assign(self, task_id: bytes, attestation_id: bytes, executor: str, verifiers: list[str]) -> dict[str, Any]:
+    def selection(self, task_id: bytes) -> tuple[int, bytes]:
+        return 0, b"\0" * 32  # the commit window closed long ago
+
+    def assign(self, task_id: bytes, attestation_id: bytes, executor: str, verifiers: list[str],
+               reveals: Any = None) -> dict[str, Any]:
         t = self.tasks[task_id]
         t.state, t.executor, t.attestation_id, t.verifiers = "Assigned", executor, attestation_id, tuple(verifiers)
         return self._receipt("assign")
