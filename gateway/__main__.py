@@ -139,7 +139,7 @@ def _lifecycle(args: argparse.Namespace, root: Any, server: Any, policy: Any) ->
         return (node.get("status") or {}).get("phase") == "Enrolled"
 
     participant = Participant(root, escrow, kube, namespace=ns, eligible=_quietly(eligible))
-    cosign = CosignService(root, rounds, namespace=ns, domain=escrow.domain())
+    cosign = CosignService(root, rounds, namespace=ns, domain=escrow.domain(), view=escrow, reveals=kube)
     return [participant, member, runner], kube_round_members(kubeconfig, ns), runner.ensure_prepared, cosign
 
 

@@ -8,7 +8,7 @@ signed verdicts the members write (operator/rounds.py `tally`). This module is o
       | Attestation: me in spec.committee, no result, no verdict of mine, not timed out
       | Capsule (spec.capsuleRef, uid checked) -> binding digest, image digest
       | HPCNode spec.node -> status.agentKey (the enrolled agent key)
-      | nonce = nonces.issue()
+      | nonce = challenge_nonce(taskId, round, phase, me)  (trustcap.release; the brokers recompute it)
       |-- POST /v1/challenge {nonce, node, capsule: {taskId, round, phase}} signed by R ->|
       |                                        | committee member? prepare the task    |
       |                                        |-- quote {nonce, capsule} ------------->|
@@ -63,6 +63,7 @@ from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, sign_verdict, verdict_id, verify_verdict
 from trustcap.forms import hex_bytes, parse_rfc3339
 from trustcap.kubeclient import api_call
+from trustcap.release.binding import challenge_nonce
 
 __all__ = ["CAPSULE_PHASES", "CommitteeKube", "CommitteeMember", "KubeRounds", "endpoint_from_gateways",
            "field_manager", "verdict_entry"]
@@ -252,15 +253,20 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         report = Report()
         expected = self._expected_state(spec, report)
         agent_key = self._agent_key(str(spec["node"]), report)
-        nonce = self.nonces.issue()
         capsule = {"taskId": str(spec["taskId"]).lower(), "round": str(spec["nonce"]).lower(),
                    "phase": str(spec["phase"])}
+        # Derived, not random: an owner's broker recomputes it and so knows a quote answered this member's
+        # challenge of this round (decision 0095); the round's random spec.nonce keeps it unpredictable.
+        nonce = challenge_nonce(task_id=capsule["taskId"], round_id=capsule["round"], phase=capsule["phase"],
+                                verifier=self.me)
+        nonces = self._issued(nonce)
         try:
             signed = request_quote(url, nonce, signer=self.root, node=str(spec["node"]),
                                    timeout=self.request_timeout_s, capsule=capsule)
         except RelayError as exc:
             raise _Retry(f"executor {executor} not reachable: {exc}") from None
-        self._appraise(signed, report, nonce=nonce, node=str(spec["node"]), agent_key=agent_key, executor=executor)
+        self._appraise(signed, report, nonces=nonces, nonce=nonce, node=str(spec["node"]), agent_key=agent_key,
+                       executor=executor)
         self._check_state(signed, report, expected, pre_keys=self._pre_round_keys(spec, rounds))
         verdict = Verdict(
             attestation_id=str(spec["nonce"]).lower(), node=to_checksum_address(executor),
@@ -320,9 +326,17 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
                    f"HPCNode {node} has no enrolled agent key (status.agentKey), so no quote of it can be checked")
         return None
 
-    def _appraise(self, signed: SignedQuote, report: Report, *, nonce: bytes, node: str, agent_key: bytes | None,
-                  executor: str) -> None:
-        found = appraise_quote(signed, nonces=self.nonces, expected_nonce=nonce, node_id=node,
+    def _issued(self, nonce: bytes) -> NonceRegistry:
+        """A registry that issued exactly `nonce`, now: appraise_quote accepts one answer to it within the
+        window. One per challenge, because the nonce is one per member and round (the registry API issues
+        only nonces it draws itself)."""
+        registry = NonceRegistry(self.nonces.window, capacity=1, clock=self.clock, token=lambda _n: nonce)
+        registry.issue()
+        return registry
+
+    def _appraise(self, signed: SignedQuote, report: Report, *, nonces: NonceRegistry, nonce: bytes, node: str,
+                  agent_key: bytes | None, executor: str) -> None:
+        found = appraise_quote(signed, nonces=nonces, expected_nonce=nonce, node_id=node,
                                agent_key=agent_key or b"", gateway_address=to_checksum_address(executor),
                                now=self.clock(), max_age_seconds=self.max_quote_age_s)
         for failure in found.failures:
