@@ -81,6 +81,7 @@ from trustcap.evidence import (
     verify_challenge,
 )
 from trustcap.evidence.errors import SignatureError
+from trustcap.httpio import drain
 
 __all__ = ["MAX_BODY", "MAX_COSIGN_BODY", "Cosign", "RelayService", "RoundDirectory", "RoundMembers", "TrustState",
            "kube_round_members", "trust_state"]
@@ -422,6 +423,7 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
                 return
             if int(length) > limit:
                 self.close_connection = True
+                drain(self.rfile, int(length), cap=4 * limit, timeout_s=read_timeout_s)
                 self._send(*_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes"))
                 return
             try:

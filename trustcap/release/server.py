@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from trustcap.capsule.keys import KeyPair
 from trustcap.errors import ConfigError, TrustcapError
+from trustcap.httpio import drain
 from trustcap.release.binding import MAX_EVIDENCE_AGE_S
 from trustcap.release.check import check_release
 from trustcap.release.errors import ReleaseDenied
@@ -203,15 +204,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Refusal(400, "body", f"is not JSON: {exc}") from None
 
     def _drain(self) -> None:
-        """Read and drop an oversize body, up to _DRAIN bytes and the read timeout, so that a client that
-        sends it whole before reading gets the 413 instead of a reset connection."""
-        left = min(self._declared, _DRAIN)
-        deadline = time.monotonic() + self.server.read_timeout
-        try:
-            while left > 0 and time.monotonic() < deadline and (chunk := self.rfile.read1(min(left, 64 * 1024))):
-                left -= len(chunk)
-        except OSError:
-            pass
+        drain(self.rfile, self._declared, cap=_DRAIN, timeout_s=self.server.read_timeout)
 
     def _read(self, length: int) -> bytes:
         limit = self.server.read_timeout
