@@ -24,6 +24,7 @@ import yaml
 from trustcap.stack.node import NodeNet
 from trustcap.stack.paths import repo_root
 from trustcap.stack.stack import Stack
+from trustcap.trustroot.software import SoftwareTrustRoot
 
 NET = NodeNet(name="trustcap-chart", bridge="tcapchartbr0", pod_cidr="10.213.2.0/24", kubelet_port=10351)
 NS = "trustcap"
@@ -85,9 +86,10 @@ def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> flo
     """Install the chart with every part on this amd64 node; returns the seconds to a Ready install."""
     host = tmp_path_factory.mktemp("chart-host")
     cluster.run("kubectl", "create", "namespace", NS)
-    # a software trust root for the gateway (no Zymkey on this machine)
-    cluster.run("kubectl", "-n", NS, "create", "secret", "generic", "gateway-kek",
-                f"--from-literal=kek={secrets.token_hex(32)}")
+    # a software trust root for the gateway (no Zymkey on this machine), provisioned in its host folder
+    kek = secrets.token_bytes(32)
+    cluster.run("kubectl", "-n", NS, "create", "secret", "generic", "gateway-kek", f"--from-literal=kek={kek.hex()}")
+    SoftwareTrustRoot.create(host / "trustroot", kek)
     values = {
         "global": {"image": {"pullPolicy": "Never"}, "bootStateHostPath": str(host / "boot")},
         "gateway": {
@@ -97,6 +99,15 @@ def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> flo
             "trustRoot": {"hostPath": str(host / "trustroot"), "zymkey": {"enabled": False},
                           "kekSecret": "gateway-kek"},
             "journalHostPath": str(host / "journal"),
+            # the chart's default policy has no attestation section, which the gateway requires
+            "policy": {
+                "apiVersion": "trustcap.io/v1alpha1", "kind": "GatewayPolicy",
+                "monitor": {"meanIntervalSeconds": 10, "minIntervalSeconds": 0.5, "maxQuoteAgeSeconds": 30},
+                "actions": {"critical": "quarantine", "high": "stop", "medium": "report", "low": "report",
+                            "unreachable": "stop"},
+                "attestation": {"apiVersion": "trustcap.io/v1alpha1", "kind": "AttestationPolicy",
+                                "bootImages": ["0x" + "ab" * 32]},
+            },
         },
         "netboot": {"nodeSelector": None, "bind": NET.ip, "tftpPort": 10069, "httpPort": 18080,
                     "bootRootHostPath": str(host / "boot-root")},
@@ -106,6 +117,8 @@ def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> flo
     start = time.monotonic()
     cluster.run("helm", "install", RELEASE, str(CHART), "-n", NS, "-f", str(values_file), "--wait",
                 "--timeout", "8m")
+    # helm's --wait counts a one-node DaemonSet ready with none ready (desired - maxUnavailable = 0)
+    cluster.run("kubectl", "wait", "-n", NS, "--for=condition=Ready", "pod", "--all", "--timeout=300s")
     took = time.monotonic() - start
     print(f"\nhelm install to a Ready release: {took:.1f}s")
     return took
