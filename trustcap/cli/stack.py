@@ -23,6 +23,10 @@ def register(sub: Any) -> None:
     ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = ssub.add_parser("up", help="build what is missing and start every part (idempotent)")
     up.add_argument("--no-image", action="store_true", help="do not build the base container image")
+    up.add_argument("--node", action="store_true",
+                    help="also run a one-node cluster (containerd, controller-manager, scheduler, kube-proxy, "
+                         "CoreDNS, kubelet) so that pods run; the API server then binds the node IP "
+                         "(docs/decisions/0111-one-node-cluster.md)")
     up.set_defaults(func=_up)
     ssub.add_parser("down", help="stop what the stack started; keeps data and the tool cache").set_defaults(
         func=_down)
@@ -43,7 +47,7 @@ def _up(args: argparse.Namespace) -> int:
             status.update(f"[bold]{part}[/]: {msg}  [dim]({time.monotonic() - start:.0f}s)[/]")
             console.log(f"[cyan]{part:<15}[/] {msg}")
 
-        stack.up(say, with_image=not args.no_image)
+        stack.up(say, with_image=not args.no_image, with_node=args.node)
     _print_status(stack)
     console.print(f"stack up in {time.monotonic() - start:.1f}s; next: [bold]eval \"$(trustcap stack env)\"[/]")
     return 0
