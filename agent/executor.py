@@ -60,6 +60,8 @@ from trustcap.agent.errors import AgentError, EngineError, OutputError, WipeErro
 from trustcap.agent.isolation import CAPSULE_USER, SCRATCH_PATH, Endpoint, IsolationSpec, seccomp_profile
 from trustcap.agent.wipe import make_scratch, overwrite_file
 
+from trustcap.violations import Violation
+
 __all__ = ["DEFAULT_SCRATCH_ROOT", "Executor", "NetworkAttacher", "RunResult", "Violation"]
 
 log = logging.getLogger("trustcap.agent")
@@ -76,16 +78,6 @@ def run_uid(spec: IsolationSpec, run_id: str) -> int | None:
         return _RUN_UID_BASE + int(run_id, 16) % _RUN_UID_BASE
     uid = spec.user.split(":", 1)[0]
     return int(uid) if uid.isdigit() else None
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One attempt the isolation stopped: what kind, what was attempted, and who saw it."""
-
-    kind: str
-    attempted: str
-    source: str
-    count: int = 1
 
 
 class NetworkAttacher(Protocol):

@@ -91,7 +91,8 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.server import AttestationServer
     from trustcap.netboot.image.builder import BuildInputs, build_image, copy_image
-    from trustcap.netboot.lab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available, qmp_system_reset
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))  # the e2e suite's PXE lab
+    from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available, qmp_system_reset
 
     from trustcap.trustroot import SoftwareTrustRoot
 

@@ -30,11 +30,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
 from typing import Any, Protocol, cast
 
 from eth_utils.address import to_checksum_address
 from trustcap.gateway.attest_errors import DirectoryError
+
+from trustcap.forms import parse_rfc3339
 
 __all__ = ["AnyDirectory", "KubeGatewayDirectory", "StaticDirectory", "VerifierDirectory", "gateway_refusal",
            "normalize_address"]
@@ -101,14 +102,7 @@ def _kube_lister(kubeconfig: str | None, timeout_s: float) -> Callable[[], list[
     return list_gateways
 
 
-def _parse_time(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment.timestamp() if moment.tzinfo is not None else None
+_parse_time = parse_rfc3339
 
 
 def gateway_refusal(item: Mapping[str, Any], *, now: float, max_age_s: float, require_active: bool,

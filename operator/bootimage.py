@@ -32,7 +32,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,6 +43,7 @@ from trustcap.bootimage import BootImageSpecError, image_id_of_spec
 from trustcap.chain.bootimages import ApprovalHistory, BootImageRegistry
 from trustcap.chain.client import Deployment
 from trustcap.chain.errors import ChainError
+from trustcap.forms import parse_rfc3339
 
 __all__ = ["MAX_AGE_S", "REASON_APPROVAL_STALE", "Decision", "decide", "expire", "max_age_s", "needs_history"]
 
@@ -246,14 +247,8 @@ def sync_bootimage(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: 
 def _recorded_check(status: Mapping[str, Any]) -> datetime | None:
     """`status.checkedAt` when the status carries it (a CRD that keeps the field; see decision 0097):
     after a restart it says how old the approval really is."""
-    raw = status.get("checkedAt")
-    if not isinstance(raw, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
+    t = parse_rfc3339(status.get("checkedAt"))
+    return datetime.fromtimestamp(t, UTC) if t is not None else None
 
 
 def _write(decision: Decision, status: kopf.Status, patch: kopf.Patch, body: kopf.Body, logger: kopf.Logger) -> None:

@@ -42,6 +42,7 @@ from trustcap.operator.kube import Kube, KubeError
 from trustcap.operator.lifecycle import Phase
 
 from trustcap.errors import TrustcapError
+from trustcap.forms import rfc3339
 
 GROUP: Final = "trustcap.io"
 VERSION: Final = "v1alpha1"
@@ -113,8 +114,7 @@ def _stamp() -> float:
     return int(_now() * 1000) / 1000
 
 
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+_rfc3339 = rfc3339
 
 
 def _hex(b: bytes) -> str:

@@ -52,7 +52,7 @@ from trustcap.operator import conditions as cond
 from trustcap import canonical
 from trustcap.evidence import NonceRegistry, Report, Severity, SignedQuote, address_of, appraise_quote, quote_digest
 from trustcap.evidence.errors import SignatureError
-from trustcap.forms import sha256_digest
+from trustcap.forms import parse_rfc3339, sha256_digest
 
 __all__ = [
     "ENROLMENT_MAX_AGE_S",
@@ -139,13 +139,8 @@ def _plain(value: Any) -> Any:
 
 
 def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
+    t = parse_rfc3339(value)
+    return datetime.fromtimestamp(t, UTC) if t is not None else None
 
 
 def _hex_bytes(value: Any, n: int) -> bytes | None:

@@ -32,12 +32,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from trustcap.forms import parse_rfc3339
 
 __all__ = [
     "CAPSULE_PHASES",
@@ -106,14 +107,7 @@ def _label(value: Any, allowed: tuple[str, ...]) -> str:
     return str(value) if value in allowed else UNKNOWN
 
 
-def _time(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment.timestamp() if moment.tzinfo is not None else None
+_time = parse_rfc3339
 
 
 def _ready(obj: Mapping[str, Any]) -> bool:
