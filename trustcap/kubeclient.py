@@ -37,9 +37,15 @@ def api_client(kubeconfig: str | Path | None = None, *, error: Callable[[str], E
 
 
 def local_api_client(kubeconfig: str | Path | None = None) -> Any:
-    """A kubernetes ApiClient from `kubeconfig`, or from kubectl's lookup ($KUBECONFIG, ~/.kube/config)."""
+    """A kubernetes ApiClient from `kubeconfig`, or as kubectl finds one: $KUBECONFIG, ~/.kube/config, and
+    in a pod with neither, the pod's service account (netboot run by the chart has no kubeconfig at all)."""
+    import os
+
     from kubernetes import config
 
+    if not kubeconfig and not os.environ.get("KUBECONFIG") and not Path("~/.kube/config").expanduser().exists() \
+            and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return api_client(None)
     return config.new_client_from_config(config_file=str(kubeconfig) if kubeconfig else None)  # type: ignore[no-untyped-call]
 
 
