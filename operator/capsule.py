@@ -302,8 +302,7 @@ class Driver:
             return f"the escrow holds {info.payment} wei, less than spec.payment.amountWei {pay['amountWei']}"
         if int(info.k) != int(spec["committee"]["size"]):
             return f"the escrow's committee size {info.k} is not spec.committee.size {spec['committee']['size']}"
-        from trustcap.chain.escrow import quorum_of
-
+        quorum_of = rounds.quorum_of
         asked = spec["committee"].get("quorum")
         if asked is not None and int(asked) != quorum_of(int(info.k)):
             # The escrow pays or slashes on ceil(2k/3) verdicts; a capsule asking for more would be settled on fewer.

@@ -21,17 +21,13 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
+from trustcap.chain.escrow import quorum_of as quorum_of  # re-exported: the one definition, as TaskEscrow counts
 from trustcap.evidence.errors import EvidenceError
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, verify_verdict
 
 PASSED: Final = "Passed"
 FAILED: Final = "Failed"
 EXPIRED: Final = "Expired"
-
-
-def quorum_of(k: int) -> int:
-    """ceil(2k/3): the smallest count of a k-member committee that is at least two thirds."""
-    return -(-2 * k // 3)
 
 
 def round_name(task_id: bytes, phase: str, index: int = 0) -> str:

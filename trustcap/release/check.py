@@ -38,6 +38,7 @@ from trustcap.capsule.errors import CapsuleError, EnvelopeError, NotARecipient
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import parse_manifest
+from trustcap.chain.escrow import quorum_of  # the one definition, as TaskEscrow counts it
 from trustcap.errors import TrustcapError
 from trustcap.evidence import quote as quotes
 from trustcap.evidence.freshness import NonceRegistry
@@ -54,11 +55,6 @@ __all__ = ["MAX_VERDICTS", "Release", "check_release", "quorum_of"]
 
 MAX_VERDICTS = 31
 _FIELDS = ("capsule", "manifest", "input", "header", "round", "verdicts", "reveals")
-
-
-def quorum_of(k: int) -> int:
-    """ceil(2k/3), as TaskEscrow counts it."""
-    return (2 * k + 2) // 3
 
 
 @dataclass(frozen=True)
