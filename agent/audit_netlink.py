@@ -16,9 +16,12 @@ run's key and uid, and `file_violation` keeps only EROFS (any syscall) and faile
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import posixpath
 import re
+import select
 import socket
 import struct
 import threading
@@ -172,6 +175,7 @@ class AuditStream:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake_r = self._wake_w = -1  # stop() wakes the reader through this pipe (made by start)
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[float, list[tuple[int, dict[str, str]]]]] = {}
         self._out: list[FileEvent | SeccompEvent] = []
@@ -184,21 +188,32 @@ class AuditStream:
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             s.bind((0, _AUDIT_NLGRP_READLOG))
-            s.settimeout(0.1)
+            s.setblocking(False)
         except OSError as exc:
             self.error = f"cannot join the kernel audit multicast group ({exc.strerror or exc})"
             return False
         self._sock = s
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._loop, name=f"audit-{self.key}", daemon=True)
         self._thread.start()
         return True
 
     def _loop(self) -> None:
+        """Wait for records or for `stop`'s wake-up; on stop, read what the socket still holds first, so
+        that a record the kernel queued just before the run ended is counted (and stop returns at once
+        instead of after a poll interval)."""
         assert self._sock is not None
-        while not self._stop.is_set():
+        sock, wake = self._sock, self._wake_r
+        stopping = False
+        while True:
+            if not stopping:
+                ready, _, _ = select.select([sock.fileno(), wake], [], [])
+                stopping = wake in ready
             try:
-                data = self._sock.recv(1 << 16)
-            except TimeoutError:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                if stopping:
+                    return
                 continue
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # the socket overflowed: records were lost
@@ -246,11 +261,18 @@ class AuditStream:
     def stop(self) -> None:
         """Stop reading; events whose EOE never came are finished as they are (never dropped)."""
         self._stop.set()
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
         for serial in list(self._pending):
             ts, recs = self._pending.pop(serial)
             self._finish(ts, recs)
