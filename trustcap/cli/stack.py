@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from trustcap.cli._stack_images import add_images_parser
 from trustcap.stack.stack import Stack
 
 console = Console(stderr=True, highlight=False)
@@ -33,6 +34,7 @@ def register(sub: Any) -> None:
     ssub.add_parser("status", help="show each part and where it listens").set_defaults(func=_status)
     ssub.add_parser("env", help="print shell export lines: eval \"$(trustcap stack env)\"").set_defaults(
         func=_env)
+    add_images_parser(ssub)
 
 
 def _stack(args: argparse.Namespace) -> Stack:
