@@ -4,8 +4,9 @@ into the local Docker Engine; the arm64 build runs under qemu-user-static throug
 SLOW on a first run. Measured on the 2-core lab machine (shared): amd64 and arm64 from an empty cache
 took 20 min 39 s (amd64 about 4.5 min; arm64 about 16 min, most of it debootstrap's second stage under
 qemu); after a source change, which rebuilds only the wheel and the layers, about 2 min; with nothing
-changed 2.4 s. The suite itself adds about 3 min (the arm64 entrypoints run under emulation). Nothing here is skipped: a missing prerequisite
-(root, debootstrap, Docker, a binfmt_misc handler for aarch64) fails with the command that fixes it.
+changed 2.4 s. The suite itself adds about 3 min (the arm64 entrypoints run under emulation). Nothing here
+is skipped: a missing prerequisite (root, debootstrap, Docker, a binfmt_misc handler for aarch64) fails
+with the command that fixes it.
 """
 
 from __future__ import annotations

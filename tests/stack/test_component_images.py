@@ -98,7 +98,7 @@ def test_pip_platforms_cover_bookworms_glibc_and_no_newer() -> None:
 
 def test_pip_argv_fetch_only_wheels_for_the_target(tmp_path: Path) -> None:
     dl = ci.pip_download_argv(tmp_path / "t.whl", tmp_path / "wh", "arm64", tmp_path / "c.txt")
-    assert dl[1:4] == ["-m", "pip", "download"]
+    assert dl[1:5] == ["-P", "-m", "pip", "download"]  # safe-path mode (decision 0001)
     assert "--only-binary=:all:" in dl and dl[dl.index("--python-version") + 1] == "3.11"
     assert dl[dl.index("--abi") + 1] == "cp311" and dl[dl.index("--constraint") + 1] == str(tmp_path / "c.txt")
     inst = ci.pip_install_argv(tmp_path / "t.whl", tmp_path / "wh", tmp_path / "site", "arm64")

@@ -137,13 +137,13 @@ def _pip_target_flags(arch: str) -> list[str]:
 
 
 def pip_download_argv(wheel: Path, dest: Path, arch: str, constraints: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest), *_pip_target_flags(arch),
+    return [sys.executable, "-P", "-m", "pip", "download", "--quiet", "--dest", str(dest), *_pip_target_flags(arch),
             "--constraint", str(constraints), str(wheel)]
 
 
 def pip_install_argv(wheel: Path, wheelhouse: Path, site: Path, arch: str) -> list[str]:
     # --no-index: the layer is made only from the wheelhouse, so the same wheelhouse gives the same layer.
-    return [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheelhouse),
+    return [sys.executable, "-P", "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheelhouse),
             "--target", str(site), *_pip_target_flags(arch), "--no-compile", "--no-warn-script-location",
             str(wheel)]
 
@@ -284,7 +284,7 @@ def _wheel(root: Path, version: str, progress: Progress) -> Path:
     found = sorted(dest.glob("trustcap-*.whl"))
     if not found:
         with tempfile.TemporaryDirectory(prefix="trustcap-wheel-", dir=_cache()) as tmp:
-            _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", tmp, str(root)],
+            _run([sys.executable, "-P", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", tmp, str(root)],
                  "building the trustcap wheel (pip wheel)")
             found = sorted(Path(tmp).glob("trustcap-*.whl"))
             if not found:
