@@ -36,7 +36,8 @@ log = logging.getLogger("trustcap.netboot")
 
 BASE_IMAGE = "trustcap/base:bookworm"
 PURE_DEPS = ("tftpy", "prometheus_client", "rfc8785")
-CORE_FILES = ("__init__.py", "errors.py", "canonical.py")
+# the core files netboot imports (the container holds no other trustcap code)
+CORE_FILES = ("__init__.py", "errors.py", "canonical.py", "bootimage.py", "forms.py", "kubeclient.py")
 # Bind :67/:69, DHCP raw sockets and ARP (dnsmasq), drop to nobody (SETUID/SETGID), and signal dnsmasq once
 # it runs as nobody (KILL). Everything else is dropped.
 CAPS = ["NET_BIND_SERVICE", "NET_RAW", "NET_ADMIN", "SETUID", "SETGID", "KILL"]
