@@ -16,9 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # run as the lab's --reboot-command: safe-path mode leaves this folder off sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netlab import in_netns
 
 __all__ = ["LabLink", "QemuHpc", "in_netns", "qemu_available", "qmp_system_reset"]
