@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import kopf
 from trustcap.operator.conditions import READY, ConditionStatus, set_condition, utcnow
+from trustcap.operator.kube import seconds_setting
 
 from trustcap.bootimage import BootImageSpecError, image_id_of_spec
 from trustcap.chain.bootimages import ApprovalHistory, BootImageRegistry
@@ -143,17 +144,7 @@ def expire(spec: Mapping[str, Any], status: Mapping[str, Any], *, generation: in
 
 def max_age_s() -> float:
     """The operator setting TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS (a positive number of seconds)."""
-    raw = os.environ.get("TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS", "")
-    if not raw:
-        return MAX_AGE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise kopf.PermanentError(f"TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS={raw!r} is not a positive number of "
-                                  "seconds; unset it for the default of 600")
-    return value
+    return float(seconds_setting("TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS", MAX_AGE_S))
 
 
 def _with(status: Mapping[str, Any], generation: int, now: datetime, *, fields: Mapping[str, Any],

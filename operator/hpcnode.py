@@ -38,7 +38,6 @@ policy digest its verifiers must apply (`spec.policy.digest`), the digest the ga
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Any, Final
 import kopf
 from pydantic import ValidationError
 from trustcap.operator import conditions as cond
+from trustcap.operator.kube import seconds_setting
 
 from trustcap import canonical
 from trustcap.evidence import NonceRegistry, Report, Severity, SignedQuote, address_of, appraise_quote, quote_digest
@@ -106,17 +106,7 @@ ENROLMENT_MAX_AGE_S: Final = 1800.0
 
 def enrolment_max_age_s() -> float:
     """The operator setting TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS (a positive number of seconds)."""
-    raw = os.environ.get("TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS", "")
-    if not raw:
-        return ENROLMENT_MAX_AGE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise kopf.PermanentError(f"TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS={raw!r} is not a positive number of "
-                                  "seconds; unset it for the default of 1800")
-    return value
+    return float(seconds_setting("TRUSTCAP_ENROLMENT_MAX_AGE_SECONDS", ENROLMENT_MAX_AGE_S))
 
 
 def new_challenge(now: datetime) -> dict[str, str]:

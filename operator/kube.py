@@ -15,6 +15,24 @@ from typing import Any, Final, cast
 
 from trustcap.operator.errors import OperatorError
 
+
+def seconds_setting(name: str, default: float) -> float:
+    """The operator setting `name` from the environment: a positive number of seconds, or `default` unset.
+    Anything else is a kopf.PermanentError that names the setting and the default."""
+    import kopf
+
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise kopf.PermanentError(f"{name}={raw!r} is not a positive number of seconds; unset it for the "
+                                  f"default of {default:g}")
+    return value
+
 GROUP: Final = "trustcap.io"
 VERSION: Final = "v1alpha1"
 TIMEOUT_S: Final = 15.0
