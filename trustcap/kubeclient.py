@@ -4,18 +4,34 @@ A kubeconfig path when one is given (the local stack, a person's machine), else 
 (`in-cluster`, as the chart runs the operator and the gateways): `api_client`. A person's command and
 netboot on a Pi have no service account, so without a path they look where kubectl does ($KUBECONFIG,
 then ~/.kube/config): `local_api_client`. Errors are the kubernetes library's own
-(ConfigException, OSError, ValueError, yaml.YAMLError): each caller names them in its own terms.
+(ConfigException, OSError, ValueError, yaml.YAMLError): each caller names them in its own terms. A call
+that cannot reach the server raises urllib3's errors (MaxRetryError once its retries are spent), which are
+not OSError: `TRANSPORT_ERRORS` names both, for every caller's `except`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["api_call", "api_client", "local_api_client"]
+__all__ = ["TRANSPORT_ERRORS", "api_call", "api_client", "local_api_client"]
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The socket's errors and urllib3's own. Where the kubernetes client (and so urllib3) is not installed,
+    as in the netboot container, which talks to no API server, nothing can raise urllib3's."""
+    try:
+        import urllib3.exceptions
+    except ImportError:
+        return (OSError,)
+    return (OSError, urllib3.exceptions.HTTPError)
+
+
+# the API server is down, refused, reset or timed out
+TRANSPORT_ERRORS: Final[tuple[type[Exception], ...]] = _transport_errors()
 
 
 def api_client(kubeconfig: str | Path | None = None, *, error: Callable[[str], Exception] | None = None) -> Any:
@@ -62,5 +78,5 @@ def api_call(what: str, call: Callable[[], T], *, error: Callable[[str], Excepti
         if absent is not None and exc.status == absent:
             return None
         raise error(f"{what}: {exc.status or ''} {exc.reason or exc}".strip()) from exc
-    except OSError as exc:
+    except TRANSPORT_ERRORS as exc:
         raise error(f"{what}: {exc}") from exc

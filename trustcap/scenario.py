@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from trustcap.api import CAPSULES, GROUP, VERSION
 from trustcap.errors import TrustcapError
 from trustcap.stack import paths
 
@@ -116,7 +117,7 @@ def wait_capsule(custom: Any, namespace: str, name: str, until: Callable[[dict[s
     deadline = time.monotonic() + timeout
     last = ""
     while True:
-        obj: dict[str, Any] = custom.get_namespaced_custom_object("trustcap.io", "v1alpha1", namespace, "capsules",
+        obj: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, CAPSULES,
                                                                   name)
         st = obj.get("status") or {}
         sig = f"{st.get('phase')}|{[(c['type'], c['status'], c['reason']) for c in st.get('conditions') or []]}"

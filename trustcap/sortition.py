@@ -290,13 +290,14 @@ def verify_committee(
 
 
 class ChainView(Protocol):
-    """The reads `select_from_chain` needs: `trustcap.chain.escrow.ChainView` (Escrow implements it).
-    Declared here so sortition does not import the chain layer at run time."""
+    """The reads `select_from_chain` needs (`trustcap.chain.escrow.ChainView` adds the verdicts' domain;
+    Escrow implements both). Declared here so sortition does not import the chain layer at run time."""
 
     def task(self, task_id: bytes) -> TaskInfo | None: ...
     def block_hash(self, number: int) -> bytes | None: ...
     def commitment(self, task_id: bytes, node: str) -> bytes | None: ...
     def committers(self, task_id: bytes) -> list[str]: ...
+    def committed_weight(self, task_id: bytes, node: str) -> tuple[int, int] | None: ...
     def node(self, address: str) -> NodeInfo | None: ...
 
 
@@ -308,7 +309,7 @@ class Selection:
     committee: tuple[str, ...]
     alpha: bytes
     seed: bytes
-    skipped: tuple[str, ...]  # committed but did not reveal, or revealed badly, or is not an active staked node
+    skipped: tuple[str, ...]  # committed but did not reveal, or revealed badly, or is no longer registered
 
 
 def _norm(address: str) -> str:
@@ -319,11 +320,14 @@ def select_from_chain(view: ChainView, task_id: bytes, reveals: Iterable[Reveal]
     """The selection of a task, from the chain alone; the caller's word counts for nothing.
 
     k and the funding block come from the escrow (getTask), the seed is the hash of the block after the
-    funding block, the candidates are the task's on-chain committers with the key, stake and reputation
-    the registry holds. Each reveal counts only if it opens its node's on-chain commitment and its proof
-    verifies under that node's registered VRF key; a committer without such a reveal is skipped (named
-    in `skipped`), so withholding a reveal cannot stall selection. Executor = lowest draw, committee = the
-    next k. SortitionError names the cause when fewer than k + 1 valid reveals exist."""
+    funding block, the candidates are the task's on-chain committers: each registered before the seed
+    block (the contract refuses any other commit, decision 0115), with the VRF key the registry holds and
+    the stake and reputation the contract kept at its commit (`committed_weight`). Those weights do not
+    move afterwards, so a check run after a settlement or a slash weighs the draw as the scheduler did.
+    Each reveal counts only if it opens its node's on-chain commitment and its proof verifies under that
+    node's registered VRF key; a committer without such a reveal is skipped (named in `skipped`), so
+    withholding a reveal cannot stall selection. Executor = lowest draw, committee = the next k.
+    SortitionError names the cause when fewer than k + 1 valid reveals exist."""
     if not isinstance(task_id, bytes) or len(task_id) != 32:
         raise SortitionError("task id must be 32 bytes")
     task = view.task(task_id)
@@ -357,18 +361,21 @@ def select_from_chain(view: ChainView, task_id: bytes, reveals: Iterable[Reveal]
 
 def _check_committer(view: ChainView, task_id: bytes, alpha: bytes, node_id: str, mine: list[Reveal],
                      betas: dict[str, bytes], weights: dict[str, int]) -> str:
-    """Record a committer's beta and weight, or return why it does not count."""
+    """Record a committer's beta and weight, or return why it does not count.
+
+    Active is not asked here: the contract checked it at the commit, and asking again would let a slash
+    landing after the selection (by this task or another) change who had been selected."""
     info = view.node(node_id)
-    if info is None or not info.active:
-        return "not an active registered node"
-    try:
-        weights[node_id] = weight(info.stake, info.reputation_bp)
-    except SortitionError as exc:
-        return str(exc)
+    if info is None:
+        return "not a registered node (its VRF key is unknown)"
     expected = view.commitment(task_id, node_id)
-    if expected is None:
-        del weights[node_id]
+    kept = view.committed_weight(task_id, node_id)
+    if expected is None or kept is None:
         return "no commitment on chain"
+    try:
+        weights[node_id] = weight(*kept)
+    except SortitionError as exc:
+        return f"its weight at the commit: {exc}"
     if not mine:
         del weights[node_id]
         return "committed but did not reveal"

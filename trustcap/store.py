@@ -17,7 +17,8 @@ so a store that swaps, truncates or corrupts a blob is caught at the read, namin
 Two backends, chosen by URL (`open_store`):
 
 - `file:///path` (or `file:` for `$XDG_DATA_HOME/trustcap/store`, default ~/.local/share/trustcap/store):
-  one file per CID, written to a temporary file, fsynced and renamed, mode 0600 in a 0700 folder.
+  one file per CID, written whole (trustcap.atomicfile: temporary file, fsync, rename), mode 0600
+  in a 0700 folder.
 - `kubo+http://127.0.0.1:5001`: kubo's HTTP RPC. `put` is `POST /api/v0/add?cid-version=1&raw-leaves=true
   &pin=true&chunker=size-1048576`; `get` is `POST /api/v0/block/get?arg=CID`.
 
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trustcap import cid as cids
+from trustcap.atomicfile import write_atomic
 from trustcap.errors import TrustcapError
 
 __all__ = ["DEFAULT_URL", "MAX_BLOCK", "FileStore", "KuboStore", "NotInStore", "Store", "StoreError",
@@ -121,16 +123,7 @@ class FileStore:
                     return cid  # already here, and whole
                 except cids.CidMismatch:
                     pass  # a damaged copy: write it again
-            tmp = self.root / f".{cid}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomic(path, data, mode=0o600)
         except OSError as exc:
             raise StoreError(f"cannot write {cid} to store {self.url}: {exc.strerror or exc} (check that "
                              f"{self.root} is a writable folder, or pass another --store)") from exc

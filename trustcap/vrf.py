@@ -7,12 +7,13 @@ one output per (key, input), with a proof that binds it to the public key.
 
 Why this suite: P-256 is what the RFC's vectors cover for the NIST curves. The curve arithmetic is native
 code, because every committee member verifies every other member's draw and pure-Python arithmetic made
-that the slowest step of a round (docs/decisions/0100-native-crypto.md): multiples of the generator from
-OpenSSL (through `cryptography`, as the public key of the scalar), every other multiplication and
-addition from `fastecdsa` (Rust), square roots from GMP (`gmpy2`); the RFC 6979 nonce comes from
-`ecdsa`. Everything the RFC defines on top of the arithmetic (hash_to_curve by try-and-increment, the
-challenge, encodings and every check) is written here step by step, with the RFC's step numbers in
-comments, so that a reader can hold this file against the RFC.
+that the slowest step of a round (docs/decisions/0100-native-crypto.md). All of it, square roots
+included, is OpenSSL's libcrypto through the small binding `trustcap._p256`
+(docs/decisions/0101-vrf-on-openssl.md), so every multiplication by the secret key or the nonce is
+OpenSSL's constant-time P-256 code; the RFC 6979 nonce comes from `ecdsa`. Everything the RFC defines on
+top of the arithmetic (hash_to_curve by try-and-increment, the challenge, encodings and every check) is
+written here step by step, with the RFC's step numbers in comments, so that a reader can hold this file
+against the RFC.
 
 Interface (other components rely on it):
     prove(secret_key, alpha) -> pi (81 bytes)
@@ -40,12 +41,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-import gmpy2
-from cryptography.hazmat.primitives.asymmetric import ec
 from ecdsa.rfc6979 import generate_k
-from fastecdsa.curve import P256
-from fastecdsa.point import Point  # type: ignore[attr-defined]  # re-exported from its Rust core, untyped
 
+from trustcap import _p256
+from trustcap._p256 import Point
 from trustcap.errors import InvalidKey, InvalidProof
 
 __all__ = [
@@ -63,14 +62,10 @@ __all__ = [
 
 # Section 5.5, ECVRF-P256-SHA256-TAI.
 SUITE_STRING = b"\x01"
-_CURVE = P256
-_B: Point = P256.G
-_P: int = P256.p
-_Q: int = P256.q
-_A: int = P256.a
-_BCOEF: int = P256.b
-_SQRT_EXP = (_P + 1) // 4
-_OPENSSL_P256 = ec.SECP256R1()
+_P: int = _p256.P
+_Q: int = _p256.Q
+_A: int = _p256.A
+_BCOEF: int = _p256.B
 C_LEN = 16  # cLen: the challenge is truncated to 128 bits
 Q_LEN = 32  # qLen
 PT_LEN = 33  # ptLen: SEC1 compressed point
@@ -97,27 +92,15 @@ def _string_to_int(data: bytes) -> int:
 
 
 def _is_identity(point: Point) -> bool:
-    """fastecdsa keeps the identity as a projective point with z = 0 (its x, y are no coordinates)."""
-    return point.z == 0
+    return point.is_identity()
 
 
 def _point_to_string(point: Point) -> bytes:
     """SEC1 2.3.3 with point compression: 0x02/0x03 by the parity of y, then x in 32 bytes."""
-    if _is_identity(point):  # no compressed encoding exists; callers check before, this is the backstop
-        raise InvalidProof("the identity point has no compressed encoding")
-    x, y = point.x, point.y
-    return bytes([2 + (y & 1)]) + _int_to_string(x, 32)
-
-
-def _base_mul(scalar: int) -> Point:
-    """scalar*B. A multiple of the generator is what a public key is, so OpenSSL computes it (as the
-    public key of `scalar`), with its precomputed tables and in constant time: ~20x faster here than
-    fastecdsa's multiplication, which has no tables for B."""
-    scalar %= _Q
-    if scalar == 0:  # no private key is 0; only a verifier's s (which may be 0) gets here with it
-        return _B * 0
-    numbers = ec.derive_private_key(scalar, _OPENSSL_P256).public_key().public_numbers()
-    return Point(numbers.x, numbers.y, curve=_CURVE)
+    try:
+        return point.compressed()
+    except ValueError:  # the identity has none; callers check before, this is the backstop
+        raise InvalidProof("the identity point has no compressed encoding") from None
 
 
 def _string_to_point(data: bytes) -> Point | None:
@@ -128,18 +111,9 @@ def _string_to_point(data: bytes) -> Point | None:
     """
     if len(data) != PT_LEN or data[0] not in (2, 3):
         return None
-    x = _string_to_int(data[1:])
-    if x >= _P:
-        return None
-    rhs = (pow(x, 3, _P) + _A * x + _BCOEF) % _P
-    # p = 3 mod 4 for P-256: the square root, if there is one. GMP's powmod, not Python's pow: a verify
-    # takes five of these, and Python's 256-bit exponentiation made them a third of its time.
-    y = int(gmpy2.powmod(rhs, _SQRT_EXP, _P))
-    if (y * y) % _P != rhs:
-        return None
-    if (y & 1) != (data[0] & 1):
-        y = _P - y
-    return Point(x, y, curve=_CURVE)  # checks once more that (x, y) is on the curve
+    # x < p, y = sqrt(x^3 + ax + b) of the tagged parity (p = 3 mod 4), (x, y) on the curve: OpenSSL's
+    # SEC1 decoding (EC_POINT_oct2point), which refuses anything else.
+    return _p256.from_compressed(data)
 
 
 def _secret_scalar(secret_key: bytes) -> int:
@@ -213,7 +187,7 @@ def _gamma_to_hash(gamma: Point) -> bytes:
 
 def public_key(secret_key: bytes) -> bytes:
     """The VRF public key PK_string = point_to_string(x*B) of a 32-byte secret scalar."""
-    return _point_to_string(_base_mul(_secret_scalar(secret_key)))
+    return _point_to_string(_p256.base_mul(_secret_scalar(secret_key)))
 
 
 def prove(secret_key: bytes, alpha: bytes) -> bytes:
@@ -221,18 +195,18 @@ def prove(secret_key: bytes, alpha: bytes) -> bytes:
     x = _secret_scalar(secret_key)
     alpha = bytes(alpha)
     # 1. Y = x*B; PK_string = point_to_string(Y)
-    y_point = _base_mul(x)
+    y_point = _p256.base_mul(x)
     pk_string = _point_to_string(y_point)
     # 2. H = ECVRF_encode_to_curve(encode_to_curve_salt = PK_string, alpha_string)
     h_point, _ = _encode_to_curve(pk_string, alpha)
     # 3. h_string = point_to_string(H)
     h_string = _point_to_string(h_point)
     # 4. Gamma = x*H
-    gamma = h_point * x
+    gamma = _p256.mul(h_point, x)
     # 5. k = ECVRF_nonce_generation(SK, h_string)
     k = _nonce(x, h_string)
     # 6. c = ECVRF_challenge_generation(Y, H, Gamma, k*B, k*H)
-    c = _challenge(y_point, h_point, gamma, _base_mul(k), h_point * k)
+    c = _challenge(y_point, h_point, gamma, _p256.base_mul(k), _p256.mul(h_point, k))
     # 7. s = (k + c*x) mod q
     s = (k + c * x) % _Q
     # 8. pi_string = point_to_string(Gamma) || int_to_string(c, cLen) || int_to_string(s, qLen)
@@ -253,15 +227,16 @@ def evaluate(secret_key: bytes, alpha: bytes) -> bytes:
     only needs its own draw (and for statistical tests that need thousands of real VRF outputs).
     """
     x = _secret_scalar(secret_key)
-    h_point, _ = _encode_to_curve(_point_to_string(_base_mul(x)), bytes(alpha))
-    return _gamma_to_hash(h_point * x)
+    h_point, _ = _encode_to_curve(_point_to_string(_p256.base_mul(x)), bytes(alpha))
+    return _gamma_to_hash(_p256.mul(h_point, x))
 
 
 def verify(public_key: bytes, pi: bytes, alpha: bytes) -> bytes:
     """ECVRF_verify (section 5.3) with key validation: beta if `pi` proves `alpha` under `public_key`.
 
     Raises InvalidProof on ANY failure (bad key encoding, malformed proof, wrong key or input), so a
-    caller can never mistake a failure for an output.
+    caller can never mistake a failure for an output. A fault that is not the input's (libcrypto
+    missing, OpenSSL out of memory) raises `_p256.OpenSSLError` instead: no verdict on the proof.
     """
     if not isinstance(public_key, (bytes, bytearray)) or not isinstance(alpha, (bytes, bytearray)):
         raise InvalidProof("VRF public key and alpha must be bytes")
@@ -277,10 +252,10 @@ def verify(public_key: bytes, pi: bytes, alpha: bytes) -> bytes:
     gamma, c, s = _decode_proof(pi)
     # 6. H = ECVRF_encode_to_curve(encode_to_curve_salt = PK_string, alpha_string)
     h_point, _ = _encode_to_curve(pk_string, bytes(alpha))
-    # 7. U = s*B - c*Y  (as s*B + (q-c)*Y: a scalar of 0 gives the identity, which addition absorbs)
-    u_point = _base_mul(s) + y_point * ((_Q - c) % _Q)
-    # 8. V = s*H - c*Gamma
-    v_point = h_point * s + gamma * ((_Q - c) % _Q)
+    # 7. U = s*B - c*Y  (as s*B + (q-c)*Y, one OpenSSL call; a scalar of 0 gives the identity)
+    u_point = _p256.base_mul_add(s, y_point, (_Q - c) % _Q)
+    # 8. V = s*H - c*Gamma  (as s*H + (q-c)*Gamma)
+    v_point = _p256.add(_p256.mul(h_point, s), _p256.mul(gamma, (_Q - c) % _Q))
     if _is_identity(u_point) or _is_identity(v_point):
         # An honest proof never yields the identity here (probability ~2^-256); a forged one may try.
         raise InvalidProof("VRF proof does not verify: U or V is the identity")

@@ -6,7 +6,8 @@
         HPCNode objects                                              |  veth 169.254.(80+i).2/30 only
       anvil (its own, 1 s blocks)  <- contracts, 4 nodes             |
       gateway i (trust root i)  169.254.(80+i).1 <-------------------+
-        participant, committee member, runner; relay on 127.0.0.1 (with /v1/cosign for the chain-writer)
+        participant, committee member, runner; relay on 127.0.0.1 (with /v1/cosign for the chain-writer);
+        /metrics (its own and its agent's, fetched over the channel) on its own 127.0.0.1 port
       brokers B and C (127.0.0.1), a file store
 
 Why a world of its own: the demo and the e2e must show the seed's mission on real components (the API
@@ -40,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from trustcap.api import ATTESTATIONS, BOOTIMAGES, CAPSULERUNS, CAPSULES, GATEWAYS, GROUP, HPCNODES, VERSION
 from trustcap.errors import TrustcapError
 
 __all__ = ["SYSTEM_NAMESPACE", "World", "WorldError"]
@@ -48,21 +50,7 @@ SYSTEM_NAMESPACE = "trustcap-system"
 BOOT_DIGEST = "0x" + "b0" * 32  # the (simulated) approved boot image every agent here reports
 AGENT_PORT = 7100
 WORLD_LABEL = "trustcap.io/world"
-GUARD_TABLE = "trustcap_world_guard"
-GUARD_RULES = f"""table inet {GUARD_TABLE} {{
-  chain input {{
-    type filter hook input priority filter - 10; policy accept;
-    iifname "tcg*" tcp dport {AGENT_PORT} accept
-    iifname "tcg*" counter log prefix "trustcap-hpc-deny " drop
-  }}
-  chain forward {{
-    type filter hook forward priority filter - 10; policy accept;
-    iifname "tcg*" counter log prefix "trustcap-hpc-deny " drop
-  }}
-}}
-"""
-_KINDS = ("capsules", "capsuleruns", "attestations", "hpcnodes", "gateways", "bootimages")
-GROUP, VERSION = "trustcap.io", "v1alpha1"
+_KINDS = (CAPSULES, CAPSULERUNS, ATTESTATIONS, HPCNODES, GATEWAYS, BOOTIMAGES)
 Progress = Callable[..., None]
 
 
@@ -116,6 +104,7 @@ class World:
     _owner: Any = None
     _keys: Path = Path()
     _policy: Path = Path()
+    _saved_guards: dict[str, str] = field(default_factory=dict)
 
     # --- the one entry point -------------------------------------------------------------------------
     @classmethod
@@ -220,7 +209,7 @@ class World:
             client.w3.provider.make_request("anvil_setBalance", [root.address, hex(100 * 10**18)])  # type: ignore[arg-type]
             self.gateways.append({"index": i, "address": root.address.lower(), "root": root, "home": home,
                                   "name": f"gw-{i}", "node": f"hpc-{i}", "ip": f"169.254.{80 + i}.1",
-                                  "hpc_ip": f"169.254.{80 + i}.2", "netns": f"tcw{i}"})
+                                  "hpc_ip": f"169.254.{80 + i}.2", "netns": f"tcw{i}", "link": f"tcg{i}"})
             specs.append(NodeSpec(root, root.vrf_public_key(), bytes.fromhex(root.address[2:]).rjust(32, b"\0")))
         # quorum 2: two verifier gateways co-sign each batch (module docstring); no extra signer nodes.
         # Commits close 6 s after funding on the chain's clock (decision 0096): each gateway polls every
@@ -247,6 +236,7 @@ class World:
         for g in self.gateways:
             root = g["root"]
             g["relay_port"] = _free_port()
+            g["metrics_port"] = _free_port()  # each gateway's own: they share this host's loopback
             objs.append({"apiVersion": f"{GROUP}/{VERSION}", "kind": "Gateway",
                          "metadata": {"name": g["name"], "labels": {WORLD_LABEL: "true"}},
                          "spec": {"address": root.address, "signingKey": "0x" + root.public_key().hex(),
@@ -262,7 +252,7 @@ class World:
         owner.transact(owner.contract("NodeRegistry", d.registry).functions.approveBootImage(image_id_of_spec(boot)))
         policy = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GatewayPolicy",
                   "monitor": {"meanIntervalSeconds": 5, "minIntervalSeconds": 1, "maxQuoteAgeSeconds": 30},
-                  "actions": {"critical": "report", "high": "report", "medium": "report", "low": "report",
+                  "actions": {"critical": "report", "high": "report", "medium": "report",
                               "unreachable": "report"},
                   "attestation": {"bootImages": [BOOT_DIGEST], "allowUnlistedMeasurements": True}}
         self._policy = self.workdir / "gateway-policy.yaml"
@@ -300,16 +290,18 @@ class World:
                     env=env)
 
     def _pairs(self) -> None:
-        self.guard_on()
-        self._cleanup.callback(self.guard_off)
+        # each gateway guards its own HPC link (--hpc-link) and leaves the table on exit (fail closed):
+        # the world removes them at teardown
+        self._cleanup.callback(self._remove_guards)
         for g in self.gateways:
             self._netns(g)
             token = self.workdir / f"gw{g['index']}" / "token"
             self._spawn(g["name"], [
                 sys.executable, "-P", "-m", "trustcap.gateway", "--trustroot", str(g["home"]),
                 "--kek-file", str(g["home"].parent / "kek"), "--node", g["node"], "--boot-digest", BOOT_DIGEST,
-                "--policy", str(self._policy), "--listen", f"{g['ip']}:{AGENT_PORT}",
-                "--relay", f"127.0.0.1:{g['relay_port']}", "--token-file", str(token),
+                "--policy", str(self._policy), "--listen", f"{g['ip']}:{AGENT_PORT}", "--hpc-link", g["link"],
+                "--relay", f"127.0.0.1:{g['relay_port']}", "--metrics-address", f"127.0.0.1:{g['metrics_port']}",
+                "--token-file", str(token),
                 "--kubeconfig", str(self.kubeconfig), "--chain-rpc", self.rpc_url,
                 "--deployment", str(self.deployment), "--system-namespace", SYSTEM_NAMESPACE,
                 "--journal", str(self.workdir / f"gw{g['index']}" / "journal.jsonl")], ready_stdout=True)
@@ -323,31 +315,47 @@ class World:
                 "--node", g["node"]])
 
     # --- the Pi's guard on every HPC link ------------------------------------------------------------
-    def guard_on(self) -> None:
-        """What each Pi enforces on its HPC link: from an HPC only the agent channel to its own gateway;
-        anything else, to the host or forwarded beyond it, is counted and dropped (the per-run egress
-        tables of gateway/egress.py add a run's declared endpoints on a real Pi). Capsule runs here have
-        no network of their own (the executor's `none`)."""
-        self.guard_off()
-        _run(["nft", "-f", "-"], stdin=GUARD_RULES)
+    # Each gateway installs it (`--hpc-link`, gateway/egress.py): from its HPC only the agent channel
+    # and netboot reach the Pi, nothing is forwarded, every other attempt is counted and dropped. The
+    # world only reads it, and for a control takes it off and puts the very same table back.
+    def _link_tables(self) -> list[str]:
+        return [f"trustcap_link_{g['link']}" for g in self.gateways]
 
     def guard_off(self) -> None:
-        subprocess.run(["nft", "delete", "table", "inet", GUARD_TABLE], capture_output=True, check=False)
+        """Delete every gateway's link table, keeping its text (rules, sets, counters) for `guard_on`."""
+        for table in self._link_tables():
+            listed = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True,
+                                    check=False)
+            if listed.returncode == 0:
+                self._saved_guards[table] = listed.stdout
+                subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+
+    def guard_on(self) -> None:
+        """Put back the tables `guard_off` took off, exactly as the gateways had installed them."""
+        for table, text in list(self._saved_guards.items()):
+            _run(["nft", "-f", "-"], stdin=text)
+            del self._saved_guards[table]
+
+    def _remove_guards(self) -> None:
+        for table in self._link_tables():
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+        self._saved_guards.clear()
 
     def guard_drops(self) -> int:
-        """Packets the guard dropped so far (its counter, read back from the kernel)."""
-        out = subprocess.run(["nft", "-j", "list", "table", "inet", GUARD_TABLE], capture_output=True, text=True,
-                             check=False).stdout
+        """Packets the gateways' guards dropped so far (their counters, read back from the kernel)."""
         total = 0
-        for item in (json.loads(out).get("nftables", []) if out else []):
-            for expr in (item.get("rule") or {}).get("expr", []):
-                if "counter" in expr:
-                    total += int(expr["counter"].get("packets", 0))
+        for table in self._link_tables():
+            out = subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True,
+                                 check=False).stdout
+            for item in (json.loads(out).get("nftables", []) if out else []):
+                counter = item.get("counter") or {}
+                if counter.get("name") in ("denied", "denied_gateway"):
+                    total += int(counter.get("packets", 0))
         return total
 
     def _netns(self, g: dict[str, Any]) -> None:
         ns, i = g["netns"], g["index"]
-        host, peer = f"tcg{i}", f"tch{i}"
+        host, peer = g["link"], f"tch{i}"
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)  # a crashed earlier run's
         subprocess.run(["ip", "link", "del", host], capture_output=True, check=False)
         for cmd in (["ip", "netns", "add", ns],
@@ -362,8 +370,8 @@ class World:
         deadline = time.monotonic() + timeout
         while True:
             self.check_alive()
-            nodes = json.loads(self._kubectl("get", "hpcnodes", "-o", "json"))["items"]
-            gws = json.loads(self._kubectl("get", "gateways", "-o", "json"))["items"]
+            nodes = json.loads(self._kubectl("get", HPCNODES, "-o", "json"))["items"]
+            gws = json.loads(self._kubectl("get", GATEWAYS, "-o", "json"))["items"]
             mine = {g["node"] for g in self.gateways}
             enrolled = {x["metadata"]["name"] for x in nodes
                         if x["metadata"]["name"] in mine and (x.get("status") or {}).get("agentKey")}
@@ -397,6 +405,7 @@ class World:
         line = proc.stdout.readline().decode(errors="replace").strip()
         if not line.startswith("ready"):
             proc.wait(timeout=10)
+            proc.stdout.close()  # no drain thread will own it
             raise WorldError(f"{name} did not start: {line or 'no output'}; log {log}:\n{p.tail()}")
         threading.Thread(target=_drain, args=(proc.stdout, log), name=f"world-{name}-stdout", daemon=True).start()
         fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
@@ -413,10 +422,10 @@ class World:
 
     def _remove_objects(self) -> None:
         with contextlib.suppress(WorldError):
-            self._kubectl("delete", "capsules", "--all", "-n", self.namespace, "--wait=true", "--timeout=90s")
+            self._kubectl("delete", CAPSULES, "--all", "-n", self.namespace, "--wait=true", "--timeout=90s")
         for kind in _KINDS[1:]:
             with contextlib.suppress(WorldError):  # only this world's: other tests share the cluster
-                which = (["--all", "-n", SYSTEM_NAMESPACE] if kind in ("capsuleruns", "attestations")
+                which = (["--all", "-n", SYSTEM_NAMESPACE] if kind in (CAPSULERUNS, ATTESTATIONS)
                          else ["-l", f"{WORLD_LABEL}=true"])
                 self._kubectl("delete", kind, *which, "--wait=true", "--timeout=60s")
         with contextlib.suppress(WorldError):

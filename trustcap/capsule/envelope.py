@@ -40,7 +40,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -276,18 +276,14 @@ def _authenticate(src: BinaryIO, header: Header, head: bytes, cek: bytes, keep: 
     sig_hash.update(head)
     aead = AESGCM(cek)
     aad = hashlib.sha256(head).digest()
-    remaining = header.plaintext_length
-    for i in range(header.chunk_count):
-        n = min(header.chunk_size, remaining)
-        block = _read_exact(src, n + TAG)
+    for i, nonce, block in _chunks(src, header):
         sig_hash.update(block)
         try:
-            aead.decrypt(_nonce(header.nonce_prefix, i, i == header.chunk_count - 1), block, aad)
+            aead.decrypt(nonce, block, aad)
         except InvalidTag as exc:
             raise EnvelopeTampered(f"envelope chunk {i} does not authenticate") from exc
         if keep is not None:
             keep.write(block)
-        remaining -= n
     signature = _read_exact(src, SIG_LEN)
     if src.read(1):
         raise EnvelopeTruncated("envelope has bytes after its signature")
@@ -299,11 +295,16 @@ def _release(body: BinaryIO, dst: BinaryIO, header: Header, head: bytes, cek: by
     """Decrypt the already authenticated body into `dst`."""
     aead = AESGCM(cek)
     aad = hashlib.sha256(head).digest()
+    for _, nonce, block in _chunks(body, header):
+        dst.write(aead.decrypt(nonce, block, aad))
+
+
+def _chunks(src: BinaryIO, header: Header) -> Iterator[tuple[int, bytes, bytes]]:
+    """(index, nonce, ciphertext+tag) of each body chunk as the header lays them out, read exactly."""
     remaining = header.plaintext_length
     for i in range(header.chunk_count):
         n = min(header.chunk_size, remaining)
-        block = _read_exact(body, n + TAG)
-        dst.write(aead.decrypt(_nonce(header.nonce_prefix, i, i == header.chunk_count - 1), block, aad))
+        yield i, _nonce(header.nonce_prefix, i, i == header.chunk_count - 1), _read_exact(src, n + TAG)
         remaining -= n
 
 

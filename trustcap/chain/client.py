@@ -176,11 +176,13 @@ class ChainClient:
         commit_window: int = 15,
     ) -> Deployment:
         """Deploy and wire the four contracts: the escrow becomes the registry's only slasher (and locker)
-        and the reputation's only recorder. `reputation` = (gain, maxScore, failPenalty, decayPerDay);
+        and the reputation's only recorder. `quorum` = AttestationLog.minQuorum, at least 2 and fixed for
+        good (a batch needs it, or a third of the active nodes if that is more; decision 0115).
+        `reputation` = (gain, maxScore, failPenalty, decayPerDay);
         `commit_window` = seconds after funding that nodes may commit (TaskEscrow.commitWindow)."""
         me = self.signer.address
         registry = self.deploy("NodeRegistry", me, min_deposit, leave_delay)
-        log_addr = self.deploy("AttestationLog", me, registry, quorum)
+        log_addr = self.deploy("AttestationLog", registry, quorum)
         rep = self.deploy("Reputation", me, *reputation)
         escrow = self.deploy("TaskEscrow", me, registry, log_addr, rep, coordinator or me, executor_share_bps,
                              slash_amount, commit_window)

@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol
 
 from web3 import Web3
 
+from trustcap import sortition
 from trustcap.chain.client import ChainClient, Deployment
 from trustcap.chain.errors import ChainError
 from trustcap.chain.typed import verdict_tuple
@@ -63,18 +64,9 @@ class NodeInfo:
     active: bool
 
 
-class ChainView(Protocol):
-    """Reads only: what brokers, `verify capsule` and the operator need from the chain."""
-
-    def task(self, task_id: bytes) -> TaskInfo | None: ...
-
-    def block_hash(self, number: int) -> bytes | None: ...
-
-    def commitment(self, task_id: bytes, node: str) -> bytes | None: ...
-
-    def committers(self, task_id: bytes) -> list[str]: ...
-
-    def node(self, address: str) -> NodeInfo | None: ...
+class ChainView(sortition.ChainView, Protocol):
+    """Reads only: what brokers, `verify capsule` and the operator need from the chain: the selection's
+    reads (`trustcap.sortition.ChainView`) and the verdicts' EIP-712 domain."""
 
     def domain(self) -> Domain: ...
 
@@ -183,10 +175,20 @@ class Escrow:
         return [str(a).lower() for a in self.client.call_fn(self._escrow.functions.committers(
             _b32(task_id, "task id")))]
 
+    def committed_weight(self, task_id: bytes, node: str) -> tuple[int, int] | None:
+        """(stake, reputation in basis points) as the contract kept them at `node`'s commit to the task, or
+        None when it did not commit: the weight inputs of its draw (decision 0115), never the registry's
+        values of now, which later settlements and slashes change."""
+        task, a = _b32(task_id, "task id"), _addr(node, "node")
+        if self.commitment(task, a) is None:
+            return None
+        stake, bp = self.client.call_fn(self._escrow.functions.committedWeightOf(task, a))
+        return int(stake), int(bp)
+
     def node(self, address: str) -> NodeInfo | None:
         a = _addr(address, "node address")
         n = self.client.call_fn(self._registry.functions.nodeOf(a))
-        deposit, _root, _at, _leave, registered, vrf_key = n
+        deposit, _root, _at, _leave, _block, registered, vrf_key = n
         if not registered:
             return None
         if self._max_score is None:

@@ -12,14 +12,16 @@ import argparse
 import importlib
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence as _Sequence
 
-from rich.console import Console
+from rich.console import Console as _Console
 
 from trustcap import __version__
-from trustcap.errors import TrustcapError
+from trustcap.errors import TrustcapError as _TrustcapError
 
-err_console = Console(stderr=True, highlight=False)
+__all__ = ["build_parser", "main"]
+
+_err_console = _Console(stderr=True, highlight=False)
 
 
 def _subcommand_modules() -> list[str]:
@@ -40,16 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: _Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
-    except TrustcapError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    except _TrustcapError as exc:
+        _err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
+        _err_console.print("[yellow]interrupted[/]")
         return 130
     return rc
 

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
+from trustcap.api import CAPSULES, GROUP, VERSION
 from trustcap.cli._progress import step_bar, step_reporter
 from trustcap.errors import TrustcapError
 from trustcap.kubeclient import local_api_client
@@ -104,7 +105,7 @@ def _play(w: Any, names: dict[str, list[str]], digest: str, args: argparse.Names
     bar.stop_task(step)
     custom = client.CustomObjectsApi(local_api_client(w.kubeconfig))
     _delete_if_there(custom, w.namespace, "psi")
-    custom.create_namespaced_custom_object("trustcap.io", "v1alpha1", w.namespace, "capsules", doc)
+    custom.create_namespaced_custom_object(GROUP, VERSION, w.namespace, CAPSULES, doc)
     t_apply = time.time()
     step = bar.add_task("A applied the capsule; waiting for its task id", total=None)
     obj = scenario.wait_capsule(custom, w.namespace, "psi", lambda o: bool((o.get("status") or {}).get("taskId")),
@@ -145,14 +146,14 @@ def _delete_if_there(custom: Any, namespace: str, name: str) -> None:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        custom.delete_namespaced_custom_object("trustcap.io", "v1alpha1", namespace, "capsules", name)
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, CAPSULES, name)
     except ApiException as exc:
         if exc.status == 404:
             return
         raise
     for _ in range(120):
         try:
-            custom.get_namespaced_custom_object("trustcap.io", "v1alpha1", namespace, "capsules", name)
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, CAPSULES, name)
         except ApiException as exc:
             if exc.status == 404:
                 return

@@ -10,9 +10,10 @@ from typing import Any, cast
 from rich.console import Console
 from rich.table import Table
 
+from trustcap.api import CAPSULES, GROUP, VERSION
 from trustcap.cli._chain import open_chain
 from trustcap.errors import TrustcapError
-from trustcap.kubeclient import local_api_client
+from trustcap.kubeclient import TRANSPORT_ERRORS, local_api_client
 
 console = Console(highlight=False)
 
@@ -40,11 +41,11 @@ def read_capsule(name: str, namespace: str, kubeconfig: str | None) -> dict[str,
 
     try:
         api = client.CustomObjectsApi(local_api_client(kubeconfig))
-        doc = cast(dict[str, Any], api.get_namespaced_custom_object("trustcap.io", "v1alpha1", namespace,
-                                                                   "capsules", name))
+        doc = cast(dict[str, Any], api.get_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                   CAPSULES, name))
     except ApiException as exc:
         raise VerifyError(f"cannot read Capsule {namespace}/{name}: {exc.status} {exc.reason}") from None
-    except OSError as exc:
+    except TRANSPORT_ERRORS as exc:
         raise VerifyError(f"cannot reach the API server: {exc} (set KUBECONFIG; `trustcap stack env`)") from None
     return doc
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, Final
 
 
 class Severity(IntEnum):
@@ -20,6 +20,22 @@ class Severity(IntEnum):
     MEDIUM = 1
     HIGH = 2
     CRITICAL = 3
+
+
+# The failure ids callers act on, exported so that they compare against a name, not a spelled string
+# (issue 10 item 6): an id renamed here fails at import where it is used, not silently at run time.
+QUOTE_IDENTITY_AGENT_KEY: Final = "quote.identity.agent_key"
+QUOTE_IDENTITY_NODE: Final = "quote.identity.node"
+QUOTE_IDENTITY_GATEWAY: Final = "quote.identity.gateway"
+QUOTE_SIGNATURE_AGENT: Final = "quote.signature.agent"
+QUOTE_SIGNATURE_GATEWAY: Final = "quote.signature.gateway"
+QUOTE_EXPIRED: Final = "quote.expired"
+QUOTE_PREDATES_CHALLENGE: Final = "quote.predates_challenge"
+QUOTE_FUTURE: Final = "quote.future"
+NONCE_MISMATCH: Final = "nonce.mismatch"
+NONCE_UNKNOWN: Final = "nonce.unknown"
+NONCE_REPLAYED: Final = "nonce.replayed"
+NONCE_EXPIRED: Final = "nonce.expired"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from trustcap.evidence import failure as fid
 from trustcap.evidence.failure import Failure, Severity
 
 __all__ = ["NONCE_LEN", "NonceRegistry"]
@@ -66,13 +67,13 @@ class NonceRegistry:
         issued = self._issued.get(nonce)
         if issued is None:
             if nonce in self._used:
-                return Failure("nonce", "nonce.replayed", Severity.CRITICAL, "nonce was already answered once")
+                return Failure("nonce", fid.NONCE_REPLAYED, Severity.CRITICAL, "nonce was already answered once")
             return Failure(
-                "nonce", "nonce.unknown", Severity.CRITICAL, "nonce was not issued by this verifier (or has expired)"
+                "nonce", fid.NONCE_UNKNOWN, Severity.CRITICAL, "nonce was not issued by this verifier (or has expired)"
             )
         if issued + self.window < now:
             return Failure(
-                "nonce", "nonce.expired", Severity.MEDIUM, f"nonce is older than the {self.window:g} s window"
+                "nonce", fid.NONCE_EXPIRED, Severity.MEDIUM, f"nonce is older than the {self.window:g} s window"
             )
         return None
 

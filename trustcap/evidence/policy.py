@@ -32,6 +32,7 @@ from trustcap import canonical
 from trustcap.evidence.errors import EvidenceFormatError
 from trustcap.evidence.failure import Report, Severity
 from trustcap.evidence.quote import Hex32, Hex33, Name, Quote, Scalar
+from trustcap.forms import field_error
 
 __all__ = ["Policy", "Rule", "check_policy", "load_policy", "parse_policy", "policy_digest"]
 
@@ -77,12 +78,6 @@ class Policy(_Model):
     capsule_state: dict[Name, Rule] = Field(default_factory=dict)
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
-    return f"{where}: {err.get('msg', 'invalid')}"
-
-
 def parse_policy(text: str | bytes) -> Policy:
     """A policy from YAML text; EvidenceFormatError names the field that is wrong."""
     if len(text) > MAX_POLICY_BYTES:
@@ -96,7 +91,7 @@ def parse_policy(text: str | bytes) -> Policy:
     try:
         return Policy.model_validate(doc)
     except ValidationError as exc:
-        raise EvidenceFormatError(f"invalid policy: {_first_error(exc)}") from None
+        raise EvidenceFormatError("invalid policy: {}: {}".format(*field_error(exc))) from None
 
 
 def load_policy(path: str | Path) -> Policy:

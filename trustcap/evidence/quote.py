@@ -26,14 +26,16 @@ The domains keep a quote signature from ever being valid as any other message th
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from eth_utils.address import to_checksum_address
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from trustcap import canonical
+from trustcap.evidence import failure as fid
 from trustcap.evidence.errors import (
     EvidenceFormatError,
     ForgedSignature,
@@ -48,12 +50,16 @@ from trustcap.evidence.errors import (
 from trustcap.evidence.failure import Report, Severity
 from trustcap.evidence.freshness import NonceRegistry
 from trustcap.evidence.signing import Signer, recover_address, recovers_key
+from trustcap.forms import field_error
 
 __all__ = [
     "Quote",
     "SignedQuote",
+    "agent_sign_quote",
     "appraise_quote",
+    "countersign_quote",
     "decode_signed_quote",
+    "decode_wire",
     "encode_signed_quote",
     "new_quote",
     "quote_digest",
@@ -121,53 +127,94 @@ def _gateway_digest(qd: bytes, agent_signature: bytes) -> bytes:
     return canonical.digest({"domain": "trustcap/quote/gateway/v1", "quote": qd, "agent_signature": agent_signature})
 
 
-def sign_quote(quote: Quote, agent: Signer, gateway: Signer) -> SignedQuote:
-    """The agent signs, then the gateway countersigns both the quote and the agent's signature."""
+def agent_sign_quote(quote: Quote, agent: Signer) -> bytes:
+    """Step one, on the HPC: the agent's boot key signs the quote (its key never leaves the agent)."""
+    return agent.sign_digest(_agent_digest(quote_digest(quote)))
+
+
+def countersign_quote(quote: Quote, agent_signature: bytes, gateway: Signer) -> SignedQuote:
+    """Step two, on the Pi: the gateway countersigns the quote and the agent's signature, after checking
+    that signature is the quote's own agent key's (`SignatureError` otherwise, malformed or another
+    key's), so a gateway never vouches for a quote its agent did not sign."""
     qd = quote_digest(quote)
-    agent_sig = agent.sign_digest(_agent_digest(qd))
-    gateway_sig = gateway.sign_digest(_gateway_digest(qd, agent_sig))
-    return SignedQuote(quote=quote, agent_signature="0x" + agent_sig.hex(), gateway_signature="0x" + gateway_sig.hex())
+    try:
+        ok = recovers_key(_agent_digest(qd), agent_signature, bytes.fromhex(quote.agent_key[2:]))
+    except SignatureError as exc:
+        raise SignatureError(f"the agent's quote signature is malformed: {exc}") from None
+    if not ok:
+        raise SignatureError("the agent's quote signature is not by the quote's agent key")
+    return _countersigned(quote, qd, agent_signature, gateway)
+
+
+def sign_quote(quote: Quote, agent: Signer, gateway: Signer) -> SignedQuote:
+    """Both steps where both keys are at hand (tests and labs). It checks nothing, so a lab can also build
+    the forgeries appraisal must refuse; the gateway's own path is `countersign_quote`."""
+    qd = quote_digest(quote)
+    return _countersigned(quote, qd, agent.sign_digest(_agent_digest(qd)), gateway)
+
+
+def _countersigned(quote: Quote, qd: bytes, agent_signature: bytes, gateway: Signer) -> SignedQuote:
+    gateway_sig = gateway.sign_digest(_gateway_digest(qd, agent_signature))
+    return SignedQuote(quote=quote, agent_signature="0x" + agent_signature.hex(),
+                       gateway_signature="0x" + gateway_sig.hex())
 
 
 def encode_signed_quote(signed: SignedQuote) -> bytes:
     return canonical.encode(signed.model_dump())
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode_wire(model: type[M], data: bytes, *, what: str, limit: int) -> M:
+    """A signed document from its wire form (JSON bytes, at most `limit`); EvidenceFormatError names the
+    first bad field. The quote's and the verdict's decoders both use it."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise EvidenceFormatError(f"a {what} must be bytes")
+    if len(data) > limit:
+        raise EvidenceFormatError(f"a {what} must be at most {limit} bytes")
+    try:
+        return model.model_validate_json(bytes(data))
+    except ValidationError as exc:
+        raise EvidenceFormatError(f"not a {what}: {_first_error(exc)}") from None
+
+
 def decode_signed_quote(data: bytes) -> SignedQuote:
     """Parse a signed quote from its wire form; EvidenceFormatError names the first bad field."""
-    if not isinstance(data, (bytes, bytearray)):
-        raise EvidenceFormatError("a signed quote must be bytes")
-    if len(data) > MAX_QUOTE_BYTES:
-        raise EvidenceFormatError(f"a signed quote must be at most {MAX_QUOTE_BYTES} bytes")
-    try:
-        return SignedQuote.model_validate_json(bytes(data))
-    except ValidationError as exc:
-        raise EvidenceFormatError(f"not a signed quote: {_first_error(exc)}") from None
+    return decode_wire(SignedQuote, data, what="signed quote", limit=MAX_QUOTE_BYTES)
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
-    return f"{where}: {err.get('msg', 'invalid')}"
+    return "{}: {}".format(*field_error(exc))
 
 
 def appraise_quote(
     signed: SignedQuote,
     *,
-    nonces: NonceRegistry,
-    expected_nonce: bytes | None,
+    expected_nonce: bytes,
     node_id: str,
     agent_key: bytes,
     gateway_address: str,
     now: float,
-    max_age_seconds: float,
+    max_age_seconds: float | None,
     max_skew_seconds: float = 5.0,
+    nonces: NonceRegistry | None = None,
+    not_before: float | None = None,
 ) -> Report:
     """Check every claim that does not depend on policy, and collect every failure.
 
-    The nonce is consumed only if both signatures hold: a forged quote must not burn the nonce that
-    the genuine answer will carry.
+    `expected_nonce` is the nonce this verifier sent for this request, and there is no way to leave it
+    out: a registry's issued-and-unused check alone accepts a quote that answers another of the same
+    verifier's open requests (issue 12 item 15). With `nonces`, the nonce must also be one the registry
+    issued and unused, and is consumed only if both signatures hold (a forged quote must not burn the
+    nonce that the genuine answer will carry); a verifier that re-appraises stored evidence (the operator
+    judging an enrolment on every pass) gives none. `not_before` is when the challenge was issued: a
+    quote dated earlier (beyond the skew) answers nothing fresh. `max_age_seconds` None: the caller
+    judges the evidence's age itself.
     """
+    if not isinstance(expected_nonce, (bytes, bytearray)) or not expected_nonce:
+        raise TypeError("appraise_quote: expected_nonce must be the nonce this verifier sent for this request "
+                        f"(non-empty bytes), got {type(expected_nonce).__name__}")
     report = Report()
     quote = signed.quote
     qd = quote_digest(quote)
@@ -175,13 +222,13 @@ def appraise_quote(
     gateway_sig = bytes.fromhex(signed.gateway_signature[2:])
 
     if quote.agent_key != "0x" + bytes(agent_key).hex():
-        report.add("quote", "quote.identity.agent_key", Severity.CRITICAL,
+        report.add("quote", fid.QUOTE_IDENTITY_AGENT_KEY, Severity.CRITICAL,
                    "quote names another agent key than the enrolled one")
     if quote.node_id != node_id:
-        report.add("quote", "quote.identity.node", Severity.CRITICAL, f"quote is about node {quote.node_id!r}",
+        report.add("quote", fid.QUOTE_IDENTITY_NODE, Severity.CRITICAL, f"quote is about node {quote.node_id!r}",
                    expected=node_id, got=quote.node_id)
     if quote.gateway != gateway_address:
-        report.add("quote", "quote.identity.gateway", Severity.CRITICAL, "quote names another gateway",
+        report.add("quote", fid.QUOTE_IDENTITY_GATEWAY, Severity.CRITICAL, "quote names another gateway",
                    expected=gateway_address, got=quote.gateway)
 
     signatures_ok = True
@@ -190,37 +237,43 @@ def appraise_quote(
             raise SignatureError("signer is not the enrolled agent key")
     except SignatureError as exc:
         signatures_ok = False
-        report.add("quote", "quote.signature.agent", Severity.CRITICAL, f"agent signature is not valid: {exc}")
+        report.add("quote", fid.QUOTE_SIGNATURE_AGENT, Severity.CRITICAL, f"agent signature is not valid: {exc}")
     try:
         if recover_address(_gateway_digest(qd, agent_sig), gateway_sig) != gateway_address:
             raise SignatureError("signer is not the node's gateway")
     except SignatureError as exc:
         signatures_ok = False
-        report.add("quote", "quote.signature.gateway", Severity.CRITICAL,
+        report.add("quote", fid.QUOTE_SIGNATURE_GATEWAY, Severity.CRITICAL,
                    f"gateway countersignature is not valid: {exc}")
 
     nonce = bytes.fromhex(quote.nonce[2:])
-    if expected_nonce is not None and nonce != bytes(expected_nonce):
-        report.add("nonce", "nonce.mismatch", Severity.CRITICAL, "quote answers another nonce than the one sent")
-    failure = nonces.consume(nonce) if signatures_ok and not report.failures else nonces.check(nonce)
-    if failure is not None:
-        report.failures.append(failure)
+    if not hmac.compare_digest(nonce, bytes(expected_nonce)):
+        report.add("nonce", fid.NONCE_MISMATCH, Severity.CRITICAL, "quote answers another nonce than the one sent")
+    if nonces is not None:
+        failure = nonces.consume(nonce) if signatures_ok and not report.failures else nonces.check(nonce)
+        if failure is not None:
+            report.failures.append(failure)
 
+    if not_before is not None and quote.issued_at < not_before - max_skew_seconds:
+        report.add("quote", fid.QUOTE_PREDATES_CHALLENGE, Severity.CRITICAL,
+                   f"the quote is dated {not_before - quote.issued_at:.0f} s before its challenge was issued "
+                   "(it answers nothing fresh)")
     age = now - quote.issued_at
-    if age > max_age_seconds:
-        report.add("quote", "quote.expired", Severity.MEDIUM, f"quote is {age:.0f} s old (limit {max_age_seconds:g} s)")
+    if max_age_seconds is not None and age > max_age_seconds:
+        report.add("quote", fid.QUOTE_EXPIRED, Severity.MEDIUM,
+                   f"quote is {age:.0f} s old (limit {max_age_seconds:g} s)")
     if -age > max_skew_seconds:
-        report.add("quote", "quote.future", Severity.MEDIUM, f"quote is dated {-age:.0f} s in the future")
+        report.add("quote", fid.QUOTE_FUTURE, Severity.MEDIUM, f"quote is dated {-age:.0f} s in the future")
     return report
 
 
 # Which exception a failed report raises: the first class whose failure ids appear, in order of gravity.
 _PRECEDENCE: list[tuple[type[QuoteRejected], tuple[str, ...]]] = [
     (ForgedSignature, ("quote.signature.",)),
-    (ReplayedNonce, ("nonce.replayed",)),
-    (UnknownNonce, ("nonce.unknown", "nonce.mismatch")),
+    (ReplayedNonce, (fid.NONCE_REPLAYED,)),
+    (UnknownNonce, (fid.NONCE_UNKNOWN, fid.NONCE_MISMATCH)),
     (IdentityMismatch, ("quote.identity.",)),
-    (StaleQuote, ("quote.expired", "quote.future", "nonce.expired")),
+    (StaleQuote, (fid.QUOTE_EXPIRED, fid.QUOTE_FUTURE, fid.NONCE_EXPIRED)),
     (PolicyViolation, ("policy.",)),
 ]
 

@@ -23,10 +23,10 @@ from typing import Annotated, Any
 
 from eth_account.messages import encode_typed_data
 from eth_utils.crypto import keccak
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from trustcap.evidence.errors import EvidenceFormatError, SignatureError, VerdictError
-from trustcap.evidence.quote import Address, Hex32, Hex65
+from trustcap.evidence.errors import SignatureError, VerdictError
+from trustcap.evidence.quote import Address, Hex32, Hex65, decode_wire
 from trustcap.evidence.signing import Signer, recover_address
 
 __all__ = [
@@ -167,13 +167,4 @@ def encode_signed_verdict(signed: SignedVerdict) -> bytes:
 
 
 def decode_signed_verdict(data: bytes) -> SignedVerdict:
-    if not isinstance(data, (bytes, bytearray)):
-        raise EvidenceFormatError("a signed verdict must be bytes")
-    if len(data) > MAX_VERDICT_BYTES:
-        raise EvidenceFormatError(f"a signed verdict must be at most {MAX_VERDICT_BYTES} bytes")
-    try:
-        return SignedVerdict.model_validate_json(bytes(data))
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
-        raise EvidenceFormatError(f"not a signed verdict: {where}: {err.get('msg', 'invalid')}") from None
+    return decode_wire(SignedVerdict, data, what="signed verdict", limit=MAX_VERDICT_BYTES)

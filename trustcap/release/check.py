@@ -40,6 +40,7 @@ from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import parse_manifest
 from trustcap.chain.escrow import quorum_of  # the one definition, as TaskEscrow counts it
 from trustcap.errors import TrustcapError
+from trustcap.evidence import failure as fid
 from trustcap.evidence import quote as quotes
 from trustcap.evidence.freshness import NonceRegistry
 from trustcap.evidence.verdict import Phase, SignedVerdict, verify_verdict
@@ -365,10 +366,10 @@ def _appraise(sq: quotes.SignedQuote, field: str, *, verifier: str, executor: st
         return
     why = []
     for f in report.failures:
-        if f.event_id == "nonce.mismatch":
+        if f.event_id == fid.NONCE_MISMATCH:
             why.append(f"{f.event_id}: its nonce is not verifier {verifier}'s challenge of this round "
                        "(trustcap.release.binding.challenge_nonce)")
-        elif f.event_id in ("quote.identity.gateway", "quote.signature.gateway"):
+        elif f.event_id in (fid.QUOTE_IDENTITY_GATEWAY, fid.QUOTE_SIGNATURE_GATEWAY):
             why.append(f"{f.event_id}: is not countersigned by the executor's gateway {executor}")
         else:
             why.append(str(f))

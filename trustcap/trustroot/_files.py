@@ -6,10 +6,10 @@ files for the same reason, and so do we, naming the file and the fix.
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
+from trustcap.atomicfile import write_atomic
 from trustcap.trustroot.errors import KeyFilePermissions, TrustRootUnavailable
 
 
@@ -31,19 +31,7 @@ def check_private_file(path: Path, what: str) -> None:
 
 
 def write_private_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write `data` to `path` with mode 0600, atomically (temp file + rename) so a crash leaves either
-    the old file or the new one, never half a key."""
+    """Write `data` to `path` with mode 0600, atomically (trustcap.atomicfile) so a crash leaves either
+    the old file or the new one, never half a key; `exclusive` refuses to overwrite a secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if exclusive and path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite a secret")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=0o600, exclusive=exclusive)

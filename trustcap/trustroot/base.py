@@ -2,7 +2,8 @@
 
 Why one interface: the gateway signs quotes and verdicts, proves VRF draws and seals its secrets the same
 way whether its keys live in a Zymkey or in a file; only provisioning differs. What is common to all
-backends (address, verification, the VRF secret kept sealed) is written here once.
+backends (address, verification, the VRF secret kept sealed, the key store file `HOME/<store_name>` with
+its format tag, mode 0600 and refusal to overwrite) is written here once.
 
 The VRF secret (an ECVRF-P256 scalar, `trustcap.vrf`) never sits in the clear on disk: the backend
 stores it sealed by its own `seal`, and `vrf_prove` unseals it into memory only for the proof.
@@ -11,14 +12,23 @@ stores it sealed by its own `seal`, and `vrf_prove` unseals it into memory only 
 from __future__ import annotations
 
 import abc
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 from trustcap import vrf
 from trustcap.errors import TrustcapError
 from trustcap.trustroot import _secp256k1
-from trustcap.trustroot.errors import SealedDataError, TamperDetected, TrustRootOperationError
+from trustcap.trustroot._files import check_private_file, write_private_file
+from trustcap.trustroot.errors import (
+    SealedDataError,
+    TamperDetected,
+    TrustRootOperationError,
+    TrustRootUnavailable,
+)
 
 log = logging.getLogger("trustcap.trustroot")
 
@@ -41,16 +51,15 @@ class TrustRoot(abc.ABC):
     """
 
     backend: str = "abstract"
+    store_name: ClassVar[str]  # the key store's file name in HOME
+    store_format: ClassVar[str]  # its "format" tag, so one backend never opens another's store
 
-    def __init__(self, sealed_vrf_secret: bytes) -> None:
+    def __init__(self, sealed_vrf_secret: bytes, public_key: bytes) -> None:
         self._sealed_vrf = sealed_vrf_secret
+        self._public = public_key
         self._vrf_pk: bytes | None = None
 
     # --- what each backend provides ---
-    @abc.abstractmethod
-    def public_key(self) -> bytes:
-        """33-byte SEC1 compressed secp256k1 public key of the signing key."""
-
     @abc.abstractmethod
     def _sign(self, digest32: bytes) -> bytes:
         """65-byte r||s||v, low s, v in {27, 28}."""
@@ -64,8 +73,8 @@ class TrustRoot(abc.ABC):
         """Inverse of `seal`; raises SealedDataError if the bytes or the context differ."""
 
     @abc.abstractmethod
-    def random(self, n: int) -> bytes:
-        """n bytes from the root's random source."""
+    def _random(self, n: int) -> bytes:
+        """n > 0 bytes from the root's random source."""
 
     @abc.abstractmethod
     def serial(self) -> str:
@@ -80,6 +89,16 @@ class TrustRoot(abc.ABC):
         """Release the module and forget in-memory secrets; a closed root must not be used again."""
 
     # --- common to all backends ---
+    def public_key(self) -> bytes:
+        """33-byte SEC1 compressed secp256k1 public key of the signing key (read when the root opens)."""
+        return self._public
+
+    def random(self, n: int) -> bytes:
+        """n bytes from the root's random source."""
+        if n < 0:
+            raise TrustRootOperationError(f"random: n must be >= 0, got {n}")
+        return self._random(n) if n else b""
+
     @property
     def address(self) -> str:
         """EIP-55 Ethereum address of the signing key: the node's on-chain identity."""
@@ -138,6 +157,33 @@ class TrustRoot(abc.ABC):
                 continue
             return candidate
         raise TrustRootOperationError("the random source gave no valid VRF scalar in 64 tries")
+
+    # --- the key store file ---
+    @classmethod
+    def _new_store(cls, home: Path) -> Path:
+        """Where `create` writes the store; refuses an existing one, whose keys would be lost."""
+        path = home / cls.store_name
+        if path.exists():
+            raise TrustRootOperationError(f"key store {path} already exists; refusing to overwrite it")
+        return path
+
+    @classmethod
+    def _write_store(cls, path: Path, fields: dict[str, Any]) -> None:
+        doc = {"format": cls.store_format, **fields}
+        write_private_file(path, json.dumps(doc, indent=2).encode() + b"\n", exclusive=True)
+
+    @classmethod
+    def _read_store(cls, home: Path, what: str) -> tuple[Path, dict[str, Any]]:
+        """The store in `home` as a JSON object of this backend's format; its permissions are checked first."""
+        path = home / cls.store_name
+        check_private_file(path, what)
+        try:
+            doc: Any = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise TrustRootUnavailable(f"key store {path} is not readable JSON: {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("format") != cls.store_format:
+            raise TrustRootUnavailable(f"key store {path}: field 'format' is not {cls.store_format!r}")
+        return path, doc
 
     def __enter__(self) -> TrustRoot:
         return self

@@ -12,11 +12,9 @@ for. Tamper status is therefore "not supported".
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -91,26 +89,25 @@ class SoftwareTrustRoot(TrustRoot):
     """Trust root whose keys are sealed in a file; see the module docstring."""
 
     backend = "software"
+    store_name = STORE_NAME
+    store_format = FORMAT
 
     def __init__(self, path: Path, serial: str, kek: bytes, sealed_signing: bytes, sealed_vrf: bytes) -> None:
         self._path = path
         self._serial = serial
         self._aead = _aead_for(kek, serial)
-        super().__init__(sealed_vrf)
         try:
             self._secret = self.unseal(sealed_signing, _SIGNING_CONTEXT)
         except SealedDataError as exc:
             raise TrustRootLocked(
                 f"cannot open key store {path}: wrong key-encryption key, or the store was altered"
             ) from exc
-        self._public = _secp256k1.public_key_from_secret(self._secret)
+        super().__init__(sealed_vrf, _secp256k1.public_key_from_secret(self._secret))
 
     @classmethod
     def create(cls, home: Path, kek: bytes) -> SoftwareTrustRoot:
         """Make a new key store in `home`; refuses to overwrite an existing one."""
-        path = home / STORE_NAME
-        if path.exists():
-            raise TrustRootOperationError(f"key store {path} already exists; refusing to overwrite it")
+        path = cls._new_store(home)
         serial = "sw-" + os.urandom(8).hex()
         aead = _aead_for(kek, serial)
         while True:
@@ -119,28 +116,19 @@ class SoftwareTrustRoot(TrustRoot):
                 break
         sealed_signing = _seal(aead, secret, _SIGNING_CONTEXT)
         sealed_vrf = _seal(aead, cls._new_vrf_secret(os.urandom), VRF_SEAL_CONTEXT)
-        doc = {
-            "format": FORMAT,
+        cls._write_store(path, {
             "serial": serial,
             "publicKey": _secp256k1.public_key_from_secret(secret).hex(),
             "signingKey": sealed_signing.hex(),
             "vrfSecret": sealed_vrf.hex(),
-        }
-        write_private_file(path, json.dumps(doc, indent=2).encode() + b"\n", exclusive=True)
+        })
         log.info("created software trust root %s in %s", serial, path)
         return cls(path, serial, kek, sealed_signing, sealed_vrf)
 
     @classmethod
     def open(cls, home: Path, kek: bytes) -> SoftwareTrustRoot:
         """Open the key store in `home` with `kek`; its permissions are checked first."""
-        path = home / STORE_NAME
-        check_private_file(path, "trust root key store")
-        try:
-            doc: Any = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise TrustRootUnavailable(f"key store {path} is not readable JSON: {exc}") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise TrustRootUnavailable(f"key store {path}: field 'format' is not {FORMAT!r}")
+        path, doc = cls._read_store(home, "trust root key store")
         try:
             serial = str(doc["serial"])
             sealed_signing = bytes.fromhex(doc["signingKey"])
@@ -152,9 +140,6 @@ class SoftwareTrustRoot(TrustRoot):
         if root.public_key() != public:
             raise SealedDataError(f"key store {path}: field 'publicKey' does not match the sealed signing key")
         return root
-
-    def public_key(self) -> bytes:
-        return self._public
 
     def _sign(self, digest32: bytes) -> bytes:
         return _secp256k1.sign(self._secret, digest32)
@@ -174,9 +159,7 @@ class SoftwareTrustRoot(TrustRoot):
                 "sealed data does not authenticate: altered, sealed by another root, or for another context"
             ) from exc
 
-    def random(self, n: int) -> bytes:
-        if n < 0:
-            raise TrustRootOperationError(f"random: n must be >= 0, got {n}")
+    def _random(self, n: int) -> bytes:
         return os.urandom(n)
 
     def serial(self) -> str:

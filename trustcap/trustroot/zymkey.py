@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import hmac
 import importlib
-import json
 import logging
 import os
 import re
@@ -36,7 +35,6 @@ from typing import Any, TypeVar
 
 from trustcap.errors import InvalidKey
 from trustcap.trustroot import _secp256k1
-from trustcap.trustroot._files import check_private_file, write_private_file
 from trustcap.trustroot.base import VRF_SEAL_CONTEXT, TamperStatus, TrustRoot
 from trustcap.trustroot.errors import (
     SealedDataError,
@@ -163,53 +161,44 @@ class ZymkeyTrustRoot(TrustRoot):
     """Trust root in a Zymkey/HSM: signing key in a secp256k1 slot, sealing by the module's lock."""
 
     backend = "zymkey"
+    store_name = STORE_NAME
+    store_format = FORMAT
 
     def __init__(self, client: Any, path: Path, slot: int, sealed_vrf: bytes) -> None:
-        super().__init__(sealed_vrf)
         self._client = client
         self._path = path
         self._slot = slot
         raw = bytes(_call(f"export the public key of slot {slot}", client.get_public_key, slot))
         try:
-            self._public = _secp256k1.compress(raw)
+            public = _secp256k1.compress(raw)
         except InvalidKey as exc:
             raise TrustRootOperationError(f"zymkey: slot {slot} does not hold a secp256k1 key") from exc
+        super().__init__(sealed_vrf, public)
 
     @classmethod
     def create(cls, home: Path, *, library_path: str | None = None, slot: int | None = None) -> ZymkeyTrustRoot:
         """Provision: a new secp256k1 key pair in the module (or use `slot`), a VRF secret from the
         module's RNG, locked by the module; refuses to overwrite an existing store."""
-        path = home / STORE_NAME
-        if path.exists():
-            raise TrustRootOperationError(f"key store {path} already exists; refusing to overwrite it")
+        path = cls._new_store(home)
         client = _open_client(load_module(library_path))
         if slot is None:
             slot = int(_call("generate a secp256k1 key pair", client.gen_key_pair, "secp256k1"))
         vrf_secret = cls._new_vrf_secret(lambda n: bytes(_call("get random bytes", client.get_random, n)))
         sealed_vrf = _lock(client, vrf_secret, VRF_SEAL_CONTEXT)
         root = cls(client, path, slot, sealed_vrf)
-        doc = {
-            "format": FORMAT,
+        cls._write_store(path, {
             "serial": root.serial(),
             "slot": slot,
             "publicKey": root.public_key().hex(),
             "vrfSecret": sealed_vrf.hex(),
-        }
-        write_private_file(path, json.dumps(doc, indent=2).encode() + b"\n", exclusive=True)
+        })
         log.info("provisioned zymkey trust root %s, signing slot %s", root.serial(), slot)
         return root
 
     @classmethod
     def open(cls, home: Path, *, library_path: str | None = None) -> ZymkeyTrustRoot:
         """Open the store in `home` on the module it was made on."""
-        path = home / STORE_NAME
-        check_private_file(path, "zymkey key store")
-        try:
-            doc: Any = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise TrustRootUnavailable(f"key store {path} is not readable JSON: {exc}") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise TrustRootUnavailable(f"key store {path}: field 'format' is not {FORMAT!r}")
+        path, doc = cls._read_store(home, "zymkey key store")
         try:
             slot = int(doc["slot"])
             serial = str(doc["serial"])
@@ -225,9 +214,6 @@ class ZymkeyTrustRoot(TrustRoot):
         if root.public_key() != public:
             raise TrustRootLocked(f"key store {path}: slot {slot} no longer holds the key recorded there")
         return root
-
-    def public_key(self) -> bytes:
-        return self._public
 
     def _sign(self, digest32: bytes) -> bytes:
         sig = bytes(_call(f"sign with slot {self._slot}", self._client.sign_digest, _Digest(digest32),
@@ -254,10 +240,8 @@ class ZymkeyTrustRoot(TrustRoot):
             raise SealedDataError("sealed data was sealed for another context")
         return plain[head + n:]
 
-    def random(self, n: int) -> bytes:
-        if n < 0:
-            raise TrustRootOperationError(f"random: n must be >= 0, got {n}")
-        return bytes(_call("get random bytes", self._client.get_random, n)) if n else b""
+    def _random(self, n: int) -> bytes:
+        return bytes(_call("get random bytes", self._client.get_random, n))
 
     def serial(self) -> str:
         return str(_call("read the serial number", self._client.get_serial_number))
