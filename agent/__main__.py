@@ -8,7 +8,6 @@ import sys
 
 from trustcap.agent.identity import read_boot_config
 from trustcap.agent.service import Agent
-
 from trustcap.errors import TrustcapError
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import docker
 import requests
 from docker import errors as derr
+
 from trustcap.agent.errors import EngineError, ImageMissing
 
 __all__ = ["connect", "translate"]

@@ -17,6 +17,7 @@ needs `AgentError`; `tests/agent/test_engine.py` checks that every docker error 
 
 from __future__ import annotations
 
+from trustcap.channel import ChannelError as CoreChannelError
 from trustcap.errors import TrustcapError
 
 __all__ = ["AgentError", "ChannelError", "EngineError", "EnrolmentError", "ImageMissing", "IsolationError",
@@ -55,5 +56,7 @@ class EnrolmentError(AgentError):
     """Boot enrolment cannot proceed: a required kernel command-line key is missing or malformed."""
 
 
-class ChannelError(AgentError):
-    """The agent<->gateway channel failed: authentication, decryption, framing or key rotation."""
+class ChannelError(AgentError, CoreChannelError):
+    """The agent<->gateway channel failed: authentication, decryption, framing or key rotation.
+    A subclass of the core's `trustcap.channel.ChannelError`, so one `except` catches every channel
+    failure, whichever layer raised it."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from eth_keys import keys  # type: ignore[attr-defined]
 from eth_utils.address import to_checksum_address
+
 from trustcap.agent.errors import EnrolmentError
 
 __all__ = ["BootConfig", "BootKey", "parse_cmdline"]

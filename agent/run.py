@@ -37,9 +37,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from trustcap.agent import metrics
 from trustcap.agent.errors import AgentError, RunRequestError
 from trustcap.agent.isolation import IsolationSpec, parse_endpoint
-
 from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import Manifest, parse_manifest
 from trustcap.errors import TrustcapError
@@ -284,8 +284,18 @@ class CapsuleRunner:
             task.result = self._done("Failed", None, t0, error=f"{type(exc).__name__}: {exc}",
                                      wipe={"verified": False, "error": "the run ended in an agent error"})
         finally:
+            self._observe(task.result, t0)
             task.done.set()
             log.info("run of task %s ended: %s", _0x(task.task_id), task.result and task.result["reason"])
+
+    def _observe(self, result: dict[str, Any] | None, t0: float) -> None:
+        """The ended run in the agent's metrics (its gateway re-exports them); never fails the run."""
+        try:
+            metrics.observe_run(str((result or {}).get("reason") or "Failed"), self.clock() - t0)
+            for v in (result or {}).get("violations") or []:
+                metrics.observe_violation(str(v.get("kind", "")), int(v.get("count") or 1))
+        except (TypeError, ValueError, AttributeError):
+            log.exception("run metrics not observed")
 
     def _done(self, reason: str, exit_code: int | None, t0: float, *, wipe: dict[str, Any], error: str = "",
               results: list[dict[str, str]] | None = None, violations: list[dict[str, Any]] | None = None

@@ -10,6 +10,8 @@ Entry point `python3 -m trustcap.agent` (see __main__.py). The agent answers:
     finish  {taskId}  -> the task's executor key and result dropped
     status  {}        -> the capsule state (phase, running containers)
     stop    {reason}  -> kill the running capsule and wait for its wipe (the gateway's "stop" action)
+    metrics {}        -> {exposition}: the agent's own Prometheus metrics as text (trustcap.agent.metrics);
+                         the gateway re-exports them, nobody scrapes the HPC
     ping    {}        -> liveness
 The capsule ops and their sequence: trustcap.agent.run; the channel: docs/lifecycle-interfaces.md section 5.
 """
@@ -17,36 +19,24 @@ The capsule ops and their sequence: trustcap.agent.run; the channel: docs/lifecy
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trustcap.agent import measure
+from trustcap.agent import measure, metrics
 from trustcap.agent.channel import AgentChannel, connect
 from trustcap.agent.errors import ChannelError, RunRequestError
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.run import CapsuleRunner
-
-from trustcap.evidence import new_quote, sign_quote
+from trustcap.evidence import agent_sign_quote, new_quote
 
 __all__ = ["Agent"]
 
 log = logging.getLogger("trustcap.agent")
 DEFAULT_SCRATCH_ROOT = Path("/var/lib/trustcap/scratch")  # the executor's (trustcap.agent.executor)
-
-
-class _NoCountersign:
-    """The agent produces only its own signature; the gateway countersigns (evidence.sign_quote shape)."""
-
-    address = "0x0000000000000000000000000000000000000000"
-
-    def public_key(self) -> bytes:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def sign_digest(self, digest32: bytes) -> bytes:
-        return bytes(64) + b"\x1b"
 
 
 def _connect_engine() -> Any:
@@ -61,7 +51,7 @@ class Agent:
                  stop: Callable[[str], None] | None = None,
                  measurements: Callable[[], dict[str, str]] | None = None,
                  docker_client: Callable[[], Any] | None = None,
-                 scratch_root: Path = DEFAULT_SCRATCH_ROOT,
+                 scratch_root: Path | None = None,
                  runner: CapsuleRunner | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -70,7 +60,10 @@ class Agent:
         self._stop = stop
         self._docker_client = docker_client or _connect_engine
         self._engine: Any = None
-        self.scratch_root = scratch_root
+        # one folder per node under the default root: several agents on one machine (the test world)
+        # then never see each other's run folders in their before/after snapshots; an HPC runs one agent
+        self.scratch_root = scratch_root if scratch_root is not None else \
+            DEFAULT_SCRATCH_ROOT / re.sub(r"[^A-Za-z0-9_.-]", "_", config.node_id)
         self._measure = measurements or self.measure
         self.wall = wall
         self.enrolled = False
@@ -81,7 +74,7 @@ class Agent:
         """The node's executor for one capsule run, on its own engine connection."""
         from trustcap.agent.executor import Executor
 
-        return Executor(self._docker_client(), scratch_root=self.scratch_root)
+        return Executor(self._docker_client(), scratch_root=self.scratch_root, owner=self.config.node_id)
 
     def measure(self) -> dict[str, str]:
         """The default measurements: the machine, the engine's containers, the scratch area, our own code
@@ -94,7 +87,6 @@ class Agent:
         """The engine's state through the Docker SDK; an engine that does not answer is a reading of its
         own ("unavailable"), never an empty state, so an idle-node policy fails closed."""
         from trustcap.agent import engine
-
         from trustcap.errors import TrustcapError
 
         try:
@@ -127,15 +119,15 @@ class Agent:
                           gateway=self.config.gateway_address, agent_key=self.key.public_key(),
                           boot_image_digest=bytes.fromhex(self.config.boot_digest[2:]),
                           measurements=self._measure(), capsule_state=state)
-        signed = sign_quote(quote, self.key, _NoCountersign())
-        return {"quote": quote.model_dump(), "agent_signature": signed.agent_signature}
+        return {"quote": quote.model_dump(), "agent_signature": "0x" + agent_sign_quote(quote, self.key).hex()}
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         def stop(req: dict[str, Any]) -> dict[str, Any]:
             return self.stop_run(str(req.get("reason") or "gateway"))
 
         return {"quote": self.handle_quote, "status": lambda _: {**self._state(), "capsule": self.runner.status()},
-                "stop": stop, "ping": lambda _: {"pong": True}, **self.runner.handlers()}
+                "stop": stop, "ping": lambda _: {"pong": True},
+                "metrics": lambda _: {"exposition": metrics.exposition()}, **self.runner.handlers()}
 
     def stop_run(self, reason: str) -> dict[str, Any]:
         """Stop the capsule run in progress and answer what happened (the extra `stop` hook is told too)."""

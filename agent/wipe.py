@@ -22,6 +22,15 @@ machines' hardware erase fails, osism #2552). So every run's scratch is one of:
 
 The `reboot` level (re-PXE-boot the HPC into a fresh image) is run and proven by the gateway
 (`trustcap.gateway.boot.Rebooter`, decision 0049); this module never claims it.
+
+What no path here wipes is said in each proof's `not_covered` (issue 12 item 19), so a recipient does not
+read `verified: true` as "nothing of the run is left": the HPC's RAM (the capsule's process memory, and the
+page cache of its files, which the kernel frees at container exit and unmount without overwriting it,
+unless it boots with init_on_free=1), swap when the HPC has any, and older copies of the backing file's
+blocks on a copy-on-write or data-journaling host file system. The scratch device's own buffers are
+written out and invalidated after the overwrite (BLKFLSBUF, `blockdev --flushbufs`), and the read-back
+bypasses the page cache (O_DIRECT), so the check sees the disk, not memory; `page_cache` in the proof
+says which.
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from typing import Any
 
 from trustcap.agent.errors import OutputError, WipeError
 
-__all__ = ["BlockScratch", "Scratch", "TmpfsScratch", "make_scratch", "overwrite_file", "zero_digest"]
+__all__ = ["BlockScratch", "Scratch", "TmpfsScratch", "make_scratch", "memory_not_covered", "overwrite_file",
+           "zero_digest"]
 
 log = logging.getLogger("trustcap.agent")
 _CHUNK = 16 * 1024 * 1024
@@ -66,6 +76,50 @@ def zero_digest(size: int) -> str:
         h.update(_ZERO_CHECK[:n])
         left -= n
     return "sha256:" + h.hexdigest()
+
+
+_PROC_CMDLINE = Path("/proc/cmdline")
+_PROC_SWAPS = Path("/proc/swaps")
+
+
+def _init_on_free() -> bool:
+    """Whether this kernel zeroes pages as it frees them (booted with init_on_free=1)."""
+    try:
+        return "init_on_free=1" in _PROC_CMDLINE.read_text().split()
+    except OSError:
+        return False
+
+
+def _swap_areas() -> int | None:
+    """How many swap areas are active (None when /proc/swaps cannot be read: unknown, so stated)."""
+    try:
+        lines = _PROC_SWAPS.read_text().splitlines()
+    except OSError:
+        return None
+    return sum(1 for line in lines[1:] if line.strip())
+
+
+def memory_not_covered() -> list[str]:
+    """What a software wipe on this HPC leaves in memory, as the proof's `not_covered` states it."""
+    zeroed = _init_on_free()
+    out = ["RAM: the capsule's process memory and the page cache of its files are freed when the container "
+           "exits and the scratch is unmounted, not overwritten; " +
+           ("this kernel zeroes freed pages (init_on_free=1)" if zeroed else
+            "this kernel does not zero freed pages (no init_on_free=1), so their contents stay in free memory "
+            "until reused; only the reboot wipe level starts a fresh boot")]
+    swaps = _swap_areas()
+    if swaps is None:
+        out.append("swap: /proc/swaps could not be read, so whether pages of the run were swapped out is unknown")
+    elif swaps:
+        out.append(f"swap: {swaps} active swap area(s); pages of the run swapped out there are not overwritten")
+    return out
+
+
+def _fs_type(path: Path) -> str:
+    try:
+        return _run(["stat", "-f", "-c", "%T", str(path)], "naming the host file system").strip() or "unknown"
+    except WipeError:
+        return "unknown"
 
 
 def _run(cmd: list[str], what: str) -> str:
@@ -145,9 +199,11 @@ class TmpfsScratch(Scratch):
         cmdline = Path("/proc/cmdline").read_text() if Path("/proc/cmdline").exists() else ""
         return {"what": "scratch", "path_used": "tmpfs-drop", "bytes": self.size,
                 "how": "tmpfs in the container's mount namespace, released when the container was removed",
-                "init_on_free": "init_on_free=1" in cmdline, "verified": False,
+                "init_on_free": "init_on_free=1" in cmdline.split(), "verified": False,
                 "unverified_because": "freed tmpfs pages cannot be read back; the kernel zeroes them only "
-                                      "with init_on_free=1"}
+                                      "with init_on_free=1",
+                "not_covered": ["the scratch itself: its tmpfs pages are freed, not overwritten",
+                                *memory_not_covered()]}
 
 
 class BlockScratch(Scratch):
@@ -265,6 +321,7 @@ class BlockScratch(Scratch):
         # (O_DIRECT): every block the overwrite reached holds written zeros on the disk, not only in memory.
         after, all_zero, read_back = _read_back(str(self.backing), self.size)
         expected = self._expected.result()
+        host_fs = _fs_type(self.dir)
         self.backing.unlink()
         self.mountpoint.rmdir()
         self.dir.rmdir()
@@ -277,6 +334,14 @@ class BlockScratch(Scratch):
                  "read_back": read_back,
                  "digest_before": "sha256:" + before.hexdigest(), "digest_after": after, "expected_after": expected,
                  "verified": verified,
+                 "page_cache": "the scratch device's buffers were written out and invalidated after the overwrite "
+                               "(BLKFLSBUF); the read-back " +
+                               ("bypassed the page cache (O_DIRECT)" if read_back == "O_DIRECT"
+                                else f"used it ({read_back})"),
+                 "not_covered": [*memory_not_covered(),
+                                 f"the host file system under the backing file ({host_fs}): the overwrite reaches "
+                                 "that file's blocks, but a copy-on-write (btrfs, zfs) or data-journaling one may "
+                                 "keep older copies of them elsewhere on the disk"],
                  "seconds": round(time.monotonic() - t0, 3)}
         if not verified:
             raise WipeError(f"scratch wipe did not verify: device digest {after} != zero digest {expected}")
@@ -398,7 +463,11 @@ def overwrite_file(path: Path, what: str) -> dict[str, Any]:
             "digest_before": before, "digest_after": after, "expected_after": zero_digest(size),
             "verified": all_zero and after == zero_digest(size),
             "limits": "overwritten in place on the host file system; a journaling or copy-on-write file "
-                      "system may keep older copies of its blocks"}
+                      "system may keep older copies of its blocks",
+            "not_covered": [*memory_not_covered(),
+                            f"the host file system under {path.name} ({_fs_type(path.parent)}): a journaling or "
+                            "copy-on-write one may keep older copies of its blocks",
+                            "copies the engine kept in memory while it wrote the log"]}
 
 
 def make_scratch(size: int, root: Path | None, target: str) -> Scratch:

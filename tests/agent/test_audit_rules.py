@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from trustcap.agent import audit
+
+from trustcap.agent import audit, audit_rules
 from trustcap.agent.audit import AuditRules, AuditStream, FileEvent, file_violation, rule_args
 from trustcap.agent.executor import run_uid
 from trustcap.agent.isolation import IsolationSpec
@@ -136,15 +137,31 @@ def test_rules_cover_both_abis_and_name_the_run() -> None:
 
 
 class FakeAuditctl:
-    """Stands in for our `_auditctl` wrapper: keeps rules and settings like the kernel would."""
+    """Stands in for our `_auditctl` wrapper: keeps rules and settings like the kernel would. `-R FILE`
+    reads the file the code wrote and applies it line by line, stopping at the first refused line with
+    an error, as auditctl does (tests/agent/test_audit_rules_auditctl.py checks that on the real one)."""
 
     def __init__(self, enabled: int = 0, backlog: int = 64, fail_on: str = "") -> None:
         self.enabled, self.backlog, self.lost, self.fail_on = enabled, backlog, 0, fail_on
         self.rules: list[list[str]] = []
         self.calls: list[list[str]] = []
+        self.files: list[list[str]] = []  # the lines of each rules file given with -R
 
     def __call__(self, args: list[str]) -> str:
         self.calls.append(args)
+        if args[0] == "-R":
+            with open(args[1]) as f:
+                lines = f.read().splitlines()
+            self.files.append(lines)
+            for n, line in enumerate(lines, 1):
+                try:
+                    self._apply(line.split(" "))
+                except OSError as exc:
+                    raise OSError(f"auditctl -R {args[1]}: {exc}; There was an error in line {n}") from exc
+            return ""
+        return self._apply(args)
+
+    def _apply(self, args: list[str]) -> str:
         if self.fail_on and self.fail_on in args:
             raise OSError(f"auditctl {' '.join(args)}: Operation not supported")
         if args == ["-s"]:
@@ -175,6 +192,44 @@ def test_install_then_remove_leaves_audit_as_found() -> None:
     assert fake.rules == [] and fake.enabled == 0 and fake.backlog == 64
 
 
+def test_install_is_one_status_and_one_rules_file() -> None:
+    """The settings and all rules go in one auditctl process (a rules file), settings first: the rules
+    must not be loaded while audit is still off."""
+    fake = FakeAuditctl(enabled=0, backlog=64)
+    assert AuditRules(UID, KEY, run=fake).install() == ""
+    assert [c[0] for c in fake.calls] == ["-s", "-R"]
+    (lines,) = fake.files
+    assert lines[:2] == ["-e 1", f"-b {AuditRules.BACKLOG}"]
+    assert lines[2:] == [" ".join(r) for r in rule_args(UID, KEY)]
+
+
+def test_settings_already_right_are_not_touched() -> None:
+    fake = FakeAuditctl(enabled=1, backlog=AuditRules.BACKLOG * 2)
+    rules = AuditRules(UID, KEY, run=fake)
+    assert rules.install() == ""
+    assert fake.files[0] == [" ".join(r) for r in rule_args(UID, KEY)]
+    assert rules.remove() == []
+    assert fake.enabled == 1 and fake.backlog == AuditRules.BACKLOG * 2 and fake.rules == []
+
+
+def test_a_line_refused_midway_leaves_no_rule_and_restores_settings() -> None:
+    """auditctl -R stops at the refused line with the lines before it in effect: settings changed and
+    some rules loaded. The reason is stated and all of it is undone."""
+    fake = FakeAuditctl(enabled=0, backlog=64, fail_on=f"exit=-{audit_rules.EACCES}")
+    assert "kernel audit unavailable" in AuditRules(UID, KEY, run=fake).install()
+    assert fake.rules == [] and fake.enabled == 0 and fake.backlog == 64
+    assert ["-D", "-k", KEY] in fake.calls
+
+
+def test_a_blank_in_an_argument_is_refused_before_auditctl_runs() -> None:
+    fake = FakeAuditctl()
+    with pytest.raises(ValueError, match="blank"):
+        audit_rules.load([["-a", "always,exit", "-k", "a b"]], fake)
+    with pytest.raises(ValueError, match="blank"):
+        audit_rules.load([["-a", "always,exit\n-D"]], fake)
+    assert fake.calls == []
+
+
 def test_audit_left_on_while_another_runs_rules_are_live() -> None:
     fake = FakeAuditctl(enabled=0)
     fake.rules.append(["-a", "always,exit", "-k", "trustcap-aaaaaaaaaaaa"])
@@ -186,7 +241,7 @@ def test_audit_left_on_while_another_runs_rules_are_live() -> None:
 
 @pytest.mark.parametrize(("fake", "why"), [
     pytest.param(FakeAuditctl(enabled=2), "locked (enabled 2)", id="locked"),
-    pytest.param(FakeAuditctl(fail_on="-a"), "kernel audit unavailable: auditctl -a", id="rule-refused"),
+    pytest.param(FakeAuditctl(fail_on="-a"), "kernel audit unavailable: auditctl -R", id="rule-refused"),
     pytest.param(FakeAuditctl(fail_on="-s"), "kernel audit unavailable", id="status-unreadable"),
 ])
 def test_install_failure_is_a_stated_reason_and_leaves_nothing(fake: FakeAuditctl, why: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from trustcap.agent.identity import parse_cmdline
 from trustcap.gateway.enrol import TokenBook
 from trustcap.netboot.dhcp import DhcpConfig

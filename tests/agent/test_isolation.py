@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import requests
 from docker import errors as derr
+
 from trustcap.agent import audit, engine
 from trustcap.agent.errors import AgentError, EngineError, ImageMissing, IsolationError
 from trustcap.agent.isolation import IsolationSpec, parse_endpoint, seccomp_profile

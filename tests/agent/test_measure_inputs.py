@@ -15,11 +15,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from trustcap import canonical
 from trustcap.agent import measure
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
-
-from trustcap import canonical
 
 TOKEN = "Tok3n-one-time-0123456789abcdef"  # noqa: S105 - a test token, not a credential
 BOOT = "0x" + "ab" * 32

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.executor import RunResult
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.run import CapsuleRunner, binding_digest
 from trustcap.agent.service import Agent
-
 from trustcap.capsule.envelope import open_bytes, seal_bytes
 from trustcap.capsule.errors import NotARecipient
 from trustcap.capsule.keys import KeyPair
