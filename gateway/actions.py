@@ -5,14 +5,17 @@ The monitor decides an action per failed check from the policy (`report | stop |
 two hooks here take the rest of the way:
 
     Monitor check fails ──► action "quarantine" ──► QuarantineReporter ──► HPCNode status
-                                                     phase Quarantined, quarantineReason = every failed
-                                                     claim (sticky: only a person clears it)
+                                                     quarantineRequest{reason, message = every failed
+                                                     claim, time}; the operator then sets phase
+                                                     Quarantined (sticky: only a person clears it)
                          ──► action "reboot" ─────► boot.Rebooter (the reboot wipe, decision 0049), which
                                                      runs RebootCommand: the deployment's power-cycle
                                                      command (GPIO relay, IPMI, Wake-on-LAN; in the lab a
                                                      qemu reset), with TRUSTCAP_NODE and TRUSTCAP_REASON
 
 A hook that fails is recorded in the check record (`extra`) and logged; it never stops the monitoring.
+The gateway never writes `status.phase` (decision 0113): it reports, in its own sub-field, and the
+operator, the one writer of trust, turns each new report into Quarantined.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ import logging
 import os
 import shlex
 import subprocess
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from trustcap.errors import ConfigError
+from trustcap.forms import rfc3339
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.monitor import CheckRecord
 
-from trustcap.errors import ConfigError
-
-__all__ = ["QuarantineReporter", "RebootCommand", "failed_claims"]
+__all__ = ["REASON_MONITOR_CHECK_FAILED", "QuarantineReporter", "RebootCommand", "failed_claims"]
 
 log = logging.getLogger("trustcap.gateway")
-_REASON_MAX = 1024  # crds/hpcnode.yaml: status.quarantineReason maxLength
+_REASON_MAX = 1024  # crds/hpcnode.yaml: status.quarantineRequest.message (and quarantineReason) maxLength
+REASON_MONITOR_CHECK_FAILED = "MonitorCheckFailed"
 
 
 class StatusStore(Protocol):
@@ -45,23 +51,29 @@ def failed_claims(rec: CheckRecord, limit: int = _REASON_MAX) -> str:
 
 
 class QuarantineReporter:
-    """Monitor hook for `quarantine`: the node's HPCNode goes to Quarantined, naming every failed claim."""
+    """Monitor hook for `quarantine`: ask the operator to quarantine the node, naming every failed claim.
 
-    def __init__(self, node: str, store: StatusStore) -> None:
+    Each failed check is one new request (its time differs), so a node a person cleared is quarantined
+    again by the next failure, as before; the operator acts on each request once (`quarantineChecked`)."""
+
+    def __init__(self, node: str, store: StatusStore, *, wall: Callable[[], float] = time.time) -> None:
         self.node = node
         self.store = store
+        self.wall = wall
 
     def __call__(self, rec: CheckRecord) -> None:
         reason = failed_claims(rec, _REASON_MAX - len("gateway monitor: "))
-        body = {"status": {"phase": "Quarantined", "quarantineReason": f"gateway monitor: {reason}"}}
+        body = {"status": {"quarantineRequest": {"reason": REASON_MONITOR_CHECK_FAILED,
+                                                 "message": f"gateway monitor: {reason}",
+                                                 "time": rfc3339(self.wall())}}}
         try:
             self.store.patch_status(self.node, body)
         except Exception as exc:  # the API being down must not stop monitoring; the record says it
             rec.extra["quarantine_error"] = str(exc)
             log.error("could not quarantine HPCNode %s: %s", self.node, exc)
             return
-        rec.extra["quarantined"] = True
-        log.warning("HPCNode %s quarantined: %s", self.node, reason)
+        rec.extra["quarantined"] = True  # asked for: the operator sets the phase within its next timer tick
+        log.warning("HPCNode %s quarantined (reported to the operator): %s", self.node, reason)
 
 
 class RebootCommand:

@@ -21,7 +21,7 @@ __all__ = ["DirectoryError", "RelayBusy", "RelayError"]
 
 # mypy cannot follow `trustcap.gateway` to this folder (setuptools package-dir editable installs use an
 # import hook mypy does not run), so it sees GatewayError as Any; the runtime class is the real one.
-class RelayError(GatewayError):  # type: ignore[misc]
+class RelayError(GatewayError):
     """A challenge through a gateway's relay failed; the message names the gateway and the cause."""
 
 
@@ -29,5 +29,5 @@ class RelayBusy(RelayError):
     """The gateway refused for load (HTTP 503 with Retry-After); retrying later can help."""
 
 
-class DirectoryError(GatewayError):  # type: ignore[misc]
+class DirectoryError(GatewayError):
     """The relay's verifier directory cannot be built; the message names the address or source."""

@@ -13,17 +13,34 @@ The `reboot` wipe (`Rebooter`), the strongest clean (docs/design.md, verified wi
 gateway, not the agent being thrown away, proves it:
 
     request (monitor action `reboot`, or annotation trustcap.io/reboot=<id> on the HPCNode)
-      | HPCNode phase Wiping, lastWipe{request, state InProgress}
+      | HPCNode lastWipe{request, state InProgress, startedAt} (the operator derives phase Wiping from it)
       | TokenBook.revoke(node): the old boot key can never reconnect; drop the live session
       | BootArming.arm(): a fresh token -> token file -> netboot DHCP serves the HPC again
-      | power-cycle command (GPIO relay, IPMI, Wake-on-LAN; in the lab a qemu reset)
+      | the HPC link's carrier count (the Pi's own kernel: /sys/class/net/IFACE/carrier_changes)
+      | power-cycle command (GPIO relay, IPMI, Wake-on-LAN; in the lab a qemu reset with the link cut)
       |                                   HPC: PXE -> approved image -> new boot key -> enrols with the token
+      | the carrier count again at the instant the new key enrols: down and up since the power command?
       | wait for a session under a new key; quote it on a fresh nonce (the next reboot's baseline too)
-      | proof: before/after keys, approved image, measurements after vs the old boot's first quote
+      | proof: before/after keys, approved image, carrier counts, measurements after vs the old boot's first quote
       v signed by the trust root -> journal line + HPCNode lastWipe (the operator also re-verifies the
         new enrolment and calls the node Enrolled again)
 
 RAM: a real power cycle clears it; in the qemu lab the reset is a `system_reset`, which does not.
+
+What the Pi sees itself (issue 12 item 19, decision 0119). A new key enrolling from an approved image is
+also what HPC software that never rebooted can produce: it can ask DHCP for the armed token and make a
+key. So the proof also needs the link's carrier to have dropped and come back between the power command
+and the new key's enrolment, as the Pi's own kernel counts it (`linkCycled`; the counter cannot be reset
+from the HPC). A power cycle drops it on every NIC; forging it takes HPC software that downs and ups its
+own link at the right moment, which the proof's notCovered still says. `linkCycled` is the one check that
+a null does not pass: without a watched link the proof is never clean (the gateway refuses
+--reboot-command without a link to watch; a Rebooter made without one says so in the proof).
+`matchesBaseline` may be null: the gateway compares measurements with the first quote of the old boot it
+saw, and a restarted gateway has none; notCovered then says the measurements were not compared.
+The request id is the requester's nonce: the proof names it and the trust root signs it, so a proof
+answers one request only.
+The gateway writes only `status.lastWipe`, never the phase (decision 0113): the operator calls the node
+Wiping while a wipe is InProgress and no enrolment newer than its start has been verified.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trustcap.evidence import Signer, quote_digest, sign_wipe_proof, wipe_proof_digest
 from trustcap.gateway.actions import failed_claims
 from trustcap.gateway.enrol import Enrolment, TokenBook
 from trustcap.gateway.errors import GatewayError
@@ -45,9 +63,7 @@ from trustcap.gateway.monitor import CheckRecord
 from trustcap.gateway.publish import HPCNodeStore, status_time
 from trustcap.gateway.server import AgentSession, AttestationServer
 
-from trustcap.evidence import Signer, quote_digest, sign_wipe_proof, wipe_proof_digest
-
-__all__ = ["REBOOT_ANNOTATION", "BootArming", "RebootRequests", "Rebooter", "write_private"]
+__all__ = ["REBOOT_ANNOTATION", "BootArming", "CarrierWatch", "RebootRequests", "Rebooter", "write_private"]
 
 log = logging.getLogger("trustcap.gateway")
 REBOOT_ANNOTATION = "trustcap.io/reboot"
@@ -151,13 +167,31 @@ class BootArming:
             self._refresher.stop()
 
 
+class CarrierWatch:
+    """The HPC link's carrier as the Pi's kernel counts it: `carrier_changes` rises by one on every drop and
+    every return of the link, and nothing on the far side of the cable can lower it."""
+
+    def __init__(self, iface: str, sysfs: Path = Path("/sys/class/net")) -> None:
+        if not iface or "/" in iface or iface in (".", ".."):
+            raise GatewayError(f"carrier link {iface!r} is not an interface name")
+        self.iface = iface
+        self._path = sysfs / iface / "carrier_changes"
+
+    def changes(self) -> int:
+        """The count now; GatewayError when the interface is gone or the kernel does not count it."""
+        try:
+            return int(self._path.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise GatewayError(f"cannot read the carrier count of {self.iface} ({self._path}): {exc}") from exc
+
+
 class Rebooter:
     """Runs the `reboot` wipe for one HPC and signs what it saw (one at a time; see the module doc)."""
 
     def __init__(self, server: AttestationServer, arming: BootArming, power: Callable[[str], None],
                  root: Signer, *, boot_timeout_s: float = 600.0, store: HPCNodeStore | None = None,
                  sinks: list[Callable[[dict[str, Any]], None]] | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, carrier: CarrierWatch | None = None) -> None:
         self.server = server
         self.arming = arming
         self.tokens = arming.tokens
@@ -170,6 +204,11 @@ class Rebooter:
         self.wall = wall
         self.proofs: deque[dict[str, Any]] = deque(maxlen=_KEEP)  # the latest signed proofs (journal: all)
         self._boot_quotes: dict[str, dict[str, Any]] = {}  # agent key -> its boot's first quote (summary)
+        self.carrier = carrier
+        self._carrier_at_enrol: dict[str, int | str] = {}  # agent key -> carrier count when it enrolled (or why not)
+        self._carrier_lock = threading.Lock()
+        if carrier is not None:
+            self.tokens.on_enrolled.append(self._count_carrier)
         self._quote_lock = threading.Lock()
         self._busy = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -181,6 +220,21 @@ class Rebooter:
         if key not in self._boot_quotes:
             threading.Thread(target=self._boot_quote_quietly, args=(key,), daemon=True,
                              name="trustcap-boot-quote").start()
+
+    def _count_carrier(self, enrolment: Enrolment) -> None:
+        """TokenBook hook, at the instant a key enrols: inside the handshake, before the session is
+        installed (so before anything waiting for the new boot can see it), on the accept thread. A link
+        toggle after this does not count."""
+        if enrolment.node_id != self.node or self.carrier is None:
+            return
+        try:
+            count: int | str = self.carrier.changes()
+        except GatewayError as exc:
+            count = str(exc)
+        with self._carrier_lock:  # accept threads of several handshakes may run this at once
+            self._carrier_at_enrol.setdefault(enrolment.agent_key, count)
+            while len(self._carrier_at_enrol) > _KEEP:
+                self._carrier_at_enrol.pop(next(iter(self._carrier_at_enrol)), None)
 
     def _boot_quote_quietly(self, key: str) -> None:
         try:
@@ -245,7 +299,7 @@ class Rebooter:
                                                "bootImageDigest": session.enrolment.boot_digest}
         baseline = None if before is None else self._boot_quotes.get(before["agentKey"])
         self._patch({"level": "Reboot", "request": request_id, "state": "InProgress",
-                     "startedAt": status_time(started)}, phase="Wiping")
+                     "startedAt": status_time(started)})
         log.warning("rebooting HPC %s: %s", self.node, reason)
         revoked, _ = self.tokens.revoke(self.node)
         self.arming.arm()  # before the session goes: the monitor sees a boot awaited, not a lost agent
@@ -256,19 +310,28 @@ class Rebooter:
             "before": before, "after": None, "baseline": None if baseline is None else {
                 "agentKey": baseline["agentKey"], "quoteDigest": baseline["quoteDigest"]},
             "measurements": {"same": [], "differ": []}, "revokedKeys": len(revoked), "error": "",
+            "notCovered": [] if self.carrier is not None else [
+                "the HPC link's carrier: the gateway watched no link (--carrier-link), so nothing it saw itself "
+                "shows the HPC lost power"],
         }
         after = None
         checks: dict[str, bool | None] = {"powerCycled": False, "newBootKey": None, "approvedImage": None,
-                                          "matchesBaseline": None}
+                                          "matchesBaseline": None, "linkCycled": None}
+        carrier_before: int | None = None
         try:
+            if self.carrier is not None:
+                carrier_before = self.carrier.changes()
             self.power(reason)
             checks["powerCycled"] = True
             new = self.server.wait_for_new_session(None if before is None else before["agentKey"],
                                                    self.boot_timeout_s)
+            self._judge_carrier(proof, checks, carrier_before, new.enrolment.agent_key)
             after = self.boot_quote(new.enrolment.agent_key)
         except (GatewayError, OSError) as exc:
             proof["error"] = str(exc)[:1024]
             log.error("reboot of %s did not complete: %s", self.node, exc)
+        if self.carrier is not None and checks["linkCycled"] is None:
+            checks["linkCycled"] = False  # watched, but never judged: no count before, or no new boot
         proof["seconds"] = round(time.monotonic() - t0, 1)
         if after is not None:
             proof["enrolledAt"] = int(self.wall())
@@ -280,11 +343,44 @@ class Rebooter:
                 same = [n for n in names if baseline["measurements"].get(n) == after["measurements"].get(n)]
                 proof["measurements"] = {"same": same, "differ": [n for n in names if n not in same]}
                 checks["matchesBaseline"] = not proof["measurements"]["differ"]
+            else:
+                proof["notCovered"].append("the new boot's measurements: this gateway holds no quote of the old "
+                                           "boot to compare them with (it started after that boot)")
         proof["checks"] = checks
-        proof["clean"] = after is not None and all(v is not False for v in checks.values())
+        # Every check that was made passed, and the carrier was seen to drop (never null: the one check
+        # only the Pi can make, decision 0119).
+        proof["clean"] = after is not None and checks["linkCycled"] is True and \
+            all(v is not False for v in checks.values())
         signed = sign_wipe_proof(proof, self.root)
         self._finish(signed)
         return signed
+
+    def _judge_carrier(self, proof: dict[str, Any], checks: dict[str, bool | None], before: int | None,
+                       key: str) -> None:
+        """linkCycled: the carrier dropped and came back (count +2 or more) between the power command and
+        the instant the new key enrolled. A count that could not be read is a failed check, named."""
+        if self.carrier is None or before is None:
+            return
+        deadline = time.monotonic() + 2.0  # counted inside the handshake: normally there already
+        while (at_enrol := self._carrier_count_at_enrol(key)) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if at_enrol is None:  # a count taken now could include a toggle after the enrolment: refuse instead
+            at_enrol = "not taken at enrolment (the key did not enrol through this Rebooter's TokenBook)"
+        proof["link"] = {"iface": self.carrier.iface, "carrierChangesBefore": before,
+                         "carrierChangesAtEnrolment": at_enrol if isinstance(at_enrol, int) else None}
+        if not isinstance(at_enrol, int):
+            proof["error"] = f"carrier count at enrolment: {at_enrol}"[:1024]
+            checks["linkCycled"] = False
+            return
+        checks["linkCycled"] = at_enrol - before >= 2
+        if not checks["linkCycled"]:
+            log.error("reboot of %s: link %s never dropped between the power command and the new enrolment "
+                      "(carrier changes %d -> %d): not a power cycle the Pi saw", self.node, self.carrier.iface,
+                      before, at_enrol)
+
+    def _carrier_count_at_enrol(self, key: str) -> int | str | None:
+        with self._carrier_lock:
+            return self._carrier_at_enrol.get(key)
 
     def _finish(self, signed: dict[str, Any]) -> None:
         proof = signed["proof"]
@@ -295,7 +391,8 @@ class Rebooter:
             except Exception as exc:  # a full disk must not lose the HPCNode status below
                 log.error("reboot proof not exported: %s", exc)
         text = json.dumps(signed, sort_keys=True, separators=(",", ":"))
-        failed = ", ".join(k for k, v in proof["checks"].items() if v is False)
+        failed = ", ".join([k for k, v in proof["checks"].items() if v is False] +
+                           (["linkCycled (no carrier watched)"] if proof["checks"].get("linkCycled") is None else []))
         self._patch({"level": "Reboot", "request": proof["request"],
                      "state": "Clean" if proof["clean"] else "Failed", "clean": proof["clean"],
                      "startedAt": status_time(proof["requestedAt"]), "time": status_time(self.wall()),
@@ -303,15 +400,11 @@ class Rebooter:
                      "message": proof["error"] or ("clean" if proof["clean"] else "checks failed: " + failed)})
         log.warning("reboot of %s finished: clean=%s in %.1f s", self.node, proof["clean"], proof["seconds"])
 
-    def _patch(self, last_wipe: dict[str, Any], phase: str | None = None) -> None:
+    def _patch(self, last_wipe: dict[str, Any]) -> None:
         if self.store is None:
             return
-        status: dict[str, Any] = {"lastWipe": last_wipe}
         try:
-            # quarantine is sticky: a reboot does not clear it
-            if phase and (self.store.get(self.node).get("status") or {}).get("phase") != "Quarantined":
-                status["phase"] = phase
-            self.store.patch_status(self.node, {"status": status})
+            self.store.patch_status(self.node, {"status": {"lastWipe": last_wipe}})
         except Exception as exc:  # the API being down must not stop the reboot; the journal has the proof
             log.error("HPCNode %s status not updated for the reboot: %s", self.node, exc)
 

@@ -6,8 +6,9 @@ signed verdicts the members write (operator/rounds.py `tally`). This module is o
 
     CommitteeMember (this gateway, trust root R)     executor's gateway (relay)          agent (HPC)
       | Attestation: me in spec.committee, no result, no verdict of mine, not timed out
+      | HPCNode spec.node -> status.agentKey (the enrolled agent key), spec.policy.digest
+      | spec.policyDigest (and the node's declared digest, if any) == my policy's digest, else no verdict
       | Capsule (spec.capsuleRef, uid checked) -> binding digest, image digest
-      | HPCNode spec.node -> status.agentKey (the enrolled agent key)
       | nonce = challenge_nonce(taskId, round, phase, me)  (trustcap.release; the brokers recompute it)
       |-- POST /v1/challenge {nonce, node, capsule: {taskId, round, phase}} signed by R ->|
       |                                        | committee member? prepare the task    |
@@ -19,6 +20,12 @@ signed verdicts the members write (operator/rounds.py `tally`). This module is o
       | Verdict(attestationId = spec.nonce, node = executor, verifier = me, phase, passed, quoteDigest,
       |         policyDigest = spec.policyDigest, epoch, issuedAt), EIP-712 signed by R
       |-- server-side apply status.verdicts[verifier = me] (field manager trustcap-gateway-<me>) -> API
+
+A member signs a verdict only under the policy it appraises with (decision 0116): a round whose
+`spec.policyDigest` is not the digest of this gateway's attestation policy, or whose node declares
+another policy, gets no verdict from it, passed or failed (the rules it would apply are not the round's,
+so its word would say nothing about the round; the node is not at fault either). It is logged once per
+round and the round expires or is decided by the members who do apply its policy.
 
 A failed appraisal is a signed `passed: false` verdict naming every failed claim (Keylime's rule: collect
 all, then decide). An executor that cannot be reached, a relay that refuses, or an API-server error is
@@ -41,17 +48,15 @@ from typing import Any, Final, Protocol, cast
 
 from eth_utils.address import to_checksum_address
 from pydantic import ValidationError
-from trustcap.gateway._loop import PollingLoop
-from trustcap.gateway.attest_errors import RelayError
-from trustcap.gateway.participant import LifecycleError
-from trustcap.gateway.relay_client import request_quote
 
+from trustcap.api import ATTESTATIONS, CAPSULES, GATEWAYS, GROUP, HPCNODES, VERSION
 from trustcap.capsule.errors import ManifestError
 from trustcap.capsule.manifest import parse_manifest
+from trustcap.evidence import failure as fid
 from trustcap.evidence.errors import EvidenceError
 from trustcap.evidence.failure import Report, Severity
 from trustcap.evidence.freshness import NonceRegistry
-from trustcap.evidence.policy import Policy, check_policy
+from trustcap.evidence.policy import Policy, check_policy, policy_digest
 from trustcap.evidence.quote import (
     SignedQuote,
     appraise_quote,
@@ -61,7 +66,11 @@ from trustcap.evidence.quote import (
 )
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, sign_verdict, verdict_id, verify_verdict
-from trustcap.forms import hex_bytes, parse_rfc3339
+from trustcap.forms import hex_bytes, hex_digest, parse_rfc3339
+from trustcap.gateway._loop import PollingLoop
+from trustcap.gateway.attest_errors import RelayError
+from trustcap.gateway.participant import LifecycleError
+from trustcap.gateway.relay_client import request_quote
 from trustcap.kubeclient import api_call
 from trustcap.release.binding import challenge_nonce
 
@@ -69,8 +78,6 @@ __all__ = ["CAPSULE_PHASES", "CommitteeKube", "CommitteeMember", "KubeRounds", "
            "field_manager", "verdict_entry"]
 
 log = logging.getLogger("trustcap.gateway")
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 CAPSULE_PHASES: Final = ("pre", "during", "post")
 UNDECIDED: Final = (None, "", "Pending")
 MAX_FAILURES: Final = 64  # crds/attestation.yaml: status.verdicts[].failures maxItems / maxLength
@@ -122,19 +129,19 @@ class KubeRounds:
 
     def attestations(self, namespace: str) -> list[dict[str, Any]]:
         return self._items(f"Attestations in {namespace}", lambda: self._custom.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, "attestations", _request_timeout=self._timeout))
+            GROUP, VERSION, namespace, ATTESTATIONS, _request_timeout=self._timeout))
 
     def capsule(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(f"Capsule {namespace}/{name}", lambda: self._custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, "capsules", name, _request_timeout=self._timeout))
+            GROUP, VERSION, namespace, CAPSULES, name, _request_timeout=self._timeout))
 
     def gateways(self) -> list[dict[str, Any]]:
         return self._items("Gateways", lambda: self._custom.list_cluster_custom_object(
-            GROUP, VERSION, "gateways", _request_timeout=self._timeout))
+            GROUP, VERSION, GATEWAYS, _request_timeout=self._timeout))
 
     def hpcnode(self, name: str) -> dict[str, Any] | None:
         return self._get(f"HPCNode {name}", lambda: self._custom.get_cluster_custom_object(
-            GROUP, VERSION, "hpcnodes", name, _request_timeout=self._timeout))
+            GROUP, VERSION, HPCNODES, name, _request_timeout=self._timeout))
 
     def apply_verdict(self, namespace: str, name: str, entry: Mapping[str, Any], manager: str) -> None:
         """Server-side apply of this gateway's one `status.verdicts[]` entry (a list-map keyed by
@@ -143,7 +150,7 @@ class KubeRounds:
                 "metadata": {"name": name, "namespace": namespace}, "status": {"verdicts": [dict(entry)]}}
         api_call(f"cannot apply the verdict of {manager} to Attestation {namespace}/{name}",
                  lambda: self._custom.patch_namespaced_custom_object_status(
-                     GROUP, VERSION, namespace, "attestations", name, body, field_manager=manager, force=True,
+                     GROUP, VERSION, namespace, ATTESTATIONS, name, body, field_manager=manager, force=True,
                      _content_type="application/apply-patch+yaml", _request_timeout=self._timeout),
                  error=LifecycleError)
 
@@ -166,6 +173,10 @@ class _Retry(Exception):
     """Nothing can be concluded this pass (executor unreachable, an object unreadable): try again later."""
 
 
+class _Refused(Exception):
+    """This member does not sign a verdict for the round (it is under a policy the member does not apply)."""
+
+
 def verdict_entry(signed: SignedVerdict, quote: SignedQuote, *, nonce: bytes, domain: Domain,
                   failures: Iterable[str]) -> dict[str, Any]:
     """One `status.verdicts[]` entry, in crds/attestation.yaml's shape: what `rounds.tally` counts."""
@@ -181,7 +192,7 @@ def verdict_entry(signed: SignedVerdict, quote: SignedQuote, *, nonce: bytes, do
     }
 
 
-class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+class CommitteeMember(PollingLoop):
     """Writes this gateway's verdict into every open capsule round whose committee it sits on."""
 
     loop_name = "trustcap-committee"
@@ -196,18 +207,23 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         self.namespace = namespace
         self.domain = domain
         self.policy = policy
+        #: The digest of the rules this member appraises under; a verdict names it (Verdict.policyDigest).
+        self.policy_digest = "0x" + policy_digest(policy).hex()
         self.endpoint_of = endpoint_of
         self.request_timeout_s = request_timeout_s
         self.max_quote_age_s = max_quote_age_s
         self.clock = clock
         self.nonces = NonceRegistry(window_seconds=max(request_timeout_s, max_quote_age_s) * 2, clock=clock)
         self.written = 0
+        self._refused: dict[str, str] = {}  # round name -> why no verdict: logged once per round
         self._init_loop(poll_s)
 
     # -- one pass ---------------------------------------------------------------------------------------
     def step(self) -> int:
         """One pass over the rounds of the namespace; the number of verdicts written."""
         rounds = self.kube.attestations(self.namespace)
+        names = {str((a.get("metadata") or {}).get("name", "?")) for a in rounds}
+        self._refused = {k: v for k, v in self._refused.items() if k in names}
         written = 0
         for att in rounds:
             if self._halt.is_set():
@@ -219,6 +235,11 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
                 self._attest(att, rounds)
             except _Retry as exc:
                 log.info("committee: round %s: %s; trying again next pass", name, exc)
+                continue
+            except _Refused as exc:
+                if self._refused.get(name) != str(exc):
+                    self._refused[name] = str(exc)
+                    log.warning("committee: round %s: no verdict: %s", name, exc)
                 continue
             except Exception:  # a bug or an unexpected object in one round must not stop the others
                 log.exception("committee: round %s failed", name)
@@ -250,9 +271,13 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         url = self.endpoint_of(executor)
         if url is None:
             raise _Retry(f"no Gateway object has the executor's address {executor}")
+        hpc = self._hpcnode(str(spec["node"]))
+        refusal = self._policy_refusal(spec, hpc)
+        if refusal:
+            raise _Refused(refusal)  # before any challenge: no quote is asked for, no verdict is signed
         report = Report()
         expected = self._expected_state(spec, report)
-        agent_key = self._agent_key(str(spec["node"]), report)
+        agent_key = self._agent_key(str(spec["node"]), hpc, report)
         capsule = {"taskId": str(spec["taskId"]).lower(), "round": str(spec["nonce"]).lower(),
                    "phase": str(spec["phase"])}
         # Derived, not random: an owner's broker recomputes it and so knows a quote answered this member's
@@ -271,7 +296,7 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         verdict = Verdict(
             attestation_id=str(spec["nonce"]).lower(), node=to_checksum_address(executor),
             verifier=to_checksum_address(self.me), phase=int(Phase[str(spec["phase"]).upper()]), passed=report.ok,
-            quote_digest="0x" + quote_digest(signed.quote).hex(), policy_digest=str(spec["policyDigest"]).lower(),
+            quote_digest="0x" + quote_digest(signed.quote).hex(), policy_digest=self.policy_digest,
             epoch=int(spec["epoch"]), issued_at=int(self.clock()))
         signed_verdict = sign_verdict(verdict, self.domain, self.root)
         entry = verdict_entry(signed_verdict, signed, nonce=nonce, domain=self.domain,
@@ -313,11 +338,26 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
         expected["imageDigest"] = manifest.function.digest
         return expected
 
-    def _agent_key(self, node: str, report: Report) -> bytes | None:
+    def _hpcnode(self, node: str) -> dict[str, Any] | None:
         try:
-            hpc = self.kube.hpcnode(node)
+            return self.kube.hpcnode(node)
         except LifecycleError as exc:
             raise _Retry(str(exc)) from None
+
+    def _policy_refusal(self, spec: Mapping[str, Any], hpc: Mapping[str, Any] | None) -> str:
+        """Why this member must not sign a verdict for the round under its policy, or "" when it may."""
+        mine = self.policy_digest
+        raw = spec.get("policyDigest")
+        if hex_digest(raw) != mine:
+            return (f"the round is under policy {str(raw)[:80]!r}, but this gateway appraises under {mine}; "
+                    "give this gateway the policy the node declares (--policy), or open the round under this one")
+        declared = (((hpc or {}).get("spec") or {}).get("policy") or {}).get("digest")
+        if declared is not None and hex_digest(declared) != mine:
+            return (f"HPCNode {spec.get('node')} declares policy {str(declared)[:80]!r} (spec.policy.digest), but this "
+                    f"gateway appraises under {mine}; give this gateway the declared policy (--policy)")
+        return ""
+
+    def _agent_key(self, node: str, hpc: Mapping[str, Any] | None, report: Report) -> bytes | None:
         key = ((hpc or {}).get("status") or {}).get("agentKey")
         agent_key = hex_bytes(key, 33)
         if agent_key is not None:
@@ -340,7 +380,7 @@ class CommitteeMember(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.
                                agent_key=agent_key or b"", gateway_address=to_checksum_address(executor),
                                now=self.clock(), max_age_seconds=self.max_quote_age_s)
         for failure in found.failures:
-            if agent_key is None and failure.event_id in ("quote.signature.agent", "quote.identity.agent_key"):
+            if agent_key is None and failure.event_id in (fid.QUOTE_SIGNATURE_AGENT, fid.QUOTE_IDENTITY_AGENT_KEY):
                 continue  # already named as the missing enrolment
             report.failures.append(failure)
         report.merge(check_policy(signed.quote, self.policy))

@@ -53,7 +53,6 @@ from http import HTTPStatus
 from typing import Any, Final, Protocol
 
 from pydantic import ValidationError
-from trustcap.gateway.participant import REVEAL_LABEL
 
 from trustcap import merkle
 from trustcap.chain.typed import batch_digest
@@ -61,6 +60,8 @@ from trustcap.errors import TrustcapError
 from trustcap.evidence.errors import EvidenceError
 from trustcap.evidence.signing import Signer
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, verdict_id, verify_verdict
+from trustcap.forms import field_error
+from trustcap.gateway.participant import REVEAL_LABEL
 from trustcap.sortition import ChainView, Reveal, Selection, SortitionError, select_from_chain
 
 __all__ = ["MAX_BODY", "MAX_LEAVES", "SELECTIONS", "CosignKube", "CosignService", "RevealSecrets"]
@@ -178,9 +179,8 @@ class CosignService:
             try:
                 leaves.append(Verdict.model_validate(item))
             except ValidationError as exc:
-                err = exc.errors(include_url=False, include_input=False)[0]
-                where = ".".join(str(p) for p in err.get("loc", ())) or "(leaf)"
-                raise _Refused(bad, f"leaves[{i}]", f"{where} is not valid: {err.get('msg', 'invalid')}") from None
+                where, what = field_error(exc, "(leaf)")
+                raise _Refused(bad, f"leaves[{i}]", f"{where} is not valid: {what}") from None
         if count != len(leaves):
             raise _Refused(HTTPStatus.FORBIDDEN, "count", f"count {count} but {len(leaves)} leaves")
         mine = merkle.MerkleTree([merkle.verdict_leaf(verdict_id(v, self.domain)) for v in leaves]).root

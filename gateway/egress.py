@@ -9,8 +9,9 @@ the HPC's only link, so it is the place to enforce and to witness. Per run, one 
       set attempts    ipv4_addr . inet_proto . inet_service   (dynamic, per-element counter: who was tried)
       chain forward (hook forward, before Docker's):   HPC -> declared: accept; HPC -> anything else:
                      add to @attempts, log "trustcap-egress-deny", count, drop
-      chain input   (hook input):   HPC -> a declared endpoint on the gateway host itself: accept;
-                     HPC -> the gateway's own services: add @attempts, log, count, drop
+      chain input   (hook input):   per run only, HPC -> a declared endpoint on this host: accept;
+                     on the Pi (LinkServices), the agent channel and netboot, and never a declared endpoint;
+                     anything else: add @attempts, log, count, drop
       chain postrouting (nat):      masquerade the HPC link so replies route back
 
     Executor                LinkAttacher (gateway side)            nft / ip
@@ -33,21 +34,25 @@ import os
 import subprocess
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from trustcap.gateway.errors import EgressError
-
 from trustcap.violations import Violation
 
-__all__ = ["EgressGuard", "LinkAttacher", "LocalGatewayAttacher"]
+__all__ = ["EgressGuard", "LinkAttacher", "LinkServices", "LocalGatewayAttacher", "check_endpoints"]
 
 log = logging.getLogger("trustcap.gateway")
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 
 
 class _EndpointLike(Protocol):
-    host: str
-    port: int
+    """A declared endpoint, read-only (the agent's frozen `Endpoint` is one; the gateway never imports it)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
 
 
 def _run(cmd: Sequence[str], what: str, *, stdin: str | None = None, netns: str | None = None) -> str:
@@ -61,24 +66,73 @@ def _run(cmd: Sequence[str], what: str, *, stdin: str | None = None, netns: str 
     return proc.stdout
 
 
+@dataclass(frozen=True)
+class LinkServices:
+    """What the Pi itself serves on its HPC link, and so what the link guard lets in besides declared
+    endpoints: the agent channel, and netboot (DHCP, TFTP, the HTTP boot files) while the HPC boots."""
+
+    gateway_addr: str
+    agent_port: int
+    tftp_port: int | None = 69
+    http_port: int | None = None
+    dhcp: bool = True
+
+
 class EgressGuard:
-    """One nftables table that confines one HPC link to declared endpoints and records every other try."""
+    """One nftables table that confines one HPC link and records every other try.
+
+    Two uses, one ruleset. Per run (`LinkAttacher`, `trustcap exec --egress`): the table lives for the run
+    and `declared` holds its endpoints. On the Pi (`services` given, `python3 -m trustcap.gateway
+    --hpc-link`): the table lives as long as the gateway, lets in only the agent channel and netboot, and
+    `allow()` swaps in a run's declared endpoints (from the attested manifest) and `clear()` takes them out.
+    """
 
     def __init__(self, hpc_iface: str, endpoints: Sequence[_EndpointLike], *, netns: str | None = None,
-                 tag: str | None = None, hpc_addr: str | None = None) -> None:
+                 tag: str | None = None, hpc_addr: str | None = None,
+                 services: LinkServices | None = None) -> None:
         if not hpc_iface or len(hpc_iface) > 15:
             raise EgressError(f"egress guard: interface name {hpc_iface!r} must be 1..15 characters")
         self.iface = hpc_iface
         self.netns = netns
-        self.table = f"trustcap_eg_{tag or hpc_iface}".replace("-", "_")
+        self.table = f"trustcap_{'link' if services else 'eg'}_{tag or hpc_iface}".replace("-", "_")
         self.hpc_addr = hpc_addr
-        self.v4: list[tuple[str, int]] = []
-        for e in endpoints:
-            addr = ipaddress.ip_address(e.host)
-            if addr.version != 4:
-                raise EgressError(f"egress guard: endpoint {e.host}:{e.port}: only IPv4 endpoints are supported "
-                                  "on the HPC link (IPv6 is dropped and counted)")
-            self.v4.append((str(addr), int(e.port)))
+        self.services = services
+        if services is not None:
+            if ipaddress.ip_address(services.gateway_addr).version != 4:
+                raise EgressError(f"link guard: gateway address {services.gateway_addr!r} must be IPv4")
+            for name in ("agent_port", "tftp_port", "http_port"):
+                port = getattr(services, name)
+                if port is not None and not 0 < port < 65536:
+                    raise EgressError(f"link guard: {name} {port} is not a port (1..65535)")
+        self.v4 = check_endpoints(endpoints, services.gateway_addr if services else None)
+
+    def _service_rules(self) -> str:
+        """The Pi's own services, accepted on input before anything is recorded as an attempt."""
+        svc = self.services
+        if svc is None:
+            return ""
+        i, gw = json.dumps(self.iface), svc.gateway_addr
+        rules = [f"iifname {i} ip daddr {gw} tcp dport {svc.agent_port} counter name channel accept"]
+        if svc.dhcp:  # a booting HPC has no address yet: DISCOVER goes from 0.0.0.0 to the broadcast address
+            rules.append(f"iifname {i} ip daddr {{ {gw}, 255.255.255.255 }} udp sport 68 udp dport 67 "
+                         "counter name netboot accept")
+        if svc.tftp_port:  # the transfer itself runs from the server's ephemeral port: established
+            rules.append(f"iifname {i} ip daddr {gw} udp dport {svc.tftp_port} counter name netboot accept")
+        if svc.http_port:
+            rules.append(f"iifname {i} ip daddr {gw} tcp dport {svc.http_port} counter name netboot accept")
+        return "".join(f"        {r}\n" for r in rules)
+
+    def _declared_on_host(self) -> str:
+        """Per run (`trustcap exec --egress` on a workstation), a declared endpoint may be a service of this
+        host, and the input chain admits it. On the Pi it never does: a manifest's egress is the capsule
+        author's word, and it must not open the Pi's own services (on any of its addresses) to the HPC; a
+        declared endpoint is only ever forwarded beyond the Pi. Beyond the Pi the guard tells no address
+        from another: a declared address of another cluster machine (a pod, another node's kubelet) is
+        forwarded like any other (docs/threat-model.md, egress: still open)."""
+        if self.services is not None:
+            return ""
+        return f"        iifname {json.dumps(self.iface)} ip daddr . meta l4proto . th dport @declared counter name " \
+               "allowed accept\n"
 
     def ruleset(self) -> str:
         """The nft script for this link (deterministic, so it can be measured and compared)."""
@@ -86,11 +140,17 @@ class EgressGuard:
         elems = ", ".join(f"{a} . tcp . {p}" for a, p in sorted(set(self.v4)))
         declared = f"elements = {{ {elems} }}" if elems else ""
         masq = f"        ip saddr {self.hpc_addr} masquerade\n" if self.hpc_addr else ""
+        service_counters = "    counter channel { }\n    counter netboot { }\n" if self.services else ""
+        # On the Pi, only flows to its link address (the channel, the TFTP transfer) are established ones
+        # it admitted; per run, the workstation's declared services may be anywhere on the host.
+        established_to = f"ip daddr {self.services.gateway_addr} " if self.services else ""
+        record = (f"        iifname {i} meta l4proto {{ tcp, udp }} add @attempts "
+                  "{ ip daddr . meta l4proto . th dport }")
         return f"""table inet {self.table} {{
     counter allowed {{ }}
     counter denied {{ }}
     counter denied_gateway {{ }}
-    set declared {{ type ipv4_addr . inet_proto . inet_service; {declared} }}
+{service_counters}    set declared {{ type ipv4_addr . inet_proto . inet_service; flags timeout; {declared} }}
     set attempts {{ type ipv4_addr . inet_proto . inet_service; flags dynamic; size 4096; counter; }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
@@ -102,9 +162,8 @@ class EgressGuard:
     }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
-        iifname {i} ip daddr . meta l4proto . th dport @declared counter name allowed accept
-        iifname {i} ct state established,related accept
-        iifname {i} meta l4proto {{ tcp, udp }} add @attempts {{ ip daddr . meta l4proto . th dport }}
+        iifname {i} {established_to}ct state established,related accept
+{self._service_rules()}{self._declared_on_host()}{record}
         iifname {i} log prefix "trustcap-gateway-deny " level warn counter name denied_gateway drop
     }}
     chain postrouting {{
@@ -114,8 +173,31 @@ class EgressGuard:
 """
 
     def apply(self) -> None:
-        _run(["nft", "-f", "-"], f"installing egress table {self.table}", stdin=self.ruleset(), netns=self.netns)
+        """Install the table, replacing an earlier one of the same name in the same transaction, so the
+        link is never unguarded between the two (a restarted gateway re-applies over its old table)."""
+        script = f"table inet {self.table}\ndelete table inet {self.table}\n{self.ruleset()}"
+        _run(["nft", "-f", "-"], f"installing egress table {self.table}", stdin=script, netns=self.netns)
         log.info("egress guard %s: %d declared endpoint(s) on %s", self.table, len(self.v4), self.iface)
+
+    def allow(self, endpoints: Sequence[_EndpointLike], ttl_s: int | None = None) -> None:
+        """A run's declared endpoints replace the previous run's, and its attempts start from zero: one
+        transaction, so no packet sees an empty or a mixed set. With `ttl_s` the kernel itself drops them
+        after that many seconds (the run's timeout and margin), so a run's endpoints close even when no
+        gateway is left to call clear(): the table outlives the gateway, its openings do not."""
+        v4 = check_endpoints(endpoints, self.services.gateway_addr if self.services else None)
+        if ttl_s is not None and not 0 < ttl_s < 2**31 // 1000:
+            raise EgressError(f"link guard: a declared endpoint's timeout of {ttl_s} s is out of range")
+        ttl = f" timeout {ttl_s}s" if ttl_s is not None else ""
+        elems = ", ".join(f"{a} . tcp . {p}{ttl}" for a, p in sorted(set(v4)))
+        script = f"flush set inet {self.table} declared\nflush set inet {self.table} attempts\n"
+        if elems:
+            script += f"add element inet {self.table} declared {{ {elems} }}\n"
+        _run(["nft", "-f", "-"], f"declaring a run's endpoints in {self.table}", stdin=script, netns=self.netns)
+        self.v4 = v4
+
+    def clear(self) -> None:
+        """After a run: nothing but the Pi's own services is reachable again."""
+        self.allow([])
 
     def read(self) -> dict[str, Any]:
         """Counters and attempted destinations, read back from the kernel (not from our own bookkeeping)."""
@@ -133,6 +215,11 @@ class EgressGuard:
         return {"table": self.table, "declared": [f"{a}:{p}" for a, p in self.v4], "counters": counters,
                 "attempts": attempts}
 
+    def dropped(self) -> int:
+        """Packets from or to the HPC that the guard dropped since it was installed."""
+        counters = self.read()["counters"]
+        return sum(counters.get(name, {}).get("packets", 0) for name in ("denied", "denied_gateway"))
+
     def violations(self) -> list[Violation]:
         report = self.read()
         out = [Violation("egress", f"{a['proto']} {a['host']}:{a['port']}", "nftables", a["packets"] or 1)
@@ -147,6 +234,43 @@ class EgressGuard:
 
     def remove(self) -> None:
         _run(["nft", "delete", "table", "inet", self.table], f"removing egress table {self.table}", netns=self.netns)
+
+
+def _special(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Why an address can never be a capsule's declared endpoint, or "" when it can."""
+    for what, hit in (("a loopback", addr.is_loopback), ("a link-local", addr.is_link_local),
+                      ("a multicast", addr.is_multicast), ("the unspecified", addr.is_unspecified),
+                      ("a reserved or broadcast", addr.is_reserved)):
+        if hit:
+            return what
+    return ""
+
+
+def check_endpoints(endpoints: Sequence[_EndpointLike], gateway_addr: str | None = None) -> list[tuple[str, int]]:
+    """The endpoints as (IPv4 address, port), or EgressError naming the first that no guard will open: an
+    IPv6 address (the HPC link carries IPv4 only; IPv6 is dropped and counted), a port outside 1..65535,
+    a loopback, link-local, multicast, unspecified, reserved or broadcast address (none is a destination
+    beyond the Pi; link-local is the HPC link itself), or the Pi's own address on the link."""
+    v4: list[tuple[str, int]] = []
+    for e in endpoints:
+        try:
+            addr = ipaddress.ip_address(e.host)
+        except ValueError:
+            raise EgressError(f"egress guard: endpoint {e.host}:{e.port}: the host must be an IP address") from None
+        if addr.version != 4:
+            raise EgressError(f"egress guard: endpoint {e.host}:{e.port}: only IPv4 endpoints are supported "
+                              "on the HPC link (IPv6 is dropped and counted)")
+        special = _special(addr)
+        if special:
+            raise EgressError(f"egress guard: endpoint {e.host}:{e.port} is {special} address: a capsule's "
+                              "egress names a destination beyond the gateway")
+        if gateway_addr is not None and addr == ipaddress.ip_address(gateway_addr):
+            raise EgressError(f"egress guard: endpoint {e.host}:{e.port} is the gateway's own address on the HPC "
+                              "link: a capsule's egress never opens the gateway's services")
+        if not 0 < int(e.port) < 65536:
+            raise EgressError(f"egress guard: endpoint {e.host}:{e.port}: the port must be 1..65535")
+        v4.append((str(addr), int(e.port)))
+    return v4
 
 
 def _attempt(el: Any) -> dict[str, Any]:

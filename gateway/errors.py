@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from trustcap.channel import ChannelError as CoreChannelError
 from trustcap.errors import TrustcapError
 
 __all__ = ["ChannelError", "EgressError", "EnrolmentRefused", "GatewayError", "PolicyError", "QuoteRejected"]
@@ -36,5 +37,7 @@ class EnrolmentRefused(GatewayError):
     """An enrolment request carried an unknown, reused or expired token, or a wrong boot-image digest."""
 
 
-class ChannelError(GatewayError):
-    """The channel to the agent failed: authentication, decryption, framing or key rotation."""
+class ChannelError(GatewayError, CoreChannelError):
+    """The channel to the agent failed: authentication, decryption, framing or key rotation.
+    A subclass of the core's `trustcap.channel.ChannelError`, so one `except` catches every channel
+    failure, whichever layer raised it."""

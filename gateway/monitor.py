@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
+
+from trustcap.evidence import NonceRegistry, Report, Severity, appraise_quote, check_policy
 from trustcap.gateway.errors import GatewayError, QuoteRejected
 from trustcap.gateway.policy import GatewayPolicy
 from trustcap.gateway.server import AttestationServer
-
-from trustcap.evidence import NonceRegistry, Report, Severity, appraise_quote, check_policy
 
 __all__ = ["CHECKS", "CheckRecord", "JournalSink", "Monitor"]
 
@@ -163,7 +163,8 @@ class Monitor:
                                     gateway_address=self.server.root.address, now=self.wall(),
                                     max_age_seconds=self.policy.max_quote_age_s)
             report.merge(check_policy(signed.quote, self.policy.attestation))
-            severity = None if report.ok else _name(report.max_severity)
+            worst = report.max_severity
+            severity = None if report.ok or worst is None else worst.name.lower()
         except QuoteRejected as exc:  # the gateway itself refused the agent's answer (bad signature, nonce)
             report.add("quote", "quote.rejected_by_gateway", Severity.CRITICAL, str(exc))
             severity = "critical"
@@ -249,6 +250,3 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-
-def _name(sev: Severity | None) -> str:
-    return sev.name.lower() if sev is not None else "low"

@@ -30,26 +30,25 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol, cast
 
-from trustcap.gateway._loop import PollingLoop
-from trustcap.gateway.errors import GatewayError
-
 from trustcap import sortition
+from trustcap.api import CAPSULES, GROUP, VERSION
 from trustcap.capsule.ids import capsule_id, task_id
+from trustcap.chain.errors import ContractReverted
 from trustcap.errors import TrustcapError
 from trustcap.forms import hex_bytes
+from trustcap.gateway._loop import PollingLoop
+from trustcap.gateway.errors import GatewayError
 from trustcap.kubeclient import api_call
 from trustcap.kubeclient import api_client as kube_api_client
 
 __all__ = ["REVEAL_LABEL", "KubeCapsules", "LifecycleError", "Participant", "ParticipantKube", "reveal_name"]
 
 log = logging.getLogger("trustcap.gateway")
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 REVEAL_LABEL: Final = "trustcap.io/reveal"
 TIMEOUT_S: Final = 15.0
 
 
-class LifecycleError(GatewayError):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+class LifecycleError(GatewayError):
     """A lifecycle object could not be read or written, or does not say what the protocol needs."""
 
 
@@ -86,7 +85,7 @@ class KubeCapsules:
     # -- participant --------------------------------------------------------------------------------
     def capsules(self) -> list[dict[str, Any]]:
         doc = _call("cannot list Capsules in all namespaces", lambda: self._custom.list_cluster_custom_object(
-            GROUP, VERSION, "capsules", _request_timeout=self._timeout))
+            GROUP, VERSION, CAPSULES, _request_timeout=self._timeout))
         return list(cast(dict[str, Any], doc).get("items") or [])
 
     def secret(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -144,7 +143,7 @@ class _Root(Protocol):
     def vrf_prove(self, alpha: bytes) -> bytes: ...
 
 
-class Participant(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+class Participant(PollingLoop):
     """Commits this gateway to its draw for every funded, seeded, Pending capsule, once per task."""
 
     loop_name = "trustcap-gateway-participant"
@@ -222,6 +221,10 @@ class Participant(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gate
         except (TrustcapError, OSError) as exc:
             if self.escrow.commitment(task, self.address) is not None:
                 self._done.add(task)  # committed already (a lost receipt, another instance): done
+                return 0
+            if isinstance(exc, ContractReverted) and exc.error == "RegisteredAfterSeed":
+                self._done.add(task)  # registered after this task's seed block: never eligible (decision 0115)
+                log.info("not eligible for task 0x%s: this node registered after its seed block", task.hex())
                 return 0
             raise LifecycleError(f"commit to task 0x{task.hex()} was refused: {exc}") from exc
         self._done.add(task)

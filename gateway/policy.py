@@ -9,8 +9,7 @@
     actions:                     # by the gravest failure's severity; one of report|stop|reboot|quarantine
       critical: quarantine
       high: stop
-      medium: report
-      low: report
+      medium: report             # the severities are trustcap.evidence.Severity's, lower-cased
       unreachable: stop          # the agent did not answer (a silent agent is never "still trusted")
     attestation: { ... }         # a trustcap.evidence AttestationPolicy (bootImages, measurements, ...)
 
@@ -25,18 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trustcap.gateway.errors import PolicyError
 
 from trustcap import canonical
-from trustcap.evidence import Policy, parse_policy
+from trustcap.evidence import Policy, Severity, parse_policy, policy_digest
 from trustcap.evidence.errors import EvidenceFormatError
+from trustcap.gateway.errors import PolicyError
 
 __all__ = ["ACTIONS", "GatewayPolicy", "load_gateway_policy", "parse_gateway_policy"]
 
 ACTIONS = ("report", "stop", "reboot", "quarantine")
-_SEVERITIES = ("critical", "high", "medium", "low", "unreachable")
-_DEFAULT_ACTIONS = {"critical": "quarantine", "high": "stop", "medium": "report", "low": "report",
-                    "unreachable": "stop"}
+# The evidence layer's severities, gravest first, and the monitor's own "the agent did not answer": a key
+# that names no failure a report can carry (the old "low") is refused, not silently never used.
+_SEVERITIES = (*(s.name.lower() for s in sorted(Severity, reverse=True)), "unreachable")
+_DEFAULT_ACTIONS = {"critical": "quarantine", "high": "stop", "medium": "report", "unreachable": "stop"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,15 @@ class GatewayPolicy:
 
     @property
     def digest(self) -> str:
+        """The whole GatewayPolicy (monitoring, actions and attestation), named in the monitor's records."""
         return "0x" + canonical.digest(self.source).hex()
+
+    @property
+    def attestation_digest(self) -> str:
+        """The attestation policy alone: what an HPCNode declares (`spec.policy.digest`), what committee
+        members appraise under and name in their verdicts, and so what the gateway reports it applies.
+        The monitoring part is the gateway's own business and does not change what a quote must show."""
+        return "0x" + policy_digest(self.attestation).hex()
 
 
 def _num(doc: dict[str, Any], key: str, default: float, where: str, lo: float, hi: float) -> float:
@@ -84,7 +92,8 @@ def parse_gateway_policy(text: str) -> GatewayPolicy:
         raise PolicyError("gateway policy: actions must be a mapping")
     for sev, act in raw_actions.items():
         if sev not in _SEVERITIES:
-            raise PolicyError(f"gateway policy: actions.{sev}: unknown severity (one of {list(_SEVERITIES)})")
+            raise PolicyError(f"gateway policy: actions.{sev}: unknown severity (one of {list(_SEVERITIES)}: a "
+                              "failure is critical, high or medium, and unreachable is the agent not answering)")
         if act not in ACTIONS:
             raise PolicyError(f"gateway policy: actions.{sev}={act!r}: must be one of {list(ACTIONS)}")
         actions[sev] = act

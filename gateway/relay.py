@@ -39,9 +39,26 @@ asks the agent for a quote whose `capsule_state` binds the task, the round and t
       |<-- 200 canonical SignedQuote -------|
       | appraise: both signatures, V's nonce once, identity, age; V's policy -> verdict
       |
-      |-- GET /v1/status (unsigned) ------->| trusted only if the latest monitor check passed AND
-      |<-- {trusted, reason, ...} ----------|   is younger than the freshness limit (CVE-2022-3500)
-    Prometheus scrapes GET /metrics (trustcap_gateway_relay_*, trustcap_gateway_node_trusted).
+
+    operator                             RelayService
+      |-- POST /v1/liveness {nonce} ------->| at most one signature per `liveness_interval_s`     503
+      |<-- {gateway, nonce, signature} -----|   signed: digest{domain "trustcap.gateway-liveness.v1",
+      | recovers to Gateway.spec.address?   |   nonce, gateway}; the operator then writes lastSeen
+      |   -> Gateway.status.lastSeen        |   (operator/gateway.py)
+
+What the relay does not serve (decision 0114): its port is the one every other gateway reaches, so
+nothing on it may say whether this node executes. `GET /metrics` and `GET /v1/status` are not on the
+relay: `MetricsService` serves them on their own listener (`--metrics-address`, loopback by default,
+TLS with client certificates when it listens elsewhere), because `trustcap_gateway_relay_*` moves
+exactly when this node is attested. An idle (non-round) challenge is refused outright on a gateway that
+takes part in capsules (`serve_idle=False`): its quote's `containers` reading lists the running capsule,
+and a refusal that depended on a run going would leak the same bit, so the refusal never depends on it.
+Which relays a committee challenges is still visible on the wire (threat model row 10).
+
+    MetricsService (--metrics-address, the Pi's operator only)
+      GET /metrics    prometheus_client's default REGISTRY (trustcap_gateway_relay_*, _node_trusted, ...)
+      GET /v1/status  {trusted, reason, ...}: trusted only if the latest monitor check passed AND is
+                      younger than the freshness limit (CVE-2022-3500)
 
 Bounds (docs/design.md: a gateway's verifier work is bounded and measured): at most `max_connections` open
 HTTP connections (the next one is closed at once), at most `max_inflight` challenges at a time (the
@@ -59,6 +76,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -68,11 +86,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from trustcap.gateway.attest_errors import DirectoryError
-from trustcap.gateway.errors import GatewayError, QuoteRejected
-from trustcap.gateway.verifiers import VerifierDirectory
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
+from trustcap.api import ATTESTATIONS, GROUP, VERSION
 from trustcap.evidence import (
     Challenge,
     ChallengeFormatError,
@@ -81,10 +97,15 @@ from trustcap.evidence import (
     verify_challenge,
 )
 from trustcap.evidence.errors import SignatureError
+from trustcap.evidence.liveness import liveness_digest
+from trustcap.evidence.signing import Signer
+from trustcap.gateway.attest_errors import DirectoryError
+from trustcap.gateway.errors import GatewayError, QuoteRejected
+from trustcap.gateway.verifiers import VerifierDirectory
 from trustcap.httpio import drain
 
-__all__ = ["MAX_BODY", "MAX_COSIGN_BODY", "Cosign", "RelayService", "RoundDirectory", "RoundMembers", "TrustState",
-           "kube_round_members", "trust_state"]
+__all__ = ["MAX_BODY", "MAX_COSIGN_BODY", "Cosign", "MetricsService", "RelayService",
+           "RoundDirectory", "RoundMembers", "TrustState", "kube_round_members", "trust_state"]
 
 log = logging.getLogger("trustcap.gateway")
 
@@ -102,9 +123,12 @@ _RESULT = {"challenges": "served", "refused_bad_request": "bad_request", "refuse
            "refused_unknown_verifier": "unknown_verifier", "refused_wrong_node": "wrong_node",
            "refused_replay": "replay", "refused_unknown_round": "unknown_round",
            "refused_not_member": "not_member", "refused_round_unavailable": "round_unavailable",
-           "refused_not_prepared": "not_prepared"}  # bounded label values
+           "refused_not_prepared": "not_prepared", "refused_idle": "idle_refused"}  # bounded label values
 NODE_TRUSTED = Gauge("trustcap_gateway_node_trusted",
                      "1 if the node's latest check passed and is fresh, else 0 (evaluated at scrape).", ["node"])
+
+
+_NONCE_HEX = frozenset("0123456789abcdef")
 
 
 class _Record(Protocol):
@@ -202,8 +226,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 
 class RelayService:
-    """HTTP service on the Pi's cluster side: `POST /v1/challenge`, `GET /v1/status`, and with `cosign`
-    `POST /v1/cosign` (the chain-writer's batches, decision 0094; its body is bounded by MAX_COSIGN_BODY)."""
+    """HTTP service on the Pi's cluster side: `POST /v1/challenge`, with `liveness` (the trust root)
+    `POST /v1/liveness`, and with `cosign` `POST /v1/cosign` (the chain-writer's batches, decision 0094;
+    its body is bounded by MAX_COSIGN_BODY). `status()` is served by `MetricsService`, not here."""
 
     def __init__(self, server: _Challenger, *, verifiers: VerifierDirectory,
                  records: Callable[[], Iterable[_Record]] = lambda: (), max_age_s: float = 60.0,
@@ -211,10 +236,15 @@ class RelayService:
                  read_timeout_s: float = 10.0, max_skew_s: float = 60.0, max_recent: int = 4096,
                  clock: Callable[[], float] = time.time, round_members: RoundMembers | None = None,
                  before_capsule_quote: Callable[[dict[str, str]], None] | None = None,
-                 cosign: Cosign | None = None) -> None:
+                 cosign: Cosign | None = None, serve_idle: bool = True, liveness: Signer | None = None,
+                 liveness_interval_s: float = 0.2) -> None:
         if max_inflight < 1 or max_connections < 1 or max_age_s <= 0 or max_skew_s <= 0 or max_recent < 1:
             raise ValueError("max_inflight, max_connections, max_age_s, max_skew_s and max_recent must be positive")
         self.server = server
+        self.serve_idle = serve_idle
+        self.liveness = liveness
+        self.liveness_interval_s = liveness_interval_s
+        self._last_liveness = float("-inf")
         self.verifiers = verifiers
         self.round_members = round_members
         self.before_capsule_quote = before_capsule_quote
@@ -296,11 +326,43 @@ class RelayService:
         if not self.verifiers.allowed(challenge.verifier):
             return self._refuse("refused_unknown_verifier", HTTPStatus.FORBIDDEN, "verifier",
                                 f"{challenge.verifier} is not in this gateway's verifier directory")
+        if challenge.capsule is None and not self.serve_idle:
+            # Refused whatever the node is doing: an idle quote lists the running capsule's container, and
+            # a refusal only while one runs would say the same.
+            return self._refuse("refused_idle", HTTPStatus.FORBIDDEN, "capsule",
+                                "this gateway takes part in capsules and answers only a capsule round's challenge "
+                                "from its committee; an idle quote would show whether a capsule runs here")
         if challenge.capsule is not None:
             refused = self._committee_check(challenge, challenge.capsule)
             if refused is not None:
                 return refused
         return challenge
+
+    def liveness_answer(self, body: bytes) -> tuple[int, bytes]:
+        """`POST /v1/liveness` {nonce}: the trust root's signature over the caller's nonce, so the operator
+        can record this gateway as seen from evidence it checks (operator/gateway.py). Anyone may ask:
+        the answer says only that this key is up at this address, which the Gateway object says anyway.
+        A trust root (a Zymkey) signs slowly, so at most one answer per `liveness_interval_s`."""
+        if self.liveness is None:
+            return _error(HTTPStatus.NOT_FOUND, "this relay has no trust root to answer liveness with")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _error(HTTPStatus.BAD_REQUEST, "request body is not JSON", "body")
+        raw = doc.get("nonce") if isinstance(doc, dict) and set(doc) == {"nonce"} else None
+        if not isinstance(raw, str) or len(raw) != 66 or not raw.startswith("0x") or not set(raw[2:]) <= _NONCE_HEX:
+            return _error(HTTPStatus.BAD_REQUEST, "the body must be exactly {\"nonce\": \"0x<64 lowercase hex>\"}",
+                          "nonce")
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_liveness < self.liveness_interval_s:
+                return _error(HTTPStatus.SERVICE_UNAVAILABLE, "relay busy: liveness answered just now, retry shortly")
+            self._last_liveness = now
+        nonce = bytes.fromhex(raw[2:])
+        address = self.liveness.address
+        signature = self.liveness.sign_digest(liveness_digest(nonce, address))
+        answer = {"gateway": address, "nonce": raw, "signature": "0x" + signature.hex()}
+        return HTTPStatus.OK, json.dumps(answer).encode()
 
     def _committee_check(self, challenge: Challenge, capsule: dict[str, str]) -> tuple[int, bytes] | None:
         """A capsule challenge is served only to a member of the committee of the round it names."""
@@ -402,17 +464,13 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
             self.wfile.write(body)
 
         def do_GET(self) -> None:
-            if self.path == "/metrics":
-                self._send(HTTPStatus.OK, generate_latest(), CONTENT_TYPE_LATEST)
-                return
-            if self.path != "/v1/status":
-                self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
-                return
-            self._send(HTTPStatus.OK, json.dumps(relay.status()).encode())
+            # Metrics and the trust status are the Pi operator's, on --metrics-address (decision 0114).
+            self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r} on the relay (metrics "
+                                                     "and status are served on the gateway's --metrics-address)"))
 
         def do_POST(self) -> None:
             cosign = relay.cosign if self.path == "/v1/cosign" else None
-            if self.path != "/v1/challenge" and cosign is None:
+            if self.path not in ("/v1/challenge", "/v1/liveness") and cosign is None:
                 self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
                 return
             limit = MAX_BODY if cosign is None else MAX_COSIGN_BODY
@@ -434,7 +492,103 @@ def _handler(relay: RelayService, read_timeout_s: float) -> type[BaseHTTPRequest
             if len(body) < int(length):
                 self.close_connection = True
                 return
-            self._send(*(relay.challenge(body) if cosign is None else cosign.handle(body)))
+            if cosign is not None:
+                self._send(*cosign.handle(body))
+            elif self.path == "/v1/liveness":
+                self._send(*relay.liveness_answer(body))
+            else:
+                self._send(*relay.challenge(body))
+
+    return Handler
+
+
+# --- metrics and status, for the Pi's operator only ---------------------------------------------------
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address stays on this machine (a literal loopback IP, or localhost)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class MetricsService:
+    """`GET /metrics` (prometheus_client's default REGISTRY, whoever registered on it) and `GET /v1/status`
+    on a listener of their own (decision 0114). On a loopback address it is plain HTTP; anywhere else the
+    counters would tell the Pi network who executes, so it needs TLS and a client CA (`certfile`, `keyfile`,
+    `client_ca`): only a scraper holding a certificate from that CA is answered."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], *, host: str = "127.0.0.1", port: int = 0,
+                 certfile: str | None = None, keyfile: str | None = None, client_ca: str | None = None,
+                 max_connections: int = 8, read_timeout_s: float = 10.0) -> None:
+        from trustcap.errors import ConfigError
+
+        if not is_loopback_host(host) and not (certfile and keyfile and client_ca):
+            raise ConfigError(f"--metrics-address {host}:{port} is not a loopback address: give --metrics-tls-cert, "
+                              "--metrics-tls-key and --metrics-client-ca (only a scraper with a client certificate "
+                              "is answered), or listen on 127.0.0.1, or turn metrics off")
+        if bool(certfile) != bool(keyfile) or (client_ca and not certfile):
+            raise ConfigError("--metrics-tls-cert and --metrics-tls-key go together, and --metrics-client-ca "
+                              "needs both")
+        self.status = status
+        self._http = _BoundedHTTPServer((host, port), _metrics_handler(self, read_timeout_s), max_connections)
+        self.scheme = "http"
+        if certfile:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                ctx.load_cert_chain(certfile, keyfile)
+                if client_ca:
+                    ctx.load_verify_locations(cafile=client_ca)
+                    ctx.verify_mode = ssl.CERT_REQUIRED
+            except (OSError, ssl.SSLError) as exc:
+                self._http.server_close()
+                raise ConfigError(f"metrics TLS: cannot load {certfile}, {keyfile} or {client_ca}: {exc}") from exc
+            # The handshake runs in the connection's thread, under its read timeout: done at accept, one
+            # silent client would hold the accept loop.
+            self._http.socket = ctx.wrap_socket(self._http.socket, server_side=True, do_handshake_on_connect=False)
+            self.scheme = "https"
+        self.address: tuple[str, int] = self._http.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._http.serve_forever, name="trustcap-metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"{self.scheme}://{host}:{port}"
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()
+        self._thread.join(timeout=5)
+
+
+def _metrics_handler(service: MetricsService, read_timeout_s: float) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout_s
+        protocol_version = "HTTP/1.1"
+        server_version = "trustcap-gateway-metrics/1"
+        sys_version = ""
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.debug("metrics %s: " + fmt, self.client_address[0], *args)
+
+        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(HTTPStatus.OK, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif path == "/v1/status":
+                self._send(HTTPStatus.OK, json.dumps(service.status()).encode())
+            else:
+                self._send(*_error(HTTPStatus.NOT_FOUND, f"no such resource {self.path[:64]!r}"))
 
     return Handler
 
@@ -497,8 +651,8 @@ def kube_round_members(kubeconfig: str | None, namespace: str, *, ttl_s: float =
     api = client.CustomObjectsApi(api_client(kubeconfig, error=DirectoryError))
 
     def list_rounds() -> list[dict[str, Any]]:
-        doc = cast(dict[str, Any], api.list_namespaced_custom_object("trustcap.io", "v1alpha1", namespace,
-                                                                     "attestations", _request_timeout=timeout_s))
+        doc = cast(dict[str, Any], api.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                     ATTESTATIONS, _request_timeout=timeout_s))
         return cast(list[dict[str, Any]], doc.get("items") or [])
 
     return RoundDirectory(list_rounds, ttl_s=ttl_s)

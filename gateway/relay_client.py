@@ -1,5 +1,6 @@
 """The verifier's side of the relay (gateway/relay.py): send a signed challenge to an executor's gateway
-and read the countersigned quote, or read the node's advisory trust status.
+and read the countersigned quote; or read the node's advisory trust status from the gateway's metrics
+listener.
 
 Only http(s) URLs are opened, answers are read up to a bound, and every failure is a RelayError naming
 the gateway (RelayBusy when it asked to be retried), so a committee member can tell a busy executor from
@@ -17,10 +18,9 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
-from trustcap.gateway.attest_errors import RelayBusy, RelayError
-
 from trustcap.evidence import SignedQuote, Signer, decode_signed_quote, sign_challenge
 from trustcap.evidence.errors import EvidenceFormatError
+from trustcap.gateway.attest_errors import RelayBusy, RelayError
 
 __all__ = ["MAX_RESPONSE", "request_quote", "request_status"]
 
@@ -71,7 +71,9 @@ def request_quote(url: str, nonce: bytes, *, signer: Signer, node: str, timeout:
 
 
 def request_status(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
-    """The executor gateway's view of its node's trust (advisory: a verifier trusts its own appraisal)."""
+    """The gateway's view of its node's trust (advisory: a verifier trusts its own appraisal). `url` is the
+    gateway's metrics listener (`--metrics-address`, the Pi operator's), not its relay: the relay does not
+    say whether its node is attested (decision 0114)."""
     req = urllib.request.Request(_endpoint(url, "/v1/status"))  # noqa: S310 - scheme checked
     data = _call(req, url, timeout, 64 * 1024)
     try:

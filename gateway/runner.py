@@ -12,11 +12,13 @@ to its recipient and signed by that key).
       |                            |   POST /v1/release {capsule, manifest, input, header, round,
       |                            |     verdicts, reveals} for every input ------------------------> broker
       |                            |   (one refusal: Failed InputRejected/ReleaseRefused, nothing sent)
+      |                            |   the Pi's HPC link guard opens the manifest's egress (allow; 0118)
       |                            |   run {taskId, capsuleId, manifest, inputs} ---->| started
       |                            |   status Running {inputsReleased, startedAt}
       |                            |   result {taskId} every poll_s; spec.stop set -> stop {reason}
       |                            |   done: each result envelope -> store.put ---------------------> store
       |                            |   status Succeeded|Failed {reason, exitCode, results, resultSigner, wipe}
+      |                            |   the link guard closes again (clear), whatever the run's end
       |                            | post round decided (or the CapsuleRun gone) -> finish {taskId}
 
 Each run has its own thread, so a minute-long run holds neither the relay (which must keep answering the
@@ -30,44 +32,55 @@ from __future__ import annotations
 import base64
 import builtins
 import io
+import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, NamedTuple, Protocol
 
-from trustcap.gateway._loop import PollingLoop
-from trustcap.gateway.errors import GatewayError
-from trustcap.gateway.participant import REVEAL_LABEL, LifecycleError
-
+from trustcap.api import ATTESTATIONS, CAPSULERUNS, CAPSULES
 from trustcap.capsule.envelope import read_header
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.capsule.manifest import Manifest, parse_manifest
 from trustcap.errors import TrustcapError
 from trustcap.forms import hex_bytes, rfc3339
+from trustcap.gateway._loop import PollingLoop
+from trustcap.gateway.agent_metrics import AgentMetricsPoller
+from trustcap.gateway.errors import GatewayError
+from trustcap.gateway.participant import REVEAL_LABEL, LifecycleError
 
-__all__ = ["NotMyRound", "RunFailed", "Runner", "RunnerKube", "open_store"]
+__all__ = ["EgressLink", "NotMyRound", "RunFailed", "Runner", "RunnerKube", "declared_endpoints", "open_store"]
 
 log = logging.getLogger("trustcap.gateway")
 
 AGENT_LOST_S: Final = 60.0       # the agent may be unreachable this long during a run before the run fails
 RESULT_MARGIN_S: Final = 300.0   # beyond timeoutSeconds, how long to wait for the agent's result
+BUSY_WAIT_S: Final = 300.0       # how long a run waits for its node to be free (a broker's pre-verdict age limit)
 RELEASE_TIMEOUT_S: Final = 30.0  # per broker request
 MAX_ERROR: Final = 4096          # crds/capsulerun.yaml status.error maxLength
 NOTHING_RAN: Final = {"verified": True, "ran": False, "items": [],
                       "how": "nothing was sent to the agent: no input was released to it and no container was made"}
 
 
-class NotMyRound(GatewayError):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+class NotMyRound(GatewayError):
     """A capsule challenge names a round that does not exist, or whose executor is another gateway."""
 
 
-class RunFailed(GatewayError):  # type: ignore[misc]
+class RunFailed(GatewayError):
     """A run cannot start; `reason` is the CapsuleRun status reason (InputRejected, ReleaseRefused, Failed)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class LinkHeld(RunFailed):
+    """Another task's run holds the node and its HPC link: this node runs one capsule at a time."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__("Failed", f"the node and its HPC link are held by the run of task {holder}: this node "
+                                   "runs one capsule at a time")
 
 
 class RunnerKube(Protocol):
@@ -80,6 +93,44 @@ class RunnerKube(Protocol):
     def patch_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
 
     def secrets(self, namespace: str, label_selector: str) -> builtins.list[dict[str, str]]: ...
+
+
+class EgressLink(Protocol):
+    """The Pi's guard of its HPC link (gateway/egress.py `EgressGuard` with LinkServices, decision 0118)."""
+
+    @property
+    def services(self) -> Any: ...  # LinkServices: its gateway_addr is never a declared endpoint
+    def allow(self, endpoints: Sequence[Any], ttl_s: int | None = None) -> None: ...
+    def clear(self) -> None: ...
+
+
+class _Endpoint(NamedTuple):
+    host: str
+    port: int
+
+
+def declared_endpoints(manifest: Manifest, gateway_addr: str | None = None) -> list[_Endpoint]:
+    """The manifest's egress as (host, port), each one the Pi's link guard can open; RunFailed for a name
+    (the guard matches addresses, and a DNS lookup would itself be egress; the agent refuses names for the
+    same reason) and for what the guard refuses (gateway/egress.py `check_endpoints`: IPv6, loopback,
+    link-local, multicast, broadcast, the Pi's own address on the link)."""
+    from trustcap.gateway.egress import check_endpoints
+
+    out = []
+    for text in manifest.egress:
+        host, _, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise RunFailed("Failed", f"manifest egress {text!r}: the HPC link guard opens IP addresses only, "
+                                      "not names (resolving one would itself be egress)") from None
+        out.append(_Endpoint(host, int(port)))
+    try:
+        check_endpoints(out, gateway_addr)
+    except TrustcapError as exc:
+        raise RunFailed("Failed", f"manifest egress: {exc}") from exc
+    return out
 
 
 class _Server(Protocol):
@@ -135,7 +186,7 @@ def _refused_result(exc: Exception) -> dict[str, Any] | None:
                                                  "session refuses an answer that carries an error"}}
 
 
-class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.* as Any (package-dir)
+class Runner(PollingLoop):
     """Runs on this gateway's agent the capsules whose CapsuleRun names this gateway as executor."""
 
     loop_name = "trustcap-gateway-runner"
@@ -143,8 +194,16 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
 
     def __init__(self, server: _Server, root: _Root, kube: RunnerKube, *, namespace: str,
                  store_of: Callable[[str], _Store] = open_store, poll_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 agent_metrics_s: float = 5.0, link: EgressLink | None = None,
+                 busy_wait_s: float = BUSY_WAIT_S) -> None:
         self.server, self.kube = server, kube
+        self.link = link  # the Pi's HPC link guard (--hpc-link); None: the link is not guarded here
+        self._holder: str | None = None    # the task whose run holds this node (the agent runs one at a time)
+        self._declared: str | None = None  # the task whose endpoints the link guard holds open
+        self.busy_wait_s = busy_wait_s
+        self._link_dirty = False  # a clear() failed: the link may still hold a finished run's endpoints
+        self._link_io = threading.Lock()  # held around each allow and clear of the link guard
         self.namespace = namespace
         self.store_of = store_of
         self.clock, self.wall = clock, wall
@@ -155,9 +214,19 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
         self._runs_seen: set[str] = set()           # tasks whose CapsuleRun this gateway has seen
         self._finished: set[str] = set()
         self._init_loop(poll_s)
+        # The agent's own metrics (its runs, wipes, violations) reach Prometheus only through its gateway
+        # (trustcap.gateway.agent_metrics): the runner starts their poller because it is the part that
+        # drives the agent's runs, and a gateway without the capsule lifecycle runs none to report.
+        self.agent_metrics = AgentMetricsPoller(server, str(getattr(server, "node_id", "") or "unknown"),
+                                                interval_s=agent_metrics_s)
+
+    def start(self) -> None:
+        super().start()
+        self.agent_metrics.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop looking for work and end the run threads' polling (the agent's runs go on; see resume)."""
+        self.agent_metrics.stop(timeout_s)
         super().stop(timeout_s)
         with self._lock:
             threads = list(self._threads.values())
@@ -169,7 +238,8 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
         Returns how many run threads this pass started."""
         started = 0
         runs = {}
-        for run in self.kube.list("capsuleruns", self.namespace):
+        self._retry_clear()
+        for run in self.kube.list(CAPSULERUNS, self.namespace):
             spec = run.get("spec") or {}
             if str(spec.get("executor", "")).lower() != self.address:
                 continue
@@ -225,7 +295,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
         return self._prepare(tid, manifest)
 
     def _round_by_nonce(self, tid: str, round_id: str) -> dict[str, Any] | None:
-        for att in self.kube.list("attestations", self.namespace, f"trustcap.io/task={tid[2:18]}"):
+        for att in self.kube.list(ATTESTATIONS, self.namespace, f"trustcap.io/task={tid[2:18]}"):
             spec = att.get("spec") or {}
             if str(spec.get("nonce", "")).lower() == round_id and str(spec.get("taskId", "")).lower() == tid:
                 return att
@@ -239,7 +309,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             raise LifecycleError(f"task {tid}: capsuleRef must name {{namespace, name, uid}}, got {dict(ref)}")
         if "0x" + task_id(capsule_id(ns, name), uid).hex() != tid:
             raise LifecycleError(f"task {tid} is not the task of capsule {ns}/{name} (uid {uid})")
-        capsule = self.kube.get("capsules", ns, name)
+        capsule = self.kube.get(CAPSULES, ns, name)
         if capsule is None or (capsule.get("metadata") or {}).get("uid") != uid:
             raise LifecycleError(f"capsule {ns}/{name} (uid {uid}) of task {tid} is gone")
         try:
@@ -268,30 +338,137 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             log.exception("run %s failed in the gateway (will look again)", name)
 
     def _run(self, name: str, resume: bool) -> None:
-        run = self.kube.get("capsuleruns", self.namespace, name)
+        run = self.kube.get(CAPSULERUNS, self.namespace, name)
         if run is None:
             return
         spec = run["spec"]
         tid = _task_hex(spec.get("taskId"), "CapsuleRun spec.taskId")
         manifest, capsule = self._capsule(spec, tid)
         key = self._prepare(tid, manifest)
-        if not resume:
+        try:
+            if not resume:
+                try:
+                    self._claim(tid)  # the agent runs one capsule at a time: wait for the node, bounded
+                    released = self._start(run, capsule, manifest, key, tid)
+                except RunFailed as exc:
+                    log.warning("run %s not started: %s", name, exc)
+                    self._status(name, {"phase": "Failed", "reason": exc.reason, "error": str(exc)[:MAX_ERROR],
+                                        "wipe": dict(NOTHING_RAN), "finishedAt": rfc3339(self.wall())})
+                    return
+                self._status(name, {"phase": "Running", "inputsReleased": released,
+                                    "startedAt": rfc3339(self.wall())})
+            must_stop = ""
+            if resume and self._try_claim(tid) and self._agent_state(tid) != "done":
+                # Re-open a run the agent may still run (a restarted gateway's new table holds nothing
+                # declared; a run that is done needs no link to report). While another task holds the
+                # node, this one is not running (the agent runs one capsule at a time): it is followed to
+                # its result, and nothing is stopped, since a stop would reach the other task's run.
+                try:
+                    self._declare(tid, manifest)
+                except LinkHeld as exc:  # taken just now by another task: not running, and not to be stopped
+                    log.warning("run %s resumed while %s", name, exc)
+                except RunFailed as exc:
+                    # The agent's run goes on, but its link stays shut: stop it, and follow it to its end so
+                    # that its wipe report is recorded (the stop is re-sent until the agent takes it).
+                    log.warning("run %s resumed without its endpoints, stopping it: %s", name, exc)
+                    must_stop = f"on resuming the run, {exc}"
+            self._follow(name, tid, manifest, key, spec.get("store") or "", must_stop=must_stop)
+        finally:
+            self._release_node(tid)
+
+    def _agent_state(self, tid: str) -> str:
+        """The agent's `result` state of this task ("running", "done"), "" when it cannot say."""
+        try:
+            return str(self.server.command("result", taskId=tid).get("state") or "")
+        except (TrustcapError, OSError):
+            return ""
+
+    def _try_claim(self, tid: str) -> bool:
+        """Take the node for this task if no other task holds it."""
+        with self._lock:
+            if self._holder not in (None, tid):
+                return False
+            self._holder = tid
+            return True
+
+    def _claim(self, tid: str) -> None:
+        """Wait until no other task's run holds the node, then take it; LinkHeld after `busy_wait_s` (by
+        then the pre round's verdicts are too old for a broker to release on). A capsule that lands on a
+        busy node waits its turn instead of failing; nothing is asked of a broker while it waits."""
+        deadline = self.clock() + self.busy_wait_s
+        while not self._try_claim(tid):
+            if self.clock() > deadline or self._halt.is_set():
+                with self._lock:
+                    holder = self._holder
+                raise LinkHeld(str(holder))
+            self._halt.wait(self.poll_s)
+
+    def _release_node(self, tid: str) -> None:
+        """The run is over (the agent reported it done, or this thread ends): close its link, free the node."""
+        self._undeclare(tid)
+        with self._lock:
+            if self._holder == tid:
+                self._holder = None
+
+    def _gateway_addr(self) -> str | None:
+        services = self.link.services if self.link is not None else None
+        return str(services.gateway_addr) if services is not None else None
+
+    def _declare(self, tid: str, manifest: Manifest) -> None:
+        """Open the Pi's HPC link to exactly the endpoints of the manifest the pre round attested, before
+        the agent is told to run (RunFailed if the guard will not take them: nothing is started). One HPC
+        runs one capsule at a time, so one run holds the link: a second is refused, never merged."""
+        if self.link is None:
+            return
+        endpoints = declared_endpoints(manifest, self._gateway_addr())
+        ttl_s = int(manifest.timeout_seconds + RESULT_MARGIN_S)
+        with self._link_io:  # every allow and clear in turn: a late retried clear cannot undo this allow
+            with self._lock:
+                if self._declared not in (None, tid):
+                    raise LinkHeld(self._declared)
+                self._declared = tid
             try:
-                released = self._start(run, capsule, manifest, key, tid)
-            except RunFailed as exc:
-                log.warning("run %s not started: %s", name, exc)
-                self._status(name, {"phase": "Failed", "reason": exc.reason, "error": str(exc)[:MAX_ERROR],
-                                    "wipe": dict(NOTHING_RAN), "finishedAt": rfc3339(self.wall())})
+                self.link.allow(endpoints, ttl_s=ttl_s)
+            except (TrustcapError, OSError, ValueError) as exc:
+                with self._lock:
+                    self._declared, self._link_dirty = None, True  # a half-applied allow is cleared like a run
+                raise RunFailed("Failed", f"the HPC link guard did not take the run's endpoints: {exc}") from exc
+            with self._lock:
+                self._link_dirty = False  # allow() replaced whatever an earlier run left in one transaction
+        if endpoints:
+            log.info("task %s: HPC link open to %s", tid, ", ".join(f"{e.host}:{e.port}" for e in endpoints))
+
+    def _undeclare(self, tid: str) -> None:
+        """After the run, only the Pi's own services are reachable from the link again."""
+        with self._lock:
+            if self.link is None or self._declared != tid:
                 return
-            self._status(name, {"phase": "Running", "inputsReleased": released,
-                                "startedAt": rfc3339(self.wall())})
-        self._follow(name, tid, manifest, key, spec.get("store") or "")
+            self._declared, self._link_dirty = None, True
+        self._retry_clear()
+
+    def _retry_clear(self) -> None:
+        """Close the link to a finished run's endpoints; a failed clear is retried on every pass until it
+        holds (or the next run's allow replaces them)."""
+        with self._link_io:
+            with self._lock:
+                if self.link is None or not self._link_dirty or self._declared is not None:
+                    return
+            try:
+                self.link.clear()
+            except (TrustcapError, OSError) as exc:
+                log.error("the HPC link guard still holds a finished run's endpoints (%s); retrying (the kernel "
+                          "drops them at their timeout in any case)", exc)
+                return
+            with self._lock:
+                self._link_dirty = False
 
     def _start(self, run: Mapping[str, Any], capsule: Mapping[str, Any], manifest: Manifest, key: str,
                tid: str) -> list[str]:
         """Fetch every input and its released key, then start the run; RunFailed before anything is sent."""
         spec = run["spec"]
-        pre = self.kube.get("attestations", self.namespace, str(spec.get("preRound", "")))
+        if self.link is not None:  # refused before any key is asked for
+            declared_endpoints(manifest, self._gateway_addr())
+        pre = self.kube.get(ATTESTATIONS, self.namespace, str(spec.get("preRound", "")))
         if pre is None:
             raise RunFailed("Failed", f"the pre-run round {spec.get('preRound')!r} is missing")
         pspec = pre.get("spec") or {}
@@ -315,6 +492,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             inputs.append({"name": inp.name, "envelope": base64.b64encode(envelope).decode(),
                            "wrappedKey": base64.b64encode(wrapped).decode()})
         cid = "0x" + capsule_id(ref["namespace"], ref["name"]).hex()
+        self._declare(tid, manifest)
         try:
             self.server.command("run", taskId=tid, capsuleId=cid, manifest=dict(capsule["spec"]), inputs=inputs)
         except (TrustcapError, OSError) as exc:
@@ -354,18 +532,20 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
         except (TrustcapError, OSError):
             return False
 
-    def _follow(self, name: str, tid: str, manifest: Manifest, key: str, store_url: str) -> None:
-        """Poll the agent's result; relay a stop order; when done, store the results and report."""
+    def _follow(self, name: str, tid: str, manifest: Manifest, key: str, store_url: str, *,
+                must_stop: str = "") -> None:
+        """Poll the agent's result; relay a stop order (the run's spec.stop, or `must_stop` from the gateway
+        itself); when done, store the results and report."""
         deadline = self.clock() + manifest.timeout_seconds + RESULT_MARGIN_S
         lost_since: float | None = None
         lost_why = ""
         stop_sent = False
         while not self._halt.is_set():
-            run = self.kube.get("capsuleruns", self.namespace, name)
+            run = self.kube.get(CAPSULERUNS, self.namespace, name)
             if run is None:  # the run order is gone: stop what may still run; finish follows in step()
                 self._send_stop(tid, "Deleted")
                 return
-            reason = str((run.get("spec") or {}).get("stop") or "")
+            reason = str((run.get("spec") or {}).get("stop") or must_stop)
             if reason and not stop_sent:
                 stop_sent = self._send_stop(tid, reason)
             try:
@@ -374,6 +554,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             except GatewayError as exc:
                 refused = _refused_result(exc)
                 if refused is not None:
+                    self._release_node(tid)  # the run is over: close its link before storing anything
                     self._done(name, refused, key, store_url)
                     return
                 lost_since, answer, lost_why = self._lost(lost_since), {"state": "running"}, str(exc)
@@ -385,6 +566,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
                                              f"{lost_why}"[:MAX_ERROR]})
                 return
             if answer.get("state") == "done":
+                self._release_node(tid)
                 self._done(name, answer, key, store_url)
                 return
             if self.clock() > deadline:
@@ -432,7 +614,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
         log.info("run %s ended: %s", name, reason)
 
     def _status(self, name: str, status: Mapping[str, Any]) -> None:
-        self.kube.patch_status("capsuleruns", self.namespace, name, status)
+        self.kube.patch_status(CAPSULERUNS, self.namespace, name, status)
 
     # -- c. finish ------------------------------------------------------------------------------------
     def _finish(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
@@ -447,7 +629,7 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
             if run is None and tid not in self._runs_seen and not self._pre_round_failed(tid):
                 continue  # no run order yet: the pre round is still being attested
             if run is not None:
-                post = self.kube.get("attestations", self.namespace, post_round_name(bytes.fromhex(tid[2:])))
+                post = self.kube.get(ATTESTATIONS, self.namespace, post_round_name(bytes.fromhex(tid[2:])))
                 if post is None or not (post.get("status") or {}).get("result"):
                     continue
             try:
@@ -463,6 +645,6 @@ class Runner(PollingLoop):  # type: ignore[misc]  # mypy sees trustcap.gateway.*
 
     def _pre_round_failed(self, tid: str) -> bool:
         """A prepared task whose pre round failed or expired gets no run order: its key can go."""
-        rounds = self.kube.list("attestations", self.namespace, f"trustcap.io/task={tid[2:18]}")
+        rounds = self.kube.list(ATTESTATIONS, self.namespace, f"trustcap.io/task={tid[2:18]}")
         pre = [a for a in rounds if (a.get("spec") or {}).get("phase") == "pre"]
         return not pre or any((a.get("status") or {}).get("result") in ("Failed", "Expired") for a in pre)

@@ -1,7 +1,7 @@
 """The gateway's attestation server for its HPC: accepts the agent's channel, enrols it, asks for quotes.
 
     agent                       AttestationServer (Pi)                 committee verifier (via relay)
-      |-- TCP connect, HELLO --> | handshake thread (channel.py): enrol or look up key
+      |-- TCP connect, HELLO --> | handshake thread (trustcap.channel): enrol or look up key
       |<-- WELCOME -------------|   (fresh gateway nonce nG, signed by the trust root)
       |== FINISHED sig_A(nG) ==>| first record under the new keys: only now does the session
       |                          |   replace the live one (a replayed HELLO never gets this far)
@@ -22,88 +22,68 @@ sender cannot stretch it), at most `max_handshakes` at once (the next connection
 counted in `refusals`): one silent connection never holds off the agent's reconnect. The accept loop
 waits on a selector with a wake-up socket, and `close()` also shuts every pending handshake down, so
 close returns at once instead of waiting out a join timeout.
+
+The handshake's messages and the record layer are `trustcap.channel` (the protocol's diagram is there);
+this module decides who may enrol and keeps the session. A channel failure reaches the gateway's callers
+(monitor, relay, runner) as the gateway's ChannelError, a GatewayError.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from trustcap.gateway.channel import (
-    SecureChannel,
-    decode_msg,
-    derive_keys,
-    encode_msg,
-    new_ephemeral,
-    read_frame,
-    write_frame,
-)
+from trustcap import channel
+from trustcap.evidence import Quote, SignedQuote, Signer, countersign_quote
+from trustcap.evidence.errors import SignatureError
 from trustcap.gateway.enrol import Enrolment, TokenBook
 from trustcap.gateway.errors import ChannelError, EnrolmentRefused, GatewayError, QuoteRejected
 
-from trustcap import canonical
-from trustcap.evidence import Quote, SignedQuote, Signer, recover_address, sign_quote
-from trustcap.evidence.errors import EvidenceError, SignatureError
-from trustcap.forms import hex_bytes
-
-__all__ = ["AgentSession", "AttestationServer"]
+__all__ = ["AgentSession", "AttestationServer", "Rotation"]
 
 log = logging.getLogger("trustcap.gateway")
-HELLO_DOMAIN = "trustcap/channel/hello/v1"
-WELCOME_DOMAIN = "trustcap/channel/welcome/v1"
-FINISHED_DOMAIN = "trustcap/channel/finished/v1"
 
 
-class _PresignedAgent:
-    """Lets `evidence.sign_quote` countersign an agent signature made on the HPC (the agent key never
-    leaves the agent); checks the gateway's digest matches the agent's before reusing it."""
+@dataclass(frozen=True)
+class Rotation:
+    """When the gateway rotates the channel's keys: after `requests` requests or `seconds`, whichever comes
+    first. The agent closes a channel that runs twice its own limit on one key, so rotation cannot lapse."""
 
-    def __init__(self, signature: bytes, agent_address: str) -> None:
-        self.signature = signature
-        self.agent_address = agent_address
+    requests: int = 16
+    seconds: float = 300.0
 
-    @property
-    def address(self) -> str:
-        return self.agent_address
-
-    def public_key(self) -> bytes:  # pragma: no cover - not used by sign_quote
-        raise NotImplementedError
-
-    def sign_digest(self, digest32: bytes) -> bytes:
-        try:
-            ok = recover_address(digest32, self.signature) == self.agent_address
-        except SignatureError as exc:
-            raise QuoteRejected(f"agent quote signature is malformed: {exc}") from exc
-        if not ok:
-            raise QuoteRejected("agent quote signature does not match its enrolled key")
-        return self.signature
+    def due(self, chan: channel.SecureChannel) -> bool:
+        # a request is two records (ours and the answer)
+        return (chan.records_in_epoch >= 2 * self.requests
+                or chan.clock() - chan.epoch_started >= self.seconds)
 
 
 class AgentSession:
-    """The live channel to the enrolled agent; rotates keys every `rekey_after` requests or seconds."""
+    """The live channel to the enrolled agent; rotates its keys as `rotation` says."""
 
-    def __init__(self, chan: SecureChannel, enrolment: Enrolment, *, rekey_after: int, rekey_seconds: float) -> None:
+    def __init__(self, chan: channel.SecureChannel, enrolment: Enrolment, rotation: Rotation) -> None:
         self.chan = chan
         self.enrolment = enrolment
-        self.rekey_after = rekey_after
-        self.rekey_seconds = rekey_seconds
+        self.rotation = rotation
         self.rotations = 0
         self._lock = threading.Lock()
 
     def call(self, op: str, **params: Any) -> dict[str, Any]:
         with self._lock:
-            if (self.chan.records_in_epoch >= 2 * self.rekey_after
-                    or self.chan.clock() - self.chan.epoch_started >= self.rekey_seconds):
-                self._rekey()
-            self.chan.send({"op": op, **params})
-            resp: dict[str, Any] = self.chan.recv()
+            try:
+                if self.rotation.due(self.chan):
+                    self._rekey()
+                self.chan.send({"op": op, **params})
+                resp: dict[str, Any] = self.chan.recv()
+            except channel.ChannelError as exc:  # the gateway's callers handle GatewayError
+                raise ChannelError(str(exc)) from exc
         # A finished run's `result` answer names its error beside `state`: that is the run's outcome, not a
         # refused request, and its wipe report and reason must reach the runner.
         if resp.get("error") and "state" not in resp:
@@ -111,10 +91,10 @@ class AgentSession:
         return resp
 
     def _rekey(self) -> None:
-        priv, pub = new_ephemeral()
+        priv, pub = channel.new_ephemeral()
         self.chan.send({"op": "rekey", "eph": "0x" + pub.hex()})
         resp = self.chan.recv()
-        peer = _hex(resp, "eph", 32)
+        peer = channel.hex_field(resp, "eph", 32)
         self.chan.switch_keys(priv, peer)
         self.rotations += 1
         log.info("channel to %s rotated to key epoch %s", self.enrolment.node_id, self.chan.epoch)
@@ -123,27 +103,22 @@ class AgentSession:
         self.chan.close()
 
 
-def _hex(msg: dict[str, Any], field: str, n: int) -> bytes:
-    b = hex_bytes(msg.get(field), n)
-    if b is None:
-        raise ChannelError(f"handshake field {field!r} missing or not {n} bytes of 0x-hex")
-    return b
-
-
 class AttestationServer:
     """Listens for its agent, enrols it, and answers quote requests (monitor, relay) countersigned."""
 
     def __init__(self, trust_root: Signer, node_id: str, tokens: TokenBook, *, host: str = "127.0.0.1",
                  port: int = 0, rekey_after: int = 16, rekey_seconds: float = 300.0,
                  handshake_seconds: float = 5.0, max_handshakes: int = 8,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.root = trust_root
         self.node_id = node_id
         self.tokens = tokens
-        self.rekey_after = rekey_after
-        self.rekey_seconds = rekey_seconds
+        if not 1 <= rekey_after <= channel.MAX_RECORDS_PER_EPOCH // 2:
+            raise GatewayError(f"rekey_after {rekey_after}: rotate the channel's keys every 1.."
+                               f"{channel.MAX_RECORDS_PER_EPOCH // 2} requests; the agent closes a channel that "
+                               f"carries more than {channel.MAX_RECORDS_PER_EPOCH} records on one key")
+        self.rotation = Rotation(rekey_after, rekey_seconds)
         self.clock = clock
-        self.wall = wall
         self.session: AgentSession | None = None
         self.refusals: list[str] = []
         # Optional hook, called with each new session (e.g. publish.EnrolmentPublisher.on_session); must not block.
@@ -218,7 +193,7 @@ class AttestationServer:
             conn.settimeout(self.handshake_seconds)
             session = self._handshake(conn)
             conn.settimeout(None)
-        except (ChannelError, EnrolmentRefused) as exc:
+        except (channel.ChannelError, EnrolmentRefused) as exc:
             why = (f"handshake not completed within {self.handshake_seconds:g} s" if expired.is_set()
                    else str(exc))
             self._refuse(conn, why)
@@ -249,65 +224,33 @@ class AttestationServer:
                 log.exception("on_session hook failed")
 
     def _handshake(self, conn: socket.socket) -> AgentSession:
-        raw_hello = read_frame(conn)
-        hello = decode_msg(raw_hello)
-        if hello.get("type") != "hello" or hello.get("v") != 1:
-            raise ChannelError("first message is not a v1 HELLO")
-        agent_key = _hex(hello, "agent_key", 33)
-        eph_a = _hex(hello, "eph", 32)
-        sig = _hex(hello, "sig", 65)
-        node_id, boot = str(hello.get("node_id", "")), str(hello.get("boot_digest", ""))
-        body = {k: v for k, v in hello.items() if k != "sig"}
-        hello_digest = canonical.digest({"domain": HELLO_DOMAIN, "hello": body})
-        from trustcap.evidence import address_of
-
-        try:
-            if recover_address(hello_digest, sig) != address_of(agent_key):
-                raise ChannelError("HELLO is not signed by the key it presents")
-        except (SignatureError, EvidenceError) as exc:
-            raise ChannelError(f"HELLO signature is invalid: {exc}") from exc
-        if node_id != self.node_id:
-            raise EnrolmentRefused(f"agent claims node {node_id!r}; this gateway serves {self.node_id!r}")
-        key_hex = "0x" + agent_key.hex()
-        enrolment = self.tokens.lookup(key_hex, node_id)
+        hello = channel.read_hello(channel.read_frame(conn))
+        if hello.node_id != self.node_id:
+            raise EnrolmentRefused(f"agent claims node {hello.node_id!r}; this gateway serves {self.node_id!r}")
+        key_hex = "0x" + hello.agent_key.hex()
+        enrolment = self.tokens.lookup(key_hex, hello.node_id)
         token = ""
         if enrolment is None:
-            presented = hello.get("token")
-            if not isinstance(presented, str) or not presented:
+            if hello.token is None:
                 raise EnrolmentRefused("agent key is not enrolled and no enrolment token was presented")
-            token = presented
-            self.tokens.check(token, node_id, boot)  # refused now, but burnt only after FINISHED (below)
-        elif enrolment.boot_digest != boot.lower():
+            token = hello.token
+            self.tokens.check(token, hello.node_id, hello.boot_digest)  # refused now, but burnt only after FINISHED
+        elif enrolment.boot_digest != hello.boot_digest.lower():
             raise EnrolmentRefused("agent reconnects with another boot-image digest than it enrolled with")
-        priv, eph_g = new_ephemeral()
-        nonce_g = hashlib.sha256(eph_g + hello_digest).digest()
-        welcome_body = {"type": "welcome", "v": 1, "eph": "0x" + eph_g.hex(), "nonce": "0x" + nonce_g.hex(),
-                        "gateway": self.root.address}
-        welcome_digest = canonical.digest({"domain": WELCOME_DOMAIN, "hello": hello_digest, "welcome": welcome_body})
-        welcome = {**welcome_body, "sig": "0x" + self.root.sign_digest(welcome_digest).hex()}
-        raw_welcome = encode_msg(welcome)
-        write_frame(conn, raw_welcome)
-        a2g, g2a = derive_keys(priv, eph_a, hashlib.sha256(raw_hello + raw_welcome).digest())
-        chan = SecureChannel(conn, g2a, a2g, role="gateway", clock=self.clock)
+        priv, eph = channel.new_ephemeral()
+        welcome = channel.make_welcome(self.root, eph, hello)
+        channel.write_frame(conn, welcome.raw)
+        chan = channel.open_session(conn, priv, hello, welcome, role="gateway", clock=self.clock)
         # FINISHED: decrypting it proves the agent's ephemeral secret, its signature over this WELCOME (which
         # holds our fresh nonce) proves the boot key is live now: a replayed HELLO can produce neither.
-        finished = chan.recv()
-        if finished.get("type") != "finished":
-            raise ChannelError("first record after WELCOME is not FINISHED")
-        fdigest = canonical.digest({"domain": FINISHED_DOMAIN, "welcome": welcome_digest})
-        try:
-            if recover_address(fdigest, _hex(finished, "sig", 65)) != address_of(agent_key):
-                raise ChannelError("FINISHED is not signed by the agent's key")
-        except (SignatureError, EvidenceError) as exc:
-            raise ChannelError(f"FINISHED signature is invalid: {exc}") from exc
-        chan.records_in_epoch = 0  # the handshake's record is not a request: rotation counts requests
+        channel.await_finished(chan, welcome, hello.agent_key)
         if enrolment is None:
             # Only now, with the key proven live over this handshake, is the token burnt and the node's
             # earlier boot key forgotten: a HELLO that never finishes (a replay, a probe with a stolen
             # token) changes nothing (issue 12 item 16).
-            enrolment = self.tokens.enrol(token, node_id, key_hex, boot)
-            log.info("enrolled agent key %s for node %s", key_hex[:12], node_id)
-        return AgentSession(chan, enrolment, rekey_after=self.rekey_after, rekey_seconds=self.rekey_seconds)
+            enrolment = self.tokens.enrol(token, hello.node_id, key_hex, hello.boot_digest)
+            log.info("enrolled agent key %s for node %s", key_hex[:12], hello.node_id)
+        return AgentSession(chan, enrolment, self.rotation)
 
     # -- requests --------------------------------------------------------------------------------------
     def wait_for_agent(self, timeout: float = 30) -> AgentSession:
@@ -343,8 +286,8 @@ class AttestationServer:
         resp = session.call("quote", nonce="0x" + bytes(nonce).hex(), **extra)
         try:
             quote = Quote.model_validate(resp["quote"])
-            agent_sig = _hex(resp, "agent_signature", 65)
-        except (KeyError, ValueError, ChannelError) as exc:
+            agent_sig = channel.hex_field(resp, "agent_signature", 65)
+        except (KeyError, ValueError, channel.ChannelError) as exc:
             raise QuoteRejected(f"agent sent a malformed quote: {exc}") from exc
         if quote.nonce != "0x" + bytes(nonce).hex():
             raise QuoteRejected("agent answered another nonce than the one relayed")
@@ -353,10 +296,10 @@ class AttestationServer:
         if capsule is not None and any(str(quote.capsule_state.get(k, "")).lower() != str(capsule[k]).lower()
                                        for k in ("taskId", "round", "phase") if k in capsule):
             raise QuoteRejected("agent answered another capsule round than the one relayed")
-        from trustcap.evidence import address_of
-
-        agent = _PresignedAgent(agent_sig, address_of(bytes.fromhex(quote.agent_key[2:])))
-        return sign_quote(quote, agent, self.root)
+        try:
+            return countersign_quote(quote, agent_sig, self.root)
+        except SignatureError as exc:
+            raise QuoteRejected(f"agent quote signature does not match its enrolled key: {exc}") from exc
 
     def relay(self, nonce: bytes) -> SignedQuote:
         """A committee verifier's challenge, forwarded unchanged to the agent and countersigned."""

@@ -8,9 +8,12 @@ so where the answer comes from is wiring:
   network, or a lab.
 - `KubeGatewayDirectory`: every `gateways.trustcap.io` object's `spec.address`, listed at most once per
   `ttl_s` (~30 s): a new Pi becomes a verifier within a TTL of its Gateway object being created, a removed
-  one stops being one within a TTL. A failed list keeps the last good set and is logged (an API-server
-  restart must not lock the committee out), and is retried no sooner than `retry_s`, so a dead API
-  server does not turn every challenge into a blocking API call.
+  one stops being one within a TTL. With `miss_s`, an address not in the set lists again, at most once
+  per `miss_s` (the gateway uses 5 s), so a Gateway whose `lastSeen` the operator has just written is a
+  verifier within seconds, and a flood of unknown signers is not a flood of API calls. A failed list
+  keeps the last good set and is logged (an API-server restart must not lock the committee out), and is
+  retried no sooner than `retry_s`, so a dead API server does not turn every challenge into a blocking
+  API call.
 - `AnyDirectory`: both sources at once.
 
 A Gateway object is not trust by itself (decision 0097): `KubeGatewayDirectory` drops a Gateway whose
@@ -19,7 +22,9 @@ Registered with no stake), one whose `status.lastSeen` is older than `max_age_s`
 refreshed: offline, or nobody is judging it), and, given a chain view (`chain_active`), one the chain
 itself does not call active and staked. A Gateway with no status at all is kept unless `require_active`
 (no chain in the cluster judges anyone; a chain-configured gateway sets it), and one without `lastSeen`
-unless `require_seen` (set it once the writer of `lastSeen` is deployed).
+unless `require_seen` (the gateway's `__main__` sets it by default: the operator writes `lastSeen` only
+after the Gateway's own key signed the operator's fresh nonce at its endpoint, operator/gateway.py,
+decision 0114).
 
 Addresses are compared in EIP-55 form: Gateway objects may hold lowercase addresses.
 """
@@ -33,15 +38,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, cast
 
 from eth_utils.address import to_checksum_address
-from trustcap.gateway.attest_errors import DirectoryError
 
+from trustcap.api import GATEWAYS, GROUP, VERSION
 from trustcap.forms import parse_rfc3339
+from trustcap.gateway.attest_errors import DirectoryError
 
 __all__ = ["AnyDirectory", "KubeGatewayDirectory", "StaticDirectory", "VerifierDirectory", "gateway_refusal",
            "normalize_address"]
 
 log = logging.getLogger("trustcap.gateway")
-GROUP, VERSION, PLURAL = "trustcap.io", "v1alpha1", "gateways"
+PLURAL = GATEWAYS
 
 
 class VerifierDirectory(Protocol):
@@ -138,7 +144,7 @@ class KubeGatewayDirectory:
                  timeout_s: float = 5.0, lister: Callable[[], list[dict[str, Any]]] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  max_age_s: float = 120.0, require_active: bool = False, require_seen: bool = False,
-                 chain_active: Callable[[str], bool] | None = None) -> None:
+                 chain_active: Callable[[str], bool] | None = None, miss_s: float | None = None) -> None:
         self._list = lister if lister is not None else _kube_lister(kubeconfig, timeout_s)
         self.ttl_s = ttl_s
         self.retry_s = retry_s
@@ -148,6 +154,8 @@ class KubeGatewayDirectory:
         self.require_active = require_active
         self.require_seen = require_seen
         self.chain_active = chain_active
+        self.miss_s = miss_s
+        self._miss_next = float("-inf")  # an unknown address lists again no sooner than this
         self.dropped: dict[str, str] = {}  # Gateway name -> why it is no verifier (last refresh)
         self.addresses: frozenset[str] = frozenset()
         self.loaded = False  # at least one list succeeded
@@ -161,7 +169,7 @@ class KubeGatewayDirectory:
             items = self._list()
         except Exception as exc:  # any API, transport or answer failure: keep serving the last good set
             self.failures += 1
-            self._next = self.clock() + self.retry_s
+            self._next = self._miss_next = self.clock() + self.retry_s
             log.warning("verifier directory: listing Gateway objects failed (%s: %s); keeping the last good set "
                         "of %d", type(exc).__name__, str(exc)[:200], len(self.addresses))
             return
@@ -187,7 +195,7 @@ class KubeGatewayDirectory:
                 found.add(address)
         except Exception as exc:  # the chain view failed: same rule as a failed list, keep the last good set
             self.failures += 1
-            self._next = self.clock() + self.retry_s
+            self._next = self._miss_next = self.clock() + self.retry_s
             log.warning("verifier directory: asking the chain failed (%s: %s); keeping the last good set of %d",
                         type(exc).__name__, str(exc)[:200], len(self.addresses))
             return
@@ -200,9 +208,11 @@ class KubeGatewayDirectory:
         self.addresses = frozenset(found)
         self.loaded = True
         self._next = self.clock() + self.ttl_s
+        self._miss_next = float("inf") if self.miss_s is None else self.clock() + self.miss_s
 
     def allowed(self, address: str) -> bool:
         with self._lock:  # one list at a time; others wait for its result rather than list again
-            if self.clock() >= self._next:
+            now = self.clock()
+            if now >= self._next or (address not in self.addresses and now >= self._miss_next):
                 self.refresh()
             return address in self.addresses

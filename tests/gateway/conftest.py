@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.channel import AgentChannel
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
 from trustcap.gateway.enrol import TokenBook
 from trustcap.gateway.server import AttestationServer
-
 from trustcap.trustroot import SoftwareTrustRoot
 
 BOOT = "0x" + "ab" * 32

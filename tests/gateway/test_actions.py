@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trustcap.gateway.actions import QuarantineReporter, RebootCommand, failed_claims
-from trustcap.gateway.monitor import CheckRecord
 
 from trustcap.errors import ConfigError
+from trustcap.gateway.actions import QuarantineReporter, RebootCommand, failed_claims
+from trustcap.gateway.monitor import CheckRecord
 
 
 def _record(*failed: tuple[str, str]) -> CheckRecord:
@@ -29,22 +29,37 @@ class FakeStore:
         self.patches.append((name, body))
 
 
-def test_quarantine_names_every_failed_claim() -> None:
+def test_quarantine_asks_the_operator_naming_every_failed_claim() -> None:
+    """The gateway reports in its own sub-field and never writes the phase (decision 0113)."""
     store = FakeStore()
     rec = _record(("policy.measurements.sockets_listening.mismatch", "a new listener"),
                   ("policy.measurements.modules.mismatch", "module loaded"))
-    QuarantineReporter("hpc-1", store)(rec)
+    QuarantineReporter("hpc-1", store, wall=lambda: 1_770_000_000.0)(rec)
     [(name, body)] = store.patches
-    assert name == "hpc-1" and body["status"]["phase"] == "Quarantined"
-    reason = body["status"]["quarantineReason"]
-    assert "sockets_listening.mismatch" in reason and "modules.mismatch" in reason
+    assert name == "hpc-1" and set(body["status"]) == {"quarantineRequest"}
+    request = body["status"]["quarantineRequest"]
+    assert request["reason"] == "MonitorCheckFailed" and request["time"] == "2026-02-02T02:40:00Z"
+    assert request["message"].startswith("gateway monitor: ")
+    assert "sockets_listening.mismatch" in request["message"] and "modules.mismatch" in request["message"]
     assert rec.extra["quarantined"] is True
 
 
-def test_quarantine_reason_fits_the_crd_bound() -> None:
+def test_quarantine_message_fits_the_crd_bound() -> None:
     store = FakeStore()
     QuarantineReporter("hpc-1", store)(_record(*[(f"claim.{i}", "x" * 200) for i in range(20)]))
-    assert len(store.patches[0][1]["status"]["quarantineReason"]) <= 1024
+    assert len(store.patches[0][1]["status"]["quarantineRequest"]["message"]) <= 1024
+
+
+def test_each_failed_check_is_a_new_request() -> None:
+    """So a node a person cleared is quarantined again by the next failure (the operator acts once per
+    request)."""
+    store, t = FakeStore(), [1_770_000_000.0]
+    hook = QuarantineReporter("hpc-1", store, wall=lambda: t[0])
+    hook(_record(("agent.unreachable", "gone")))
+    t[0] += 7
+    hook(_record(("agent.unreachable", "gone")))
+    first, second = (b["status"]["quarantineRequest"] for _, b in store.patches)
+    assert first != second and first["message"] == second["message"]
 
 
 def test_an_api_outage_is_recorded_not_raised() -> None:

@@ -7,19 +7,22 @@ would hand it over). The qemu round with real dnsmasq and PXE is e2e/netboot/tes
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
-from trustcap.gateway.boot import REBOOT_ANNOTATION, BootArming, Rebooter, RebootRequests
-from trustcap.gateway.enrol import TokenBook
-from trustcap.gateway.errors import EnrolmentRefused, GatewayError
-
 from trustcap.evidence import verify_wipe_proof
 from trustcap.evidence.errors import SignatureError
+from trustcap.gateway.boot import REBOOT_ANNOTATION, BootArming, CarrierWatch, Rebooter, RebootRequests
+from trustcap.gateway.enrol import TokenBook
+from trustcap.gateway.errors import EnrolmentRefused, GatewayError
 
 BOOT = "0x" + "ab" * 32  # as tests/gateway/conftest.py's pair enrols with
 MEASURED = {"kernel": "0x" + "11" * 32, "modules": "0x" + "22" * 32}  # ...and measures
@@ -67,19 +70,24 @@ def test_a_new_enrolment_retires_the_nodes_old_boot_key() -> None:
 
 
 class FakePower:
-    """Stands in for the power-cycle command: the old boot ends, a new one (new key) enrols."""
+    """Stands in for the power-cycle command: the old boot ends, a new one (new key) enrols. With `cut`,
+    the link is taken down and up first, the way a power cycle drops the NIC's carrier; without it, this
+    is the forgery of issue 12 item 19: HPC software that never rebooted reads the token and enrols a key."""
 
     def __init__(self, pair: Pair, token_file: Path, measurements: dict[str, str] | None = None,
-                 comes_back: bool = True) -> None:
+                 comes_back: bool = True, cut: Callable[[], None] | None = None) -> None:
         self.pair, self.token_file = pair, token_file
         self.measurements = measurements
         self.comes_back = comes_back
+        self.cut = cut
         self.calls: list[str] = []
 
     def __call__(self, reason: str) -> None:
         self.calls.append(reason)
         if not self.comes_back:
             return
+        if self.cut is not None:
+            self.cut()
         host, port = self.pair.server.address
         config = BootConfig(str(host), int(port), _token(self.token_file), BOOT, self.pair.server.root.address,
                             "hpc-1")
@@ -102,34 +110,79 @@ class Store:
         self.node["status"].update(body["status"])
 
 
-def _rebooter(pair: Pair, tmp_path: Path, **kw: Any) -> tuple[Rebooter, FakePower, Store]:
+def _rebooter(pair: Pair, tmp_path: Path, carrier: CarrierWatch | None = None, baseline: bool = True,
+              **kw: Any) -> tuple[Rebooter, FakePower, Store]:
     arming = BootArming(pair.server.tokens, "hpc-1", tmp_path / "token")
     power = FakePower(pair, tmp_path / "token", **kw)
     store = Store()
-    rb = Rebooter(pair.server, arming, power, pair.server.root, boot_timeout_s=10, store=store)
+    rb = Rebooter(pair.server, arming, power, pair.server.root, boot_timeout_s=10, store=store, carrier=carrier)
     pair.server.on_session = rb.on_session
-    rb.boot_quote(pair.server.wait_for_agent(5).enrolment.agent_key)  # the first boot's baseline
+    session = pair.server.wait_for_agent(5)
+    if baseline:
+        rb.boot_quote(session.enrolment.agent_key)  # the first boot's baseline
     return rb, power, store
 
 
+def _sysfs_carrier(tmp_path: Path) -> tuple[CarrierWatch, Callable[[], None]]:
+    """The real CarrierWatch over a sysfs of files; `cut` counts a drop and a return, as the kernel does
+    (the kernel's own counter is read in the veth tests below)."""
+    (tmp_path / "sys" / "pi0").mkdir(parents=True)
+    counter = tmp_path / "sys" / "pi0" / "carrier_changes"
+    counter.write_text("3\n")
+
+    def cut() -> None:
+        counter.write_text(f"{int(counter.read_text()) + 2}\n")
+
+    return CarrierWatch("pi0", sysfs=tmp_path / "sys"), cut
+
+
 def test_reboot_proves_a_fresh_boot_under_a_new_key(pair: Pair, tmp_path: Path) -> None:
-    rb, power, store = _rebooter(pair, tmp_path)
+    carrier, cut = _sysfs_carrier(tmp_path)
+    rb, power, store = _rebooter(pair, tmp_path, carrier=carrier, cut=cut)
     old_key = pair.server.session.enrolment.agent_key  # type: ignore[union-attr]
     signed = rb.reboot("test", request_id="r1")
     proof = verify_wipe_proof(signed, pair.server.root.address)
     assert power.calls == ["test"]
     assert proof["clean"] is True, proof
     assert proof["before"]["agentKey"] == old_key != proof["after"]["agentKey"]
-    assert proof["checks"] == {"powerCycled": True, "newBootKey": True, "approvedImage": True, "matchesBaseline": True}
+    assert proof["checks"] == {"powerCycled": True, "newBootKey": True, "approvedImage": True, "matchesBaseline": True,
+                               "linkCycled": True}
+    assert proof["link"] == {"iface": "pi0", "carrierChangesBefore": 3, "carrierChangesAtEnrolment": 5}
+    assert not any("watched no link" in gap or "measurements" in gap for gap in proof["notCovered"])
     assert proof["measurements"]["differ"] == [] and sorted(proof["measurements"]["same"]) == sorted(MEASURED)
     # The old boot key is dead: it can never reconnect without a token.
     assert pair.server.tokens.lookup(old_key, "hpc-1") is None
-    # Status: Wiping while it ran, then the signed proof.
-    assert store.patches[0]["status"]["phase"] == "Wiping"
+    # Status: the wipe InProgress while it ran (the operator derives Wiping), then the signed proof; the
+    # gateway never writes the phase (decision 0113).
     assert store.patches[0]["status"]["lastWipe"]["state"] == "InProgress"
+    assert all(set(p["status"]) == {"lastWipe"} for p in store.patches), store.patches
     last = store.node["status"]["lastWipe"]
     assert (last["state"], last["clean"], last["request"]) == ("Clean", True, "r1")
     assert _token(tmp_path / "token") == ""  # the fresh boot enrolled: nothing armed any more
+
+
+def test_without_a_watched_carrier_a_reboot_is_never_clean(pair: Pair, tmp_path: Path) -> None:
+    """A null linkCycled is not a pass (issue 12 item 19): every other check passes here, and that alone is
+    what HPC software that never rebooted can produce. The positive control is the test above."""
+    rb, _, store = _rebooter(pair, tmp_path)
+    proof = verify_wipe_proof(rb.reboot("test", request_id="r-unwatched"), pair.server.root.address)
+    assert {k: v for k, v in proof["checks"].items() if k != "linkCycled"} == {
+        "powerCycled": True, "newBootKey": True, "approvedImage": True, "matchesBaseline": True}
+    assert proof["checks"]["linkCycled"] is None and proof["clean"] is False, proof
+    assert any("watched no link" in gap for gap in proof["notCovered"])
+    last = store.node["status"]["lastWipe"]
+    assert last["state"] == "Failed" and last["message"] == "checks failed: linkCycled (no carrier watched)", last
+
+
+def test_without_a_baseline_the_measurements_are_said_not_compared(pair: Pair, tmp_path: Path) -> None:
+    """A gateway that started after the old boot holds no quote of it: matchesBaseline is null, the proof
+    can still be clean (the new boot's image is approved and the Pi saw the carrier drop), and notCovered
+    says what was not compared."""
+    carrier, cut = _sysfs_carrier(tmp_path)
+    rb, _, _ = _rebooter(pair, tmp_path, carrier=carrier, cut=cut, baseline=False)
+    proof = verify_wipe_proof(rb.reboot("test"), pair.server.root.address)
+    assert proof["checks"]["matchesBaseline"] is None and proof["clean"] is True, proof
+    assert any("measurements" in gap and "no quote of the old boot" in gap for gap in proof["notCovered"])
 
 
 def test_reboot_names_measurements_that_differ_from_the_first_boot(pair: Pair, tmp_path: Path) -> None:
@@ -299,3 +352,100 @@ def test_a_check_in_flight_when_a_reboot_begins_is_booting_not_unreachable(pair:
     pair.server.challenge = lambda nonce: (_ for _ in ()).throw(GatewayError("channel closed"))
     rec = mon.check_once()
     assert (rec.action, rec.failed[0]["id"]) == ("quarantine", "agent.unreachable") and acted == ["quarantine"]
+
+
+# --- the carrier: what the Pi sees itself (issue 12 item 19, decision 0119) --------------------------------
+@pytest.fixture
+def veth() -> Iterator[tuple[str, str]]:
+    """A real veth pair in a namespace of its own: (namespace, the Pi's end). The far end stands for the
+    HPC's NIC; taking it down drops the carrier on the Pi's end, as a power cycle does to a cable."""
+    if os.geteuid() != 0:
+        print("SKIP carrier tests: network namespaces need root")
+        pytest.skip("network namespaces need root")
+    ns = f"tccar-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "pi0", "type", "veth", "peer", "name", "hpc0"], check=True,
+                       timeout=10)
+        for dev in ("pi0", "hpc0"):
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True, timeout=10)
+        yield ns, "pi0"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
+
+
+class NsCarrier(CarrierWatch):
+    """The same watch, reading the counter inside the namespace (ip netns exec remounts /sys for it)."""
+
+    def __init__(self, ns: str, iface: str) -> None:
+        super().__init__(iface)
+        self.ns = ns
+
+    def changes(self) -> int:
+        out = subprocess.run(["ip", "netns", "exec", self.ns, "cat", f"/sys/class/net/{self.iface}/carrier_changes"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            raise GatewayError(f"cannot read the carrier count of {self.iface}: {out.stderr.strip()}")
+        return int(out.stdout.strip())
+
+
+def _cut(ns: str) -> Callable[[], None]:
+    def cut() -> None:
+        subprocess.run(["ip", "-n", ns, "link", "set", "hpc0", "down"], check=True, timeout=10)
+        subprocess.run(["ip", "-n", ns, "link", "set", "hpc0", "up"], check=True, timeout=10)
+    return cut
+
+
+def test_a_power_cycle_the_pi_saw_is_clean(pair: Pair, tmp_path: Path, veth: tuple[str, str]) -> None:
+    """Positive control: the link drops and returns between the power command and the new enrolment."""
+    ns, iface = veth
+    rb, _, _ = _rebooter(pair, tmp_path, carrier=NsCarrier(ns, iface), cut=_cut(ns))
+    proof = verify_wipe_proof(rb.reboot("test", request_id="r-cut"), pair.server.root.address)
+    assert proof["checks"]["linkCycled"] is True and proof["clean"] is True, proof
+    link = proof["link"]
+    assert link["iface"] == iface and link["carrierChangesAtEnrolment"] - link["carrierChangesBefore"] >= 2
+    assert not any("watched no link" in gap for gap in proof["notCovered"])
+
+
+def test_a_new_key_without_the_link_dropping_is_not_a_clean_reboot(pair: Pair, tmp_path: Path,
+                                                                   veth: tuple[str, str]) -> None:
+    """The attack: HPC software that never rebooted reads the armed token and enrols a fresh key (what the
+    proof called clean before the carrier was watched). The Pi's own count never moved: not clean."""
+    ns, iface = veth
+    rb, _, store = _rebooter(pair, tmp_path, carrier=NsCarrier(ns, iface))
+    proof = verify_wipe_proof(rb.reboot("test", request_id="r-forged"), pair.server.root.address)
+    assert proof["checks"]["newBootKey"] is True and proof["checks"]["approvedImage"] is True  # all it could forge
+    assert proof["checks"]["linkCycled"] is False and proof["clean"] is False, proof
+    assert proof["link"]["carrierChangesAtEnrolment"] == proof["link"]["carrierChangesBefore"]
+    assert store.node["status"]["lastWipe"]["state"] == "Failed"
+    assert "linkCycled" in store.node["status"]["lastWipe"]["message"]
+
+
+def test_a_link_toggled_after_the_enrolment_does_not_count(pair: Pair, tmp_path: Path, veth: tuple[str, str]) -> None:
+    """The count is taken at the instant the new key enrols: software that enrols first and toggles the
+    link afterwards (to look like a power cycle by the time the proof is made) is still refused."""
+    ns, iface = veth
+    rb, power, _ = _rebooter(pair, tmp_path, carrier=NsCarrier(ns, iface))
+    enrol = power.__call__
+
+    def enrol_then_toggle(reason: str) -> None:
+        enrol(reason)
+        pair.server.wait_for_new_session(None, 5)
+        _cut(ns)()
+
+    rb.power = enrol_then_toggle
+    proof = verify_wipe_proof(rb.reboot("test", request_id="r-late"), pair.server.root.address)
+    assert proof["checks"]["linkCycled"] is False and proof["clean"] is False, proof
+
+
+def test_an_unreadable_carrier_fails_the_check_by_name(pair: Pair, tmp_path: Path) -> None:
+    rb, _, _ = _rebooter(pair, tmp_path, carrier=CarrierWatch("no-such-if0"))
+    proof = verify_wipe_proof(rb.reboot("test", request_id="r-gone"), pair.server.root.address)
+    assert proof["checks"]["linkCycled"] is False and proof["clean"] is False
+    assert "carrier count of no-such-if0" in proof["error"]
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", ".", ".."])
+def test_a_carrier_link_that_is_not_an_interface_name_is_refused(name: str) -> None:
+    with pytest.raises(GatewayError, match="not an interface name"):
+        CarrierWatch(name)

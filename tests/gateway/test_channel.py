@@ -7,12 +7,15 @@ import threading
 from typing import Any
 
 import pytest
+
+from trustcap import channel
 from trustcap.agent import channel as achan
 from trustcap.agent.errors import ChannelError as AgentChannelError
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
-from trustcap.gateway import channel as gchan
+from trustcap.gateway.enrol import Enrolment
 from trustcap.gateway.errors import ChannelError as GatewayChannelError
+from trustcap.gateway.server import AgentSession, Rotation
 
 BOOT_ = "0x" + "ab" * 32  # the boot digest the `pair` fixture's gateway serves
 
@@ -52,14 +55,14 @@ def test_time_based_rotation(pair: Any) -> None:
     before = session.chan.epoch
     pair.server.command("ping")
     assert session.chan.epoch == before
-    now[0] += session.rekey_seconds + 1
+    now[0] += session.rotation.seconds + 1
     pair.server.command("ping")
     assert session.chan.epoch == before + 1
 
 
 def test_agent_closes_a_channel_whose_keys_never_rotate(pair: Any) -> None:
     session = pair.server.wait_for_agent(1)
-    session.rekey_after = 10_000  # a gateway that stopped rotating
+    session.rotation = Rotation(requests=10_000)  # a gateway that stopped rotating
     agent_chan = pair.agent.channel
     assert agent_chan is not None
     with pytest.raises(Exception, match=r"refused|closed|failed"):
@@ -109,79 +112,83 @@ def test_enrolled_agent_reconnects_without_a_token(pair: Any) -> None:
     assert pair.server.command("ping") == {"pong": True}
 
 
-def _tapped_pair() -> tuple[gchan.SecureChannel, achan.SecureChannel, socket.socket, socket.socket]:
+def _tapped_pair() -> tuple[channel.SecureChannel, channel.SecureChannel, socket.socket, socket.socket]:
     g_sock, tap_in = socket.socketpair()
     tap_out, a_sock = socket.socketpair()
     k1, k2 = b"\x01" * 32, b"\x02" * 32
-    return (gchan.SecureChannel(g_sock, k2, k1, role="gateway"), achan.SecureChannel(a_sock, k1, k2, role="agent"),
-            tap_in, tap_out)
+    return (channel.SecureChannel(g_sock, k2, k1, role="gateway"),
+            channel.SecureChannel(a_sock, k1, k2, role="agent"), tap_in, tap_out)
 
 
-def test_replayed_tampered_and_old_epoch_records_are_refused() -> None:
-    g, a, tap_in, tap_out = _tapped_pair()
-    g.send({"op": "ping", "n": 1})
-    frame = gchan.read_frame(tap_in)
-    gchan.write_frame(tap_out, frame)
-    assert a.recv() == {"op": "ping", "n": 1}
-    gchan.write_frame(tap_out, frame)  # replay
-    with pytest.raises(AgentChannelError, match="sequence"):
-        a.recv()
+def _replayed(g: channel.SecureChannel, a: channel.SecureChannel, tap_out: socket.socket, frame: bytes) -> bytes:
+    channel.write_frame(tap_out, frame)
+    assert a.recv() == {"op": "ping", "n": 1}  # positive control: the genuine record passes, once
+    return frame
 
-    for c in (g, a, tap_in, tap_out):
-        c.close()
-    g, a, tap_in, tap_out = _tapped_pair()
-    g.send({"op": "ping"})
-    frame = bytearray(gchan.read_frame(tap_in))
-    frame[-1] ^= 1
-    gchan.write_frame(tap_out, bytes(frame))
-    with pytest.raises(AgentChannelError, match="authentication"):
-        a.recv()
 
-    for c in (g, a, tap_in, tap_out):
-        c.close()
-    g, a, tap_in, tap_out = _tapped_pair()
-    g.send({"op": "ping"})
-    old = gchan.read_frame(tap_in)
-    gp, gpub = gchan.new_ephemeral()
-    ap, apub = achan.new_ephemeral()
+def _tampered(g: channel.SecureChannel, a: channel.SecureChannel, tap_out: socket.socket, frame: bytes) -> bytes:
+    return frame[:-1] + bytes([frame[-1] ^ 1])
+
+
+def _old_epoch(g: channel.SecureChannel, a: channel.SecureChannel, tap_out: socket.socket, frame: bytes) -> bytes:
+    gp, gpub = channel.new_ephemeral()
+    ap, apub = channel.new_ephemeral()
     g.switch_keys(gp, apub)
     a.switch_keys(ap, gpub)
     assert g.key_fingerprint() == a.key_fingerprint()
-    # the old record, relabelled with the new epoch: the new key cannot open it
-    relabelled = old[:1] + (1).to_bytes(4, "big") + old[5:]
-    gchan.write_frame(tap_out, relabelled)
-    with pytest.raises(AgentChannelError, match="authentication"):
-        a.recv()
-    for s in (tap_in, tap_out):
-        s.close()
-    g.close()
+    return frame[:1] + (1).to_bytes(4, "big") + frame[5:]  # relabelled with the new epoch: the new key cannot open it
+
+
+@pytest.mark.parametrize(("attack", "why"), [
+    pytest.param(_replayed, "sequence", id="replayed"),
+    pytest.param(_tampered, "authentication", id="tampered"),
+    pytest.param(_old_epoch, "authentication", id="old-epoch-under-new-keys"),
+])
+def test_replayed_tampered_and_old_epoch_records_are_refused(attack: Any, why: str) -> None:
+    g, a, tap_in, tap_out = _tapped_pair()
+    try:
+        g.send({"op": "ping", "n": 1})
+        channel.write_frame(tap_out, attack(g, a, tap_out, channel.read_frame(tap_in)))
+        with pytest.raises(channel.ChannelError, match=why):
+            a.recv()
+    finally:
+        for c in (g, a, tap_in, tap_out):
+            c.close()
+
+
+def test_a_record_layer_failure_reaches_each_end_as_its_components_error() -> None:
+    """One record layer (trustcap.channel) serves both ends and raises its own ChannelError; the agent's
+    serving loop and the gateway's session hand it on as their component's ChannelError, which is what
+    their callers catch (Agent.serve_forever reconnects; the monitor and relay handle GatewayError)."""
+    a, g = socket.socketpair()
+    with pytest.raises(channel.ChannelError, match="closed by peer"):
+        g.close()
+        channel.SecureChannel(a, b"k" * 32, b"l" * 32, role="agent").recv()
     a.close()
 
-
-def test_both_ends_share_the_core_record_layer_and_raise_their_own_errors() -> None:
-    """One record layer (trustcap.channel) serves both ends; each component still raises its own error."""
-    import socket
-
-    import trustcap.agent.channel as ac
-    import trustcap.gateway.channel as gc
-
-    from trustcap import channel
-
-    assert issubclass(ac.SecureChannel, channel.SecureChannel)
-    assert issubclass(gc.SecureChannel, channel.SecureChannel)
     a, g = socket.socketpair()
+    gateway_end = channel.SecureChannel(g, b"l" * 32, b"x" * 32, role="gateway")  # wrong receive key
+    serving = achan.AgentChannel(channel.SecureChannel(a, b"k" * 32, b"l" * 32, role="agent"),
+                                 {"ping": lambda _: {"pong": True}})
+    ended: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            serving.serve()
+        except BaseException as exc:  # recorded for the assertions below
+            ended.append(exc)
+
+    served = threading.Thread(target=serve, daemon=True)
+    served.start()
     try:
-        agent_end = ac.SecureChannel(a, b"k" * 32, b"l" * 32, role="agent")
-        gateway_end = gc.SecureChannel(g, b"l" * 32, b"x" * 32, role="gateway")  # wrong receive key
-        agent_end.send({"op": "ping"})
+        session = AgentSession(gateway_end, Enrolment("hpc-1", "0x" + "02" * 33, BOOT_, 0.0), Rotation(4))
         with pytest.raises(GatewayChannelError, match="authentication"):
-            gateway_end.recv()
-        g.close()
-        with pytest.raises(AgentChannelError, match="closed by peer"):
-            agent_end.recv()
+            session.call("ping")  # the agent answers, but under a key the gateway does not hold
     finally:
-        a.close()
         g.close()
+    served.join(timeout=5)
+    assert len(ended) == 1 and isinstance(ended[0], AgentChannelError), ended
+    assert "closed by peer" in str(ended[0])
 
 
 def test_bad_boot_config_names_the_key() -> None:

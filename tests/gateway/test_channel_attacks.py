@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+from trustcap import canonical, channel
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
-from trustcap.gateway import channel as gchan
 from trustcap.gateway.enrol import TokenBook
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.server import AttestationServer
-
-from trustcap import canonical
 
 BOOT = "0x" + "ab" * 32
 
@@ -141,7 +140,7 @@ def test_a_hello_signed_by_another_key_than_the_enrolled_one_is_refused(link: Li
     thief = BootKey()
     body = {"type": "hello", "v": 1, "agent_key": enrolled, "eph": "0x" + "22" * 32, "nonce": "0x" + "33" * 32,
             "node_id": "hpc-1", "boot_digest": BOOT}
-    digest = canonical.digest({"domain": "trustcap/channel/hello/v1", "hello": body})
+    digest = canonical.digest({"domain": channel.HELLO_DOMAIN, "hello": body})
     forged = canonical.encode({**body, "sig": "0x" + thief.sign_digest(digest).hex()})
     with socket.create_connection(link.server.address, timeout=5) as s:
         s.sendall(_frame(forged))
@@ -172,12 +171,12 @@ def test_a_replayed_hello_yields_no_channel_the_attacker_can_use(link: Link) -> 
     genuine = link.server.wait_for_agent(0)
     with socket.create_connection(link.server.address, timeout=5) as s:
         s.sendall(_frame(hello))
-        welcome = gchan.decode_msg(gchan.read_frame(s))
+        welcome = channel.decode_msg(channel.read_frame(s))
         assert welcome["type"] == "welcome"
         # the keys hang on the agent's ephemeral X25519 secret, which never left the agent: the attacker
         # can only guess, and the gateway refuses a FINISHED made with a guessed key and closes
         guessed = hashlib.sha256(b"guess").digest()
-        fake = gchan.SecureChannel(s, guessed, guessed, role="agent")
+        fake = channel.SecureChannel(s, guessed, guessed, role="agent")
         fake.send({"type": "finished", "sig": "0x" + "00" * 65})
         assert s.recv(1) == b""
     assert "authentication" in _wait_refusals(link.server, 1)[-1]
@@ -189,7 +188,7 @@ def test_a_replayed_hello_does_not_disconnect_the_genuine_agent(link: Link) -> N
     genuine = link.server.wait_for_agent(0)
     with socket.create_connection(link.server.address, timeout=5) as s:
         s.sendall(_frame(link.hello()))
-        gchan.read_frame(s)  # WELCOME: but the session waits for a FINISHED the attacker cannot make
+        channel.read_frame(s)  # WELCOME: but the session waits for a FINISHED the attacker cannot make
         assert _genuine_still_answers(link)
     assert _wait_refusals(link.server, 1)
     assert link.server.session is genuine

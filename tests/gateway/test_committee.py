@@ -20,22 +20,25 @@ from typing import Any
 
 import pytest
 import yaml
+
+from trustcap.capsule.manifest import parse_manifest
+from trustcap.chain.keys import KeySigner
+from trustcap.evidence import Domain, Policy, SignedQuote, SignedVerdict, decode_signed_quote, new_quote, sign_quote
+from trustcap.evidence.policy import policy_digest
+from trustcap.evidence.verdict import verify_verdict
 from trustcap.gateway.committee import CommitteeMember, endpoint_from_gateways, field_manager
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.relay import RelayService, RoundDirectory
 from trustcap.gateway.verifiers import StaticDirectory
 from trustcap.operator import rounds
 
-from trustcap.capsule.manifest import parse_manifest
-from trustcap.chain.keys import KeySigner
-from trustcap.evidence import Domain, Policy, SignedQuote, SignedVerdict, decode_signed_quote, new_quote, sign_quote
-from trustcap.evidence.verdict import verify_verdict
-
 NS = "trustcap-system"
 NODE = "hpc-1"
 BOOT = "0x" + "ab" * 32
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
 POLICY = Policy(boot_images=[BOOT])
+POLICY_DIGEST = "0x" + policy_digest(POLICY).hex()  # the rules every member of the lab appraises under
+OTHER_POLICY = "0x" + policy_digest(Policy(boot_images=[BOOT], allow_unlisted_measurements=True)).hex()
 EXECUTOR = KeySigner("0x" + "7e" * 32)  # the executor gateway's trust root
 AGENT = KeySigner("0x" + "8f" * 32)  # its HPC's boot-enrolled agent key
 MEMBERS = [KeySigner("0x" + f"{40 + i:02x}" * 32) for i in range(3)]
@@ -115,7 +118,7 @@ def _round(name: str, phase: str, *, spec_overrides: Mapping[str, Any] | None = 
     att: dict[str, Any] = rounds.new_round(name=name, capsule=capsule, task_id=bytes.fromhex(TASK[2:]),
                            executor=EXECUTOR.address.lower(), node=NODE, phase=phase, epoch=7,
                            committee=[{"address": m.address.lower()} for m in MEMBERS], quorum=2,
-                           policy_digest="0x" + "00" * 32, timeout_s=60)
+                           policy_digest=POLICY_DIGEST, timeout_s=60)
     att["metadata"]["namespace"] = NS
     att["spec"].update(spec_overrides or {})
     return att
@@ -226,6 +229,44 @@ def test_a_quote_that_does_not_bind_this_round_is_a_signed_failed_verdict(lab: L
     counted = rounds.tally(lab.kube.rounds[name], DOMAIN)
     assert counted.refused == [] and counted.failed == [MEMBERS[1].address.lower()]
     assert counted.passed == [MEMBERS[0].address.lower()]
+
+
+def _round_under(policy: str) -> Any:
+    def apply(lab: Lab, name: str) -> None:
+        lab.kube.rounds[name]["spec"]["policyDigest"] = policy
+    return apply
+
+
+def _node_declares(policy: str) -> Any:
+    def apply(lab: Lab, name: str) -> None:
+        lab.kube.nodes[NODE]["spec"] = {"policy": {"digest": "sha256:" + policy[2:]}}
+    return apply
+
+
+@pytest.mark.parametrize("attack", [
+    pytest.param(_round_under(OTHER_POLICY), id="round-under-another-policy"),
+    pytest.param(_round_under("0x" + "00" * 32), id="round-under-the-zero-default"),
+    pytest.param(_node_declares(OTHER_POLICY), id="node-declares-another-policy"),
+])
+def test_a_round_under_a_policy_the_member_does_not_apply_gets_no_verdict(lab: Lab, attack: Any) -> None:
+    """Issue 12 item 13, decision 0116: a verdict names the policy it was reached under (policyDigest), so
+    a member must not sign one for a round under rules it does not apply, passed or failed. Positive
+    control: the same member signs the round under its own policy, and the verdict carries that digest."""
+    name, other = "r-7a7a7a7a7a7a7a7a-pre", "r-7a7a7a7a7a7a7a7a-pre-1"
+    lab.open(name)
+    member = lab.member(MEMBERS[0])
+    assert member.step() == 1  # control: the round under the member's own policy
+    entry = lab.entry(name, MEMBERS[0])
+    assert entry["passed"] is True
+    assert SignedVerdict.model_validate(entry["verdict"]).verdict.policy_digest == POLICY_DIGEST
+    assert rounds.tally(lab.kube.rounds[name], DOMAIN).passed == [MEMBERS[0].address.lower()]
+    calls = len(lab.server.calls)
+    lab.open(other)
+    attack(lab, other)
+    assert member.step() == 0 and member.step() == 0
+    assert "status" not in lab.kube.rounds[other], "a verdict was signed for a round under another policy"
+    assert len(lab.server.calls) == calls  # it did not even challenge the executor
+    assert [a[0] for a in lab.kube.applied] == [name]
 
 
 def test_a_round_it_is_not_a_member_of_gets_nothing(lab: Lab) -> None:

@@ -20,12 +20,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from trustcap.gateway.cosign import MAX_LEAVES, CosignService
-from trustcap.gateway.participant import LifecycleError
-from trustcap.gateway.relay import RelayService
-from trustcap.gateway.verifiers import StaticDirectory
-from trustcap.operator import rounds
-from trustcap.operator.chainwriter import CosignRefused, GatewayCosigner
 
 from trustcap import merkle
 from trustcap.chain.errors import RpcUnavailable
@@ -35,6 +29,12 @@ from trustcap.chain.typed import batch_digest
 from trustcap.evidence import Domain
 from trustcap.evidence.signing import recover_address
 from trustcap.evidence.verdict import Phase, Verdict, sign_verdict, verdict_id
+from trustcap.gateway.cosign import MAX_LEAVES, CosignService
+from trustcap.gateway.participant import LifecycleError
+from trustcap.gateway.relay import RelayService
+from trustcap.gateway.verifiers import StaticDirectory
+from trustcap.operator import rounds
+from trustcap.operator.chainwriter import CosignRefused, GatewayCosigner
 from trustcap.sortition import Reveal, participate, select_from_chain, selection_alpha
 from trustcap.vrf import public_key as vrf_public_key
 
@@ -76,6 +76,12 @@ class FakeChain:
     def committers(self, task_id: bytes) -> list[str]:
         self._read()
         return [n for (t, n) in self.commitments if t == task_id]
+
+    def committed_weight(self, task_id: bytes, node: str) -> tuple[int, int] | None:
+        """What the escrow kept at the commit (decision 0115); this fake's stakes never move after it."""
+        self._read()
+        n = self.nodes.get(node.lower())
+        return None if n is None or (task_id, node.lower()) not in self.commitments else (n.stake, n.reputation_bp)
 
     def node(self, address: str) -> NodeInfo | None:
         self._read()

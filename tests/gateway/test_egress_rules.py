@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+
 from trustcap.gateway.egress import EgressGuard, _attempt
 from trustcap.gateway.errors import EgressError
 
@@ -43,3 +44,71 @@ def test_attempt_elements_parse() -> None:
     el = {"elem": {"val": {"concat": ["198.18.1.2", "tcp", 9090]}, "counter": {"packets": 3, "bytes": 180}}}
     assert _attempt(el) == {"host": "198.18.1.2", "proto": "tcp", "port": 9090, "packets": 3}
     assert _attempt({"concat": ["198.18.1.53", 17, 53]})["proto"] == "udp"
+
+
+def test_the_link_guard_admits_the_agent_channel_and_netboot_before_recording_attempts() -> None:
+    from trustcap.gateway.egress import LinkServices
+    g = EgressGuard("tcg1", [], tag="tcg1",
+                    services=LinkServices(gateway_addr="169.254.9.1", agent_port=7000, tftp_port=69, http_port=8081))
+    rs = g.ruleset()
+    assert g.table == "trustcap_link_tcg1"
+    inp = rs[rs.index("chain input"):rs.index("chain postrouting")]
+    accepts = ['ip daddr 169.254.9.1 tcp dport 7000 counter name channel accept',
+               'udp sport 68 udp dport 67 counter name netboot accept',
+               'ip daddr 169.254.9.1 udp dport 69 counter name netboot accept',
+               'ip daddr 169.254.9.1 tcp dport 8081 counter name netboot accept']
+    for rule in accepts:
+        assert inp.index(rule) < inp.index("add @attempts"), rule
+    assert inp.index("add @attempts") < inp.index("counter name denied_gateway drop")
+    assert "counter channel { }" in rs and "counter netboot { }" in rs
+    assert "counter name channel" not in EgressGuard("tcg1", []).ruleset()  # the per-run table serves nothing
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    pytest.param({"gateway_addr": "fe80::1", "agent_port": 7000}, "must be IPv4", id="ipv6-gateway"),
+    pytest.param({"gateway_addr": "169.254.9.1", "agent_port": 0}, "agent_port 0 is not a port", id="port-0"),
+    pytest.param({"gateway_addr": "169.254.9.1", "agent_port": 7000, "tftp_port": 70000}, "tftp_port",
+                 id="tftp-port"),
+])
+def test_bad_link_services(kwargs: dict[str, object], why: str) -> None:
+    from trustcap.gateway.egress import LinkServices
+    with pytest.raises(EgressError, match=why):
+        EgressGuard("tcg1", [], services=LinkServices(**kwargs))  # type: ignore[arg-type]
+
+
+def test_an_endpoint_port_out_of_range_is_refused() -> None:
+    with pytest.raises(EgressError, match=r"must be 1\.\.65535"):
+        EgressGuard("tcg1", [E("198.18.1.1", 0)])
+
+
+def test_on_the_pi_a_declared_endpoint_is_only_ever_forwarded_never_let_in() -> None:
+    """The Pi's input chain has no @declared rule, so a manifest naming one of the Pi's own addresses
+    reaches nothing on the Pi (e2e/node/test_link_guard.py proves it in the kernel); the per-run table of
+    `trustcap exec --egress` keeps it, for an endpoint that is a service of the workstation itself."""
+    from trustcap.gateway.egress import LinkServices
+    declared = "ip daddr . meta l4proto . th dport @declared counter name allowed accept"
+    pi = EgressGuard("tcg1", [], services=LinkServices(gateway_addr="10.0.0.1", agent_port=7000)).ruleset()
+    fwd, inp = pi[pi.index("chain forward"):pi.index("chain input")], pi[pi.index("chain input"):]
+    assert declared in fwd and declared not in inp
+    run = EgressGuard("tcg1", []).ruleset()
+    assert declared in run[run.index("chain input"):]
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    pytest.param("127.0.0.1", "loopback", id="loopback"),
+    pytest.param("169.254.9.1", "link-local", id="link-local"),
+    pytest.param("224.0.0.251", "multicast", id="multicast"),
+    pytest.param("0.0.0.0", "unspecified", id="unspecified"),  # noqa: S104 (an address refused, not bound)
+    pytest.param("255.255.255.255", "broadcast", id="broadcast"),
+    pytest.param("240.0.0.1", "reserved", id="reserved"),
+    pytest.param("10.0.0.1", "gateway's own address", id="the-pi-itself"),
+])
+def test_an_address_that_is_no_destination_beyond_the_pi_is_refused(host: str, why: str) -> None:
+    from trustcap.gateway.egress import LinkServices, check_endpoints
+    with pytest.raises(EgressError, match=why):
+        check_endpoints([E(host, 80)], "10.0.0.1")
+    guard = EgressGuard("tcg1", [], services=LinkServices(gateway_addr="10.0.0.1", agent_port=7000))
+    with pytest.raises(EgressError, match=why):
+        guard.allow([E(host, 80)])  # refused before nft is run: nothing half-applied
+    assert check_endpoints([E("10.0.0.2", 80), E("198.18.1.1", 443)], "10.0.0.1") == [("10.0.0.2", 80),
+                                                                                       ("198.18.1.1", 443)]

@@ -18,15 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from trustcap.agent.channel import HELLO_DOMAIN
+
+from trustcap import canonical, channel
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
-from trustcap.gateway import channel as gchan
 from trustcap.gateway.enrol import TokenBook
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.server import AttestationServer
-
-from trustcap import canonical
 
 BOOT = "0x" + "ab" * 32
 NODE = "hpc-1"
@@ -45,8 +43,8 @@ def _hello(key: BootKey, token: str) -> bytes:
     body: dict[str, Any] = {"type": "hello", "v": 1, "agent_key": "0x" + key.public_key().hex(),
                             "eph": "0x" + eph.hex(), "nonce": "0x" + hashlib.sha256(eph).hexdigest(),
                             "node_id": NODE, "boot_digest": BOOT, "token": token}
-    digest = canonical.digest({"domain": HELLO_DOMAIN, "hello": body})
-    return gchan.encode_msg({**body, "sig": "0x" + key.sign_digest(digest).hex()})
+    digest = canonical.digest({"domain": channel.HELLO_DOMAIN, "hello": body})
+    return channel.encode_msg({**body, "sig": "0x" + key.sign_digest(digest).hex()})
 
 
 @pytest.fixture
@@ -70,6 +68,18 @@ def _wait_refused(server: AttestationServer, before: int) -> None:
     assert len(server.refusals) > before, "the unfinished handshake was never refused"
 
 
+def _boot_with(server: AttestationServer, agent: Agent, token: str) -> str:
+    """A fresh boot (new key) of the node enrolling with `token`; its key, once it holds the session."""
+    boot = Agent(BootConfig(*server.address, token, BOOT, agent.config.gateway_address, NODE), key=BootKey())
+    boot._measure = lambda: {"kernel": "0x" + "22" * 32}
+    threading.Thread(target=_serve_quietly, args=(boot.connect(),), daemon=True).start()
+    new_key = "0x" + boot.key.public_key().hex()
+    deadline = time.monotonic() + 10  # liveness bound: a handshake takes milliseconds
+    while server.wait_for_agent(0).enrolment.agent_key != new_key and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return new_key
+
+
 def test_a_hello_with_a_stolen_token_that_never_finishes_changes_nothing(
         gateway: tuple[AttestationServer, TokenBook, Agent]) -> None:
     server, tokens, agent = gateway
@@ -77,23 +87,15 @@ def test_a_hello_with_a_stolen_token_that_never_finishes_changes_nothing(
     stolen = tokens.issue(NODE)  # the node's next-boot token, in the attacker's hands
     before = len(server.refusals)
     with socket.create_connection(server.address, timeout=5) as s:
-        gchan.write_frame(s, _hello(BootKey(), stolen))
-        assert gchan.decode_msg(gchan.read_frame(s))["type"] == "welcome"
+        channel.write_frame(s, _hello(BootKey(), stolen))
+        assert channel.decode_msg(channel.read_frame(s))["type"] == "welcome"
     # the attacker hangs up instead of proving the handshake with FINISHED
     _wait_refused(server, before)
     assert tokens.lookup(genuine_key, NODE) is not None, "one HELLO made the gateway forget the genuine key"
     assert server.wait_for_agent(0).enrolment.agent_key == genuine_key
     assert server.relay(b"\x01" * 32) is not None  # the genuine agent still answers
-    # the token was not burnt by the HELLO: the real next boot can still enrol with it (below)
-    next_boot = Agent(BootConfig(*server.address, stolen, BOOT, agent.config.gateway_address, NODE), key=BootKey())
-    next_boot._measure = lambda: {"kernel": "0x" + "22" * 32}
-    chan = next_boot.connect()
-    threading.Thread(target=_serve_quietly, args=(chan,), daemon=True).start()
-    new_key = "0x" + next_boot.key.public_key().hex()
-    deadline = time.monotonic() + 10
-    while server.wait_for_agent(0).enrolment.agent_key != new_key and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert tokens.lookup(new_key, NODE) is not None
+    # the token was not burnt by the HELLO: the real next boot can still enrol with it
+    assert tokens.lookup(_boot_with(server, agent, stolen), NODE) is not None
 
 
 def test_control_a_finished_handshake_with_the_token_enrols_and_retires_the_old_key(
@@ -101,14 +103,7 @@ def test_control_a_finished_handshake_with_the_token_enrols_and_retires_the_old_
     server, tokens, agent = gateway
     genuine_key = "0x" + agent.key.public_key().hex()
     token = tokens.issue(NODE)
-    reboot = Agent(BootConfig(*server.address, token, BOOT, agent.config.gateway_address, NODE), key=BootKey())
-    reboot._measure = lambda: {"kernel": "0x" + "33" * 32}
-    chan = reboot.connect()
-    threading.Thread(target=_serve_quietly, args=(chan,), daemon=True).start()
-    new_key = "0x" + reboot.key.public_key().hex()
-    deadline = time.monotonic() + 10
-    while server.wait_for_agent(0).enrolment.agent_key != new_key and time.monotonic() < deadline:
-        time.sleep(0.02)
+    new_key = _boot_with(server, agent, token)
     assert tokens.lookup(new_key, NODE) is not None
     assert tokens.lookup(genuine_key, NODE) is None, "a finished enrolment retires the node's earlier boot key"
     with pytest.raises(GatewayError, match="already used"):

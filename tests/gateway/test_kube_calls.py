@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from trustcap.gateway.participant import LifecycleError
 
+from trustcap.gateway.participant import LifecycleError
 from trustcap.kubeclient import api_call
 
 

@@ -8,12 +8,12 @@ import statistics
 from typing import Any
 
 import pytest
+
 from trustcap.agent.identity import BootKey
+from trustcap.evidence import appraise_quote
 from trustcap.gateway.errors import PolicyError
 from trustcap.gateway.monitor import Monitor
 from trustcap.gateway.policy import parse_gateway_policy
-
-from trustcap.evidence import appraise_quote
 
 
 def test_a_healthy_node_passes(pair: Any, policy_yaml: Any) -> None:
@@ -87,6 +87,7 @@ def test_intervals_are_exponential_with_the_stated_mean(pair: Any, policy_yaml: 
 @pytest.mark.parametrize(("change", "names"), [
     pytest.param({"actions": {"high": "explode"}}, "actions.high", id="bad-action"),
     pytest.param({"actions": {"severe": "stop"}}, "actions.severe", id="bad-severity"),
+    pytest.param({"actions": {"low": "report"}}, "actions.low: unknown severity", id="severity-no-failure-has"),
     pytest.param({"monitor": {"meanIntervalSeconds": -1}}, "monitor.meanIntervalSeconds", id="negative-mean"),
     pytest.param({"monitor": {"period": 3}}, "period", id="unknown-monitor-field"),
     pytest.param({"attestation": {"bootImages": []}}, "bootImages", id="empty-boot-images"),
@@ -101,3 +102,13 @@ def test_policy_digest_changes_with_the_policy(policy_yaml: Any) -> None:
     a = parse_gateway_policy(policy_yaml())
     b = parse_gateway_policy(policy_yaml(actions={"high": "report"}))
     assert a.digest != b.digest and a.digest == parse_gateway_policy(policy_yaml()).digest
+
+
+def test_the_policy_severities_are_the_evidence_layers_and_the_monitors_own() -> None:
+    """A policy key for every Severity a failure can carry, and only those (plus unreachable): a severity
+    added to the enum needs an action, and a policy key no failure can have is refused (issue 10 item 6)."""
+    from trustcap.evidence import Severity
+    from trustcap.gateway.policy import _DEFAULT_ACTIONS, _SEVERITIES
+
+    assert set(_SEVERITIES) == {s.name.lower() for s in Severity} | {"unreachable"}
+    assert set(_DEFAULT_ACTIONS) == set(_SEVERITIES)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.gateway.errors import GatewayError
 from trustcap.gateway.monitor import CHECKS, CheckRecord, JournalSink, Monitor
 from trustcap.gateway.policy import parse_gateway_policy

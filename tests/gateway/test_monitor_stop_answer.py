@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from trustcap.gateway.monitor import STOP_FAILURES, Monitor
 from trustcap.gateway.policy import parse_gateway_policy
 

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trustcap.gateway.participant import REVEAL_LABEL, Participant, reveal_name
-from trustcap.operator.capsule import Driver, Settings
 
 from trustcap import sortition
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.chain.errors import ContractReverted
 from trustcap.chain.escrow import NodeInfo, TaskInfo
 from trustcap.evidence.verdict import Domain
+from trustcap.gateway.participant import REVEAL_LABEL, Participant, reveal_name
+from trustcap.operator.capsule import Driver, Settings
 from trustcap.trustroot import SoftwareTrustRoot
 
 NS = "trustcap-system"
@@ -80,6 +80,11 @@ class FakeEscrow:
 
     def committers(self, task: bytes) -> list[str]:
         return list(self.chain.order.get(task, []))
+
+    def committed_weight(self, task: bytes, node: str) -> tuple[int, int] | None:
+        """What the escrow kept at the commit (decision 0115); this fake's stakes never move after it."""
+        n = self.chain.nodes.get(node.lower())
+        return None if n is None or (task, node.lower()) not in self.chain.commitments else (n.stake, n.reputation_bp)
 
     def node(self, address: str) -> NodeInfo | None:
         return self.chain.nodes.get(address.lower())
@@ -291,6 +296,37 @@ def test_a_refused_commit_of_a_committed_node_is_done(roots: list[SoftwareTrustR
     g = Participant(roots[0], escrow, kube, namespace=NS)
     assert g.step() == 0
     assert g.step() == 0 and len(calls) == 1 and len(chain.commits) == 1
+
+
+def test_a_node_registered_after_the_seed_stops_trying_the_task(roots: list[SoftwareTrustRoot],
+                                                                chain: FakeChain) -> None:
+    """The chain refuses a commit from a node registered after the funding block (decision 0115): that task
+    can never take this node, so it is done, not retried every poll; any other refusal still is."""
+    kube = FakeKube()
+    capsule = _capsule()
+    kube.objects.append(capsule)
+    chain.fund(_tid(capsule))
+    escrow = FakeEscrow(chain, roots[0].address)
+    calls: list[bytes] = []
+
+    def refused(task: bytes, c: bytes) -> dict[str, Any]:
+        calls.append(task)
+        raise ContractReverted("execution reverted: RegisteredAfterSeed", "RegisteredAfterSeed")
+
+    escrow.commit = refused  # type: ignore[method-assign]
+    g = Participant(roots[0], escrow, kube, namespace=NS)
+    assert g.step() == 0 and g.step() == 0 and len(calls) == 1
+
+    other_calls: list[bytes] = []
+
+    def other(task: bytes, c: bytes) -> dict[str, Any]:  # control: any other refusal is retried next pass
+        other_calls.append(task)
+        raise ContractReverted("execution reverted: NotFunded", "NotFunded")
+
+    kube.objects[:] = [_capsule("other", uid="uid-2")]
+    chain.fund(_tid(kube.objects[0]))
+    escrow.commit = other  # type: ignore[method-assign]
+    assert g.step() == 0 and g.step() == 0 and len(other_calls) == 2
 
 
 def test_loop_starts_and_stops(roots: list[SoftwareTrustRoot], chain: FakeChain) -> None:

@@ -16,10 +16,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from trustcap.gateway.attest_errors import RelayError
-from trustcap.gateway.relay import RelayService, RoundDirectory
-from trustcap.gateway.relay_client import request_quote
-from trustcap.gateway.verifiers import StaticDirectory
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import (
@@ -32,6 +28,10 @@ from trustcap.evidence import (
     sign_quote,
     verify_challenge,
 )
+from trustcap.gateway.attest_errors import RelayError
+from trustcap.gateway.relay import MetricsService, RelayService, RoundDirectory
+from trustcap.gateway.relay_client import request_quote
+from trustcap.gateway.verifiers import StaticDirectory
 
 NODE = "hpc-1"
 SKEW = 60.0
@@ -236,8 +236,12 @@ def test_refusals_are_counted_under_bounded_prometheus_labels(lab: Lab) -> None:
     lab.post(lab.body(OUTSIDER))
     lab.post(lab.body(node="hpc-2"))
     lab.post(_foreign(lab))
-    with urllib.request.urlopen(lab.relay.url + "/metrics", timeout=10) as resp:  # noqa: S310 - our loopback URL
-        text = resp.read().decode()
+    metrics = MetricsService(lab.relay.status)
+    try:
+        with urllib.request.urlopen(metrics.url + "/metrics", timeout=10) as resp:  # noqa: S310 - our loopback URL
+            text = resp.read().decode()
+    finally:
+        metrics.close()
     for label in ("unknown_verifier", "wrong_node", "bad_signature"):
         assert f'trustcap_gateway_relay_challenges_total{{result="{label}"}}' in text
     assert OUTSIDER.address not in text and "hpc-2" not in text  # no request-chosen label values

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from trustcap.gateway.attest_errors import RelayBusy, RelayError
-from trustcap.gateway.relay import MAX_BODY, RelayService, trust_state
-from trustcap.gateway.relay_client import request_quote, request_status
-from trustcap.gateway.verifiers import StaticDirectory
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry, SignedQuote, appraise_quote, sign_challenge
+from trustcap.gateway.attest_errors import RelayBusy, RelayError
+from trustcap.gateway.relay import MAX_BODY, MetricsService, RelayService, trust_state
+from trustcap.gateway.relay_client import request_quote, request_status
+from trustcap.gateway.verifiers import StaticDirectory
 
 MEMBER = KeySigner("0x" + "4b" * 32)  # a committee verifier's trust root (a software key is the same shape)
 NODE = "hpc-1"
@@ -208,8 +208,12 @@ def test_metrics_count_results_and_report_trust(pair: Any, relay: RelayService) 
 
     _ask(relay.url, NonceRegistry(60).issue())
     _post(relay, b"{}")
-    with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as resp:  # noqa: S310 - our loopback URL
-        text = resp.read().decode()
+    metrics = MetricsService(relay.status)
+    try:
+        with urllib.request.urlopen(metrics.url + "/metrics", timeout=10) as resp:  # noqa: S310 - our loopback URL
+            text = resp.read().decode()
+    finally:
+        metrics.close()
     assert 'trustcap_gateway_relay_challenges_total{result="served"}' in text
     assert 'trustcap_gateway_relay_challenges_total{result="bad_request"}' in text
     assert "trustcap_gateway_relay_challenge_seconds_count" in text
@@ -245,11 +249,13 @@ def test_status_expires_when_checks_stop(pair: Any) -> None:
     records = [Rec(1000.0, True)]
     svc = RelayService(pair.server, verifiers=StaticDirectory([]), records=lambda: records, max_age_s=30,
                        clock=lambda: clock[0])
+    metrics = MetricsService(svc.status)
     try:
-        doc = request_status(svc.url)
+        doc = request_status(metrics.url)
         assert doc["trusted"] is True and doc["node"] == "hpc-1"
         clock[0] += 31  # the monitor went silent: no new record
-        doc = request_status(svc.url)
+        doc = request_status(metrics.url)
         assert doc["trusted"] is False and doc["reason"].startswith("attestation.expired"), doc
     finally:
+        metrics.close()
         svc.close()

@@ -25,18 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.executor import RunResult
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.run import CapsuleRunner
 from trustcap.agent.service import Agent
-from trustcap.gateway.enrol import TokenBook
-from trustcap.gateway.runner import NotMyRound, Runner, post_round_name
-from trustcap.gateway.server import AttestationServer
-
 from trustcap.capsule.envelope import open_bytes, read_header, seal_bytes, unwrap_cek
 from trustcap.capsule.ids import capsule_id, task_id
 from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import parse_manifest
+from trustcap.gateway.egress import LinkServices, check_endpoints
+from trustcap.gateway.enrol import TokenBook
+from trustcap.gateway.errors import EgressError
+from trustcap.gateway.runner import NotMyRound, Runner, post_round_name
+from trustcap.gateway.server import AttestationServer
 from trustcap.release import wrap_key
 from trustcap.store import open_store
 from trustcap.trustroot import SoftwareTrustRoot
@@ -252,7 +254,7 @@ def _attestation(phase: str, executor: str, nonce: str = NONCE) -> dict[str, Any
 
 
 def _world(tmp_path: Path, root: SoftwareTrustRoot, server: AttestationServer, executor: FakeExecutor,
-           refuse: dict[str, str]) -> World:
+           refuse: dict[str, str], egress: list[str] | None = None, link: Any = None) -> World:
     store_url = f"file://{tmp_path / 'store'}"
     store = open_store(store_url)
     brokers = {"names-b": Broker(B, refuse=refuse.get("names-b", "")),
@@ -268,6 +270,8 @@ def _world(tmp_path: Path, root: SoftwareTrustRoot, server: AttestationServer, e
         "timeoutSeconds": 60, "committee": {"size": 3},
         "payment": {"payer": "0x4C9183C39E36BD8bfb8e86f073b3F5693E57d128", "amountWei": "1"},
     }
+    if egress is not None:
+        spec["egress"] = list(egress)
     binding = parse_manifest(spec).binding_digest()
     for inp, owner in zip(spec["inputs"], (B, C), strict=True):
         blob = seal_bytes(TEXTS[inp["name"]], recipients=[owner.public_key()], owner=owner, capsule_id=CID,
@@ -281,7 +285,9 @@ def _world(tmp_path: Path, root: SoftwareTrustRoot, server: AttestationServer, e
         kube.secret_data.append(({"trustcap.io/reveal": TID.hex()[:16]},
                                  {"node": "0x" + f"{i:02x}" * 20, "pi": "0x" + "aa" * 81, "salt": "0x" + "bb" * 32}))
     rec = Recording(server)
-    runner = Runner(rec, root, kube, namespace=NS, poll_s=0.02)
+    runner = Runner(rec, root, kube, namespace=NS, poll_s=0.02, link=link)
+    if link is not None:
+        link.ops = rec.ops  # one log: the guard's allow/clear among the agent ops, in order
     return World(root, rec, executor, kube, brokers, store_url, runner, spec)
 
 
@@ -290,16 +296,19 @@ def make(tmp_path: Path) -> Iterator[Any]:
     made: list[tuple[AttestationServer, Agent, World]] = []
     served: list[BaseException] = []
 
-    def build(*, hold: bool = False, refuse: dict[str, str] | None = None) -> World:
+    def build(*, hold: bool = False, refuse: dict[str, str] | None = None, egress: list[str] | None = None,
+              link: Any = None) -> World:
         (tmp_path / "tr").mkdir()
         root = SoftwareTrustRoot.create(tmp_path / "tr", hashlib.sha256(b"gateway kek").digest())
         tokens = TokenBook([BOOT])
-        server = AttestationServer(root, "hpc-1", tokens, rekey_after=64)
+        server = AttestationServer(root, "hpc-1", tokens)  # rotates every 16 requests: within the agent's limit
         host, port = server.address
         config = BootConfig(str(host), int(port), tokens.issue("hpc-1"), BOOT, root.address, "hpc-1")
         executor = FakeExecutor(hold=hold)
         agent = Agent(config, key=BootKey(), measurements=lambda: {"m": "1"},
-                      runner=CapsuleRunner(lambda: executor, stop_wait_s=10), scratch_root=Path("/nonexistent"))
+                      runner=CapsuleRunner(lambda: executor, stop_wait_s=10,
+                                           attacher=object() if egress else None),  # the HPC's half: faked
+                      scratch_root=Path("/nonexistent"))
         channel = agent.connect()
 
         def serve() -> None:
@@ -310,7 +319,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
 
         threading.Thread(target=serve, daemon=True).start()
         server.wait_for_agent(10)
-        w = _world(tmp_path, root, server, executor, refuse or {})
+        w = _world(tmp_path, root, server, executor, refuse or {}, egress, link)
         made.append((server, agent, w))
         return w
 
@@ -451,3 +460,185 @@ def test_the_loop_runs_in_its_own_thread(make: Any) -> None:
     w.runner.stop(timeout_s=5)
     assert w.kube.run_status()["phase"] == "Succeeded"
     assert not w.runner.running and w.runner._thread is None
+
+
+# --- the Pi's HPC link guard opens for exactly a run's declared endpoints (issue 12 item 18, 0118) --------
+class Link:
+    """Stands in for gateway/egress.py's EgressGuard (its nftables half is e2e/node/test_link_guard.py):
+    validates endpoints as the guard does (`check_endpoints`), and records each allow and clear into the
+    runner's op log. `fail_clears` clears fail before one holds."""
+
+    def __init__(self, refuse: str = "", gateway_addr: str = "10.0.0.1", fail_clears: int = 0) -> None:
+        self.ops: list[str] = []
+        self.allowed: list[list[tuple[str, int]]] = []
+        self.refuse = refuse
+        self.services = LinkServices(gateway_addr=gateway_addr, agent_port=7000)
+        self.fail_clears = fail_clears
+        self.ttls: list[int | None] = []
+
+    def allow(self, endpoints: Any, ttl_s: int | None = None) -> None:
+        if self.refuse:
+            raise EgressError(self.refuse)
+        self.allowed.append(check_endpoints(endpoints, self.services.gateway_addr))
+        self.ttls.append(ttl_s)
+        self.ops.append("link.allow")
+
+    def clear(self) -> None:
+        if self.fail_clears:
+            self.fail_clears -= 1
+            self.ops.append("link.clear-failed")
+            raise EgressError("nft: netlink: Device or resource busy")
+        self.ops.append("link.clear")
+
+
+def _until(cond: Any, w: World | None = None, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        if w is not None:
+            w.runner.step()
+        time.sleep(0.02)
+
+
+def test_the_link_opens_to_the_declared_endpoints_only_while_the_run_lives(make: Any) -> None:
+    link = Link()
+    w = make(egress=["10.9.0.7:443", "198.18.3.4:8443"], link=link)
+    w.prepare()
+    w.order_run()
+    assert w.wait(("Succeeded", "Failed"))["phase"] == "Succeeded"
+    _until(lambda: "link.clear" in w.server.ops)
+    assert link.allowed == [[("10.9.0.7", 443), ("198.18.3.4", 8443)]]
+    assert link.ttls == [60 + 300]  # the kernel closes them at timeoutSeconds + the result margin regardless
+    ops = [o for o in w.server.ops if o in ("link.allow", "run", "result", "link.clear")]
+    assert ops[0] == "link.allow" and ops[1] == "run" and ops[-1] == "link.clear", ops  # open before, shut after
+    assert ops.count("link.allow") == 1 and ops.count("link.clear") == 1
+
+
+def test_a_declared_name_fails_the_run_before_anything_is_opened_or_sent(make: Any) -> None:
+    link = Link()
+    w = make(egress=["api.example.org:443"], link=link)
+    w.prepare()
+    w.order_run()
+    st = w.wait(("Succeeded", "Failed"))
+    assert st["phase"] == "Failed" and "IP addresses only" in st["error"] and "api.example.org" in st["error"]
+    assert link.allowed == [] and "run" not in w.server.ops and st["wipe"]["ran"] is False
+
+
+def test_a_guard_that_refuses_the_endpoints_fails_the_run_with_nothing_started(make: Any) -> None:
+    w = make(egress=["10.9.0.7:443"], link=Link(refuse="nft: table trustcap_link_eth1 is gone"))
+    w.prepare()
+    w.order_run()
+    st = w.wait(("Succeeded", "Failed"))
+    assert st["phase"] == "Failed" and "link guard did not take" in st["error"] and "is gone" in st["error"]
+    assert "run" not in w.server.ops
+
+
+def test_without_a_guarded_link_the_run_goes_on_unchanged(make: Any) -> None:  # the runner with no --hpc-link
+    w = make(egress=["10.9.0.7:443"])
+    w.prepare()
+    w.order_run()
+    assert w.wait(("Succeeded", "Failed"))["phase"] == "Succeeded"
+    assert not [o for o in w.server.ops if o.startswith("link.")]
+
+
+@pytest.mark.parametrize(("egress", "why"), [
+    pytest.param("[fd00::7]:8443", "only IPv4", id="ipv6-the-link-drops"),
+    pytest.param("127.0.0.1:6443", "loopback", id="loopback"),
+    pytest.param("169.254.169.254:80", "link-local", id="link-local"),
+    pytest.param("224.0.0.251:5353", "multicast", id="multicast"),
+    pytest.param("255.255.255.255:67", "broadcast", id="broadcast"),
+    pytest.param("10.0.0.1:7000", "gateway's own address", id="the-pi-itself"),
+])
+def test_an_endpoint_the_guard_cannot_open_fails_the_run_before_any_key_is_asked(make: Any, egress: str,
+                                                                                  why: str) -> None:
+    link = Link(gateway_addr="10.0.0.1")
+    w = make(egress=["10.9.0.7:443", egress], link=link)
+    w.prepare()
+    w.order_run()
+    st = w.wait(("Succeeded", "Failed"))
+    host = egress.rsplit(":", 1)[0].strip("[]")
+    assert st["phase"] == "Failed" and why in st["error"] and host in st["error"], st["error"]
+    assert link.allowed == [] and "run" not in w.server.ops and st["wipe"]["ran"] is False
+    assert all(b.bodies == [] for b in w.brokers.values()), "a broker was asked for a key"
+
+
+def test_positive_control_the_same_run_with_a_routable_endpoint_asks_and_runs(make: Any) -> None:
+    w = make(egress=["10.9.0.7:443", "198.18.0.9:7000"], link=Link(gateway_addr="10.0.0.1"))
+    w.prepare()
+    w.order_run()
+    assert w.wait(("Succeeded", "Failed"))["phase"] == "Succeeded"
+    assert all(len(b.bodies) == 1 for b in w.brokers.values()) and "run" in w.server.ops
+
+
+def test_a_second_run_while_one_holds_the_link_is_refused_not_merged(make: Any) -> None:
+    link = Link()
+    w = make(egress=["10.9.0.7:443"], link=link)
+    w.runner._declare("0x" + "77" * 32, parse_manifest(w.spec))  # another task's run holds the link
+    w.prepare()
+    w.order_run()
+    st = w.wait(("Succeeded", "Failed"))
+    assert st["phase"] == "Failed" and "held by the run of task 0x7777" in st["error"], st["error"]
+    assert link.allowed == [[("10.9.0.7", 443)]] and "run" not in w.server.ops  # only the holder's allow
+
+
+def test_a_failed_clear_is_retried_until_the_link_is_shut(make: Any) -> None:
+    link = Link(fail_clears=2)
+    w = make(egress=["10.9.0.7:443"], link=link)
+    w.prepare()
+    w.order_run()
+    assert w.wait(("Succeeded", "Failed"))["phase"] == "Succeeded"
+    _until(lambda: "link.clear" in w.server.ops, w)
+    assert w.server.ops.count("link.clear-failed") == 2 and w.server.ops.count("link.clear") == 1
+    for _ in range(3):
+        w.runner.step()
+    assert w.server.ops.count("link.clear") == 1, "a shut link is not cleared again and again"
+
+
+def test_a_resumed_run_the_guard_refuses_is_stopped_and_its_wipe_recorded(make: Any) -> None:
+    w = make(hold=True, egress=["10.9.0.7:443"], link=Link())
+    w.prepare()
+    w.order_run()
+    w.wait(("Running",))
+    w.runner.stop(timeout_s=1)  # the gateway restarts; its new guard will not take the endpoints
+    refusing = Link(refuse="nft: table trustcap_link_eth1 is gone")
+    refusing.ops = w.server.ops
+    restarted = Runner(w.server, w.root, w.kube, namespace=NS, poll_s=0.02, link=refusing)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and w.kube.run_status().get("phase") == "Running":
+            restarted.step()
+            time.sleep(0.02)
+        st = w.kube.run_status()
+        assert st["phase"] == "Failed" and "on resuming the run" in st["error"], st
+        assert "is gone" in st["error"] and st["wipe"]["verified"] is True  # the agent's own wipe report
+        assert w.server.ops.count("stop") >= 1
+    finally:
+        restarted.stop(timeout_s=5)
+
+
+def test_a_resumed_run_while_another_task_holds_the_link_stops_nothing(make: Any) -> None:
+    """A stop names no task: it ends whatever the agent runs. A resumed run that finds the link held by
+    another task must not send one (the test's agent is, artificially, still running this task; either
+    way a stop sent here would end a run the resumed one does not own). Control: its own stop order is
+    still relayed."""
+    link = Link()
+    w = make(hold=True, egress=["10.9.0.7:443"], link=link)
+    w.prepare()
+    w.order_run()
+    w.wait(("Running",))
+    w.runner.stop(timeout_s=1)
+    restarted = Runner(w.server, w.root, w.kube, namespace=NS, poll_s=0.02, link=link)
+    try:
+        assert restarted._try_claim("0x" + "77" * 32)  # another task's run holds the node
+        stops = w.server.ops.count("stop")
+        for _ in range(25):
+            restarted.step()
+            time.sleep(0.02)
+        assert w.kube.run_status()["phase"] == "Running" and w.server.ops.count("stop") == stops
+        w.kube.objects[("capsuleruns", NS, f"run-{TID.hex()[:16]}")]["spec"]["stop"] = "Deleted"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and w.kube.run_status().get("phase") == "Running":
+            restarted.step()
+            time.sleep(0.02)
+        assert w.kube.run_status()["reason"] == "Stopped" and w.server.ops.count("stop") == stops + 1
+    finally:
+        restarted.stop(timeout_s=5)

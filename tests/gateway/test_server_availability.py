@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.service import Agent
 from trustcap.gateway.enrol import TokenBook

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from trustcap.gateway.verifiers import KubeGatewayDirectory, gateway_refusal
 
 A = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import pytest
+
 from trustcap.gateway.attest_errors import DirectoryError
 from trustcap.gateway.verifiers import AnyDirectory, KubeGatewayDirectory, StaticDirectory, normalize_address
 
