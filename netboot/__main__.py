@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trustcap.netboot.serve import add_serve_arguments, run_serve
-
 from trustcap.errors import TrustcapError
+from trustcap.netboot.serve import add_serve_arguments, run_serve
 
 
 def main(argv: list[str] | None = None) -> int:

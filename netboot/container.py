@@ -37,7 +37,7 @@ log = logging.getLogger("trustcap.netboot")
 BASE_IMAGE = "trustcap/base:bookworm"
 PURE_DEPS = ("tftpy", "prometheus_client", "rfc8785")
 # the core files netboot imports (the container holds no other trustcap code)
-CORE_FILES = ("__init__.py", "errors.py", "canonical.py", "bootimage.py", "forms.py", "kubeclient.py")
+CORE_FILES = ("__init__.py", "api.py", "errors.py", "canonical.py", "bootimage.py", "forms.py", "kubeclient.py")
 # Bind :67/:69, DHCP raw sockets and ARP (dnsmasq), drop to nobody (SETUID/SETGID), and signal dnsmasq once
 # it runs as nobody (KILL). Everything else is dropped.
 CAPS = ["NET_BIND_SERVICE", "NET_RAW", "NET_ADMIN", "SETUID", "SETGID", "KILL"]
@@ -52,9 +52,8 @@ ENTRYPOINT ["python3", "-m", "trustcap.netboot"]
 
 def _stage(dest: Path) -> str:
     """Copy what the container runs into `dest/site`; return a hash of it (the image tag)."""
-    import trustcap.netboot
-
     import trustcap
+    import trustcap.netboot
 
     site = dest / "site"
     core = Path(trustcap.__file__).parent

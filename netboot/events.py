@@ -16,10 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from trustcap.netboot.store import Refusal
-
 from trustcap.forms import rfc3339
 from trustcap.kubeclient import local_api_client
+from trustcap.netboot.store import Refusal
 
 __all__ = ["REASONS", "KubeEventReporter"]
 

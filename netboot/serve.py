@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import ipaddress
 import json
 import logging
 import signal
@@ -15,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trustcap.errors import ConfigError
 from trustcap.netboot.approval import ApprovalSource, BootImageApproval, ManifestApproval, pin_directory
 from trustcap.netboot.dhcp import DhcpConfig
 from trustcap.netboot.services import NetbootConfig, NetbootServices
-
-from trustcap.errors import ConfigError
 
 __all__ = ["add_serve_arguments", "run_serve"]
 
@@ -51,7 +51,11 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--report-node", metavar="HPCNODE",
                    help="post refusals as Warning events on this HPCNode (uses --kubeconfig)")
     s.add_argument("--metrics-port", type=int, default=0,
-                   help="serve Prometheus metrics (trustcap_netboot_*) on 127.0.0.1:PORT (0: off)")
+                   help="serve Prometheus metrics (trustcap_netboot_*) on --metrics-address:PORT (0: off)")
+    s.add_argument("--metrics-address", default="127.0.0.1",
+                   help="address the metrics listen on (default 127.0.0.1, the Pi's own Prometheus; the chart "
+                        "gives the pod's address so a cluster Prometheus can scrape it). Never the HPC link: "
+                        "--bind is refused here")
     s.add_argument("--wait-link", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for --bind to exist (the link is moved in after start)")
 
@@ -60,6 +64,29 @@ def _port(value: int, field: str) -> int:
     if not 0 <= value <= 65535:
         raise ConfigError(f"{field}: {value} is not a port number (0-65535)")
     return value
+
+
+def _metrics_address(args: argparse.Namespace) -> str:
+    """Where /metrics listens: never the HPC link (--bind) nor every address, since on a real network the
+    HPC reaches only what the Pi serves on the link, and a /metrics there would tell a booting HPC what
+    was refused and served."""
+    addr = str(args.metrics_address or "").strip()
+    if not addr:
+        raise ConfigError("--metrics-address: empty; give the Pi's loopback (127.0.0.1) or its cluster address")
+    if addr == args.bind and not _loopback(addr):  # a loopback --bind is a test's or a lab's, no HPC link
+        raise ConfigError(f"--metrics-address {addr} is the HPC link (--bind): give the Pi's loopback or its "
+                          "cluster address")
+    if addr in ("0.0.0.0", "::", ""):  # noqa: S104 -- this is the refusal of it
+        raise ConfigError(f"--metrics-address {addr} listens on every address, the HPC link too: give the Pi's "
+                          "loopback or its cluster address")
+    return addr
+
+
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
 
 
 def _wait_for_address(addr: str, seconds: float) -> None:
@@ -148,8 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        # Loopback only: the metrics are for the Pi's own Prometheus, never for the HPC link.
-        start_http_server(_port(args.metrics_port, "--metrics-port"), addr="127.0.0.1")
+        start_http_server(_port(args.metrics_port, "--metrics-port"), addr=_metrics_address(args))
     services.start()
     if watch is not None:
         watch.start()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import Counter
+
 from trustcap.netboot.approval import SAFE_PATH, ApprovalSource
 from trustcap.netboot.errors import DigestMismatch, NetbootError, NotApproved, PathRejected
 

@@ -7,9 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from trustcap.netboot.image.builder import BuildInputs, build_image
-
 from trustcap.errors import TrustcapError
+from trustcap.netboot.image.builder import BuildInputs, build_image
 
 
 def main(argv: list[str] | None = None) -> int:

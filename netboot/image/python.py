@@ -138,7 +138,7 @@ def agent_entries() -> list[Entry]:
     tops = [tuple(t) for t in json.loads(proc.stdout)]
     # A manylinux wheel keeps the shared libraries its extension links against beside it, in
     # `<package>.libs/` (auditwheel): no module lives there, so the import closure cannot see it, but without
-    # it the extension does not load (gmpy2's libgmp, under the VRF's square roots).
+    # it the extension does not load (e.g. a wheel's bundled libgmp or libffi).
     tops += [(site, f"{top}.libs") for site, top in tops if (Path(site) / f"{top}.libs").is_dir()]
     for site, top in sorted(set(tops)):
         if top.startswith(("__editable__", "_distutils_hack")) or top.endswith(".pth"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from trustcap.netboot.approval import ManifestApproval
 from trustcap.netboot.store import ApprovedStore, Refusal
 from trustcap.netboot.tftp import TftpServer

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from nbtestkit import KERNEL, Root
+
+from trustcap.cli import main
 from trustcap.netboot.dhcp import DhcpConfig, render_config
 from trustcap.netboot.errors import ServiceError
 from trustcap.netboot.http import BootSignal, HttpServer
-
-from trustcap.cli import main
 
 
 def _cfg(**kw: object) -> DhcpConfig:

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from trustcap.netboot.image.builder import BuildInputs, build_image, ensure_debs
 from trustcap.netboot.image.cpio import Entry, pack
 from trustcap.netboot.ipxe import boot_digest, render_script

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from nbtestkit import KERNEL, SCRIPT, Root
 from prometheus_client import REGISTRY
+
+from trustcap.errors import TrustcapError
 from trustcap.netboot.approval import BootImageApproval, ManifestApproval, pin_directory
 from trustcap.netboot.errors import (
     ApprovalUnavailable,
@@ -19,8 +21,6 @@ from trustcap.netboot.errors import (
     PathRejected,
 )
 from trustcap.netboot.store import ApprovedStore, normalize_name
-
-from trustcap.errors import TrustcapError
 
 
 @pytest.mark.parametrize(("raw", "expected"), [

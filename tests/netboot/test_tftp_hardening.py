@@ -10,6 +10,7 @@ import time
 
 import pytest
 from nbtestkit import KERNEL, SCRIPT, Root, download, first_reply, rrq, udp
+
 from trustcap.netboot.tftp import TftpServer
 
 ACCESS_VIOLATION = 2

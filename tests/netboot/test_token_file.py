@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from trustcap.gateway.boot import write_private
-from trustcap.netboot.tokens import TokenFileWatch, read_token
 
 from trustcap.cli import main
+from trustcap.gateway.boot import write_private
+from trustcap.netboot.tokens import TokenFileWatch, read_token
 
 MAC = "52:54:00:00:00:01"
 
