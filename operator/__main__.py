@@ -19,6 +19,7 @@ from wsgiref.simple_server import WSGIServer
 
 import kopf
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
 from trustcap.operator import handlers  # noqa: F401  (importing registers every handler)
 from trustcap.operator.metrics import KubeSource, LifecycleCollector, ObjectSource, parse_address
 

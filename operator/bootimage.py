@@ -21,9 +21,9 @@ A short outage of the chain changes nothing: "unknown" is not "revoked". A long 
 an approval whose last successful chain read (`checkedAt`) is older than
 `TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS` (default 600) turns Pending, Ready False `ApprovalStale` naming the
 outage, so gateways stop serving it and enrolments stop accepting its digest; the next successful read
-approves it again. `checkedAt` is kept per BootImage in this process (the CRD has no status field for it
-yet); after an operator restart it is the status's `checkedAt` when there is one, else the clock starts
-at the first failed read.
+approves it again. Each successful read that finds the image approved dates the status (`checkedAt`, at
+most every quarter of the maximum age), which netboot ages the approval by on the Pi; after an operator
+restart the status's `checkedAt` says how old the approval is.
 """
 
 from __future__ import annotations
@@ -37,21 +37,20 @@ from pathlib import Path
 from typing import Any, Final
 
 import kopf
-from trustcap.operator.conditions import READY, ConditionStatus, set_condition, utcnow
-from trustcap.operator.kube import seconds_setting
 
+from trustcap.api import BOOTIMAGES, GROUP, VERSION, BootImagePhase
 from trustcap.bootimage import BootImageSpecError, image_id_of_spec
 from trustcap.chain.bootimages import ApprovalHistory, BootImageRegistry
 from trustcap.chain.client import Deployment
 from trustcap.chain.errors import ChainError
-from trustcap.forms import parse_rfc3339
+from trustcap.forms import parse_rfc3339, rfc3339
+from trustcap.operator.conditions import READY, ConditionStatus, set_condition, utcnow
+from trustcap.operator.kube import seconds_setting
 
 __all__ = ["MAX_AGE_S", "REASON_APPROVAL_STALE", "Decision", "decide", "expire", "max_age_s", "needs_history"]
 
 log = logging.getLogger("trustcap.operator.bootimage")
 
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 POLL_S: Final = float(os.environ.get("TRUSTCAP_BOOTIMAGE_POLL_SECONDS", "5"))
 RPC_TIMEOUT_S: Final = 5.0
 #: How long an approval stands without a successful chain read: long enough that an RPC node's restart
@@ -59,9 +58,9 @@ RPC_TIMEOUT_S: Final = 5.0
 #: outage (or by an RPC endpoint an attacker blocks) stops being served within ten minutes.
 MAX_AGE_S: Final = 600.0
 
-PENDING: Final = "Pending"
-APPROVED: Final = "Approved"
-REVOKED: Final = "Revoked"
+PENDING: Final = BootImagePhase.PENDING
+APPROVED: Final = BootImagePhase.APPROVED
+REVOKED: Final = BootImagePhase.REVOKED
 
 REASON_APPROVED_ON_CHAIN: Final = "ApprovedOnChain"
 REASON_AWAITING_CHAIN_APPROVAL: Final = "AwaitingChainApproval"
@@ -168,17 +167,18 @@ def _with(status: Mapping[str, Any], generation: int, now: datetime, *, fields: 
 
 # -- kopf glue ---------------------------------------------------------------------------------------------
 
-_registry: BootImageRegistry | None = None
-#: BootImage uid (or name) -> when this process last read the chain for it, or first failed to (after a
-#: restart the age of the status it finds is unknown; the clock starts then, see the module docstring).
-_checked_at: dict[str, datetime] = {}
+# Operator-wide state lives in kopf's memo (issue 10 item 4): `bootimage_registry`, the chain reader
+# (None: not this operator's to read), and `bootimage_checked_at`, BootImage uid (or name) -> when this
+# process last read the chain for it, or first failed to (after a restart the age of the status it finds
+# is unknown; the clock starts then, see the module docstring).
 
 
 @kopf.on.startup()
-def start_bootimage_approval(logger: kopf.Logger, **_: Any) -> None:
+def start_bootimage_approval(logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
     """Configured the way the chain-writer is (TRUSTCAP_CHAIN_DEPLOYMENT, TRUSTCAP_CHAIN_RPC); without
     them the chain is not this operator's to read and BootImage status stays whoever else writes it."""
-    global _registry
+    memo["bootimage_registry"] = None
+    memo["bootimage_checked_at"] = {}
     if "TRUSTCAP_CHAIN_DEPLOYMENT" not in os.environ:
         logger.warning("BootImage approval from chain disabled: TRUSTCAP_CHAIN_DEPLOYMENT is not set")
         return
@@ -189,21 +189,22 @@ def start_bootimage_approval(logger: kopf.Logger, **_: Any) -> None:
         raise kopf.PermanentError(f"BootImage approval: setting {exc.args[0]} is missing") from None
     except ChainError as exc:
         raise kopf.PermanentError(f"BootImage approval: {exc}") from None
-    _registry = BootImageRegistry(rpc, dep.registry, timeout=RPC_TIMEOUT_S)
+    memo["bootimage_registry"] = BootImageRegistry(rpc, dep.registry, timeout=RPC_TIMEOUT_S)
     logger.info("BootImage approval from chain: NodeRegistry %s via %s, every %ss", dep.registry, rpc, POLL_S)
 
 
-def _configured(**_: Any) -> bool:
-    return _registry is not None
+def _configured(memo: kopf.Memo | None = None, **_: Any) -> bool:
+    return memo is not None and memo.get("bootimage_registry") is not None
 
 
-@kopf.timer(GROUP, VERSION, "bootimages", interval=POLL_S, when=_configured)
+@kopf.timer(GROUP, VERSION, BOOTIMAGES, interval=POLL_S, when=_configured, timeout=30.0)
 def sync_bootimage(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: kopf.Body, patch: kopf.Patch,
-                   logger: kopf.Logger, **_: Any) -> None:
+                   logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
     """One poll: ask the chain, write only what changed. Idempotent; a restart simply asks again."""
-    registry = _registry
+    registry: BootImageRegistry | None = memo.get("bootimage_registry")
     if registry is None:
         return
+    _checked_at: dict[str, datetime] = memo.setdefault("bootimage_checked_at", {})
     generation = int(meta.get("generation") or 0)
     approved: bool | None = None
     history: ApprovalHistory | None = None
@@ -232,6 +233,12 @@ def sync_bootimage(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, body: 
             return
         _checked_at[key] = now
     decision = decide(spec, status, generation=generation, approved=approved, history=history, now=now)
+    if approved:
+        recorded = _recorded_check(status)
+        # netboot ages an approval by this date (decision 0116): refresh it well inside the maximum age,
+        # at most every quarter of it, so an idle BootImage costs one status write per ~150 s
+        if recorded is None or (now - recorded).total_seconds() > max_age_s() / 4:
+            decision.patch["checkedAt"] = rfc3339(now.timestamp())
     _write(decision, status, patch, body, logger)
 
 

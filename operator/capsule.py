@@ -10,7 +10,7 @@ verdicts, reveals and the run's status.
      Pending  ── taskId ───────────────────────────────────────────────────────────────── fund (payer)
       │  Funded: payer, amount, k, deadline checked; seed = hash(block after funding)
       │  gateways commit on chain and put reveal Secrets ──────────────────────────────── commit (each)
-     Scheduled ─ select_from_chain(reveals) ─► Attestation pre {executor, committee}
+     Scheduled ─ select_from_chain(reveals) ─► Attestation pre {executor, committee, the node's policy}
      Attesting   committee gateways write verdicts; quorum ceil(2k/3) ─► CapsuleRun {executor}
      Running     executor gateway: release (owners' brokers), run, seal; "during" rounds at random times
      Sealing     results in the store, one envelope per recipient, signed by the attested executor key
@@ -32,20 +32,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import kopf
+
+from trustcap.api import ATTESTATIONS, CAPSULERUNS, CAPSULES, GATEWAYS, GROUP, HPCNODES, VERSION
+from trustcap.errors import TrustcapError
+from trustcap.forms import rfc3339
 from trustcap.operator import conditions as cond
 from trustcap.operator import lifecycle, rounds
 from trustcap.operator.errors import OperatorError
 from trustcap.operator.kube import Kube, KubeError
 from trustcap.operator.lifecycle import Phase
 
-from trustcap.errors import TrustcapError
-from trustcap.forms import rfc3339
-
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 FINALIZER: Final = "trustcap.io/cleanup"
 KOPF_PREFIX: Final = "kopf.trustcap.io"
 
@@ -70,7 +69,7 @@ class Settings:
     round_timeout_s: int = 60
     during_rounds: int = 1
     poll_s: float = 1.0
-    policy_digest: str = "0x" + "00" * 32
+    policy_digest: str = ""  # a round's policy for a node that declares none; unset: no such round (0116)
     escrow: Any = None                # trustcap.chain.escrow.Escrow of the coordinator, or None (no chain)
     kube: Kube | None = None
     running: dict[str, threading.Event] = field(default_factory=dict)
@@ -81,7 +80,7 @@ class Settings:
                 store=os.environ.get("TRUSTCAP_STORE", ""),
                 commit_window_s=float(os.environ.get("TRUSTCAP_COMMIT_WINDOW_SECONDS", "3")),
                 round_timeout_s=int(os.environ.get("TRUSTCAP_ROUND_TIMEOUT_SECONDS", "60")),
-                policy_digest=os.environ.get("TRUSTCAP_POLICY_DIGEST", "0x" + "00" * 32))
+                policy_digest=os.environ.get("TRUSTCAP_POLICY_DIGEST", ""))
         if "TRUSTCAP_CHAIN_DEPLOYMENT" in os.environ:
             s.escrow = _escrow_from_env()
         return s
@@ -165,7 +164,7 @@ class Driver:
         if timeline:
             patch["timeline"] = {**(st.get("timeline") or {}), timeline: _stamp()}
         patch["conditions"] = conds
-        body = self.kube.patch_status("capsules", capsule["metadata"]["namespace"], capsule["metadata"]["name"],
+        body = self.kube.patch_status(CAPSULES, capsule["metadata"]["namespace"], capsule["metadata"]["name"],
                                       patch)
         capsule["status"] = body.get("status") or {}
 
@@ -196,7 +195,7 @@ class Driver:
         txs = list((st.get("chain") or {}).get("transactions") or [])
         if txh not in txs:
             txs.append(txh)
-            body = self.kube.patch_status("capsules", capsule["metadata"]["namespace"],
+            body = self.kube.patch_status(CAPSULES, capsule["metadata"]["namespace"],
                                           capsule["metadata"]["name"], {"chain": {"transactions": txs}})
             capsule["status"] = body.get("status") or {}
 
@@ -209,7 +208,7 @@ class Driver:
         return task_id(capsule_id(meta["namespace"], meta["name"]), str(meta["uid"]))
 
     def _round(self, capsule: Mapping[str, Any], phase: str, index: int = 0) -> dict[str, Any] | None:
-        att: dict[str, Any] | None = self.kube.get("attestations", self.sys,
+        att: dict[str, Any] | None = self.kube.get(ATTESTATIONS, self.sys,
                                                    rounds.round_name(self.task_id(capsule), phase, index))
         return att
 
@@ -369,29 +368,47 @@ class Driver:
         st = capsule.get("status") or {}
         pi = {r.node_id: r.pi for r in self._reveals(task_id)}
         members = [{"address": m, **({"vrfProof": _hex(pi[m])} if m in pi else {})} for m in sel.committee]
+        node = self._node_of(sel.executor)
         body = rounds.new_round(
             name=rounds.round_name(task_id, phase, index), capsule=capsule, task_id=task_id,
-            executor=sel.executor, node=self._node_of(sel.executor), phase=phase,
+            executor=sel.executor, node=str((node or {}).get("metadata", {}).get("name", "unknown")), phase=phase,
             epoch=int(epoch if epoch is not None else (st.get("vrf") or {}).get("epoch") or 0),
-            committee=members, quorum=rounds.quorum_of(len(members)), policy_digest=self.s.policy_digest,
-            timeout_s=self.s.round_timeout_s)
-        att: dict[str, Any] = self.kube.create("attestations", self.sys, body)
+            committee=members, quorum=rounds.quorum_of(len(members)),
+            policy_digest=self._policy_of(node, self.s.policy_digest), timeout_s=self.s.round_timeout_s)
+        att: dict[str, Any] = self.kube.create(ATTESTATIONS, self.sys, body)
         self._note_round(capsule, att)
         return att
 
-    def _node_of(self, gateway_address: str) -> str:
-        """The HPCNode name behind a gateway (Attestation spec.node), via its Gateway object."""
+    def _hpcnodes(self) -> list[dict[str, Any]]:
         try:
-            nodes = self.kube.custom.list_cluster_custom_object(GROUP, VERSION, "hpcnodes", _request_timeout=15)
-            gws = self.kube.custom.list_cluster_custom_object(GROUP, VERSION, "gateways", _request_timeout=15)
-        except Exception:
-            return "unknown"
+            found = cast(dict[str, Any], self.kube.custom.list_cluster_custom_object(GROUP, VERSION, HPCNODES,
+                                                                                      _request_timeout=15))
+        except Exception as exc:
+            # Not "unknown": a round opened now could not be put under the node's own policy (decision 0116).
+            raise KubeError(f"cannot list HPCNodes to open a round under the node's policy: {exc}") from None
+        return list(found.get("items", []))
+
+    def _node_of(self, gateway_address: str) -> dict[str, Any] | None:
+        """The HPCNode behind a gateway (its name is the Attestation's spec.node), via its Gateway object;
+        None when no Gateway has that address or no HPCNode names that Gateway."""
+        nodes = self._hpcnodes()
+        try:
+            gws = cast(dict[str, Any], self.kube.custom.list_cluster_custom_object(GROUP, VERSION, GATEWAYS,
+                                                                                    _request_timeout=15))
+        except Exception as exc:
+            raise KubeError(f"cannot list Gateways to find the executor's HPCNode: {exc}") from None
         gw_names = {str(g["spec"].get("address", "")).lower(): g["metadata"]["name"] for g in gws.get("items", [])}
         gw = gw_names.get(gateway_address.lower())
-        for n in nodes.get("items", []):
-            if n["spec"].get("gateway") == gw:
-                return str(n["metadata"]["name"])
-        return "unknown"
+        return next((n for n in nodes if gw is not None and n["spec"].get("gateway") == gw), None)
+
+    @staticmethod
+    def _policy_of(node: Mapping[str, Any] | None, default: str) -> str:
+        """The round's policyDigest: the node's declared policy, else `default` (rounds.round_policy_digest)."""
+        try:
+            return str(rounds.round_policy_digest(node, default))
+        except OperatorError as exc:
+            # No reason of its own in the vocabulary yet (operator/conditions.py): the message names cause and fix.
+            raise StepFailed(cond.SCHEDULED, cond.REASON_FAILED, str(exc)) from None
 
     def _note_round(self, capsule: dict[str, Any], att: Mapping[str, Any], passed: bool | None = None) -> None:
         st = capsule.get("status") or {}
@@ -404,7 +421,7 @@ class Driver:
         if passed is not None:
             entry["passed"] = passed
         if entry != next((a for a in (st.get("attestations") or []) if a["name"] == name), None):
-            body = self.kube.patch_status("capsules", capsule["metadata"]["namespace"], capsule["metadata"]["name"],
+            body = self.kube.patch_status(CAPSULES, capsule["metadata"]["namespace"], capsule["metadata"]["name"],
                                           {"attestations": items})
             capsule["status"] = body.get("status") or {}
 
@@ -436,7 +453,7 @@ class Driver:
         # The chain-writer records a decided round from the counted verdicts only.
         counted = {s.verdict.verifier.lower() for s in t.signed}
         verdicts = [v for v in st.get("verdicts") or [] if str(v.get("verifier", "")).lower() in counted]
-        body = self.kube.patch_status("attestations", self.sys, att["metadata"]["name"],
+        body = self.kube.patch_status(ATTESTATIONS, self.sys, att["metadata"]["name"],
                                       {"result": result, "decidedAt": cond.format_time(now),
                                        "conditions": up.conditions,
                                        **({"verdicts": verdicts} if len(verdicts) != len(st.get("verdicts") or [])
@@ -461,7 +478,7 @@ class Driver:
                              f"the pre-run round {result.lower()}: no input was released")
         spec = pre["spec"]
         meta = capsule["metadata"]
-        self.kube.create("capsuleruns", self.sys, {
+        self.kube.create(CAPSULERUNS, self.sys, {
             "apiVersion": "trustcap.io/v1alpha1", "kind": "CapsuleRun",
             "metadata": {"name": self._run_name(capsule), "labels": {"trustcap.io/task": spec["taskId"][2:18]}},
             "spec": {"capsuleRef": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
@@ -477,7 +494,7 @@ class Driver:
 
     # Running / Sealing: the run, "during" rounds, the timeout ------------------------------------------
     def running(self, capsule: dict[str, Any]) -> None:
-        run = self.kube.get("capsuleruns", self.sys, self._run_name(capsule))
+        run = self.kube.get(CAPSULERUNS, self.sys, self._run_name(capsule))
         if run is None:
             raise StepFailed(cond.RAN, cond.REASON_RUN_FAILED, "the run order is missing")
         rst = run.get("status") or {}
@@ -493,7 +510,7 @@ class Driver:
             self._during(capsule, started)
             limit = int(capsule["spec"]["timeoutSeconds"]) + 15
             if _now() > started + limit and not run["spec"].get("stop"):
-                self.kube.patch_spec("capsuleruns", self.sys, run["metadata"]["name"], {"stop": cond.REASON_TIMEOUT})
+                self.kube.patch_spec(CAPSULERUNS, self.sys, run["metadata"]["name"], {"stop": cond.REASON_TIMEOUT})
             return
         reason = str(rst.get("reason") or ("Completed" if phase == "Succeeded" else cond.REASON_RUN_FAILED))
         if phase == "Succeeded":
@@ -533,12 +550,16 @@ class Driver:
     def _open_round_like(self, capsule: dict[str, Any], task_id: bytes, pre: Mapping[str, Any], phase: str,
                          index: int = 0) -> dict[str, Any]:
         spec = pre["spec"]
+        # The node's policy now, not the pre round's: a node that declares another policy mid-run is attested
+        # under it (its gateway's committee peers apply it). A node gone since keeps the pre round's.
+        node = next((n for n in self._hpcnodes() if n["metadata"]["name"] == spec["node"]), None)
+        policy = self._policy_of(node, self.s.policy_digest) if node is not None else spec["policyDigest"]
         body = rounds.new_round(
             name=rounds.round_name(task_id, phase, index), capsule=capsule, task_id=task_id,
             executor=spec["executor"], node=spec["node"], phase=phase, epoch=int(spec["epoch"]),
             committee=spec["committee"]["members"], quorum=int(spec["committee"]["quorum"]),
-            policy_digest=spec["policyDigest"], timeout_s=self.s.round_timeout_s)
-        att: dict[str, Any] = self.kube.create("attestations", self.sys, body)
+            policy_digest=policy, timeout_s=self.s.round_timeout_s)
+        att: dict[str, Any] = self.kube.create(ATTESTATIONS, self.sys, body)
         self._note_round(capsule, att)
         return att
 
@@ -553,7 +574,7 @@ class Driver:
         failure = st.get("failure") or {}
         task_id = self.task_id(capsule)
         pre = self._round(capsule, "pre")
-        run = self.kube.get("capsuleruns", self.sys, self._run_name(capsule))
+        run = self.kube.get(CAPSULERUNS, self.sys, self._run_name(capsule))
         if pre is None or run is None:
             # Nothing was released (the pre round failed): nothing to wipe but the prepared key.
             self._finish_failed(capsule, failure.get("reason") or cond.REASON_FAILED,
@@ -589,7 +610,7 @@ class Driver:
         self._reveal(capsule, task_id, pre, run, outcome)
 
     def _rounds(self, capsule: Mapping[str, Any]) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.kube.list("attestations", self.sys,
+        found: list[dict[str, Any]] = self.kube.list(ATTESTATIONS, self.sys,
                                                      f"trustcap.io/task={self.task_id(capsule).hex()[:16]}")
         return found
 
@@ -696,6 +717,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
     settings.watching.client_timeout = 330.0
     settings.watching.connect_timeout = 10.0
     memo.capsules = Settings.from_env()
+    if not memo.capsules.policy_digest:
+        logger.warning("capsule controller: TRUSTCAP_POLICY_DIGEST is not set: a capsule whose executor's HPCNode "
+                       "declares no spec.policy.digest fails when its rounds open (decision 0116)")
     if memo.capsules.escrow is None:
         logger.warning("capsule controller: no chain configured (TRUSTCAP_CHAIN_DEPLOYMENT): capsules wait in "
                        "Pending for funding")
@@ -717,8 +741,8 @@ def _emitter(body: kopf.Body) -> Any:
     return emit
 
 
-@kopf.on.resume(GROUP, VERSION, "capsules", timeout=ADMIT_TIMEOUT_S, retries=ADMIT_RETRIES, backoff=2)
-@kopf.on.create(GROUP, VERSION, "capsules", timeout=ADMIT_TIMEOUT_S, retries=ADMIT_RETRIES, backoff=2)
+@kopf.on.resume(GROUP, VERSION, CAPSULES, timeout=ADMIT_TIMEOUT_S, retries=ADMIT_RETRIES, backoff=2)
+@kopf.on.create(GROUP, VERSION, CAPSULES, timeout=ADMIT_TIMEOUT_S, retries=ADMIT_RETRIES, backoff=2)
 def admit_capsule(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, logger: kopf.Logger,
                   **_: Any) -> None:
     """Put a new Capsule in Pending; on resume, repair a missing condition and otherwise do nothing."""
@@ -738,7 +762,7 @@ def _live(status: Mapping[str, Any], meta: Mapping[str, Any], **_: Any) -> bool:
     return status.get("phase") not in ("Completed", "Failed") and not meta.get("deletionTimestamp")
 
 
-@kopf.daemon(GROUP, VERSION, "capsules", when=_live, cancellation_timeout=10.0, initial_delay=0.5)  # type: ignore[arg-type]
+@kopf.daemon(GROUP, VERSION, CAPSULES, when=_live, cancellation_timeout=10.0, initial_delay=0.5)  # type: ignore[arg-type]
 def drive_capsule(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                   logger: kopf.Logger, **_: Any) -> None:
     """One capsule's steps until it is Completed or Failed (a restart resumes here, from the objects)."""
@@ -746,7 +770,7 @@ def drive_capsule(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, s
     assert s.kube is not None
     driver = Driver(s, s.kube, emit=_emitter(body))
     while not stopped:
-        capsule = s.kube.get("capsules", namespace, name)
+        capsule = s.kube.get(CAPSULES, namespace, name)
         if capsule is None or (capsule.get("status") or {}).get("phase") in ("Completed", "Failed"):
             return
         try:
@@ -757,7 +781,7 @@ def drive_capsule(body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, s
         stopped.wait(delay)
 
 
-@kopf.on.delete(GROUP, VERSION, "capsules", timeout=RELEASE_TIMEOUT_S, backoff=RELEASE_POLL_S)  # type: ignore[arg-type]
+@kopf.on.delete(GROUP, VERSION, CAPSULES, timeout=RELEASE_TIMEOUT_S, backoff=RELEASE_POLL_S)  # type: ignore[arg-type]
 def release_capsule(status: kopf.Status, meta: kopf.Meta, name: str, namespace: str, memo: kopf.Memo,
                     logger: kopf.Logger, **_: Any) -> None:
     """Keep a Capsule while an executor may still hold its data; the finalizer is its guard.
@@ -771,14 +795,14 @@ def release_capsule(status: kopf.Status, meta: kopf.Meta, name: str, namespace: 
         assert s.kube is not None
         capsule = {"metadata": {"namespace": namespace, "name": name, "uid": meta.get("uid")}, "status": dict(status)}
         driver = Driver(s, s.kube)
-        run = s.kube.get("capsuleruns", s.system_namespace, driver._run_name(capsule))
+        run = s.kube.get(CAPSULERUNS, s.system_namespace, driver._run_name(capsule))
         if run is not None:
             rst = run.get("status") or {}
             if rst.get("phase") in ("Succeeded", "Failed") and rst.get("wipe"):
                 logger.info("capsule released after the executor's wipe")
                 return
             if not run["spec"].get("stop"):
-                s.kube.patch_spec("capsuleruns", s.system_namespace, run["metadata"]["name"],
+                s.kube.patch_spec(CAPSULERUNS, s.system_namespace, run["metadata"]["name"],
                                   {"stop": cond.REASON_DELETED})
         elif phase is Phase.ATTESTING:
             # No run order yet: inputs are released only to a CapsuleRun's executor, so none was; the

@@ -55,6 +55,7 @@ from typing import Any, Final, cast
 import kopf
 from pydantic import ValidationError
 
+from trustcap.api import ATTESTATIONS, GATEWAYS, GROUP, VERSION
 from trustcap.chain.client import ChainClient, Deployment
 from trustcap.chain.errors import ChainError
 from trustcap.chain.journal import Journal
@@ -62,13 +63,12 @@ from trustcap.chain.keys import KeySigner
 from trustcap.chain.writer import Cosigner, Cosigners, Writer
 from trustcap.evidence.errors import EvidenceError
 from trustcap.evidence.verdict import Domain, Phase, SignedVerdict, Verdict, verdict_id, verify_verdict
+from trustcap.forms import field_error
 
 __all__ = ["ChainWriterController", "CosignRefused", "GatewayCosigner", "gateway_cosigners", "verdicts_of"]
 
 log = logging.getLogger("trustcap.operator.chainwriter")
 
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 DECIDED: Final = ("Passed", "Failed")
 HANDLER_TIMEOUT_S: Final = 3600
 CONFIRM_POLL_S: Final = 5
@@ -132,9 +132,8 @@ def _refusal(item: Mapping[str, Any], domain: Domain, members: set[str], seen: s
         signed = SignedVerdict.model_validate(item["verdict"])
         signer = verify_verdict(signed, domain=domain).lower()
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err.get("loc", ())) or "(document)"
-        return f"verdict.{where} is not valid: {err.get('msg', 'invalid')}"
+        where, what = field_error(exc)
+        return f"verdict.{where} is not valid: {what}"
     except EvidenceError as exc:
         return str(exc)
     v = signed.verdict
@@ -290,14 +289,14 @@ def gateway_cosigners(gateways: Callable[[], Iterable[Mapping[str, Any]]], domai
 
 
 def _kube_gateways() -> Callable[[], list[dict[str, Any]]]:
-    from trustcap.operator.kube import GROUP as KGROUP
+    from trustcap.api import GROUP as KGROUP
     from trustcap.operator.kube import TIMEOUT_S, Kube
 
     kube = Kube()
 
     def gateways() -> list[dict[str, Any]]:
         try:
-            doc = kube.custom.list_cluster_custom_object(KGROUP, VERSION, "gateways", _request_timeout=TIMEOUT_S)
+            doc = kube.custom.list_cluster_custom_object(KGROUP, VERSION, GATEWAYS, _request_timeout=TIMEOUT_S)
         except Exception as exc:  # an API outage: no cosigner this tick, the writer asks again
             raise CosignRefused(f"cannot list Gateway objects: {getattr(exc, 'reason', exc)}") from exc
         return list(cast(dict[str, Any], doc).get("items") or [])
@@ -305,7 +304,7 @@ def _kube_gateways() -> Callable[[], list[dict[str, Any]]]:
     return gateways
 
 
-_controller: ChainWriterController | None = None
+MEMO_KEY: Final = "chainwriter"  # kopf's memo holds the running controller (operator-wide, not a global)
 COSIGN_MODES: Final = ("gateways", "dev-keys")
 
 
@@ -342,38 +341,45 @@ def _from_env() -> ChainWriterController:
     return ChainWriterController(writer, batch_seconds=float(os.environ.get("TRUSTCAP_CHAIN_BATCH_SECONDS", "10")))
 
 
+def controller(memo: Mapping[str, Any]) -> ChainWriterController | None:
+    """The chain-writer this operator runs, or None where it is not configured."""
+    return cast("ChainWriterController | None", memo.get(MEMO_KEY))
+
+
 @kopf.on.startup()
-def start_chainwriter(logger: kopf.Logger, **_: Any) -> None:
+def start_chainwriter(logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
     """Start only where configured: an operator (or a test's in-process kopf) without chain settings runs
     every other handler unchanged and leaves Attestations for the replica that has them."""
-    global _controller
     if "TRUSTCAP_CHAIN_DEPLOYMENT" not in os.environ:
         logger.warning("chain-writer disabled: TRUSTCAP_CHAIN_DEPLOYMENT is not set")
         return
-    if _controller is None:
-        _controller = _from_env()
-        _controller.start()
+    if controller(memo) is None:
+        running = _from_env()
+        running.start()
+        memo[MEMO_KEY] = running
 
 
 @kopf.on.cleanup()
-def stop_chainwriter(**_: Any) -> None:
-    if _controller is not None:
-        _controller.stop()
+def stop_chainwriter(memo: kopf.Memo, **_: Any) -> None:
+    running = controller(memo)
+    if running is not None:
+        running.stop()
 
 
-def _decided(status: Mapping[str, Any], **_: Any) -> bool:
-    if _controller is None:
+def _decided(status: Mapping[str, Any], memo: Mapping[str, Any], **_: Any) -> bool:
+    if controller(memo) is None:
         return False
     return status.get("result") in DECIDED and not (status.get("chain") or {}).get("txHash")
 
 
-@kopf.on.resume(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
-@kopf.on.create(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
-@kopf.on.update(GROUP, VERSION, "attestations", when=_decided, timeout=HANDLER_TIMEOUT_S)
+@kopf.on.resume(GROUP, VERSION, ATTESTATIONS, when=_decided, timeout=HANDLER_TIMEOUT_S)
+@kopf.on.create(GROUP, VERSION, ATTESTATIONS, when=_decided, timeout=HANDLER_TIMEOUT_S)
+@kopf.on.update(GROUP, VERSION, ATTESTATIONS, when=_decided, timeout=HANDLER_TIMEOUT_S)
 def record_attestation(spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, patch: kopf.Patch,
-                       logger: kopf.Logger, **_: Any) -> None:
-    if _controller is None:  # filtered out by _decided; kept for a clear message if that ever changes
+                       logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
+    running = controller(memo)
+    if running is None:  # filtered out by _decided; kept for a clear message if that ever changes
         raise kopf.TemporaryError("chain-writer not started", delay=CONFIRM_POLL_S)
-    chain = _controller.reconcile(spec, status, f"{namespace}/{name}")
+    chain = running.reconcile(spec, status, f"{namespace}/{name}")
     patch.status["chain"] = chain
     logger.info("attestation recorded on chain: tx %s, block %s", chain["txHash"], chain["block"])

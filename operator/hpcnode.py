@@ -14,7 +14,7 @@ calls the node `Enrolled`; anything wrong quarantines it with every failed claim
      |                                    |                                  |--- quote{nonce} ------>|
      |                                    |                                  |<-- quote, agent sig ---|
      |                                    |<-- status.enrolment{agentKey, bootImageDigest, quote       |
-     |                                    |    (countersigned), time}, phase Booting                    |
+     |                                    |    (countersigned), policyDigest, time}; again every 600 s |
      | timer: unchecked evidence? ------->|                                  |                        |
      | verify: gateway sig -> Gateway.spec.signingKey, agent sig -> agentKey, nonce == challenge,       |
      |         boot digest == approved BootImage.status.imageDigest, dated after the challenge         |
@@ -26,6 +26,17 @@ never reaches `on.update`/`on.field`; a short timer sees it and also retries aft
 Every step is idempotent: the evidence id (`enrolmentChecked`) and the spent challenge are written in the
 same patch as the verdict, so an operator killed at any line decides the same evidence the same way.
 Quarantine is sticky: only a person clears it (patching the phase), never the operator or the gateway.
+
+The operator is the only writer of `status.phase` (decision 0113). A gateway writes its own sub-fields
+and the operator derives the phase from them, in the same timer (`judge_reports`):
+  quarantineRequest (its monitor's failed check)  -> Quarantined, quarantineReason = the request's message,
+                                                     Ready False, a Warning event; each request acted on
+                                                     once (`quarantineChecked`), so a person's clearing holds
+  lastWipe.state InProgress, and no enrolment    -> Wiping (until the fresh boot's evidence is verified)
+  verified since its startedAt
+  unchecked evidence of a new agent key          -> Booting (while the operator waits for its references)
+The chart's admission policy refuses every gateway write of the phase and of the operator's fields, and
+a gateway's write to an HPCNode that is not its own (templates/admissionpolicy.yaml).
 
 Trust expires (decision 0097): an Enrolled node stays Enrolled only while its freshest verified evidence
 (the enrolment quote the operator checked, `status.lastQuote.time`, or the decision of a committee round
@@ -42,17 +53,19 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeAlias, cast
 
 import kopf
 from pydantic import ValidationError
-from trustcap.operator import conditions as cond
-from trustcap.operator.kube import seconds_setting
 
 from trustcap import canonical
-from trustcap.evidence import NonceRegistry, Report, Severity, SignedQuote, address_of, appraise_quote, quote_digest
+from trustcap.api import ATTESTATIONS, BOOTIMAGES, GATEWAYS, GROUP, HPCNODES, VERSION, HPCNodePhase
+from trustcap.evidence import Report, Severity, SignedQuote, address_of, appraise_quote, quote_digest
+from trustcap.evidence import failure as fid
 from trustcap.evidence.errors import SignatureError
 from trustcap.forms import parse_rfc3339, sha256_digest
+from trustcap.operator import conditions as cond
+from trustcap.operator.kube import seconds_setting
 
 __all__ = [
     "ENROLMENT_MAX_AGE_S",
@@ -61,11 +74,13 @@ __all__ = [
     "REASON_ENROLMENT_EXPIRED",
     "REASON_POLICY_MISMATCH",
     "REASON_QUARANTINED",
+    "REASON_WIPING",
     "Decision",
     "decide",
     "enrolment_max_age_s",
     "evidence_age",
     "evidence_id",
+    "judge_reports",
     "judge_trust",
     "new_challenge",
     "policy_mismatch",
@@ -73,8 +88,6 @@ __all__ = [
     "verify_enrolment",
 ]
 
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 
 REASON_AWAITING_ENROLMENT: Final = "AwaitingEnrolment"
 REASON_ENROLLED: Final = "Enrolled"
@@ -84,23 +97,25 @@ REASON_GATEWAY_NOT_ACTIVE: Final = "GatewayNotActive"
 REASON_ATTESTATION_FAILED: Final = "AttestationFailed"
 REASON_ENROLMENT_EXPIRED: Final = "EnrolmentExpired"
 REASON_POLICY_MISMATCH: Final = "PolicyMismatch"
+REASON_WIPING: Final = cond.REASON_WIPING
 #: trustLevel (crds/hpcnode.yaml): the HPCs here netboot with no TPM of their own, so an enrolled node is 1
 TRUST_NETBOOT_NO_TPM: Final = 1
 
-PHASE_REGISTERED: Final = "Registered"
-PHASE_BOOTING: Final = "Booting"
-PHASE_ENROLLED: Final = "Enrolled"
-PHASE_QUARANTINED: Final = "Quarantined"
+PHASE_REGISTERED: Final = HPCNodePhase.REGISTERED
+PHASE_BOOTING: Final = HPCNodePhase.BOOTING
+PHASE_ENROLLED: Final = HPCNodePhase.ENROLLED
+PHASE_QUARANTINED: Final = HPCNodePhase.QUARANTINED
+PHASE_WIPING: Final = HPCNodePhase.WIPING
 
 MAX_SKEW_S: Final = 5.0           # clocks of agent and operator may differ this much either way
 REFERENCE_GRACE_S: Final = 30.0   # how long a missing Gateway/BootImage may still be on its way (watch lag)
 TIMER_INTERVAL_S: Final = 2.0
 HANDLER_TIMEOUT_S: Final = 60.0
 MAX_REASON: Final = 1024          # the CRD's maxLength of quarantineReason
-#: How old the freshest verified evidence of an Enrolled node may be. The gateway publishes an enrolment
-#: once per agent boot and nothing periodic (gateway/publish.py), so the evidence that renews it is a
-#: re-enrolment or a passed committee round; 30 min keeps an idle node usable for a working session and
-#: bounds how long a node nobody has heard from stays trusted. With a periodic publisher every P s, 3 P.
+#: How old the freshest verified evidence of an Enrolled node may be. The gateway re-publishes a fresh
+#: enrolment quote every TRUSTCAP_ENROLMENT_REFRESH_SECONDS (gateway/publish.py, default 600 s), so this is
+#: three refresh periods: two refreshes may fail in a row before an idle, healthy node drops to Registered,
+#: and a node nobody has heard from stays trusted at most 30 min (decisions 0097, 0113).
 ENROLMENT_MAX_AGE_S: Final = 1800.0
 
 
@@ -196,32 +211,27 @@ def verify_enrolment(
         report.add("boot", "boot.digest.not_approved", Severity.HIGH,
                    "the quoted boot-image digest is not the approved one", expected=approved, got=quoted_boot)
 
-    # The evidence layer's own appraisal: signatures, identity, nonce (single use) and age. The registry
-    # holds exactly the operator's one outstanding challenge, so any other nonce is refused as unknown.
-    registry = NonceRegistry(window_seconds=10 * 365 * 86400.0, capacity=1,
-                             token=lambda _n: nonce if nonce is not None else b"")
-    if nonce is not None:
-        registry.issue()
-    else:
+    # The evidence layer's own appraisal: signatures, identity, the operator's one outstanding challenge
+    # (expected_nonce) and a quote dated after it (not_before). The operator re-judges stored evidence on
+    # every pass, so there is no single-use registry; the evidence's age is judged by `evidence_age`.
+    if nonce is None:
         report.add("nonce", "nonce.no_challenge", Severity.CRITICAL,
                    "this node has no outstanding enrolment challenge, so no quote can be fresh")
-    now_s = now.timestamp()
-    since_challenge = now_s - challenged_at.timestamp() if challenged_at is not None else 0.0
     appraisal = appraise_quote(
-        signed, nonces=registry, expected_nonce=nonce, node_id=node_name,
+        signed, node_id=node_name,
+        # no challenge is already a critical failure (nonce.no_challenge); the appraisal still needs a nonce
+        expected_nonce=nonce if nonce is not None else bytes(32),
         agent_key=agent_key if agent_key is not None else b"",
         gateway_address=gateway_address or "0x0000000000000000000000000000000000000000",
-        now=now_s, max_age_seconds=max(since_challenge, 0.0) + MAX_SKEW_S, max_skew_seconds=MAX_SKEW_S,
+        now=now.timestamp(), max_age_seconds=None, max_skew_seconds=MAX_SKEW_S,
+        not_before=challenged_at.timestamp() if challenged_at is not None else None,
     )
     for failure in appraisal.failures:
-        if failure.event_id == "quote.expired":
-            report.add("quote", "quote.predates_challenge", Severity.CRITICAL,
-                       "the quote is dated before the operator issued its challenge (not fresh)")
-        elif gateway_address is None and failure.event_id in ("quote.signature.gateway", "quote.identity.gateway"):
+        if gateway_address is None and failure.event_id in (fid.QUOTE_SIGNATURE_GATEWAY, fid.QUOTE_IDENTITY_GATEWAY):
             continue  # already reported as the missing or inconsistent Gateway
-        elif agent_key is None and failure.event_id in ("quote.signature.agent", "quote.identity.agent_key"):
+        elif agent_key is None and failure.event_id in (fid.QUOTE_SIGNATURE_AGENT, fid.QUOTE_IDENTITY_AGENT_KEY):
             continue  # already reported as the malformed agentKey
-        elif nonce is None and failure.event_id == "nonce.unknown":
+        elif nonce is None and failure.event_id in (fid.NONCE_UNKNOWN, fid.NONCE_MISMATCH):
             continue  # already reported as nonce.no_challenge
         else:
             report.failures.append(failure)
@@ -276,6 +286,7 @@ class Decision:
     enrolled: bool
     warning: tuple[str, str] | None = None
     failed_claims: list[str] = field(default_factory=list)
+    notice: tuple[str, str] | None = None  # a Normal event (progress), reason and message
 
 
 def decide(
@@ -329,6 +340,47 @@ def decide(
                     failed_claims=report.event_ids)
 
 
+def judge_reports(*, status: Mapping[str, Any], generation: int, now: datetime) -> Decision | None:
+    """The phase the gateway's own reports call for (decision 0113), or None when they call for nothing new.
+
+    - A quarantine request not yet acted on (`quarantineChecked` is another id): Quarantined, naming the
+      gateway's message, Ready False and a Warning. Already quarantined: only noted, the first reason
+      stays. Each request is acted on once, so after a person clears the phase only a new request (the
+      gateway's next failed check) quarantines the node again.
+    - A wipe the gateway runs (`lastWipe.state` InProgress) that no verified enrolment postdates: Wiping,
+      Ready False. The fresh boot's verified evidence (`decide`) then makes it Enrolled again.
+    Quarantine is never lifted here, and a quarantined node is not moved to Wiping."""
+    gen = max(generation, 0)
+    phase = status.get("phase")
+    request = status.get("quarantineRequest")
+    if isinstance(request, Mapping):
+        rid = evidence_id(request)
+        if status.get("quarantineChecked") != rid:
+            patch: dict[str, Any] = {"quarantineChecked": rid}
+            if phase == PHASE_QUARANTINED:
+                return Decision(status=patch, enrolled=False)
+            reason = str(request.get("message") or request.get("reason") or "the gateway asked")[:MAX_REASON]
+            update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
+                                        reason=REASON_QUARANTINED, message=reason, observed_generation=gen, now=now)
+            patch.update({"phase": PHASE_QUARANTINED, "quarantineReason": reason, "observedGeneration": gen,
+                          "conditions": update.conditions})
+            return Decision(status=patch, enrolled=False, warning=(REASON_QUARANTINED, reason))
+    wipe = status.get("lastWipe")
+    if not isinstance(wipe, Mapping) or wipe.get("state") != "InProgress" or phase in (PHASE_QUARANTINED,
+                                                                                        PHASE_WIPING):
+        return None
+    started = _parse_time(wipe.get("startedAt"))
+    quoted = _parse_time((status.get("lastQuote") or {}).get("time"))
+    if started is None or (quoted is not None and quoted >= started):
+        return None  # the fresh boot's evidence is already verified: the wipe is as good as done
+    message = (f"its gateway is wiping it ({wipe.get('level') or 'Reboot'}, request {wipe.get('request') or '?'}, "
+               f"since {cond.format_time(started)}); Enrolled again once the fresh boot's evidence is verified")
+    update = cond.set_condition(status.get("conditions"), type_=cond.READY, status="False",
+                                reason=REASON_WIPING, message=message, observed_generation=gen, now=now)
+    return Decision(status={"phase": PHASE_WIPING, "observedGeneration": gen, "conditions": update.conditions},
+                    enrolled=False, notice=(REASON_WIPING, message))
+
+
 def evidence_age(status: Mapping[str, Any], last_round: Mapping[str, Any] | None,
                  now: datetime) -> tuple[float | None, str]:
     """(seconds since the freshest verified evidence of the node, what that evidence was); None: none dated.
@@ -375,7 +427,8 @@ def policy_mismatch(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str |
 
 def judge_trust(*, status: Mapping[str, Any], gateway: Mapping[str, Any] | None,
                 last_round: Mapping[str, Any] | None, spec: Mapping[str, Any] | None = None,
-                now: datetime | None = None, max_age_s: float = ENROLMENT_MAX_AGE_S) -> tuple[str, str, str, int]:
+                now: datetime | None = None,
+                max_age_s: float = ENROLMENT_MAX_AGE_S) -> tuple[cond.ConditionStatus, str, str, int]:
     """(Ready status, reason, message, trustLevel) of an HPCNode the operator has enrolled.
 
     Ready = enrolled, its evidence younger than `max_age_s` (`evidence_age`; judged when `now` is given,
@@ -449,13 +502,28 @@ def trust_patch(*, status: Mapping[str, Any], spec: Mapping[str, Any], generatio
 
 # -- kopf wiring ---------------------------------------------------------------------------------------
 
-@kopf.index(GROUP, VERSION, "gateways")
+# kopf's indexes, injected into the timers as keyword arguments named after their functions: key -> the
+# values every indexed object gave for it (one per object; a name is one object). kopf's handler protocols
+# do not admit extra named parameters (its own TODO: index typing waits on ParamSpec), so the timers take
+# them from **kwargs through `_index`, which names the one index type they all have.
+NameIndex: TypeAlias = "kopf.Index[str, dict[str, Any]]"
+INDEXES: Final = ("trustcap_gateways", "trustcap_bootimages", "trustcap_gateway_trust", "trustcap_node_rounds")
+
+
+def _index(kwargs: Mapping[str, Any], name: str) -> NameIndex:
+    """One of this module's kopf indexes from a handler's kwargs; a missing one is a wiring bug, named."""
+    if name not in INDEXES or name not in kwargs:
+        raise kopf.PermanentError(f"kopf index {name!r} was not injected: its @kopf.index is not registered")
+    return cast("NameIndex", kwargs[name])
+
+
+@kopf.index(GROUP, VERSION, GATEWAYS)
 def trustcap_gateways(name: str, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, Any]]:
     """Gateway name -> the identity fields a countersignature is checked against."""
     return {name: {"address": spec.get("address"), "signingKey": spec.get("signingKey")}}
 
 
-@kopf.index(GROUP, VERSION, "bootimages")
+@kopf.index(GROUP, VERSION, BOOTIMAGES)
 def trustcap_bootimages(name: str, status: kopf.Status, **_: Any) -> dict[str, dict[str, Any]]:
     """BootImage name -> its approval state and the digest quotes must carry."""
     return {name: {"phase": status.get("phase"), "imageDigest": status.get("imageDigest")}}
@@ -467,8 +535,8 @@ def _one(index: Mapping[str, Iterable[dict[str, Any]]], key: Any) -> dict[str, A
     return next(iter(index[key]), None)
 
 
-@kopf.on.resume(GROUP, VERSION, "hpcnodes", timeout=HANDLER_TIMEOUT_S, retries=10, backoff=2)
-@kopf.on.create(GROUP, VERSION, "hpcnodes", timeout=HANDLER_TIMEOUT_S, retries=10, backoff=2)
+@kopf.on.resume(GROUP, VERSION, HPCNODES, timeout=HANDLER_TIMEOUT_S, retries=10, backoff=2)
+@kopf.on.create(GROUP, VERSION, HPCNODES, timeout=HANDLER_TIMEOUT_S, retries=10, backoff=2)
 def register_hpcnode(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                      logger: kopf.Logger, **_: Any) -> None:
     """Give a new node its phase, its Ready condition and its first enrolment challenge (once)."""
@@ -486,24 +554,41 @@ def register_hpcnode(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patc
     kopf.warn(body, reason=REASON_AWAITING_ENROLMENT, message=message)
 
 
-@kopf.timer(GROUP, VERSION, "hpcnodes", interval=TIMER_INTERVAL_S, idle=None)
+@kopf.timer(GROUP, VERSION, HPCNODES, interval=TIMER_INTERVAL_S, idle=None, timeout=30.0)
 def judge_enrolment(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
                     patch: kopf.Patch, logger: kopf.Logger, **kwargs: Any) -> None:
     """Verify newly published enrolment evidence and write the verdict (see the module docstring).
 
-    The two indexes arrive as keyword arguments named after their functions (kopf's index injection)."""
-    enrolment = status.get("enrolment")
-    if not isinstance(enrolment, Mapping) or status.get("enrolmentChecked") == evidence_id(enrolment):
-        return
+    The two indexes arrive as keyword arguments named after their functions (kopf's index injection).
+    The gateway's reports are judged first (`judge_reports`), so a quarantine it asked for holds against
+    evidence decided in the same tick."""
     now = cond.utcnow()
-    gateway = _one(kwargs["trustcap_gateways"], spec.get("gateway"))
-    boot_image = _one(kwargs["trustcap_bootimages"], spec.get("bootImage"))
+    generation = int(meta.get("generation") or 0)
+    view: Mapping[str, Any] = status
+    reported = judge_reports(status=status, generation=generation, now=now)
+    if reported is not None:
+        patch.status.update(reported.status)
+        view = {**status, **reported.status}
+        if "phase" in reported.status:
+            logger.warning("phase %s from the gateway's report", reported.status["phase"])
+        if reported.warning is not None:
+            kopf.warn(body, reason=reported.warning[0], message=reported.warning[1])
+        if reported.notice is not None:
+            kopf.info(body, reason=reported.notice[0], message=reported.notice[1])
+    enrolment = view.get("enrolment")
+    if not isinstance(enrolment, Mapping) or view.get("enrolmentChecked") == evidence_id(enrolment):
+        return
+    gateway = _one(_index(kwargs, "trustcap_gateways"), spec.get("gateway"))
+    boot_image = _one(_index(kwargs, "trustcap_bootimages"), spec.get("bootImage"))
     published = _parse_time(enrolment.get("time"))
     if (gateway is None or boot_image is None) and published is not None \
             and (now - published).total_seconds() < REFERENCE_GRACE_S:
+        if view.get("phase") not in (PHASE_QUARANTINED, PHASE_BOOTING) and \
+                enrolment.get("agentKey") != view.get("agentKey"):
+            patch.status["phase"] = PHASE_BOOTING  # a new boot's evidence, not decided yet
         logger.info("enrolment evidence names a Gateway/BootImage not seen yet; waiting")
         return
-    decision = decide(node_name=name, status=status, generation=int(meta.get("generation") or 0),
+    decision = decide(node_name=name, status=view, generation=generation,
                       gateway=gateway, boot_image=boot_image, now=now)
     if decision is None:
         return
@@ -516,14 +601,14 @@ def judge_enrolment(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec
         kopf.warn(body, reason=decision.warning[0], message=decision.warning[1])
 
 
-@kopf.index(GROUP, VERSION, "gateways")
+@kopf.index(GROUP, VERSION, GATEWAYS)
 def trustcap_gateway_trust(name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> dict[str, dict[str, Any]]:
     """Gateway name -> its root kind and its chain state as the Gateway controller judged it."""
     return {name: {"spec": {"trustRoot": spec.get("trustRoot", "unknown")},
                    "status": {"phase": status.get("phase"), "reputation": status.get("reputation")}}}
 
 
-@kopf.index(GROUP, VERSION, "attestations")
+@kopf.index(GROUP, VERSION, ATTESTATIONS)
 def trustcap_node_rounds(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> dict[str, Any]:
     """The decided capsule rounds about each node (Attestation spec.node), for `judge_node_trust`."""
     if not status.get("result") or not spec.get("node"):
@@ -532,15 +617,15 @@ def trustcap_node_rounds(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, 
                                 "status": {"result": status.get("result"), "decidedAt": status.get("decidedAt")}}}
 
 
-@kopf.timer(GROUP, VERSION, "hpcnodes", interval=10.0, initial_delay=2.0, idle=None, timeout=30.0)
+@kopf.timer(GROUP, VERSION, HPCNODES, interval=10.0, initial_delay=2.0, idle=None, timeout=30.0)
 def judge_node_trust(body: kopf.Body, name: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
                      patch: kopf.Patch, **kwargs: Any) -> None:
     """Ready, trustLevel and reputation of an enrolled node, from what the operator itself judged: the
     age of its evidence, the policy its gateway applies, the Gateway's chain state and the committee
     rounds about the node (the operator stays the only writer). Re-judged every 10 s, so an expiry needs
     no event to happen."""
-    gateway = _one(kwargs["trustcap_gateway_trust"], spec.get("gateway"))
-    decided = list(kwargs["trustcap_node_rounds"].get(name, []))
+    gateway = _one(_index(kwargs, "trustcap_gateway_trust"), spec.get("gateway"))
+    decided = list(_index(kwargs, "trustcap_node_rounds").get(name, []))
     last = max(decided, key=lambda r: str(r["status"].get("decidedAt") or ""), default=None)
     update, event = trust_patch(status=status, spec=spec, generation=int(meta.get("generation") or 0),
                                 gateway=gateway, last_round=last, now=cond.utcnow(), max_age_s=enrolment_max_age_s())

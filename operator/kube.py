@@ -13,6 +13,9 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final, cast
 
+from trustcap.api import GROUP, VERSION
+from trustcap.errors import ConfigError
+from trustcap.forms import positive_seconds
 from trustcap.operator.errors import OperatorError
 
 
@@ -21,24 +24,16 @@ def seconds_setting(name: str, default: float) -> float:
     Anything else is a kopf.PermanentError that names the setting and the default."""
     import kopf
 
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
     try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise kopf.PermanentError(f"{name}={raw!r} is not a positive number of seconds; unset it for the "
-                                  f"default of {default:g}")
-    return value
+        return positive_seconds(name, default)
+    except ConfigError as exc:
+        raise kopf.PermanentError(str(exc)) from None
 
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
+
 TIMEOUT_S: Final = 15.0
 
 
-class KubeError(OperatorError):  # type: ignore[misc]  # package-dir mapping (issue 10 item 7)
+class KubeError(OperatorError):
     """An API call failed; the message names the object and the status."""
 
 

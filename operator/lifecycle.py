@@ -19,22 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, Final
 
+from trustcap.api import CapsulePhase
 from trustcap.operator import conditions as cond
 from trustcap.operator.errors import InvalidTransition
 
-
-class Phase(StrEnum):
-    PENDING = "Pending"
-    SCHEDULED = "Scheduled"
-    ATTESTING = "Attesting"
-    RUNNING = "Running"
-    SEALING = "Sealing"
-    WIPING = "Wiping"
-    COMPLETED = "Completed"
-    FAILED = "Failed"
+Phase = CapsulePhase  # the vocabulary lives in trustcap/api.py; the transitions live here
 
 
 TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {

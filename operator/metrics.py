@@ -38,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from trustcap.api import ATTESTATIONS, CAPSULES, GATEWAYS, GROUP, HPCNODES, VERSION, GatewayPhase, HPCNodePhase
 from trustcap.forms import parse_rfc3339
 
 __all__ = [
@@ -51,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger("trustcap.operator.metrics")
 
-GROUP: Final = "trustcap.io"
-VERSION: Final = "v1alpha1"
 TIMEOUT_S: Final = 10.0
 DEFAULT_TTL_S: Final = 2.0
 
@@ -63,8 +62,8 @@ ROUND_PHASES: Final = ("boot", "pre", "during", "post", "wipe")
 ROUND_RESULTS: Final = ("Pending", "Passed", "Failed", "Expired")
 ROUND_DECIDED: Final = ("Passed", "Failed", "Expired")
 CHAIN_RECORDED_RESULTS: Final = ("Passed", "Failed")  # what the chain-writer records (operator/chainwriter.py)
-NODE_PHASES: Final = ("Registered", "Booting", "Enrolled", "Ready", "Executing", "Wiping", "Quarantined")
-GATEWAY_PHASES: Final = ("Pending", "Registered", "Active", "Offline", "Slashed")
+NODE_PHASES: Final = tuple(HPCNodePhase)
+GATEWAY_PHASES: Final = tuple(GatewayPhase)
 UNKNOWN: Final = "Unknown"
 LATENCY_BUCKETS_S: Final = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -192,7 +191,7 @@ class LifecycleCollector(Collector):
         self._at = now
         try:
             lists = {plural: self._source.list_all(plural)
-                     for plural in ("capsules", "attestations", "hpcnodes", "gateways")}
+                     for plural in (CAPSULES, ATTESTATIONS, HPCNODES, GATEWAYS)}
         except Exception as exc:  # an unreachable API server must not fail the scrape: serve the last snapshot
             self._errors += 1
             log.warning("metrics: cannot list the cluster's objects, serving the last snapshot: %s", exc)
@@ -201,9 +200,9 @@ class LifecycleCollector(Collector):
         self._refreshed_wall = self._wall()
 
     def _digest(self, lists: Mapping[str, list[dict[str, Any]]]) -> _Snapshot:
-        return _Snapshot(capsules=self._capsules(lists["capsules"]), rounds=self._rounds(lists["attestations"]),
-                         nodes=self._nodes(lists["hpcnodes"]), gateways=self._gateways(lists["gateways"]),
-                         chain_pending=self._chain(lists["attestations"]))
+        return _Snapshot(capsules=self._capsules(lists[CAPSULES]), rounds=self._rounds(lists[ATTESTATIONS]),
+                         nodes=self._nodes(lists[HPCNODES]), gateways=self._gateways(lists[GATEWAYS]),
+                         chain_pending=self._chain(lists[ATTESTATIONS]))
 
     def _capsules(self, items: list[dict[str, Any]]) -> dict[str, int]:
         by_phase = dict.fromkeys((*CAPSULE_PHASES, UNKNOWN), 0)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HELM = paths.bin_dir() / "helm"
 GROUP = "trustcap.io"
 # What the gateway itself writes into HPCNode status (gateway/publish.py, actions.py, boot.py).
-GATEWAY_STATUS_FIELDS = {"phase", "quarantineReason", "enrolment", "lastWipe"}
+GATEWAY_STATUS_FIELDS = {"enrolment", "lastWipe", "quarantineRequest"}
 
 
 def _load(name: str) -> ModuleType:
@@ -173,12 +173,19 @@ def test_zymkey_device_comes_from_values() -> None:
 
 
 def test_monitoring_objects_when_the_prometheus_operator_is_there() -> None:
-    docs = render("--api-versions", "monitoring.coreos.com/v1", "--set", "monitoring.labels.release=kps")
+    # without TLS for its metrics listener a gateway serves them on the Pi's loopback: no monitor (0114)
+    plain = {d["metadata"]["name"] for d in render("--api-versions", "monitoring.coreos.com/v1")
+             if d["kind"] == "ServiceMonitor"}
+    assert plain == {"rel-trustcap-operator"}
+    docs = render("--api-versions", "monitoring.coreos.com/v1", "--set", "monitoring.labels.release=kps",
+                  "--set", "gateway.metrics.tlsSecret=gw-metrics-tls", "--set", "gateway.metrics.scrapeSecret=scrape")
     by = kinds(docs)
     monitors = {d["metadata"]["name"]: d for d in by["ServiceMonitor"]}
     assert set(monitors) == {"rel-trustcap-operator", "rel-trustcap-gateway"}
     assert monitors["rel-trustcap-operator"]["spec"]["endpoints"][0]["port"] == "metrics"
-    assert monitors["rel-trustcap-gateway"]["spec"]["endpoints"][0]["port"] == "relay"
+    gateway = monitors["rel-trustcap-gateway"]["spec"]["endpoints"][0]
+    assert (gateway["port"], gateway["scheme"]) == ("metrics", "https")  # never the relay port
+    assert gateway["tlsConfig"]["keySecret"] == {"name": "scrape", "key": "tls.key"}
     for d in (*by["ServiceMonitor"], *by["PrometheusRule"]):
         assert d["metadata"]["labels"]["release"] == "kps"
     # each monitor's selector matches its Service (else Prometheus scrapes nothing)
@@ -213,6 +220,105 @@ def test_chain_pointing_at_an_external_rpc() -> None:
     assert vols["chain"]["configMap"]["name"] == "my-deployment"
 
 
+def test_the_default_gateway_policy_is_one_the_gateway_loads() -> None:
+    """values.yaml's gateway.policy with its boot images (gateway.bootDigests, as 0x hex) is a policy
+    gateway/policy.py accepts; without an attestation section it refuses to start (the control)."""
+    from trustcap.gateway.errors import PolicyError
+    from trustcap.gateway.policy import parse_gateway_policy
+
+    policy = yaml.safe_load((ROOT / "values.yaml").read_text())["gateway"]["policy"]
+    assert policy["attestation"]["bootImages"] == []  # the chart fills them from gateway.bootDigests
+    filled = {**policy, "attestation": {**policy["attestation"], "bootImages": ["0x" + "ab" * 32]}}
+    parsed = parse_gateway_policy(yaml.safe_dump(filled))
+    assert parsed.attestation.boot_images == ["0x" + "ab" * 32] and parsed.actions["critical"] == "quarantine"
+    with pytest.raises(PolicyError, match="attestation"):
+        parse_gateway_policy(yaml.safe_dump({k: v for k, v in policy.items() if k != "attestation"}))
+
+
+def test_the_rendered_gateway_policy_names_the_boot_digests_and_loads() -> None:
+    """The chart fills attestation.bootImages from gateway.bootDigests, so the default policy is one the
+    gateway starts with; an explicit list is kept as given."""
+    import json as _json
+
+    from trustcap.gateway.policy import parse_gateway_policy
+
+    digest = "sha256:" + "ab" * 32
+    cm = one(render("--set", f"gateway.bootDigests[0]={digest}"), "ConfigMap", "rel-trustcap-gateway")
+    policy = parse_gateway_policy(cm["data"]["policy.yaml"])
+    assert policy.attestation.boot_images == ["0x" + "ab" * 32]
+    given = "0x" + "cd" * 32
+    cm = one(render("--set", f"gateway.bootDigests[0]={digest}",
+                    "--set", f"gateway.policy.attestation.bootImages[0]={given}"), "ConfigMap", "rel-trustcap-gateway")
+    assert _json.loads(cm["data"]["policy.yaml"])["attestation"]["bootImages"] == [given]
+
+
+def _gateway_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = one(docs, "DaemonSet", "rel-trustcap-gateway")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_the_gateway_guards_its_hpc_link_when_the_interface_is_named(defaults: list[dict[str, Any]]) -> None:
+    assert "--hpc-link" not in _gateway_container(defaults)["args"]  # "" = unguarded (NOTES says to set it)
+    args = _gateway_container(render("--set", "gateway.hpcLink.interface=eth1",
+                                     "--set", "gateway.hpcLink.httpPort=0"))["args"]
+    assert args[args.index("--hpc-link") + 1] == "eth1"
+    assert args[args.index("--netboot-tftp-port") + 1] == "69"
+    assert args[args.index("--netboot-http-port") + 1] == "0"
+    for bad in ("eth1; rm -rf /", "x" * 16):
+        proc = helm("template", "rel", str(ROOT), "--set", f"gateway.hpcLink.interface={bad}", check=False)
+        assert proc.returncode != 0 and "hpcLink" in proc.stderr, proc.stderr
+
+
+def test_the_reboot_wipe_watches_the_named_carrier_link(defaults: list[dict[str, Any]]) -> None:
+    """Decision 0119: "" leaves the gateway's default (its --hpc-link); a name is passed with the command."""
+    assert "--carrier-link" not in _gateway_container(defaults)["args"]
+    args = _gateway_container(render("--set", "gateway.rebootCommand=/usr/local/bin/relay-cycle",
+                                     "--set", "gateway.carrierLink=eth2"))["args"]
+    assert args[args.index("--reboot-command") + 1] == "/usr/local/bin/relay-cycle"
+    assert args[args.index("--carrier-link") + 1] == "eth2"
+    proc = helm("template", "rel", str(ROOT), "--set", "gateway.carrierLink=eth2; reboot", check=False)
+    assert proc.returncode != 0 and "carrierLink" in proc.stderr, proc.stderr
+    proc = helm("template", "rel", str(ROOT), "--set", "gateway.rebootCommand=/usr/local/bin/relay-cycle",
+                check=False)  # no link to watch: the proofs could never be clean, so the chart says so
+    assert proc.returncode != 0 and "needs gateway.carrierLink or gateway.hpcLink.interface" in proc.stderr
+    args = _gateway_container(render("--set", "gateway.rebootCommand=/usr/local/bin/relay-cycle",
+                                     "--set", "gateway.hpcLink.interface=eth1"))["args"]
+    assert "--carrier-link" not in args and args[args.index("--hpc-link") + 1] == "eth1"  # the gateway's default
+
+
+def test_the_gateway_metrics_stay_on_loopback_unless_served_over_tls(defaults: list[dict[str, Any]]) -> None:
+    c = _gateway_container(defaults)
+    assert c["args"][c["args"].index("--metrics-address") + 1] == "127.0.0.1:9466"
+    assert "--metrics-tls-cert" not in c["args"] and [p["name"] for p in c["ports"]] == ["relay"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["TRUSTCAP_ENROLMENT_REFRESH_SECONDS"] == "600"
+    c = _gateway_container(render("--set", "gateway.metrics.tlsSecret=gw-metrics"))
+    args = c["args"]
+    assert args[args.index("--metrics-address") + 1] == "$(POD_IP):9466"
+    assert args[args.index("--metrics-client-ca") + 1] == "/etc/trustcap/metrics-tls/ca.crt"
+    assert "metrics" in [p["name"] for p in c["ports"]]
+    assert {"name": "metrics-tls", "mountPath": "/etc/trustcap/metrics-tls", "readOnly": True} in c["volumeMounts"]
+
+
+def test_netboot_serves_metrics_on_loopback_or_on_the_pod_address_behind_a_headless_service(
+        defaults: list[dict[str, Any]]) -> None:
+    loopback = one(defaults, "DaemonSet", "rel-trustcap-netboot")  # the default: the Pi's own Prometheus
+    args = loopback["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--metrics-address") + 1] == "127.0.0.1"
+    docs = render("--set", "netboot.metricsAddress=")
+    ds = one(docs, "DaemonSet", "rel-trustcap-netboot")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--metrics-address") + 1] == "$(POD_IP)" and args[args.index("--bind") + 1] != "$(POD_IP)"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert {"name": "metrics", "containerPort": 9465} in c["ports"]
+    svc = one(docs, "Service", "rel-trustcap-netboot")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 9465, "targetPort": "metrics"}]
+    assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
 def test_chain_without_keys_fails_naming_the_value() -> None:
     out = helm("template", "rel", str(ROOT), "--set", "global.chain.enabled=true", check=False)
     assert out.returncode != 0 and "global.chain.keysSecret" in out.stderr, out.stderr
@@ -238,6 +344,12 @@ def test_several_replicas_need_peering() -> None:
     pytest.param("dashboards.labelValue=1", "labelValue", id="label-value-not-a-string"),
     pytest.param("admissionPolicy.validationActions={Block}", "validationActions", id="vap-action"),
     pytest.param("monitoring.serviceMonitor.interval=soon", "interval", id="interval"),
+    pytest.param("gateway.policy.attestation.bootImages={sha256:" + "ab" * 32 + "}", "bootImages",
+                 id="policy-boot-image-is-0x-hex"),
+    pytest.param("gateway.policy.attestation.measurements.kernel.is=1", "is", id="policy-rule-unknown-key"),
+    pytest.param("netboot.metricsAddress=0.0.0.0", "metricsAddress", id="netboot-metrics-every-address"),
+    pytest.param("gateway.policy.actions.low=report", "low", id="policy-severity-no-failure-has"),
+    pytest.param("gateway.policy.actions.high=ignore", "high", id="policy-action-unknown"),
 ])
 def test_schema_refuses_bad_values_naming_the_field(setting: str, field: str) -> None:
     out = helm("template", "rel", str(ROOT), "--set", setting, check=False)
@@ -293,17 +405,24 @@ def _operator_needs() -> set[tuple[str, str, str, str]]:
     """(group, resource, verb, namespace) of every API call in operator/*.py, read from the code: kopf's
     decorators (watch, list, patch for finalizers/annotations), the Kube wrapper (operator/kube.py) and
     direct list_cluster_custom_object calls. "sys" is the system namespace."""
+    from trustcap import api
+
+    def plural(token: str) -> str:  # a literal "plural", or trustcap/api.py's constant for it
+        return token.strip('"') if token.startswith('"') else str(getattr(api, token))
+
+    word = r"(\"\w+\"|[A-Z_]+)"
     needs: set[tuple[str, str, str, str]] = set()
     for path in sorted((ROOT / "operator").glob("*.py")):
         text = path.read_text()
-        for plural in re.findall(r"@kopf\.(?:on\.\w+|timer|daemon|index)\(GROUP, VERSION, \"(\w+)\"", text):
-            needs |= {(GROUP, plural, v, "*") for v in ("list", "watch", "patch")}
-        for verb, plural in re.findall(r"\.kube\.(get|create|patch_status|patch_spec|list)\(\"(\w+)\"", text):
-            resource, kverb = {"patch_status": (f"{plural}/status", "patch"), "patch_spec": (plural, "patch")}.get(
-                verb, (plural, verb))
+        for token in re.findall(r"@kopf\.(?:on\.\w+|timer|daemon|index)\(GROUP, VERSION, " + word, text):
+            needs |= {(GROUP, plural(token), v, "*") for v in ("list", "watch", "patch")}
+        for verb, token in re.findall(r"\.kube\.(get|create|patch_status|patch_spec|list)\(" + word, text):
+            name = plural(token)
+            resource, kverb = {"patch_status": (f"{name}/status", "patch"), "patch_spec": (name, "patch")}.get(
+                verb, (name, verb))
             needs.add((GROUP, resource, kverb, "*"))
-        for plural in re.findall(r"list_cluster_custom_object\((?:K?GROUP|\"trustcap.io\"), VERSION, \"(\w+)\"", text):
-            needs.add((GROUP, plural, "list", "*"))
+        for token in re.findall(r"list_cluster_custom_object\((?:K?GROUP|\"trustcap.io\"), VERSION, " + word, text):
+            needs.add((GROUP, plural(token), "list", "*"))
         if re.search(r"\.kube\.secrets\(", text):
             needs.add(("", "secrets", "list", "sys"))
         if re.search(r"ensure_namespace\(", text):
@@ -360,7 +479,9 @@ def test_the_admission_policy_keeps_the_gateway_to_its_status_fields(defaults: l
     (read from the CRD, so a new operator field without a rule fails here), and match only the gateway."""
     vap = one(defaults, "ValidatingAdmissionPolicy", "rel-trustcap-gateway-hpcnode-status")
     binding = one(defaults, "ValidatingAdmissionPolicyBinding", "rel-trustcap-gateway-hpcnode-status")
-    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
+    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"],
+                               # every Gateway is a param (the node rules); none at all is refused
+                               "paramRef": {"selector": {}, "parameterNotFoundAction": "Deny"}}
     assert vap["spec"]["failurePolicy"] == "Fail"
     assert vap["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["hpcnodes/status"]
     (cond,) = vap["spec"]["matchConditions"]
@@ -370,11 +491,11 @@ def test_the_admission_policy_keeps_the_gateway_to_its_status_fields(defaults: l
     crd = yaml.safe_load((ROOT / "crds" / "hpcnode.yaml").read_text())
     status = set(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"])
     assert GATEWAY_STATUS_FIELDS <= status
-    messages = [v.get("message") or v["messageExpression"].strip("'") for v in vap["spec"]["validations"]]
+    messages = [v.get("message") or v.get("messageExpression", "").strip("'") for v in vap["spec"]["validations"]]
     guarded = {m.group(1) for text in messages for m in [re.match(r"status\.(\w+):", text)] if m}
-    assert guarded == (status - GATEWAY_STATUS_FIELDS) | {"phase", "quarantineReason"}
-    phase_rule = vap["spec"]["validations"][0]["expression"]
-    assert "'Booting', 'Quarantined'" in phase_rule and "oldPhase != 'Quarantined'" in phase_rule
+    assert guarded == status - GATEWAY_STATUS_FIELDS and "phase" in guarded  # the operator alone writes trust
+    assert vap["spec"]["paramKind"] == {"apiVersion": "trustcap.io/v1alpha1", "kind": "Gateway"}
+    assert any("authentication.kubernetes.io/node-name" in v["expression"] for v in vap["spec"]["variables"])
 
 
 def test_netboot_lists_bootimages_and_posts_events_only(defaults: list[dict[str, Any]]) -> None:
@@ -420,3 +541,51 @@ def test_parts_can_be_switched_off() -> None:
     by = kinds(docs)
     assert "DaemonSet" not in by and "ValidatingAdmissionPolicy" not in by
     assert {d["metadata"]["name"] for d in by["Deployment"]} == {"rel-trustcap-operator"}
+
+
+def test_the_operator_takes_the_default_policy_digest_from_values(defaults: list[dict[str, Any]]) -> None:
+    def env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        (c,) = one(docs, "Deployment", "rel-trustcap-operator")["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in c["env"]}
+
+    assert "TRUSTCAP_POLICY_DIGEST" not in env(defaults)  # "" = nodes declare their own
+    digest = "sha256:" + "ab" * 32
+    assert env(render("--set", f"operator.policyDigest={digest}"))["TRUSTCAP_POLICY_DIGEST"] == digest
+    proc = helm("template", "rel", str(ROOT), "--set", "operator.policyDigest=md5:abc", check=False)
+    assert proc.returncode != 0 and "policyDigest" in proc.stderr
+
+
+@pytest.mark.parametrize("sets", [
+    pytest.param((), id="defaults-no-dhcp"),
+    pytest.param(("netboot.dhcpInterface=eth1", "netboot.hpcMac=52:54:00:7c:00:01"), id="dhcp-with-the-hpcs-mac"),
+])
+def test_netboot_takes_the_args_the_chart_gives_it(sets: tuple[str, ...], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's netboot arguments, parsed and checked by netboot's own CLI (the chart passed
+    --token-file without --dhcp-interface, and the pod crash-looped in the install e2e). The BootImage
+    source, which reads a kubeconfig, is the one collaborator faked."""
+    import argparse
+
+    from trustcap.netboot import serve
+    from trustcap.netboot.serve import add_serve_arguments, build_config
+
+    monkeypatch.setattr(serve, "BootImageApproval", lambda **_kw: object())
+
+    docs = render(*[x for s in sets for x in ("--set", s)])
+    (c,) = one(docs, "DaemonSet", "rel-trustcap-netboot")["spec"]["template"]["spec"]["containers"]
+    args = [a.replace("$(NODE_NAME)", "pi-1").replace("$(POD_IP)", "192.0.2.7") for a in c["args"]]
+    args[args.index("--root") + 1] = str(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    cfg, _ = build_config(parser.parse_args(args[args.index("serve") + 1:] if "serve" in args else args))
+    assert (cfg.dhcp is not None) == bool(sets)
+    if cfg.dhcp is not None:
+        assert cfg.dhcp.nodes == {"52:54:00:7c:00:01": "pi-1"} and "--token-file" in args
+
+
+def test_netboot_dhcp_needs_the_hpcs_mac() -> None:
+    proc = helm("template", "rel", str(ROOT), "--set", "netboot.dhcpInterface=eth1", check=False)
+    assert proc.returncode != 0 and "netboot.dhcpInterface needs netboot.hpcMac" in proc.stderr, proc.stderr
+    proc = helm("template", "rel", str(ROOT), "--set", "netboot.dhcpInterface=eth1", "--set", "netboot.hpcMac=nope",
+                check=False)
+    assert proc.returncode != 0 and "hpcMac" in proc.stderr, proc.stderr

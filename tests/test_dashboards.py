@@ -56,15 +56,18 @@ def _sample_names(families: Iterable[Any]) -> set[str]:
 
 def exported_names() -> set[str]:
     from prometheus_client import REGISTRY
+
+    from trustcap.agent import metrics as agent_metrics  # trustcap_agent_*, re-exported by the gateways
+    from trustcap.chain import metrics as _chain  # noqa: F401  (registers trustcap_chain_writer_*)
+    from trustcap.gateway import agent_metrics as _agent  # noqa: F401  (trustcap_gateway_agent_metrics_*)
     from trustcap.gateway import monitor as _monitor  # noqa: F401  (trustcap_gateway_monitor_*)
     from trustcap.gateway import relay as _relay  # noqa: F401  (trustcap_gateway_relay_*, node_trusted)
     from trustcap.netboot import store as _netboot  # noqa: F401  (trustcap_netboot_*)
     from trustcap.operator.metrics import LifecycleCollector
 
-    from trustcap.chain import metrics as _chain  # noqa: F401  (registers trustcap_chain_writer_*)
-
     names = _sample_names(LifecycleCollector(Tripwire()).describe())
     names |= _sample_names(REGISTRY.collect())
+    names |= _sample_names(agent_metrics.REGISTRY.collect())  # the agent's own registry (agent/metrics.py)
     return {n for n in names if n.startswith("trustcap_")}
 
 

@@ -117,3 +117,50 @@ def test_python_subprocesses_run_in_safe_path_mode() -> None:
                 if "sys.executable" in line and '"-m"' in line and '"-P"' not in line:
                     offenders.append(f"{path.relative_to(ROOT)}:{lineno}")
     assert not offenders, 'start Python as [sys.executable, "-P", "-m", ...]:\n' + "\n".join(offenders)
+
+
+# Each third-party client lives in the modules named here and nowhere else, as kopf's import-linter
+# `forbidden` contract keeps its own: a new module that needs the API server, the Docker Engine or the
+# chain goes through these (or is added here, in review, with the reason).
+CLIENTS: dict[str, tuple[str, ...]] = {
+    # the chain: one client and its typed calls, which every caller goes through
+    "web3": ("trustcap/chain/*",),
+    # Docker Engine: the agent's executor and wipe, netboot's boot-services container, the local stack's
+    # image builds and `trustcap capsule build`
+    "docker": ("agent/engine.py", "agent/executor.py", "agent/wipe.py", "netboot/container.py",
+               "trustcap/stack/*", "trustcap/cli/capsule.py"),
+    # the Kubernetes API: the shared loader, the operator's one helper, and the gateway and netboot
+    # modules that read or write their own resources; the CLI's demo and verify read capsules
+    "kubernetes": ("trustcap/kubeclient.py", "operator/kube.py", "gateway/committee.py", "gateway/participant.py",
+                   "gateway/publish.py", "gateway/relay.py", "gateway/verifiers.py", "netboot/approval.py",
+                   "netboot/events.py", "trustcap/cli/demo.py", "trustcap/cli/verify.py"),
+    # kopf: the operator only
+    "kopf": ("operator/*",),
+}
+
+
+def _client_offenders(client: str, allowed: tuple[str, ...]) -> list[str]:
+    import fnmatch
+
+    offenders = []
+    for folder in PACKAGE_DIR.values():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            if "__pycache__" in path.parts or any(fnmatch.fnmatch(rel, pattern) for pattern in allowed):
+                continue
+            used = sorted(n for n in _imports(path) if n == client or n.startswith(client + "."))
+            if used:
+                offenders.append(f"{rel} imports {used[0]}")
+    return offenders
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+def test_each_third_party_client_stays_in_its_named_modules(client: str) -> None:
+    offenders = _client_offenders(client, CLIENTS[client])
+    assert not offenders, (f"{client} may be imported only by {', '.join(CLIENTS[client])}:\n"
+                           + "\n".join(offenders))
+
+
+def test_the_client_contract_sees_an_import_outside_its_modules() -> None:
+    """Positive control: with the chain client's folder taken off its list, its own imports are caught."""
+    assert any(o.startswith("trustcap/chain/") for o in _client_offenders("web3", ()))

@@ -11,11 +11,11 @@ from typing import Any
 
 import kopf
 import pytest
-from trustcap.operator import bootimage as bi
 
 from trustcap.bootimage import image_id_of_spec
 from trustcap.chain.bootimages import ApprovalHistory
 from trustcap.chain.errors import RpcUnavailable
+from trustcap.operator import bootimage as bi
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
@@ -156,11 +156,10 @@ class FakeRegistry:
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, registry: FakeRegistry, status: dict[str, Any]) -> kopf.Patch:
-    monkeypatch.setattr(bi, "_registry", registry)
     monkeypatch.setattr(kopf, "warn", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no event expected")))
     patch = kopf.Patch()
     bi.sync_bootimage(spec=SPEC, status=status, meta={"generation": 1}, body={}, patch=patch,
-                      logger=bi.log)  # type: ignore[arg-type]
+                      logger=bi.log, memo=kopf.Memo(bootimage_registry=registry))  # type: ignore[arg-type]
     return patch
 
 
@@ -182,14 +181,17 @@ def test_handler_approves_and_reads_the_approval_tx(monkeypatch: pytest.MonkeyPa
 
 def test_handler_skips_the_event_scan_when_nothing_changed(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = FakeRegistry(True)
-    patch = _run(monkeypatch, reg, APPROVED_STATUS)
+    dated = {**APPROVED_STATUS, "checkedAt": bi.rfc3339(bi.utcnow().timestamp())}  # confirmed just now
+    patch = _run(monkeypatch, reg, dated)
     assert reg.calls == ["is_approved"] and dict(patch) == {}
+    patch = _run(monkeypatch, FakeRegistry(True), APPROVED_STATUS)  # undated: the read dates it, nothing else
+    assert dict(patch) == {"status": {"checkedAt": patch["status"]["checkedAt"]}}
 
 
 def test_handler_does_nothing_without_chain_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bi, "_registry", None)
-    assert bi._configured() is False
+    memo = kopf.Memo(bootimage_registry=None)
+    assert bi._configured(memo=memo) is False and bi._configured(memo=kopf.Memo(bootimage_registry=object()))
     patch = kopf.Patch()
     bi.sync_bootimage(spec=SPEC, status={}, meta={"generation": 1}, body={}, patch=patch,
-                      logger=bi.log)  # type: ignore[arg-type]
+                      logger=bi.log, memo=memo)  # type: ignore[arg-type]
     assert dict(patch) == {}

@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 import yaml
-from trustcap.operator import capsule as cap
-from trustcap.operator import rounds
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence.verdict import Domain, Phase, Verdict, sign_verdict
+from trustcap.operator import capsule as cap
+from trustcap.operator import rounds
+from trustcap.operator.kube import KubeError
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
@@ -36,8 +37,16 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 class FakeCustom:
-    def list_cluster_custom_object(self, *_: Any, **__: Any) -> dict[str, Any]:
-        return {"items": []}
+    """The cluster-scoped objects (Gateways, HPCNodes) by plural; `down` makes every list fail."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list[dict[str, Any]]] = {}
+        self.down = False
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str, **_: Any) -> dict[str, Any]:
+        if self.down:
+            raise ConnectionError("connection refused")
+        return {"items": copy.deepcopy(self.items.get(plural, []))}
 
 
 class FakeKube:
@@ -154,7 +163,8 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setattr(sortition, "select_from_chain", lambda view, tid, reveals: Sel(ADDR[0], tuple(ADDR[1:4]),
                                                                                         (ADDR[4],)), raising=False)
-    settings = cap.Settings(commit_window_s=0, reveal_wait_s=0, escrow=escrow, kube=kube)  # type: ignore[arg-type]
+    settings = cap.Settings(commit_window_s=0, reveal_wait_s=0, escrow=escrow, kube=kube,  # type: ignore[arg-type]
+                            policy_digest="0x" + "d0" * 32)
     events: list[tuple[str, str]] = []
     driver = cap.Driver(settings, kube, emit=lambda c, kind, reason, msg: events.append((kind, reason)))  # type: ignore[arg-type]
     doc = yaml.safe_load((ROOT / "capsules" / "psi" / "capsule.yaml").read_text())
@@ -308,3 +318,116 @@ def test_an_escrow_that_does_not_match_the_spec_is_not_scheduled(world: Any) -> 
     assert ("Warning", "EscrowMismatch") in events
     escrow.tasks[tid].k = 3  # positive control: the matching escrow schedules
     assert _step(world)["status"]["vrf"]["seed"]
+
+
+# --- rounds under the node's policy (issue 12 item 13, decision 0116) -----------------------------------
+DEFAULT_POLICY = "0x" + "d0" * 32
+NODE_POLICY = "0x" + "5e" * 32
+
+
+def _executor_objects(kube: FakeKube, declared: str | None) -> None:
+    policy = {"policy": {"digest": "sha256:" + declared[2:]}} if declared else {}
+    kube.custom.items = {
+        "gateways": [{"metadata": {"name": "gw-0"}, "spec": {"address": NODES[0].address}},
+                     {"metadata": {"name": "gw-1"}, "spec": {"address": NODES[1].address}}],
+        "hpcnodes": [{"metadata": {"name": "hpc-1"},
+                      "spec": {"gateway": "gw-1", "policy": {"digest": "sha256:" + "99" * 32}}},
+                     {"metadata": {"name": "hpc-0"}, "spec": {"gateway": "gw-0", **policy}}]}
+
+
+@pytest.mark.parametrize(("declared", "expected"), [
+    pytest.param(NODE_POLICY, NODE_POLICY, id="node-declares-its-policy"),
+    pytest.param(None, DEFAULT_POLICY, id="node-declares-none"),
+])
+def test_each_round_is_opened_under_the_executors_node_policy(world: Any, declared: str | None,
+                                                              expected: str) -> None:
+    kube, _, _, _, settings = world
+    settings.policy_digest = DEFAULT_POLICY
+    _executor_objects(kube, declared)
+    c = _to_scheduled(world)
+    tid = c["status"]["taskId"][2:18]
+    pre = kube.get("attestations", "trustcap-system", f"r-{tid}-pre")
+    assert pre is not None and pre["spec"]["node"] == "hpc-0"
+    assert pre["spec"]["policyDigest"] == expected
+    # a later round reads the node again: a policy declared since the pre round is the one it is under
+    for n in kube.custom.items["hpcnodes"]:
+        if n["metadata"]["name"] == "hpc-0":
+            n["spec"]["policy"] = {"digest": "sha256:" + "7c" * 32}
+    post = cap.Driver(settings, kube)._open_round_like(c, bytes.fromhex(c["status"]["taskId"][2:]), pre, "post")
+    assert post["spec"]["policyDigest"] == "0x" + "7c" * 32
+
+
+def test_a_node_with_no_policy_and_no_default_fails_the_capsule_naming_both(world: Any) -> None:
+    """No round under a made-up policy (it used to be all zeros, which no committee member signs): the
+    capsule fails before anything is released, the escrow is refunded, and the message says what to set."""
+    kube, escrow, _, events, settings = world
+    settings.policy_digest = ""
+    _executor_objects(kube, None)
+    c = _step(world)
+    tid = bytes.fromhex(c["status"]["taskId"][2:])
+    escrow.tasks[tid] = Task(payer=c["spec"]["payment"]["payer"].lower(), payment=10**15, k=3,
+                             deadline=int(time.time()) + 3600, state="Funded", funded_block=7)
+    _step(world)
+    escrow.commits = {a: b"\1" * 32 for a in ADDR}
+    kube.reveal_secrets = [{"node": a, "pi": "aa" * 80, "salt": "bb" * 32} for a in ADDR[:4]]
+    c = _step(world)
+    assert c["status"]["phase"] == "Failed" and kube.list("attestations", "trustcap-system") == []
+    ready = _cond(c, "Ready")
+    assert ready["reason"] == "Failed" and "HPCNode hpc-0 declares no spec.policy.digest" in ready["message"]
+    assert "TRUSTCAP_POLICY_DIGEST" in ready["message"] and escrow.calls == ["cancel"]
+    assert ("Warning", "Failed") in events
+
+
+def test_no_round_is_opened_when_the_nodes_policy_cannot_be_read(world: Any) -> None:
+    """Not "unknown" under the default policy: the step fails with a KubeError and is retried."""
+    kube, *_ = world
+    _executor_objects(kube, NODE_POLICY)
+    kube.custom.down = True
+    with pytest.raises(KubeError, match="cannot list HPCNodes"):
+        _to_scheduled(world)
+    assert kube.list("attestations", "trustcap-system") == []
+    kube.custom.down = False  # control: once the API answers, the round is opened under the node's policy
+    c = _step(world)
+    pre = kube.get("attestations", "trustcap-system", f"r-{c['status']['taskId'][2:18]}-pre")
+    assert pre is not None and pre["spec"]["policyDigest"] == NODE_POLICY
+
+
+def test_a_verdict_reached_under_another_policy_is_not_counted(world: Any) -> None:
+    """The operator's count checks the verdict's policyDigest too: a member's signed verdict under other
+    rules says nothing about this round. Control: the same members' verdicts under the round's policy."""
+    kube, *_ = world
+    _to_scheduled(world)
+    c = _step(world)
+    name = f"r-{c['status']['taskId'][2:18]}-pre"
+    pre = kube.get("attestations", "trustcap-system", name)
+    assert pre is not None
+    other = copy.deepcopy(pre)
+    other["spec"]["policyDigest"] = "0x" + "ee" * 32
+    kube.patch_status("attestations", "trustcap-system", name, {"verdicts": _verdicts(other, {1: True, 2: True})})
+    t = rounds.tally(kube.get("attestations", "trustcap-system", name), DOMAIN)  # type: ignore[arg-type]
+    assert t.passed == [] and len(t.refused) == 2 and all("another policy" in r for r in t.refused), t.refused
+    assert _step(world)["status"]["phase"] == "Attesting"
+    kube.patch_status("attestations", "trustcap-system", name, {"verdicts": _verdicts(pre, {1: True, 2: True})})
+    assert _step(world)["status"]["phase"] == "Running"
+
+
+@pytest.mark.parametrize(("node", "default", "expected"), [
+    pytest.param({"spec": {"policy": {"digest": "sha256:" + "ab" * 32}}}, "0x" + "00" * 32, "0x" + "ab" * 32,
+                 id="declared-sha256-form"),
+    pytest.param({"spec": {"policy": {}}}, "0x" + "CD" * 32, "0x" + "cd" * 32, id="default-normalised"),
+    pytest.param(None, "0x" + "01" * 32, "0x" + "01" * 32, id="no-node"),
+])
+def test_round_policy_digest(node: Any, default: str, expected: str) -> None:
+    assert rounds.round_policy_digest(node, default) == expected
+
+
+@pytest.mark.parametrize(("node", "default", "match"), [
+    pytest.param({"metadata": {"name": "n1"}, "spec": {"policy": {"digest": "md5:00"}}}, "0x" + "00" * 32,
+                 "HPCNode n1: spec.policy.digest 'md5:00'", id="declared-malformed"),
+    pytest.param(None, "zeros", "TRUSTCAP_POLICY_DIGEST 'zeros'", id="default-malformed"),
+])
+def test_round_policy_digest_refuses_what_is_not_a_digest(node: Any, default: str, match: str) -> None:
+    from trustcap.operator.errors import OperatorError
+
+    with pytest.raises(OperatorError, match=match):
+        rounds.round_policy_digest(node, default)

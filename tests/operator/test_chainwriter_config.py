@@ -8,17 +8,17 @@ from pathlib import Path
 
 import kopf
 import pytest
-from trustcap.operator import chainwriter
 
 from trustcap.chain.keys import ANVIL_KEYS
+from trustcap.operator import chainwriter
 
 
 def test_without_chain_settings_the_writer_stays_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRUSTCAP_CHAIN_DEPLOYMENT", raising=False)
-    monkeypatch.setattr(chainwriter, "_controller", None)
-    chainwriter.start_chainwriter(logger=logging.getLogger("test"))
-    assert chainwriter._controller is None
-    assert not chainwriter._decided({"result": "Passed", "verdicts": []})
+    memo = kopf.Memo()
+    chainwriter.start_chainwriter(logger=logging.getLogger("test"), memo=memo)
+    assert chainwriter.controller(memo) is None and chainwriter.MEMO_KEY not in memo
+    assert not chainwriter._decided({"result": "Passed", "verdicts": []}, memo=memo)
 
 
 @pytest.mark.parametrize("missing", [pytest.param("TRUSTCAP_CHAIN_RPC", id="rpc"),

@@ -13,10 +13,10 @@ from typing import Any
 
 import kopf
 import pytest
-from trustcap.operator import chainwriter
 
 from trustcap.chain.keys import ANVIL_KEYS, KeySigner
 from trustcap.evidence.verdict import Domain, Verdict
+from trustcap.operator import chainwriter
 
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x" + "22" * 20)
 KUBECONFIG = """apiVersion: v1

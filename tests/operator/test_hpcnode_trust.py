@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from trustcap.operator.hpcnode import (
     REASON_ATTESTATION_FAILED,
     REASON_GATEWAY_NOT_ACTIVE,

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import kopf
 import pytest
+
 from trustcap.operator import capsule
 from trustcap.operator import lifecycle as lc
 from trustcap.operator.errors import InvalidTransition

@@ -17,6 +17,7 @@ import kopf
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
 from trustcap.operator import gateway as gw
 from trustcap.operator import metrics as m
 from trustcap.operator.__main__ import serve_metrics

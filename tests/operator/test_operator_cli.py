@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from trustcap.operator.__main__ import build_parser, default_priority
 
 

@@ -11,15 +11,15 @@ from typing import Any
 
 import kopf
 import pytest
-from trustcap.agent.identity import BootKey
-from trustcap.netboot.approval import BootImageApproval
-from trustcap.operator import bootimage as bi
-from trustcap.operator import hpcnode
 
+from trustcap.agent.identity import BootKey
 from trustcap.bootimage import image_id_of_spec
 from trustcap.chain.bootimages import ApprovalHistory
 from trustcap.chain.errors import RpcUnavailable
 from trustcap.evidence import encode_signed_quote, new_quote, sign_quote
+from trustcap.netboot.approval import BootImageApproval
+from trustcap.operator import bootimage as bi
+from trustcap.operator import hpcnode
 
 NOW = datetime(2026, 12, 3, 12, 0, 0, tzinfo=UTC)
 MAX_AGE = 1800.0
@@ -242,17 +242,18 @@ class Cluster:
         self.mp = monkeypatch
         self.registry = Registry()
         self.status: dict[str, Any] = {}
+        self.now = NOW
         self.warnings: list[tuple[str, str]] = []
-        monkeypatch.setattr(bi, "_registry", self.registry)
-        monkeypatch.setattr(bi, "_checked_at", {})
+        self.memo = kopf.Memo(bootimage_registry=self.registry, bootimage_checked_at={})
         monkeypatch.setattr(kopf, "warn", lambda body, **kw: self.warnings.append((kw["reason"], kw["message"])))
         monkeypatch.delenv("TRUSTCAP_BOOTIMAGE_MAX_AGE_SECONDS", raising=False)
 
     def tick(self, at: datetime) -> None:
+        self.now = at  # netboot reads the status at the same moment (served)
         self.mp.setattr(bi, "utcnow", lambda: at)
         patch = kopf.Patch()
         bi.sync_bootimage(spec=SPEC, status=self.status, meta={"generation": 1, "uid": "u-1", "name": "img"},
-                          body={}, patch=patch, logger=bi.log)
+                          body={}, patch=patch, logger=bi.log, memo=self.memo)
         for key, value in patch.status.items():
             if value is None:
                 self.status.pop(key, None)
@@ -262,7 +263,7 @@ class Cluster:
     def served(self) -> dict[str, bytes]:
         """What netboot serves from this status (its own reader, netboot/approval.py)."""
         item = {"metadata": {"name": "img"}, "spec": SPEC, "status": self.status}
-        return dict(BootImageApproval(list_images=lambda: [item]).approved())
+        return dict(BootImageApproval(list_images=lambda: [item], clock=lambda: self.now.timestamp()).approved())
 
 
 def test_a_short_rpc_outage_keeps_the_approval(monkeypatch: pytest.MonkeyPatch) -> None:  # the positive control
@@ -302,7 +303,8 @@ def test_after_a_restart_the_outage_clock_starts_at_the_first_failed_read(monkey
     approval stands for one maximum age from its first failed read, then turns stale."""
     c = Cluster(monkeypatch)
     c.tick(NOW)
-    monkeypatch.setattr(bi, "_checked_at", {})  # the restart
+    c.status.pop("checkedAt")  # a status written before the operator dated its approvals
+    c.memo["bootimage_checked_at"] = {}  # the restart
     c.registry.answer = RpcUnavailable("no answer")
     c.tick(NOW + timedelta(hours=5))
     assert c.status["phase"] == "Approved"
@@ -315,15 +317,32 @@ def test_after_a_restart_a_recorded_check_time_dates_the_approval(monkeypatch: p
     outage counts from it, not from its own first failed read."""
     c = Cluster(monkeypatch)
     c.tick(NOW)
-    monkeypatch.setattr(bi, "_checked_at", {})  # the restart
+    c.memo["bootimage_checked_at"] = {}  # the restart
     c.registry.answer = RpcUnavailable("no answer")
     c.status["checkedAt"] = _at(60)  # control: recent
     c.tick(NOW)
     assert c.status["phase"] == "Approved"
-    monkeypatch.setattr(bi, "_checked_at", {})
+    c.memo["bootimage_checked_at"] = {}
     c.status["checkedAt"] = _at(bi.MAX_AGE_S + 1)
     c.tick(NOW)
     assert c.status["phase"] == "Pending"
+
+
+def test_each_approving_read_dates_the_status_with_bounded_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """netboot ages an approval by status.checkedAt (decision 0116): the operator writes it on a read that
+    finds the image approved, again only after a quarter of the maximum age, and never for an image the
+    chain does not approve."""
+    c = Cluster(monkeypatch)
+    c.tick(NOW)
+    assert c.status["checkedAt"] == _at(0)
+    c.tick(NOW + timedelta(seconds=bi.MAX_AGE_S / 4 - 1))
+    assert c.status["checkedAt"] == _at(0)  # not rewritten every poll
+    c.tick(NOW + timedelta(seconds=bi.MAX_AGE_S / 4 + 1))
+    assert c.status["checkedAt"] == _at(-(bi.MAX_AGE_S / 4 + 1))
+    fresh = Cluster(monkeypatch)
+    fresh.registry.answer = False
+    fresh.tick(NOW)
+    assert "checkedAt" not in fresh.status
 
 
 @pytest.mark.parametrize(("raw", "ok"), [

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from crdcheck import PSI, load_crds, resolve, validate, version_schema, walk
+
 from trustcap.operator import conditions, lifecycle
 
 CRDS = load_crds()

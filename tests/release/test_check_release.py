@@ -99,6 +99,11 @@ class FakeChain:
     def committers(self, task_id: bytes) -> list[str]:
         return [n for (t, n) in self.commitments if t == task_id]
 
+    def committed_weight(self, task_id: bytes, node: str) -> tuple[int, int] | None:
+        """What the escrow kept at the commit (decision 0115); this fake's stakes never move after it."""
+        n = self.nodes.get(node.lower())
+        return None if n is None or (task_id, node.lower()) not in self.commitments else (n.stake, n.reputation_bp)
+
     def node(self, address: str) -> NodeInfo | None:
         return self.nodes.get(address.lower())
 
