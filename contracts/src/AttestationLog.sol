@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.30;
 
-import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
@@ -9,14 +8,18 @@ import {NodeRegistry} from "./NodeRegistry.sol";
 
 /// @title AttestationLog: epoch batches of verdicts, one Merkle root each, authorised by a verifier quorum.
 /// @notice Only hashes reach the chain: a batch is (epoch, root, count); a verdict is its EIP-712 struct
-/// hash. A batch is accepted when at least `quorum` distinct active registered verifiers signed the
+/// hash. A batch is accepted when at least `quorum()` distinct active registered verifiers signed the
 /// EIP-712 `Batch(uint64 epoch,bytes32 root,uint32 count)` under this contract's domain (chain id and
 /// address), with low-s signatures only (OZ ECDSA). Signatures must come in strictly ascending signer
 /// order, so one signer cannot count twice. A batch id is recorded once, and a root once per epoch: a
 /// root recorded under another epoch (a quorum front-running the real batch with a forged epoch) does not
 /// block the real batch, whose verdicts stay provable (decision 0096).
 /// Anyone can prove a verdict's inclusion with an OZ Merkle proof (double-hashed leaf, sorted pairs).
-contract AttestationLog is EIP712, Ownable {
+/// `quorum()` is the larger of `minQuorum`, fixed at deployment (at least 2, and nobody can change it), and a
+/// third of the registry's active nodes, rounded up: as nodes join, forging a batch takes more of them
+/// (decision 0115). A batch is a record, not an outcome: the log has no outcome view. What settled a task,
+/// and how, is TaskEscrow's state, decided from the committee's own signatures (decision 0091).
+contract AttestationLog is EIP712 {
     struct Verdict {
         bytes32 attestationId;
         address node;
@@ -41,8 +44,12 @@ contract AttestationLog is EIP712, Ownable {
     );
     bytes32 public constant BATCH_TYPEHASH = keccak256("Batch(uint64 epoch,bytes32 root,uint32 count)");
 
+    /// The floor of `quorum()` as a share of the active nodes: one in this many, rounded up.
+    uint256 public constant ACTIVE_SHARE = 3;
+
     NodeRegistry public immutable registry;
-    uint256 public quorum;
+    /// The fewest signatures any batch needs, whatever the registry holds; fixed at deployment.
+    uint256 public immutable minQuorum;
 
     /// keyed by keccak256(abi.encode(root, epoch)): a verdict's inclusion needs its own epoch's batch.
     mapping(bytes32 => BatchRecord) private _byRoot;
@@ -50,7 +57,6 @@ contract AttestationLog is EIP712, Ownable {
     mapping(bytes32 => uint64) private _epochOfBatch;
 
     event BatchRecorded(bytes32 indexed batchId, uint64 indexed epoch, bytes32 root, uint32 count, uint256 signers);
-    event QuorumSet(uint256 quorum);
 
     error BatchAlreadyRecorded(bytes32 batchId);
     error RootAlreadyRecorded(bytes32 root);
@@ -60,28 +66,20 @@ contract AttestationLog is EIP712, Ownable {
     error DuplicateSigner(address signer);
     error SignersNotAscending(address signer, address previous);
     error InvalidQuorum(uint256 quorum);
-    error InsufficientVerdicts(uint256 got, uint256 required);
-    error LengthMismatch();
-    error VerdictNotIncluded(uint256 index);
-    error InconsistentVerdicts(uint256 index);
-    error VerifiersNotAscending(uint256 index);
 
-    constructor(address owner_, NodeRegistry registry_, uint256 quorum_)
-        EIP712("trustcap", "1")
-        Ownable(owner_)
-    {
+    /// @param minQuorum_ at least 2: one key alone (an operator's, a single gateway's) never records a batch.
+    constructor(NodeRegistry registry_, uint256 minQuorum_) EIP712("trustcap", "1") {
+        if (minQuorum_ < 2) revert InvalidQuorum(minQuorum_);
         registry = registry_;
-        _setQuorum(quorum_);
+        minQuorum = minQuorum_;
     }
 
-    function setQuorum(uint256 quorum_) external onlyOwner {
-        _setQuorum(quorum_);
-    }
-
-    function _setQuorum(uint256 quorum_) private {
-        if (quorum_ == 0) revert InvalidQuorum(quorum_);
-        quorum = quorum_;
-        emit QuorumSet(quorum_);
+    /// The signatures a batch needs now: `minQuorum`, or a third of the active nodes (rounded up) if more.
+    /// There is no setter: an owner who could lower it (to 1, as before decision 0115) could record any
+    /// root with one key of its own.
+    function quorum() public view returns (uint256) {
+        uint256 share = (registry.activeCount() + ACTIVE_SHARE - 1) / ACTIVE_SHARE;
+        return share > minQuorum ? share : minQuorum;
     }
 
     /// hashStruct(Batch): the batch's id, deterministic, so a resend after a crash is recognised.
@@ -107,7 +105,7 @@ contract AttestationLog is EIP712, Ownable {
         if (rootOfBatch[id] != bytes32(0)) revert BatchAlreadyRecorded(id);
         bytes32 key = _rootKey(root, epoch);
         if (_byRoot[key].blockNumber != 0) revert RootAlreadyRecorded(root);
-        uint256 need = quorum;
+        uint256 need = quorum();
         if (signatures.length < need) revert InsufficientSignatures(signatures.length, need);
         bytes32 digest = _hashTypedDataV4(id);
         address previous = address(0);
@@ -175,35 +173,5 @@ contract AttestationLog is EIP712, Ownable {
     function isIncluded(Verdict calldata v, bytes32 root, bytes32[] calldata proof) public view returns (bool) {
         if (_byRoot[_rootKey(root, v.epoch)].blockNumber == 0) return false;
         return MerkleProof.verifyCalldata(proof, root, verdictLeaf(verdictId(v)));
-    }
-
-    /// The outcome of one attestation round, proven from at least `minVerdicts` included verdicts of distinct
-    /// verifiers that agree on (attestationId, node, phase, passed). Verifier addresses must be strictly
-    /// ascending, so one verifier's verdicts (however many it signed, e.g. with other issuedAt) count once.
-    /// Inclusion is the batch quorum's word, not each verifier's signature: nothing pays or slashes on this
-    /// view (TaskEscrow.settle checks every verdict's own signature). Reverts naming the first that fails.
-    function proveOutcome(
-        Verdict[] calldata vs,
-        bytes32[] calldata roots,
-        bytes32[][] calldata proofs,
-        uint256 minVerdicts
-    ) external view returns (Verdict memory outcome) {
-        if (vs.length != roots.length || vs.length != proofs.length) revert LengthMismatch();
-        if (vs.length < minVerdicts || vs.length == 0) revert InsufficientVerdicts(vs.length, minVerdicts);
-        address previous = address(0);
-        for (uint256 i = 0; i < vs.length; ++i) {
-            Verdict calldata v = vs[i];
-            if (v.verifier <= previous) revert VerifiersNotAscending(i);
-            previous = v.verifier;
-            if (!isIncluded(v, roots[i], proofs[i])) revert VerdictNotIncluded(i);
-            if (
-                i > 0
-                    && (
-                        v.attestationId != vs[0].attestationId || v.node != vs[0].node || v.phase != vs[0].phase
-                            || v.passed != vs[0].passed
-                    )
-            ) revert InconsistentVerdicts(i);
-        }
-        outcome = vs[0];
     }
 }

@@ -18,6 +18,7 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
         bytes32 fingerprintRoot;
         uint64 registeredAt;
         uint64 leaveRequestedAt; // 0 while active
+        uint64 registeredBlock; // TaskEscrow admits a node to a task's draw only if this is before the seed block
         bool registered;
         bytes vrfPublicKey;
     }
@@ -72,6 +73,7 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
         n.deposit = msg.value;
         n.fingerprintRoot = fingerprintRoot;
         n.registeredAt = uint64(block.timestamp);
+        n.registeredBlock = uint64(block.number);
         n.leaveRequestedAt = 0;
         n.registered = true;
         n.vrfPublicKey = vrfPublicKey;
@@ -157,6 +159,13 @@ contract NodeRegistry is Ownable, ReentrancyGuard {
     function isActive(address node) public view returns (bool) {
         Node storage n = _nodes[node];
         return n.registered && n.leaveRequestedAt == 0 && n.deposit >= minDeposit;
+    }
+
+    /// What TaskEscrow reads at `commit`, in one call: Active, the block of registration (a key registered
+    /// after a task's seed block could have been ground against that seed) and the deposit (a weight input).
+    function eligibility(address node) external view returns (bool active, uint64 registeredBlock, uint256 deposit) {
+        Node storage n = _nodes[node];
+        return (isActive(node), n.registeredBlock, n.deposit);
     }
 
     function nodeOf(address node) external view returns (Node memory) {

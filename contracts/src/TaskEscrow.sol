@@ -4,6 +4,7 @@ pragma solidity 0.8.30;
 import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {AttestationLog} from "./AttestationLog.sol";
 import {NodeRegistry} from "./NodeRegistry.sol";
 import {Reputation} from "./Reputation.sol";
@@ -12,16 +13,18 @@ import {Reputation} from "./Reputation.sol";
 /// @notice The payer escrows the payment under the capsule's task id (a hash; no task data) with the committee
 /// size k and a deadline (`fund`); the funding block fixes the selection seed (decision 0090). Until the
 /// commit deadline (`commitWindow` seconds after funding) registered active nodes commit to their VRF draw
-/// (`commit`, once each, only once the seed block exists); a commitment locks the node's deposit in the
-/// registry. After the run the coordinator (the operator's chain account) binds the task to its
-/// post-execution attestation, the executor and the k verifiers (`assign`), with each one's reveal: all
-/// distinct, committed before the commit deadline, each reveal opening its node's commitment; the
-/// participants stay locked until the task closes, every other committer is unlocked. The chain does not
-/// verify the VRF proofs (too costly): the brokers, the co-signers and `trustcap verify capsule` recompute
-/// the exact selection from the reveals `assign` publishes (decision 0096). Anyone may then `settle` with the verifiers' signed
-/// verdicts: each signature is recovered here (EIP-712 under AttestationLog's domain, the one verifiers sign
-/// with), each signer must be a distinct member of this task's committee, and each verdict must be about
-/// the bound attestation, the executor and phase POST. ceil(2k/3) passed pays the executor its share and
+/// (`commit`, once each, only once the seed block exists, and only nodes registered before the seed block); a
+/// commitment locks the node's deposit in the registry and keeps the node's weight inputs (stake, reputation)
+/// as they were at the commit, which is what every selection weighs (decision 0115). After the run the
+/// coordinator (the operator's chain account) binds the task to its post-execution attestation, the
+/// executor and the k verifiers (`assign`), with each one's reveal: all distinct, committed before the commit
+/// deadline, each reveal opening its node's commitment; the participants stay locked until the task closes,
+/// every other committer is unlocked. The chain does not verify the VRF proofs (too costly): the brokers, the
+/// co-signers and `trustcap verify capsule` recompute the exact selection from the reveals `assign` publishes
+/// (decision 0096). Anyone may then `settle` with the verifiers' signed verdicts: each signature is recovered
+/// here (EIP-712 under AttestationLog's domain, the one verifiers sign with), each signer must be a distinct
+/// member of this task's committee, and each verdict must be about the bound attestation, the executor and
+/// phase POST. ceil(2k/3) passed pays the executor its share and
 /// splits the rest among the committee; ceil(2k/3) failed refunds the payer and slashes the executor's
 /// deposit (what is left of it, never reverting the settlement) to the payer; anything less is NoQuorum.
 /// The outcome, and only a settled outcome, moves the executor's reputation. Payouts are credited and
@@ -80,6 +83,16 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         bytes salt;
     }
 
+    /// A node's commitment to a task's draw, with the weight inputs it is drawn with: its deposit and its
+    /// reputation in basis points at the commit. Selection reads these, never the registry's later values, so
+    /// every checker weighs a task's draw alike whenever it checks (a settlement or slash after the commit
+    /// changes nothing), and nothing about the weights is chosen after the seed.
+    struct Commitment {
+        bytes32 c;
+        uint128 stake;
+        uint16 reputationBp;
+    }
+
     /// What `getTask` returns (the Python TaskInfo).
     struct TaskView {
         address payer;
@@ -103,7 +116,9 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     uint64 public immutable commitWindow;
 
     mapping(bytes32 => Task) private _tasks;
-    mapping(bytes32 => mapping(address => bytes32)) private _commitments;
+    mapping(bytes32 => mapping(address => Commitment)) private _commitments;
+    /// Reputation.maxScore (immutable there): a score in basis points of it, as the weight wants.
+    uint256 private immutable _maxScore;
     mapping(bytes32 => address[]) private _committers;
     /// 1-based position of a verifier in its task's committee; 0 = not a member.
     mapping(bytes32 => mapping(address => uint256)) private _seat;
@@ -156,6 +171,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     error SeedNotKnown(bytes32 taskId, uint256 seedBlock);
     error WrongRevealCount(uint256 got, uint256 expected);
     error RevealMismatch(address node);
+    error RegisteredAfterSeed(address node, uint64 registeredBlock, uint256 seedBlock);
 
     constructor(
         address owner_,
@@ -174,6 +190,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
         executorShareBps = executorShareBps_;
         slashAmount = slashAmount_;
         commitWindow = commitWindow_;
+        _maxScore = reputation_.maxScore();
         emit CoordinatorSet(coordinator_);
     }
 
@@ -202,31 +219,54 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     }
 
     /// @notice A registered, active node commits to its selection draw for `taskId`, once, while Funded, after
-    /// the seed block and no later than the commit deadline. Its deposit is locked from here: a node that
-    /// learns it is the executor cannot leave before the settlement that may slash it.
+    /// the seed block and no later than the commit deadline, if it registered before the seed block. Its
+    /// deposit is locked from here: a node that learns it is the executor cannot leave before the settlement
+    /// that may slash it. Its stake and reputation are kept with the commitment as its weight in the draw.
     function commit(bytes32 taskId, bytes32 c) external {
         Task storage t = _tasks[taskId];
         if (t.state != State.Funded) revert WrongState(taskId, t.state);
         // Closed on the chain's clock, so every checker reads the same committer set once it has passed, and
         // nobody can join after seeing the others' reveals.
         if (block.timestamp > t.commitDeadline) revert CommitWindowClosed(taskId, t.commitDeadline, block.timestamp);
-        if (!registry.isActive(msg.sender)) revert NotActiveNode(msg.sender);
+        (bool active, uint64 registeredBlock, uint256 stake) = registry.eligibility(msg.sender);
+        if (!active) revert NotActiveNode(msg.sender);
+        // The VRF key is fixed at `register`. One registered in or after the seed block could be a key made
+        // after seeing the seed: a party could register keys until one draws low (grinding, issue 12 item 7).
+        // Registered at or before the funding block, the key was fixed before the seed block's hash existed.
+        if (registeredBlock > t.fundedBlock) {
+            revert RegisteredAfterSeed(msg.sender, registeredBlock, t.fundedBlock + 1);
+        }
         if (c == bytes32(0)) revert InvalidCommitment();
-        if (_commitments[taskId][msg.sender] != bytes32(0)) revert AlreadyCommitted(taskId, msg.sender);
+        if (_commitments[taskId][msg.sender].c != bytes32(0)) revert AlreadyCommitted(taskId, msg.sender);
         if (_committers[taskId].length >= MAX_COMMITTERS) revert TooManyCommitters(taskId);
         if (t.seed == bytes32(0)) {
             bytes32 seed = blockhash(t.fundedBlock + 1); // 0 while that block is this one or not yet mined
             if (seed == bytes32(0)) revert SeedNotKnown(taskId, t.fundedBlock + 1);
             t.seed = seed;
         }
-        _commitments[taskId][msg.sender] = c;
+        _commitments[taskId][msg.sender] = Commitment({
+            c: c,
+            stake: SafeCast.toUint128(stake),
+            reputationBp: uint16(_maxScore == 0 ? 0 : reputation.scoreOf(msg.sender) * 10_000 / _maxScore)
+        });
         _committers[taskId].push(msg.sender);
         registry.lock(msg.sender);
         emit Committed(taskId, msg.sender, c);
     }
 
     function commitmentOf(bytes32 taskId, address node) external view returns (bytes32) {
-        return _commitments[taskId][node];
+        return _commitments[taskId][node].c;
+    }
+
+    /// The weight inputs `node` was drawn with in `taskId`: its deposit and reputation (basis points of
+    /// Reputation.maxScore) when it committed. All zero for a node that did not commit.
+    function committedWeightOf(bytes32 taskId, address node)
+        external
+        view
+        returns (uint256 stake, uint16 reputationBp)
+    {
+        Commitment storage k = _commitments[taskId][node];
+        return (k.stake, k.reputationBp);
     }
 
     function committers(bytes32 taskId) external view returns (address[] memory) {
@@ -284,7 +324,7 @@ contract TaskEscrow is Ownable, ReentrancyGuard {
     /// Active is checked at `commit`, not here: a participant's deposit is locked from its commitment on, and
     /// an executor slashed below the minimum by another task must still be assignable (and slashable) here.
     function _checkParticipant(bytes32 taskId, address node, Reveal calldata r, bytes memory alphaHex) private {
-        bytes32 c = _commitments[taskId][node];
+        bytes32 c = _commitments[taskId][node].c;
         if (c == bytes32(0)) revert NotCommitted(node);
         if (_commitment(alphaHex, node, r) != c) revert RevealMismatch(node);
         emit Revealed(taskId, node, r.pi, r.salt);
