@@ -10,7 +10,8 @@ which serves three readers without a copy:
 Each rule is written as a *signal* (a PromQL value the world exports all the time) and a *condition*
 appended to it (`> 0`): the e2e checks the signal returns data, so an alert never silently watches a
 metric nobody serves. Names come from operator/metrics.py, gateway/relay.py, gateway/monitor.py,
-trustcap/chain/metrics.py and netboot/store.py; tests/test_dashboards.py checks each against the code.
+gateway/agent_metrics.py, agent/metrics.py (through the gateways), trustcap/chain/metrics.py and
+netboot/store.py; tests/test_dashboards.py checks each against the code.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Alert:
     description: str          # may use {{ $labels.x }} and {{ $value }} (Prometheus templating)
     severity: str = "warning"
     for_: str = "0m"
-    exported_by: str = "operator"  # which component serves the signal's metrics (the e2e's world runs
-    # the operator and the gateways, not netboot: a netboot signal is only checked for syntax there)
+    exported_by: str = "operator"  # which component serves the signal's metrics: operator, gateway (also
+    # the agents' trustcap_agent_*, which reach Prometheus through their gateways) or netboot
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -97,6 +98,31 @@ CHAIN: Final = (
           for_="10m"),
 )
 
+AGENT: Final = (
+    Alert("TrustcapAgentWipeUnverified",
+          'sum by (node) (increase(trustcap_agent_wipe_duration_seconds_count{verified="false"}[15m]))', "> 0",
+          "A capsule run's wipe on {{ $labels.node }} did not verify",
+          "The executor on {{ $labels.node }} could not prove the wipe after {{ $value }} runs in 15 minutes "
+          "(scratch read-back, containers, or the engine's state differing from before the run); those runs' "
+          "results are withheld. Read the CapsuleRun's status.wipe, and reboot the HPC (the reboot wipe) before "
+          "it takes another capsule.",
+          severity="critical", exported_by="gateway"),
+    Alert("TrustcapAgentIsolationViolations",
+          "sum by (node, kind) (increase(trustcap_agent_audit_violations_total[15m]))", "> 0",
+          "A capsule on {{ $labels.node }} attempted {{ $labels.kind }} violations",
+          "The executor on {{ $labels.node }} saw {{ $value }} isolation violations of kind {{ $labels.kind }} in "
+          "15 minutes (kernel audit, seccomp, cgroup limits, egress). The run was stopped; its CapsuleRun names the "
+          "capsule. Look at who submitted it.",
+          exported_by="gateway"),
+    Alert("TrustcapAgentMetricsStale",
+          "time() - max by (node) (trustcap_gateway_agent_metrics_last_success_timestamp_seconds)", "> 300",
+          "The gateway of {{ $labels.node }} has no metrics from its agent for {{ $value | humanizeDuration }}",
+          "The agent did not answer the gateway's metrics request, or its answer broke a bound and was refused "
+          "(trustcap_gateway_agent_metrics_refused_total says which). A rebooting HPC is expected to; one that "
+          "stays silent is not.",
+          exported_by="gateway"),
+)
+
 OPERATOR: Final = (
     Alert("TrustcapOperatorMetricsStale",
           "time() - max(trustcap_operator_metrics_last_refresh_timestamp_seconds)", "> 300",
@@ -106,7 +132,7 @@ OPERATOR: Final = (
 )
 
 GROUPS: Final = {"trustcap.trust": TRUST, "trustcap.attestation": ATTESTATION, "trustcap.chain": CHAIN,
-                 "trustcap.operator": OPERATOR}
+                 "trustcap.agent": AGENT, "trustcap.operator": OPERATOR}
 
 
 def alerts() -> list[Alert]:

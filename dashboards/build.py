@@ -1,7 +1,8 @@
 """Grafana dashboards of trustcap, as code (grafanalib): `python dashboards/build.py` writes dashboards/out/.
 
 Why code: a dashboard edited by hand in Grafana drifts from the metrics the code exports; here every
-panel is a PromQL query over the names operator/metrics.py, gateway/relay.py, gateway/monitor.py and
+panel is a PromQL query over the names operator/metrics.py, gateway/relay.py, gateway/monitor.py,
+gateway/agent_metrics.py, agent/metrics.py (re-exported by the gateways), netboot/store.py and
 trustcap/chain/metrics.py define, and tests/test_dashboards.py fails when a query names anything else
 or when dashboards/out/ is not exactly what this script writes (so nobody edits the JSON).
 
@@ -107,6 +108,11 @@ def trust() -> Dashboard:
         _series("Monitor checks", "The gateways' periodic checks of their HPC, by outcome.",
                 ("sum by (outcome) (rate(trustcap_gateway_monitor_checks_total[$__rate_interval]))", "{{outcome}}"),
                 unit="ops", w=FULL_WIDTH),
+        _series("Boot files served and refused", "netboot on the Pis: verified boot files handed out, and requests "
+                "refused by reason (not approved, digest mismatch, path).",
+                ("sum(rate(trustcap_netboot_served_total[$__rate_interval]))", "served"),
+                ("sum by (reason) (rate(trustcap_netboot_refused_total[$__rate_interval]))", "refused {{reason}}"),
+                unit="ops", w=FULL_WIDTH),
     ])
 
 
@@ -147,7 +153,8 @@ def attestation() -> Dashboard:
 
 
 def capsules() -> Dashboard:
-    return _dashboard("trustcap-capsules", "trustcap / Capsules", "Capsules by phase and how many finish.", [
+    return _dashboard("trustcap-capsules", "trustcap / Capsules",
+                      "Capsules by phase and how many finish; their runs, wipes and violations on the HPCs.", [
         _stat("In flight", "Capsules neither Completed nor Failed.",
               'sum(trustcap_capsules{phase!~"Completed|Failed"})'),
         _stat("Completed", "Capsules that completed in the time range.",
@@ -161,6 +168,25 @@ def capsules() -> Dashboard:
         _series("Throughput", "Capsules finishing per second, by final phase.",
                 ("sum by (phase) (rate(trustcap_capsules_finished_total[$__rate_interval]))", "{{phase}}"),
                 unit="ops"),
+        # The HPC agents' own metrics, which reach Prometheus through their gateways' /metrics
+        # (gateway/agent_metrics.py): what happened on the HPC itself, with a `node` label.
+        _series("Runs on the agents", "Capsule runs the HPC agents ended, by reason (agent/metrics.py).",
+                ("sum by (reason) (rate(trustcap_agent_runs_total[$__rate_interval]))", "{{reason}}"),
+                unit="ops", stacked=True),
+        _series("Run and wipe durations", "p95 of a run on the agent (order to result) and of the executor's "
+                "teardown and verified wipe after it.",
+                ("histogram_quantile(0.95, sum by (le) (rate("
+                 "trustcap_agent_run_duration_seconds_bucket[$__rate_interval])))", "run p95"),
+                ("histogram_quantile(0.95, sum by (le) (rate("
+                 "trustcap_agent_wipe_duration_seconds_bucket[$__rate_interval])))", "wipe p95"),
+                unit="s"),
+        _series("Isolation violations", "What the executors saw capsules attempt (kernel audit, seccomp, cgroup "
+                "limits, egress), by kind.",
+                ("sum by (kind) (rate(trustcap_agent_audit_violations_total[$__rate_interval]))", "{{kind}}"),
+                unit="ops", stacked=True),
+        _series("Agent metrics age", "Seconds since each gateway last took in its agent's metrics over the channel.",
+                ("time() - max by (node) (trustcap_gateway_agent_metrics_last_success_timestamp_seconds)",
+                 "{{node}}"), unit="s"),
         _series("Metrics refresh errors", "Scrapes that could not list the cluster and served the last snapshot.",
                 ("sum(rate(trustcap_operator_metrics_refresh_errors_total[$__rate_interval]))", "errors"),
                 unit="ops", w=FULL_WIDTH),
