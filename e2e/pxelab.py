@@ -24,7 +24,7 @@ if __name__ == "__main__":  # run as the lab's --reboot-command: safe-path mode 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netlab import in_netns
 
-__all__ = ["LabLink", "QemuHpc", "in_netns", "qemu_available", "qmp_system_reset"]
+__all__ = ["LabLink", "QemuHpc", "in_netns", "power_cycle", "qemu_available", "qmp_system_reset"]
 
 GW_IP = "10.77.0.1"
 HPC_MAC = "52:54:00:7c:00:01"
@@ -186,9 +186,24 @@ def qmp_system_reset(socket_path: Path, timeout: float = 10.0) -> None:
                 raise RuntimeError(f"qemu refused {cmd}: {answer['error']}")
 
 
-if __name__ == "__main__":  # `python e2e/pxelab.py reset QMP_SOCKET`: the lab's --reboot-command
+def power_cycle(socket_path: Path, link_ns: str, off_s: float = 1.0) -> None:
+    """The lab's whole power cycle: the PC's NIC loses its carrier (the link's far end of the gateway's
+    veth goes down, as a cable to a PC without power does), the PC is reset, and the link returns. The
+    gateway sees the carrier drop on its own end (`carrier_changes`), which its reboot proof checks."""
+    _ip("link", "set", "nbl0", "down", ns=link_ns)
+    try:
+        qmp_system_reset(socket_path)
+        time.sleep(off_s)
+    finally:
+        _ip("link", "set", "nbl0", "up", ns=link_ns)
+
+
+if __name__ == "__main__":  # `python e2e/pxelab.py reset|power-cycle QMP_SOCKET [LINK_NS]`: the --reboot-command
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "reset":
-        sys.exit("usage: python e2e/pxelab.py reset QMP_SOCKET")
-    qmp_system_reset(Path(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == "reset":
+        qmp_system_reset(Path(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "power-cycle":
+        power_cycle(Path(sys.argv[2]), sys.argv[3])
+    else:
+        sys.exit("usage: python e2e/pxelab.py reset QMP_SOCKET | power-cycle QMP_SOCKET LINK_NS")

@@ -12,6 +12,9 @@ Nothing is faked: the channel is real TCP over the veth, the agent measures the 
 namespaces, the gateway signs with a real software trust root. Addresses are link-local (169.254/16)
 inside namespaces the fixture makes, so no packet can leave them; everything is removed at teardown,
 even when a test fails.
+
+The launchers (`start_agent`, `start_gateway` with `trust_root_files` and `write_policy`) start the two
+components as the processes a node runs; bench/bench_memory.py measures the same processes through them.
 """
 
 from __future__ import annotations
@@ -27,18 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from netlab import Lab, in_netns, need_root, veth_lab
+
 from trustcap.gateway.enrol import TokenBook
 from trustcap.gateway.server import AttestationServer
-
-from trustcap.trustroot import SoftwareTrustRoot
+from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
 
 GW_IP, HPC_IP = "169.254.77.1", "169.254.77.2"
 NODE = "hpc-e2e"
 BOOT_HEX = "5e" * 32
 BOOT = "0x" + BOOT_HEX
-
-
 
 
 @pytest.fixture
@@ -112,13 +114,13 @@ class AgentProc:
 
 
 def start_agent(lab: Lab, port: int, gateway_address: str, token: str, log: Path, *, node: str = NODE,
-                boot: str = BOOT_HEX) -> AgentProc:
+                boot: str = BOOT_HEX, gateway_ip: str = GW_IP) -> AgentProc:
     """`python3 -m trustcap.agent` in the hpc namespace, in pid and mount namespaces of its own."""
     with log.open("wb") as out:
         proc = lab.exec_in_hpc(
             "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
             sys.executable, "-P", "-m", "trustcap.agent",
-            "--gateway", f"{GW_IP}:{port}", "--token", token, "--bootdigest", f"sha256:{boot}",
+            "--gateway", f"{gateway_ip}:{port}", "--token", token, "--bootdigest", f"sha256:{boot}",
             "--gatewayaddr", gateway_address, "--node", node,
             stdout=out, stderr=subprocess.STDOUT, cwd="/",
         )
@@ -129,6 +131,66 @@ def stop_agent(agent: AgentProc) -> None:
     if agent.proc.poll() is None:
         agent.proc.send_signal(signal.SIGKILL)  # --kill-child takes the agent down with it
         agent.proc.wait(timeout=10)
+
+
+def trust_root_files(folder: Path) -> tuple[Path, Path, str]:
+    """A software trust root as `python -m trustcap.gateway` opens it (`--trustroot`, `--kek-file`):
+    (its home in `folder`/tr, its KEK file `folder`/kek, its address)."""
+    home, kek = folder / "tr", folder / "kek"
+    home.mkdir()
+    SoftwareTrustRoot.create(home, new_kek_file(kek)).close()
+    with SoftwareTrustRoot.open(home, bytes.fromhex(kek.read_text().strip())) as root:
+        return home, kek, root.address
+
+
+def write_policy(path: Path, *, node: str, boot: str, mean_interval: float, min_interval: float) -> Path:
+    """A gateway policy for the lab: `boot` (0x-hex) the one boot image, any measurement allowed."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "trustcap.io/v1alpha1", "kind": "GatewayPolicy",
+        "monitor": {"meanIntervalSeconds": mean_interval, "minIntervalSeconds": min_interval,
+                    "maxQuoteAgeSeconds": 30},
+        "attestation": {"node": node, "bootImages": [boot], "allowUnlistedMeasurements": True},
+    }))
+    return path
+
+
+@dataclass
+class GatewayProc:
+    """One `python3 -m trustcap.gateway` in the gateway namespace; `ready` is its first line, `log` its stderr."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    ready: str
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, as an init system stops it; its exit code. Killed if it has not exited by `timeout`."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+def start_gateway(lab: Lab, *, home: Path, kek: Path, node: str, boot: str, policy: Path, listen: str, relay: str,
+                  token_file: Path, verifiers: list[str], log: Path, extra: tuple[str, ...] = ()) -> GatewayProc:
+    """`python3 -m trustcap.gateway` in the gateway namespace, once it has said it is ready."""
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.gw, sys.executable, "-P", "-m", "trustcap.gateway",
+             "--trustroot", str(home), "--kek-file", str(kek), "--node", node, "--boot-digest", boot,
+             "--policy", str(policy), "--listen", listen, "--relay", relay, "--token-file", str(token_file),
+             *extra, *[x for v in verifiers for x in ("--verifier", v)]],
+            stdout=subprocess.PIPE, stderr=err, cwd="/")
+    assert proc.stdout is not None
+    gateway = GatewayProc(proc, log, proc.stdout.readline().decode())
+    if not gateway.ready.startswith("ready "):
+        gateway.stop()
+        raise AssertionError(f"the gateway did not start; its log:\n{log.read_text(errors='replace')}")
+    return gateway
 
 
 @pytest.fixture

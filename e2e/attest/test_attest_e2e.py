@@ -25,10 +25,8 @@ import yaml
 from attestlab import BOOT, NODE, Gateway, Lab, hpc_listener
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from trustcap.agent import measure
-from trustcap.gateway.monitor import Monitor
-from trustcap.gateway.policy import parse_gateway_policy
 
+from trustcap.agent import measure
 from trustcap.evidence import (
     ForgedSignature,
     NonceRegistry,
@@ -37,9 +35,11 @@ from trustcap.evidence import (
     SignedQuote,
     UnknownNonce,
     appraise_quote,
+    countersign_quote,
     raise_for_report,
-    sign_quote,
 )
+from trustcap.gateway.monitor import Monitor
+from trustcap.gateway.policy import parse_gateway_policy
 from trustcap.trustroot import SoftwareTrustRoot
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ PINNED = ("kernel", "cmdline", "modules", "processes", "sockets_listening", "soc
           "pci", "usb", "containers", "scratch", "agent_config")
 
 
-def appraise(gw: Gateway, signed: SignedQuote, nonces: NonceRegistry, nonce: bytes | None) -> Report:
+def appraise(gw: Gateway, signed: SignedQuote, nonces: NonceRegistry, nonce: bytes) -> Report:
     session = gw.server.wait_for_agent(0)
     return appraise_quote(signed, nonces=nonces, expected_nonce=nonce, node_id=NODE,
                           agent_key=bytes.fromhex(session.enrolment.agent_key[2:]),
@@ -124,7 +124,7 @@ def frames(stream: bytes) -> list[bytes]:
 
 
 def opens(aead: ChaCha20Poly1305, frame: bytes) -> bool:
-    """Does `aead` authenticate this record? (wire format: docs of trustcap.gateway.channel)"""
+    """Does `aead` authenticate this record? (wire format: docs of trustcap.channel)"""
     _type, _epoch, seq = struct.unpack(">BIQ", frame[:13])
     try:
         aead.decrypt(b"\0\0\0\0" + struct.pack(">Q", seq), frame[13:], frame[:13])
@@ -175,21 +175,6 @@ def test_channel_keys_rotate_automatically_and_old_keys_no_longer_decrypt(
     assert appraise(gateway, gateway.server.relay(nonce), verifier, nonce).ok
 
 
-class _Presigned:
-    """Carries the agent's real signature into `sign_quote` so a rogue root can countersign it."""
-
-    def __init__(self, signature: str) -> None:
-        self.signature = bytes.fromhex(signature[2:])
-
-    address = "0x0000000000000000000000000000000000000000"
-
-    def public_key(self) -> bytes:
-        raise AssertionError("not used")
-
-    def sign_digest(self, digest32: bytes) -> bytes:
-        return self.signature
-
-
 @pytest.mark.parametrize("attack", [
     pytest.param("replayed", id="replayed-quote"),
     pytest.param("altered-measurement", id="forged-measurement"),
@@ -223,7 +208,7 @@ def test_replayed_and_forged_quotes_are_refused(lab: Lab, gateway: Gateway, spaw
         (tmp_path / "rogue").mkdir()
         rogue = SoftwareTrustRoot.create(tmp_path / "rogue", b"\x07" * 32)
         try:
-            forged = sign_quote(genuine.quote, _Presigned(genuine.agent_signature), rogue)
+            forged = countersign_quote(genuine.quote, bytes.fromhex(genuine.agent_signature[2:]), rogue)
         finally:
             rogue.close()
         report = appraise(gateway, forged, verifier, nonce)
@@ -231,9 +216,9 @@ def test_replayed_and_forged_quotes_are_refused(lab: Lab, gateway: Gateway, spaw
         with pytest.raises(ForgedSignature):
             raise_for_report(report)
     else:
-        other = NonceRegistry(60)  # another verifier, who never sent this nonce
-        report = appraise(gateway, genuine, other, None)
-        assert report.event_ids == ["nonce.unknown"], report.summary()
+        other = NonceRegistry(60)  # another verifier, who never sent this nonce, fed the quote for its own
+        report = appraise(gateway, genuine, other, other.issue())
+        assert report.event_ids == ["nonce.mismatch", "nonce.unknown"], report.summary()
         with pytest.raises(UnknownNonce):
             raise_for_report(report)
     # a refused forgery did not burn the nonce: the genuine answer still appraises clean

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import yaml
 from attestlab import BOOT, GW_IP, NODE, Lab, in_netns, start_agent, stop_agent
-from trustcap.gateway.attest_errors import RelayError
-from trustcap.gateway.relay_client import request_quote, request_status
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry, appraise_quote
+from trustcap.gateway.attest_errors import RelayError
+from trustcap.gateway.relay_client import request_quote, request_status
 from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
 
 pytestmark = pytest.mark.slow
@@ -104,12 +104,13 @@ def test_gateway_and_agent_processes_serve_a_committee_through_the_relay(lab: La
         assert ready.startswith("ready "), (tmp_path / "gateway.log").read_text()
         assert f"gateway={gw_address}" in ready
         url = f"http://{RELAY}"
+        metrics_url = ready.split(" metrics=", 1)[1].split()[0]  # the Pi operator's listener (decision 0114)
         assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
-        doc = _status(lab, url)
+        doc = _status(lab, metrics_url)
         assert doc["trusted"] is False and doc["node"] == NODE  # nothing enrolled, nothing trusted
 
         agent = start_agent(lab, AGENT_PORT, gw_address, token_file.read_text().strip(), tmp_path / "agent.log")
-        _wait_status(lab, url, lambda d: d["trusted"], 30, "the node to become trusted")
+        _wait_status(lab, metrics_url, lambda d: d["trusted"], 30, "the node to become trusted")
 
         with in_netns(lab.gw):
             unsigned = _post_raw(url, b'{"nonce": "0x' + b"ab" * 32 + b'"}')
@@ -131,15 +132,15 @@ def test_gateway_and_agent_processes_serve_a_committee_through_the_relay(lab: La
                 quotes.append((signed, key))
         # a quote is good for the verifier that asked, once: another member cannot be fed it
         signed, key = quotes[0]
-        report = appraise_quote(signed, nonces=committee[1], expected_nonce=None, node_id=NODE, agent_key=key,
-                                gateway_address=gw_address, now=time.time(), max_age_seconds=30)
-        assert report.event_ids == ["nonce.unknown"]
-        metrics = _metrics(lab, url)
+        report = appraise_quote(signed, nonces=committee[1], expected_nonce=committee[1].issue(), node_id=NODE,
+                                agent_key=key, gateway_address=gw_address, now=time.time(), max_age_seconds=30)
+        assert report.event_ids == ["nonce.mismatch", "nonce.unknown"]
+        metrics = _metrics(lab, metrics_url)
         for result, count in (("served", 3), ("bad_request", 1), ("unknown_verifier", 1)):
             assert f'trustcap_gateway_relay_challenges_total{{result="{result}"}} {count}.0' in metrics, metrics
 
         agent.kill()
-        doc = _wait_status(lab, url, lambda d: not d["trusted"], 30, "the node to become untrusted")
+        doc = _wait_status(lab, metrics_url, lambda d: not d["trusted"], 30, "the node to become untrusted")
         assert doc["reason"] == "attestation.failed: agent.unreachable", doc
     finally:
         if agent is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent import engine, measure
 from trustcap.agent.errors import AgentError
 from trustcap.agent.identity import BootConfig, BootKey

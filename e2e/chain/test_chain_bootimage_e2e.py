@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from chainkit import Chain
 from clusterkit import Cluster, Proc, apply_node_crds, operator_env, start_operator, tracked_cluster, wait_for
-from trustcap.netboot.approval import BootImageApproval
 
 from trustcap.chain.keys import ANVIL_KEYS
+from trustcap.netboot.approval import BootImageApproval
 
 PLURAL = "bootimages"
 POLL_S = "1"

@@ -13,11 +13,11 @@ from typing import Any
 import kopf
 import pytest
 from chainkit import OUTSIDER, VERIFIERS, WRITER, Chain, decided_round, verdict_entry
-from trustcap.operator.chainwriter import ChainWriterController, verdicts_of
 
 from trustcap.chain.journal import Journal
 from trustcap.chain.writer import Writer
 from trustcap.evidence.verdict import Domain, SignedVerdict, Verdict, sign_verdict
+from trustcap.operator.chainwriter import ChainWriterController, verdicts_of
 
 
 def _resource(chain: Chain, *, passed: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -45,7 +45,6 @@ from chainkit import (
     seed_of,
     task_deadline,
 )
-from trustcap.operator import capsule as cap
 from web3.logs import DISCARD
 
 from trustcap.capsule.ids import capsule_id, task_id
@@ -56,6 +55,7 @@ from trustcap.chain.keys import KeySigner
 from trustcap.chain.typed import sign_batch
 from trustcap.chain.writer import Writer
 from trustcap.evidence.verdict import SignedVerdict, Verdict, verdict_id
+from trustcap.operator import capsule as cap
 from trustcap.sortition import Reveal, commitment, selection_alpha
 
 

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from clusterkit import apiserver_port, register_node
 from enrolkit import Cluster, ClusterLink, Lab, Proc, make_lab, start_agent, start_gateway, wait_for
-from trustcap.agent.identity import BootKey
 
+from trustcap.agent.identity import BootKey
 from trustcap.evidence import encode_signed_quote, new_quote, sign_quote
 from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
 

@@ -36,6 +36,7 @@ from clusterkit import (
     wait_for,
 )
 from pxelab import HPC_MAC
+
 from trustcap.netboot.image.builder import INITRD_FILE, KERNEL_FILE, SCRIPT_FILE, BuiltImage
 
 __all__ = ["ClusterLink", "JoinObjects", "apiserver_port", "create_join_objects", "join_cluster", "join_crds",

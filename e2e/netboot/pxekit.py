@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available
+
 from trustcap.netboot.image.builder import INITRD_FILE, BuildInputs, BuiltImage, build_image, copy_image
 
 TOKEN = "tok-e2e-0001"  # noqa: S105 -- a test enrolment token, not a secret
@@ -214,10 +215,10 @@ def agent_boot(request: pytest.FixtureRequest, agent_image: BuiltImage, workdir:
     operator judging the evidence, and the HPC PXE-booting the agent image. Parametrize indirectly with
     "tampered" to flip one byte of the initrd after approval (the approval keeps the approved digest)."""
     from joinkit import ClusterLink, apiserver_port, create_join_objects
+
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.publish import EnrolmentPublisher, KubeHPCNodes
     from trustcap.gateway.server import AttestationServer
-
     from trustcap.trustroot import SoftwareTrustRoot
 
     reason = qemu_available()
@@ -244,6 +245,7 @@ def agent_boot(request: pytest.FixtureRequest, agent_image: BuiltImage, workdir:
             link = ClusterLink(lab.gw_ns, apiserver_port(stack))
             server = None
             gw = None
+            publisher = None
             hpc = QemuHpc(lab, workdir / "serial.log", memory_mb=1024)
             try:
                 with in_netns(lab.gw_ns):
@@ -261,6 +263,8 @@ def agent_boot(request: pytest.FixtureRequest, agent_image: BuiltImage, workdir:
                                 publisher, join_operator)
             finally:
                 hpc.stop()
+                if publisher is not None:
+                    publisher.stop()  # its refresh thread would outlive the lab and call a gone API server
                 if server is not None:
                     server.close()
                 if gw is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from joinkit import wait_for
 from pxekit import AgentBoot
+
 from trustcap.netboot.image.builder import INITRD_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -3,6 +3,8 @@
 The stack's kube-apiserver holds the BootImage CRD (crds/bootimage.yaml); the test creates a BootImage,
 flips its status through the status subresource as the operator would, and asks the gateway's store
 (through `BootImageApproval`, the same source `trustcap netboot serve --bootimages` uses) over real HTTP.
+An approval also has an age there: the status's `checkedAt`, which the API server keeps (the CRD declares
+it), is what netboot reads, so a stale one is refused with no operator running.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import hashlib
 import http.client
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.netboot.approval import BootImageApproval
 from trustcap.netboot.http import HttpServer
 from trustcap.netboot.store import ApprovedStore, Refusal
@@ -46,9 +50,9 @@ def bootimage(kubectl: Kubectl, tmp_path: Path) -> Iterator[tuple[str, Path, str
         kubectl("delete", "bootimage", name, "--ignore-not-found", "--wait=false", check=False)
 
 
-def _phase(kubectl: Kubectl, name: str, phase: str) -> None:
+def _phase(kubectl: Kubectl, name: str, phase: str, **status: Any) -> None:
     kubectl("patch", "bootimage", name, "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": {"phase": phase}}))
+            "-p", json.dumps({"status": {"phase": phase, **status}}))
 
 
 def _get(port: int, path: str) -> int:
@@ -109,3 +113,45 @@ def test_a_tampered_file_becomes_a_warning_event_on_the_hpcnode(
         server.stop()
         reporter.close()
         kubectl("delete", "events", "-n", "default", "--field-selector", f"involvedObject.name={node}", check=False)
+
+
+def test_an_approval_older_than_the_maximum_is_refused_naming_image_and_age(
+    kubectl: Kubectl, kubeconfig: Path, bootimage: tuple[str, Path, str]
+) -> None:
+    """Issue 12 item 13: the operator dates each chain read in status.checkedAt; a status it stopped
+    dating (the operator down, the RPC unreachable) is not served once older than the maximum, and the
+    refusal names the image and the age. Control: the same image dated a moment ago is served."""
+    from prometheus_client import REGISTRY
+
+    from trustcap.forms import rfc3339
+
+    name, root, kernel_path = bootimage
+    store = ApprovedStore(root, BootImageApproval(kubeconfig=str(kubeconfig), max_age_s=600))
+    refusals: list[Refusal] = []
+    store.on_refused(refusals.append)
+    server = HttpServer(store, "127.0.0.1", 0).start()
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("trustcap_netboot_refused_total",
+                                         {"protocol": "http", "reason": "not-approved"}) or 0.0
+
+    try:
+        _phase(kubectl, name, "Approved", checkedAt=rfc3339(time.time() - 5))
+        assert _get(server.port, f"/{kernel_path}") == 200  # control: a fresh approval is served
+        stale_at = rfc3339(time.time() - 900)
+        _phase(kubectl, name, "Approved", checkedAt=stale_at)
+        stored = json.loads(kubectl("get", "bootimage", name, "-o", "json").stdout)["status"]
+        assert stored["checkedAt"] == stale_at, "the API server dropped status.checkedAt: apply crds/bootimage.yaml"
+        before = refused()
+        assert _get(server.port, f"/{kernel_path}") == 403
+        assert refused() == before + 1
+        assert [r.reason for r in refusals] == ["not-approved"]
+        detail = refusals[0].detail
+        assert f"BootImage {name}'s approval is" in detail and "s old" in detail, detail
+        assert "maximum of 600 s" in detail
+        age = int(detail.split("approval is ")[1].split(" s old")[0])
+        assert 900 <= age < 960, detail
+        _phase(kubectl, name, "Approved", checkedAt=rfc3339(time.time()))  # the operator read the chain again
+        assert _get(server.port, f"/{kernel_path}") == 200
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from pxekit import TOKEN, Gateway, QemuHpc
+
 from trustcap.netboot.image.builder import INITRD_FILE, BuiltImage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

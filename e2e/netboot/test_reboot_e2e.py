@@ -2,7 +2,8 @@
 image with a new one-time token, enrols a new boot key, and the gateway signs the proof.
 
     test: kubectl annotate hpcnode N trustcap.io/reboot=<id>
-    gateway process (gw netns, --kubeconfig through the cluster link, --reboot-command = QMP system_reset)
+    gateway process (gw netns, --kubeconfig through the cluster link, --reboot-command = the lab's power
+    cycle: the link's far end down, QMP system_reset, the link up; --carrier-link = its own end)
       -> HPCNode Wiping; old boot key revoked; token file armed -> netboot serve --token-file restarts
          dnsmasq with the new token -> qemu reset -> SeaBIOS -> iPXE DHCP (new token) -> approved files
          -> agent makes a new key, enrols with the new token -> gateway quotes it, compares with the
@@ -32,9 +33,9 @@ import yaml
 from joinkit import ClusterLink, JoinObjects, apiserver_port, create_join_objects, wait_for
 from pxekit import AGENT_PORT, Gateway, _start_gateway, _stop
 from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, qemu_available
-from trustcap.netboot.image.builder import BuiltImage, copy_image
 
 from trustcap.evidence import verify_wipe_proof
+from trustcap.netboot.image.builder import BuiltImage, copy_image
 from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -115,7 +116,8 @@ def rig(agent_image: BuiltImage, workdir: Path, stack: dict[str, Any], kubeconfi
                 "--policy", str(_policy(workdir / "policy.yaml", objects.node, boot_hex)),
                 "--listen", f"{GW_IP}:{AGENT_PORT}", "--relay", "127.0.0.1:7791", "--token-file", str(token_file),
                 "--kubeconfig", str(kubeconfig), "--journal", str(journal), "--boot-timeout", str(REBOOT_TIMEOUT),
-                "--reboot-command", f"{sys.executable} {pxelab.__file__} reset {qmp}",
+                "--reboot-command", f"{sys.executable} {pxelab.__file__} power-cycle {qmp} {lab.link_ns}",
+                "--carrier-link", lab.gw_if,  # the gateway's end of the HPC link: its carrier must drop
             ])
             with gw_log.open("wb") as out:
                 gateway = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd="/")
@@ -173,7 +175,9 @@ def test_reboot_wipe_repxe_boots_the_hpc_and_proves_a_fresh_boot(rig: RebootRig,
     assert proof["before"]["agentKey"] == old_key != proof["after"]["agentKey"]
     assert proof["after"]["bootImageDigest"] == "0x" + rig.objects.approved.split(":", 1)[1]
     assert proof["checks"] == {"powerCycled": True, "newBootKey": True, "approvedImage": True,
-                               "matchesBaseline": True}, proof["measurements"]
+                               "matchesBaseline": True, "linkCycled": True}, (proof["measurements"], proof.get("link"))
+    assert proof["link"]["iface"] == rig.lab.gw_if
+    assert proof["link"]["carrierChangesAtEnrolment"] - proof["link"]["carrierChangesBefore"] >= 2
     assert proof["measurements"]["differ"] == [] and "kernel" in proof["measurements"]["same"]
     assert proof["baseline"]["agentKey"] == old_key
     journal = [json.loads(line) for line in rig.journal.read_text().splitlines()]

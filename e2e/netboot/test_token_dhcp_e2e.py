@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from netlab import Lab, need_root, veth_lab
 from pxekit import _stop
+
 from trustcap.gateway.boot import write_private
 
 pytestmark = pytest.mark.timeout(180)

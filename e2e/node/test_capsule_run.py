@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.executor import Executor
 from trustcap.agent.run import CapsuleRunner, binding_digest
-
 from trustcap.capsule.envelope import open_bytes, seal_bytes
 from trustcap.capsule.keys import KeyPair
 from trustcap.capsule.manifest import parse_manifest
@@ -223,7 +223,6 @@ def test_over_the_real_channel_quotes_are_answered_during_a_run(docker_engine: A
     from trustcap.agent.service import Agent
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.server import AttestationServer
-
     from trustcap.trustroot import SoftwareTrustRoot
 
     boot = "0x" + "ab" * 32

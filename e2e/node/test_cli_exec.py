@@ -33,7 +33,7 @@ def test_exec_prints_one_json_object(docker_engine: Any) -> None:
 
 def test_exec_reports_a_violation_and_exits_2(docker_engine: Any) -> None:
     rc, out = _exec("--", "python3", "-c", "import socket; socket.socket()")
-    assert rc == 2 and out["reason"] in ("killed-by-policy", "completed")
+    assert rc == 2 and out["reason"] in ("killed-by-policy", "completed"), out  # "error" names its cause
     assert any(v["kind"] == "socket" and v["attempted"] for v in out["violations"])
 
 

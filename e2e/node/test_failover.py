@@ -19,7 +19,6 @@ from trustcap.gateway.enrol import TokenBook
 from trustcap.gateway.monitor import Monitor
 from trustcap.gateway.policy import parse_gateway_policy
 from trustcap.gateway.server import AttestationServer
-
 from trustcap.trustroot import SoftwareTrustRoot
 
 BOOT = "0x" + "ab" * 32

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.executor import Executor, RunResult
 from trustcap.agent.isolation import IsolationSpec, parse_endpoint
 from trustcap.gateway.egress import LinkAttacher

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from trustcap.agent.errors import WipeError
 from trustcap.agent.executor import Executor
 from trustcap.agent.isolation import IsolationSpec
@@ -87,6 +88,25 @@ def test_wipe_refuses_to_verify_a_device_that_is_not_zero(scratch: BlockScratch,
         scratch.wipe()
 
 
+def test_the_block_proof_states_what_the_wipe_does_not_cover(scratch: BlockScratch) -> None:
+    """Issue 12 item 19: a verified scratch wipe still leaves the HPC's RAM (freed, not overwritten, pages
+    of the capsule and of its files' page cache), any swap, and older blocks on a copy-on-write host file
+    system; the proof says so, matching this kernel, and says what it did to the device's buffers."""
+    (scratch.mountpoint / "secret.bin").write_bytes(b"PLANTED" * 10_000)
+    proof = scratch.wipe()
+    assert proof["verified"] is True
+    gaps = proof["not_covered"]
+    ram = next(g for g in gaps if g.startswith("RAM:"))
+    zeroing = "init_on_free=1" in Path("/proc/cmdline").read_text().split()
+    assert ("zeroes freed pages" in ram) is zeroing and ("does not zero" in ram) is not zeroing
+    swaps = len(Path("/proc/swaps").read_text().splitlines()) - 1
+    assert any(g.startswith(f"swap: {swaps} ") for g in gaps) if swaps else not any(g.startswith("swap") for g in gaps)
+    host = next(g for g in gaps if g.startswith("the host file system under the backing file"))
+    assert "(unknown)" not in host
+    assert "BLKFLSBUF" in proof["page_cache"]
+    assert ("bypassed the page cache" in proof["page_cache"]) is (proof["read_back"] == "O_DIRECT")
+
+
 def test_tmpfs_scratch_never_claims_a_verification_it_did_not_do(tmp_path: Path) -> None:
     """Issue 12 item 19: tmpfs pages are freed, not read back: `verified` is the boolean False with the
     reason, never a truthy string; positive control: the block path's `verified` is the boolean True."""
@@ -132,4 +152,5 @@ def test_capsule_run_scratch_is_wiped_and_proven(docker_engine: Any, tmp_path: P
     assert item["digest_before"] != item["digest_after"]
     assert r.wipe["state_restored"] and r.wipe["verified"]
     assert all(i["verified"] for i in r.wipe["items"])
+    assert any(g.startswith("RAM:") for g in item["not_covered"])  # what the run's report does not claim
     assert not any((tmp_path / "scratch").iterdir())

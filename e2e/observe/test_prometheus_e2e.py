@@ -1,6 +1,11 @@
 """Observability end to end: the world (trustcap/world.py) runs one PSI capsule to Completed while a real
-Prometheus (Debian's binary) scrapes the operator's /metrics and every gateway's relay /metrics each
-second; then every PromQL query of every dashboard (dashboards/build.py) must return data from it, every
+Prometheus (Debian's binary) scrapes the operator's /metrics, every gateway's /metrics (its loopback
+metrics listener, which also carries its HPC agent's trustcap_agent_* metrics, fetched over the channel:
+gateway/agent_metrics.py) and
+a real netboot process's /metrics each second. The world runs no netboot (its agents start directly, in
+their network namespaces, with no PXE boot), so this test starts one on the first gateway's HPC link,
+serves it one approved boot file and asks it for two it must refuse. Then every PromQL query of every
+dashboard (dashboards/build.py) must return data from it, every
 alert rule (dashboards/alerts.py, loaded from dashboards/out/alerts.yaml as Prometheus's rule file) must be
 evaluated healthy and watch series that exist, and the trust dashboard's data is drawn to
 docs/img/trust-dashboard.png (dashboards/render.py) from the real query results.
@@ -12,12 +17,14 @@ records written), and that every scrape target is up. Needs root and the stack, 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -41,8 +48,10 @@ GRAFANA_VARS = {"$__rate_interval": "5m", "$__range": "15m"}
 
 RULES = ROOT / "dashboards" / "out" / "alerts.yaml"
 PICTURE = ROOT / "docs" / "img" / "trust-dashboard.png"
-# The components this world runs (trustcap/world.py): the operator and the gateways, not netboot.
-WORLD_EXPORTS = {"operator", "gateway"}
+# The components scraped here: the world's operator and gateways (with their agents' metrics), and the
+# netboot this test starts.
+WORLD_EXPORTS = {"operator", "gateway", "netboot"}
+KERNEL = b"trustcap e2e observe: a boot file netboot serves\n"
 
 
 def _build() -> ModuleType:
@@ -131,17 +140,88 @@ class Prometheus:
         raise AssertionError(f"{what}: {expr} is {got} after {timeout:.0f}s")
 
 
+def _netboot_argv(root: Path, manifest: Path, bind: str, metrics: int, metrics_address: str) -> list[str]:
+    return [sys.executable, "-P", "-m", "trustcap.netboot", "serve", "--root", str(root), "--manifest", str(manifest),
+            "--bind", bind, "--tftp-port", "0", "--http-port", "0", "--metrics-port", str(metrics),
+            "--metrics-address", metrics_address]
+
+
 @pytest.fixture(scope="module")
-def prometheus(world: Any, prometheus_bin: str, metrics_port: int,
+def netboot(world: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real `python -m trustcap.netboot serve` on the first gateway's HPC link (169.254.80.1), its
+    /metrics on loopback: the kernel is approved with its digest, the initrd with another digest (a
+    tampered file), and nothing else."""
+    home = tmp_path_factory.mktemp("netboot")
+    root = home / "root"
+    root.mkdir()
+    (root / "kernel").write_bytes(KERNEL)
+    (root / "initrd").write_bytes(b"not the approved initrd\n")
+    manifest = home / "approved.json"
+    manifest.write_text(json.dumps({"kernel": "sha256:" + hashlib.sha256(KERNEL).hexdigest(),
+                                    "initrd": "sha256:" + hashlib.sha256(b"the approved initrd\n").hexdigest()}))
+    link = world.gateways[0]["ip"]
+    port = _free_port()
+    # the HPC link is no place for /metrics: refused before anything listens (the positive control is below)
+    refused = subprocess.run(_netboot_argv(root, manifest, link, port, link), capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode == 1 and "--metrics-address" in refused.stderr, refused.stderr
+    log = (home / "netboot.log").open("wb")
+    proc = subprocess.Popen(_netboot_argv(root, manifest, link, port, "127.0.0.1"), stdout=subprocess.PIPE,
+                            stderr=log, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, f"netboot did not start: {(home / 'netboot.log').read_text()[-2000:]}"
+        ports = json.loads(line)
+        yield {"metrics": f"127.0.0.1:{port}", "http": f"http://{link}:{ports['http_port']}", "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        log.close()
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (the test's own netboot)
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.fixture(scope="module")
+def booted(netboot: dict[str, Any], prometheus: Prometheus) -> None:
+    """What an HPC's PXE boot asks netboot for: the approved kernel is served, a tampered initrd and an
+    unlisted file are refused; Prometheus sees both. Two boots, a few scrapes apart: a counter's first
+    sample is where its series starts, so only the second boot shows as a rate on the dashboard."""
+    for boot in (1, 2):
+        assert _get(f"{netboot['http']}/kernel") == 200
+        assert _get(f"{netboot['http']}/initrd") == 403
+        assert _get(f"{netboot['http']}/not-listed") == 403
+        prometheus.wait('sum(trustcap_netboot_served_total{protocol="http"})', lambda v, n=boot: v >= n, 30,
+                        f"boot {boot}'s served file")
+        prometheus.wait("sum(trustcap_netboot_refused_total)", lambda v, n=boot: v >= 2 * n, 30,
+                        f"boot {boot}'s refused files")
+
+
+@pytest.fixture(scope="module")
+def prometheus(world: Any, netboot: dict[str, Any], prometheus_bin: str, metrics_port: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     home = tmp_path_factory.mktemp("prometheus")
-    relays = [f"127.0.0.1:{g['relay_port']}" for g in world.gateways]
+    # each gateway's metrics listener (gateway MetricsService), apart from its relay since decision 0114
+    relays = [f"127.0.0.1:{g['metrics_port']}" for g in world.gateways]
     assert RULES.is_file(), f"{RULES} is missing: run python dashboards/build.py"
     config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
               "rule_files": [str(RULES)],
               "scrape_configs": [
                   {"job_name": "trustcap-operator", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
-                  {"job_name": "trustcap-gateway", "static_configs": [{"targets": relays}]}]}
+                  {"job_name": "trustcap-gateway", "static_configs": [{"targets": relays}]},
+                  {"job_name": "trustcap-netboot", "static_configs": [{"targets": [netboot["metrics"]]}]}]}
     (home / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
     log = (home / "prometheus.log").open("wb")
@@ -205,6 +285,30 @@ def test_every_target_is_up(world: Any, prometheus: Prometheus) -> None:
     n = len(world.gateways)
     prometheus.wait('sum(up{job="trustcap-operator"})', lambda v: v == 1, 30, "the operator's /metrics")
     prometheus.wait('sum(up{job="trustcap-gateway"})', lambda v: v == n, 30, f"all {n} relays' /metrics")
+    prometheus.wait('sum(up{job="trustcap-netboot"})', lambda v: v == 1, 30, "netboot's /metrics")
+    # every HPC agent's metrics, through its own gateway, labelled with its own node
+    nodes = sorted(g["node"] for g in world.gateways)
+    prometheus.wait('count(count by (node) (trustcap_agent_runs_total{job="trustcap-gateway"}))', lambda v: v == n,
+                    30, "each agent's metrics through its gateway")
+    by_node = prometheus.query('count by (node, instance) (trustcap_agent_runs_total)')["data"]["result"]
+    relay_of = {g["node"]: f"127.0.0.1:{g['metrics_port']}" for g in world.gateways}
+    assert sorted(r["metric"]["node"] for r in by_node) == nodes
+    assert all(r["metric"]["instance"] == relay_of[r["metric"]["node"]] for r in by_node), by_node
+
+
+def test_agent_metrics_follow_the_run_on_the_executor(world: Any, prometheus: Prometheus,
+                                                      completed: dict[str, Any]) -> None:
+    """The executor's agent counted the capsule's run, timed it and its verified wipe (the real Docker
+    executor); no honest agent's snapshot was refused (the gateways' bounds, decision 0117)."""
+    prometheus.wait('sum(trustcap_agent_runs_total{reason="Completed"})', lambda v: v >= 1, 30,
+                    "the completed run on the executor's agent")
+    prometheus.wait("sum(trustcap_agent_run_duration_seconds_count)", lambda v: v >= 1, 10, "the run's duration")
+    prometheus.wait('sum(trustcap_agent_wipe_duration_seconds_count{verified="true"})', lambda v: v >= 1, 10,
+                    "the run's verified wipe")
+    assert prometheus.value('sum(trustcap_agent_wipe_duration_seconds_count{verified="false"})') == 0
+    assert prometheus.value('sum(trustcap_agent_runs_total{reason!="Completed"})') == 0
+    refused = prometheus.value('sum(trustcap_gateway_agent_metrics_refused_total{reason!="unavailable"})')
+    assert refused in (None, 0), f"{refused} honest agent snapshots refused"
 
 
 def test_lifecycle_metrics_follow_the_capsule(world: Any, prometheus: Prometheus, completed: dict[str, Any]) -> None:
@@ -233,7 +337,7 @@ def test_lifecycle_metrics_follow_the_capsule(world: Any, prometheus: Prometheus
                     "challenges the relays served")
 
 
-def test_every_dashboard_query_returns_data(prometheus: Prometheus, completed: dict[str, Any]) -> None:
+def test_every_dashboard_query_returns_data(prometheus: Prometheus, completed: dict[str, Any], booted: None) -> None:
     build = _build()
     prometheus.wait("sum(trustcap_chain_records_written_total)", lambda v: v >= 1, 90, "a chain record")
     time.sleep(3)  # a few more scrapes after the last change
@@ -252,19 +356,19 @@ def test_every_dashboard_query_returns_data(prometheus: Prometheus, completed: d
                 invalid.append(f"{name}/{title}: {promql}: {answer.get('error')}")
             elif not answer["data"]["result"]:
                 empty.append(f"{name}/{title}: {promql}")
-    assert ran >= 30, f"only {ran} queries: the dashboards lost panels"
+    assert ran >= 41, f"only {ran} queries: the dashboards lost panels"
     assert invalid == [], "queries Prometheus refuses:\n" + "\n".join(invalid)
     # Every series a panel reads exists from the first scrape or after this run (none is legitimately empty).
     assert empty == [], "panels with no data after a completed capsule:\n" + "\n".join(empty)
 
 
 def test_every_alert_rule_is_evaluated_and_watches_series_the_world_exports(
-        prometheus: Prometheus, completed: dict[str, Any]) -> None:
+        prometheus: Prometheus, completed: dict[str, Any], booted: None) -> None:
     """The alert rules as Prometheus itself loads them: every rule of dashboards/alerts.py is in the rule
     file it runs, is evaluated without error, its expression is accepted by the query API, and its signal
     (the expression before the threshold) has series where this world runs the exporting component."""
     alerts = _build().sibling("alerts").alerts()
-    assert len(alerts) >= 5, f"only {len(alerts)} alert rules"
+    assert len(alerts) >= 10, f"only {len(alerts)} alert rules"
     deadline = time.monotonic() + 30
     while True:  # each rule group is evaluated once per second; wait until every rule was
         groups = prometheus.api("/api/v1/rules", type="alert")["data"]["groups"]
@@ -292,8 +396,8 @@ def test_every_alert_rule_is_evaluated_and_watches_series_the_world_exports(
     assert empty == [], "alerts watching series this world does not export:\n" + "\n".join(empty)
 
 
-def test_trust_dashboard_picture_from_the_real_query_results(prometheus: Prometheus,
-                                                             completed: dict[str, Any]) -> None:
+def test_trust_dashboard_picture_from_the_real_query_results(prometheus: Prometheus, completed: dict[str, Any],
+                                                             booted: None) -> None:
     """Runs last: draws the trust dashboard over this run from Prometheus's query_range answers into
     docs/img/trust-dashboard.png (docs/observability.md shows it; the lead commits the file)."""
     build = _build()
