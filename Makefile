@@ -22,7 +22,7 @@ demo: stack
 
 lint: deps
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/mypy trustcap operator gateway agent netboot
+	@scripts/typecheck
 
 # One pytest run over the unit and end-to-end suites, so its closing line counts every test.
 test: stack lint

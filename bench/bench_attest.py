@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -29,19 +30,18 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from trustcap.agent import measure
-from trustcap.agent.identity import BootConfig, BootKey
-from trustcap.agent.service import Agent
-from trustcap.gateway.enrol import TokenBook
-from trustcap.gateway.relay import RelayService
-from trustcap.gateway.relay_client import request_quote
-from trustcap.gateway.server import AttestationServer
-from trustcap.gateway.verifiers import StaticDirectory
 
+from trustcap.agent import measure
+from trustcap.agent.identity import BootKey
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry, appraise_quote, check_policy, quote_digest, recover_address
 from trustcap.evidence.policy import Policy
-from trustcap.trustroot import SoftwareTrustRoot
+from trustcap.gateway.relay import RelayService
+from trustcap.gateway.relay_client import request_quote
+from trustcap.gateway.verifiers import StaticDirectory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself (safe-path mode leaves it off)
+from _pair import loopback_pair
 
 BOOT = "0x" + "ab" * 32
 relay_bound = 4
@@ -60,17 +60,10 @@ def median_time(fn: Callable[[], object], rounds: int) -> float:
 
 def run(rounds: int, real_rounds: int, burst_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "tr"
-        home.mkdir()
-        root = SoftwareTrustRoot.create(home, os.urandom(32))
-        tokens = TokenBook([BOOT])
-        server = AttestationServer(root, "hpc-bench", tokens, rekey_after=16)
-        host, port = server.address
-        agent = Agent(BootConfig(str(host), int(port), tokens.issue("hpc-bench"), BOOT, root.address, "hpc-bench"),
-                      key=BootKey())
+        pair = loopback_pair(Path(tmp), BOOT)
+        root, server, agent, chan = pair.root, pair.server, pair.agent, pair.channel
         mode = {"real": False}
         agent._measure = lambda: measure.measure() if mode["real"] else dict(FIXED)
-        chan = agent.connect()
         t = threading.Thread(target=lambda: _serve(chan), daemon=True)
         t.start()
         session = server.wait_for_agent(10)

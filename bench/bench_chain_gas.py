@@ -78,6 +78,7 @@ def measure() -> dict[str, Any]:
         if check.call() is not True:
             raise SystemExit("bench: the inclusion check did not prove an included verdict")
         inclusion = int(owner.transact(check)["gasUsed"])
+        commits = _commit_gas(anvil, owner, d, verifiers)
     return {
         "what": "gas per recorded verdict: AttestationLog epoch batch (quorum signatures) vs NaiveLog (one tx each)",
         "quorum_signatures": QUORUM,
@@ -86,10 +87,29 @@ def measure() -> dict[str, Any]:
         "ratio_batch_1000_vs_naive": round(batches["1000"]["gas_per_verdict"] / naive_per, 5),
         "inclusion_check_gas": inclusion,
         "inclusion_proof_length": len(proof),
+        "commit_gas": commits,
         "note": "gasUsed from receipts incl. 21000 intrinsic and calldata; naive = one tx, one slot, one "
                 "ecrecover per verdict; batch = one tx, one root, quorum ecrecovers per batch; inclusion check = "
-                "a transaction calling isIncluded(verdict, root, proof) for a verdict of the 1000 batch",
+                "a transaction calling isIncluded(verdict, root, proof) for a verdict of the 1000 batch; commit = "
+                "TaskEscrow.commit (registered before the funding block, weight kept with the commitment), the "
+                "first of a task also keeps its seed",
     }
+
+
+def _commit_gas(anvil: Anvil, owner: ChainClient, d: Any, nodes: list[KeySigner]) -> dict[str, int]:
+    """Gas of the first and of a later TaskEscrow.commit to one task (fixed task id and commitments)."""
+    escrow = owner.contract("TaskEscrow", d.escrow)
+    task = keccak(b"bench task")
+    deadline = int(owner.w3.eth.get_block("latest")["timestamp"]) + 3600
+    owner.transact(escrow.functions.fund(task, 3, deadline), value=10**18)
+    anvil.rpc("evm_mine")  # the seed block: commits are accepted from its successor on
+    anvil.rpc("evm_mine")
+    gas = []
+    for i, n in enumerate(nodes[:2]):
+        me = ChainClient(anvil.url, n)
+        fn = me.contract("TaskEscrow", d.escrow).functions.commit(task, keccak(b"commitment" + bytes([i])))
+        gas.append(int(me.transact(fn)["gasUsed"]))
+    return {"first": gas[0], "later": gas[1]}
 
 
 def main() -> int:

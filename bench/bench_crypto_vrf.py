@@ -2,16 +2,18 @@
 
     python bench/bench_crypto_vrf.py [--quick]
 
-Rows: VRF prove / verify / evaluate (RFC 9381 in Python on fastecdsa's native P-256 arithmetic, decision
-0100) against ECDSA P-256 sign / verify from `cryptography` (OpenSSL); quote sign (agent + gateway) and
-appraisal against secp256k1 sign / verify from `cryptography`; a 1024-verdict Merkle batch against the raw
-keccak calls it needs. Only ratios are meaningful (both sides ran on this machine, now); nothing here is
-asserted.
+Rows: VRF prove / verify / evaluate (RFC 9381 in Python on OpenSSL's P-256 arithmetic through
+trustcap._p256, decision 0101) against ECDSA P-256 sign / verify from `cryptography` (OpenSSL); quote
+sign (agent + gateway) and appraisal against secp256k1 sign / verify from `cryptography`; a
+1024-verdict Merkle batch against the raw keccak calls it needs. Only ratios are meaningful (both sides
+ran on this machine, now); nothing here is asserted.
 
 Second baselines, "same work": one ECDSA operation is one scalar multiplication (sign) or one double
 multiplication (verify), while a VRF proof needs four multiplications (x*B, k*B fixed-base; x*H, k*H on
 a point known only at run time) and its check two double multiplications (U and V). Those rows compare
-against OpenSSL doing the same count (ECDH for a multiplication of a run-time point). OpenSSL's
+against OpenSSL doing the same count (ECDH for a multiplication of a run-time point). The VRF rows use
+one fixed (key, alpha) whose encode_to_curve needs three candidates (ctr = 2), one more than the
+average of two: each extra candidate is a square root, about a fifth of one ECDSA verify. OpenSSL's
 secp256k1 is its generic curve code; libsecp256k1 (what the appraisal now calls) is several times
 faster, so the appraisal is also shown against two raw libsecp256k1 recoveries.
 

@@ -2,10 +2,12 @@
 
     python bench/bench_memory.py [--concurrency 32] [--rounds 4]
 
-Both sides are real processes, as in e2e/attest: `python -m trustcap.gateway` in a gateway namespace and
-`python -m trustcap.agent` in an HPC namespace, joined by a veth (link-local addresses inside namespaces
-this bench makes and removes). Once the node is trusted, `--concurrency` committee challenges at once,
-each signed by one of 8 verifiers in the gateway's directory, are sent to the relay, `--rounds` times.
+Both sides are real processes, started by the e2e's own launchers (e2e/attest/attestlab.py):
+`python -m trustcap.gateway` in a gateway namespace and `python -m trustcap.agent` in an HPC namespace,
+joined by a veth (link-local addresses inside namespaces this bench makes and removes). Once the node
+is trusted (the status on the gateway's metrics listener says so), `--concurrency` committee challenges
+at once, each signed by one of 8 verifiers in the gateway's directory, are sent to the relay, `--rounds`
+times.
 The peak resident set (VmHWM) of each process is read from /proc while they serve. The figures beside
 it, measured in the same run: a bare interpreter (`python -c pass`, the floor any Python component
 pays) and the budget a Pi gateway must stay under while it serves its HPC and that load (150 MiB).
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,21 +28,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e" / "attest"))  # attestlab's launchers
+from attestlab import start_agent, start_gateway, stop_agent, trust_root_files, write_policy
 from netlab import in_netns, veth_lab
-from trustcap.gateway.attest_errors import RelayBusy
-from trustcap.gateway.relay_client import request_quote, request_status
 
 from trustcap.chain.keys import KeySigner
 from trustcap.evidence import NonceRegistry
-from trustcap.trustroot import SoftwareTrustRoot, new_kek_file
+from trustcap.gateway.attest_errors import RelayBusy
+from trustcap.gateway.relay_client import request_quote, request_status
 
 GW_IP, HPC_IP = "169.254.79.1", "169.254.79.2"
 NODE = "hpc-bench-mem"
 BOOT_HEX = "6e" * 32
 RELAY = "127.0.0.1:7791"
+METRICS = "127.0.0.1:7792"  # the gateway namespace's loopback, like the relay: its status listener
 AGENT_PORT = 7790
 BUDGET_MIB = 150.0
 
@@ -51,17 +52,6 @@ def _kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/{pid}/status has no {field}")
-
-
-def _child(pid: int, timeout: float = 10) -> int:
-    """The only child of `pid` (the agent under `unshare --fork`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        if kids:
-            return int(kids[0])
-        time.sleep(0.05)
-    raise RuntimeError(f"process {pid} started no child")
 
 
 def bare_interpreter_kib() -> int:
@@ -88,46 +78,29 @@ def capsule_loops_import_kib() -> int:
 
 
 def bench(concurrency: int, rounds: int, tmp: Path) -> tuple[int, int, int, int, float]:
-    home, kek = tmp / "tr", tmp / "kek"
-    home.mkdir()
-    SoftwareTrustRoot.create(home, new_kek_file(kek)).close()
-    with SoftwareTrustRoot.open(home, bytes.fromhex(kek.read_text().strip())) as root:
-        gw_address = root.address
-    policy = tmp / "policy.yaml"
-    policy.write_text(yaml.safe_dump({
-        "apiVersion": "trustcap.io/v1alpha1", "kind": "GatewayPolicy",
-        "monitor": {"meanIntervalSeconds": 0.5, "minIntervalSeconds": 0.1, "maxQuoteAgeSeconds": 30},
-        "attestation": {"node": NODE, "bootImages": ["0x" + BOOT_HEX], "allowUnlistedMeasurements": True},
-    }))
+    home, kek, gw_address = trust_root_files(tmp)
+    policy = write_policy(tmp / "policy.yaml", node=NODE, boot="0x" + BOOT_HEX, mean_interval=0.5,
+                          min_interval=0.1)
     members = [KeySigner(os.urandom(32)) for _ in range(8)]
     token = tmp / "token"
-    with veth_lab("tm", GW_IP, HPC_IP) as lab, (tmp / "gateway.log").open("wb") as gw_log, \
-            (tmp / "agent.log").open("wb") as agent_log:
-        gw = subprocess.Popen(
-            ["ip", "netns", "exec", lab.gw, sys.executable, "-P", "-m", "trustcap.gateway",
-             "--trustroot", str(home), "--kek-file", str(kek), "--node", NODE, "--boot-digest", "0x" + BOOT_HEX,
-             "--policy", str(policy), "--listen", f"{GW_IP}:{AGENT_PORT}", "--relay", RELAY,
-             "--token-file", str(token), *[x for m in members for x in ("--verifier", m.address)]],
-            stdout=subprocess.PIPE, stderr=gw_log, cwd="/")
-        agent: subprocess.Popen[bytes] | None = None
+    with veth_lab("tm", GW_IP, HPC_IP) as lab:
+        gw = start_gateway(lab, home=home, kek=kek, node=NODE, boot="0x" + BOOT_HEX, policy=policy,
+                           listen=f"{GW_IP}:{AGENT_PORT}", relay=RELAY, token_file=token,
+                           verifiers=[m.address for m in members], log=tmp / "gateway.log",
+                           extra=("--metrics-address", METRICS))
+        agent = None
         try:
-            assert gw.stdout is not None
-            if not gw.stdout.readline().startswith(b"ready "):
-                raise SystemExit(f"the gateway did not start:\n{(tmp / 'gateway.log').read_text()}")
-            agent = lab.exec_in_hpc(
-                "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
-                sys.executable, "-P", "-m", "trustcap.agent", "--gateway", f"{GW_IP}:{AGENT_PORT}",
-                "--token", token.read_text().strip(), "--bootdigest", f"sha256:{BOOT_HEX}",
-                "--gatewayaddr", gw_address, "--node", NODE, stdout=agent_log, stderr=subprocess.STDOUT, cwd="/")
-            agent_pid = _child(agent.pid)
+            agent = start_agent(lab, AGENT_PORT, gw_address, token.read_text().strip(), tmp / "agent.log",
+                                node=NODE, boot=BOOT_HEX, gateway_ip=GW_IP)
+            agent_pid = agent.agent_pid()
             url = f"http://{RELAY}"
             deadline = time.monotonic() + 60
             while True:
                 with in_netns(lab.gw):
-                    if request_status(url)["trusted"]:
+                    if request_status(f"http://{METRICS}")["trusted"]:
                         break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"the node never became trusted:\n{(tmp / 'agent.log').read_text()}")
+                    raise SystemExit(f"the node never became trusted:\n{agent.text()}")
                 time.sleep(0.2)
             served = busy = 0
             lock = threading.Lock()
@@ -154,17 +127,11 @@ def bench(concurrency: int, rounds: int, tmp: Path) -> tuple[int, int, int, int,
                 for _ in range(rounds):
                     list(pool.map(challenge, range(concurrency)))
             seconds = time.perf_counter() - t0
-            return _kib(gw.pid, "VmHWM"), _kib(agent_pid, "VmHWM"), served, busy, seconds
+            return _kib(gw.proc.pid, "VmHWM"), _kib(agent_pid, "VmHWM"), served, busy, seconds
         finally:
-            if agent is not None and agent.poll() is None:
-                agent.send_signal(signal.SIGKILL)
-                agent.wait(timeout=10)
-            gw.send_signal(signal.SIGTERM)
-            try:
-                gw.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                gw.kill()
-                gw.wait()
+            if agent is not None:
+                stop_agent(agent)
+            gw.stop()
 
 
 def main() -> None:

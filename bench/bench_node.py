@@ -1,7 +1,10 @@
 """Node-side costs, each beside a baseline measured in the same run (ratios, never absolute targets).
 
-    launch   isolated capsule run of `true` (Executor: scratch on a loop device, seccomp, limits, wipe with
-             read-back, state snapshots)  vs  `docker run --rm IMAGE true` of the same image
+    launch   isolated capsule run of `true` (Executor: scratch on a loop device, seccomp, limits, audit rules,
+             wipe with read-back, state snapshots)  vs  `docker run --rm --network none IMAGE true` of the
+             same image; and vs the same docker run plus the floor of the scratch's verified wipe alone
+             (`dd` zero-fill of the scratch size with fsync + an uncached `dd` read-back, as the wipe row's
+             baseline): the part of the launch no arrangement of the steps can hide (decision 0102)
     wipe     BlockScratch.wipe() of a 1 GiB scratch (hash of what was there, zero-fill + fsync, read back
              the backing file past the page cache)  vs  `dd` zero-fill of 1 GiB (fsync) + one uncached
              (`iflag=direct`) `dd` read-back: the wipe's read-back is O_DIRECT, so the baseline's is too
@@ -19,6 +22,7 @@ import contextlib
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,15 +31,12 @@ from pathlib import Path
 
 from trustcap.agent.errors import AgentError
 from trustcap.agent.executor import Executor
-from trustcap.agent.identity import BootConfig, BootKey
 from trustcap.agent.isolation import IsolationSpec
-from trustcap.agent.service import Agent
 from trustcap.agent.wipe import BlockScratch
-from trustcap.gateway.enrol import TokenBook
-from trustcap.gateway.server import AttestationServer
-
 from trustcap.stack.images import ensure_base_image
-from trustcap.trustroot import SoftwareTrustRoot
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself (safe-path mode leaves it off)
+from _pair import loopback_pair
 
 IMAGE = "trustcap/base:bookworm"
 BOOT = "0x" + "ab" * 32
@@ -51,7 +52,18 @@ def med(fn: Callable[[], object], n: int) -> float:
     return statistics.median(timed(fn) for _ in range(n))
 
 
-def bench_launch(n: int, root: Path) -> tuple[float, float]:
+def _dd_fill_and_read_back(path: Path, size: int) -> None:
+    """The least a verified overwrite of `size` bytes costs: zeros written and fsynced, read back uncached."""
+    bs = 4 * 1024 * 1024
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", f"bs={bs}", f"count={max(1, size // bs)}", "conv=fsync",
+                    "status=none"], check=True, timeout=600)
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={bs}", "iflag=direct", "status=none"], check=True,
+                   timeout=600)
+    path.unlink()
+
+
+def bench_launch(n: int, root: Path) -> tuple[float, float, float]:
+    """(isolated, docker run, dd floor of the scratch wipe), medians of `n` interleaved rounds."""
     import docker
 
     client = docker.from_env()
@@ -67,13 +79,17 @@ def bench_launch(n: int, root: Path) -> tuple[float, float]:
         subprocess.run(["docker", "run", "--rm", "--network", "none", IMAGE, "true"], check=True,
                        capture_output=True, timeout=120)
 
+    def floor() -> None:
+        _dd_fill_and_read_back(root / "launch-dd.img", spec.scratch_bytes)
+
     plain()
     isolated()  # warm both paths
-    a, b = [], []
-    for _ in range(n):  # interleaved so drift hits both alike
+    a, b, c = [], [], []
+    for _ in range(n):  # interleaved so drift hits all alike
         a.append(timed(isolated))
         b.append(timed(plain))
-    return statistics.median(a), statistics.median(b)
+        c.append(timed(floor))
+    return statistics.median(a), statistics.median(b), statistics.median(c)
 
 
 def bench_wipe(mib: int, root: Path) -> tuple[float, float]:
@@ -103,15 +119,8 @@ def bench_wipe(mib: int, root: Path) -> tuple[float, float]:
 
 
 def bench_quote(n: int, root: Path) -> tuple[float, float, int]:
-    home = root / "tr"
-    home.mkdir()
-    tr = SoftwareTrustRoot.create(home, os.urandom(32))
-    tokens = TokenBook([BOOT])
-    server = AttestationServer(tr, "hpc-bench", tokens, rekey_after=16)
-    host, port = server.address
-    agent = Agent(BootConfig(str(host), int(port), tokens.issue("hpc-bench"), BOOT, tr.address, "hpc-bench"),
-                  key=BootKey())
-    ch = agent.connect()
+    pair = loopback_pair(root, BOOT)
+    server, agent, ch = pair.server, pair.agent, pair.channel
 
     def serve() -> None:
         with contextlib.suppress(AgentError):  # the channel closes when the bench ends
@@ -124,8 +133,7 @@ def bench_quote(n: int, root: Path) -> tuple[float, float, int]:
         local = med(lambda: agent.handle_quote({"nonce": "0x" + os.urandom(32).hex()}), n)
         rotations = server.wait_for_agent(0).rotations
     finally:
-        server.close()
-        tr.close()
+        pair.close()
     return trip, local, rotations
 
 
@@ -139,9 +147,13 @@ def main() -> None:
         raise SystemExit("bench_node needs root (loop devices, cgroups, seccomp audit)")
     with tempfile.TemporaryDirectory(prefix="trustcap-bench-node-", dir="/var/tmp") as tmp:
         root = Path(tmp)
-        iso, plain = bench_launch(args.launches, root)
+        iso, plain, floor = bench_launch(args.launches, root)
         print(f"launch  isolated run {iso:7.3f} s  | docker run --rm {plain:7.3f} s | ratio {iso / plain:5.2f}x "
               f"(median of {args.launches})")
+        mib = IsolationSpec(image=IMAGE, command=("true",)).scratch_bytes >> 20
+        print(f"launch  isolated run {iso:7.3f} s  | docker run --rm + dd fill/fsync/uncached read-back of the "
+              f"{mib} MiB scratch {plain + floor:7.3f} s | ratio {iso / (plain + floor):5.2f}x "
+              f"(the dd alone is {floor / plain:4.2f}x the docker run)")
         w, dd = bench_wipe(args.wipe_mib, root)
         print(f"wipe    {args.wipe_mib} MiB verified {w:7.3f} s | dd fill+read-back {dd:7.3f} s | "
               f"ratio {w / dd:5.2f}x")
