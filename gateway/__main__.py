@@ -107,9 +107,17 @@ def parser() -> argparse.ArgumentParser:
                    help="with --hpc-link: netboot's HTTP boot-file port on this link (0: none)")
     p.add_argument("--netboot-dhcp", action=argparse.BooleanOptionalAction, default=True,
                    help="with --hpc-link: let the HPC's DHCP requests reach the Pi (netboot's dnsmasq)")
+    p.add_argument("--deny-network", action="append", default=[], metavar="CIDR",
+                   help="with --hpc-link: an IPv4 network the HPC never reaches, whatever a manifest declares "
+                        "(repeat it for the cluster's pod, service and node networks; beyond the Pi no address "
+                        "check can tell those from the internet)")
     p.add_argument("--token-file", type=Path, required=True,
                    help="the one-time enrolment token armed for the HPC's next boot (mode 0600, replaced "
                         "atomically, empty when no boot is armed); give the same path to netboot serve")
+    p.add_argument("--address-file", type=Path, default=None,
+                   help="write this gateway's trust-root address (0x...) here at start, before any boot is "
+                        "armed; give the same path to netboot serve --gateway-address-file, which hands it to "
+                        "the HPC with the token so the agent pins this gateway")
     p.add_argument("--rekey-after", type=int, default=16, help="rotate channel keys every N requests")
     p.add_argument("--rekey-seconds", type=float, default=300.0, help="...or every T seconds")
     p.add_argument("--status-max-age", type=float, default=0.0,
@@ -311,7 +319,7 @@ def assemble(args: argparse.Namespace, hooks: Hooks = Hooks()) -> Gateway:
     verifier directory first (a gateway no committee can reach must not start at all), then policy and
     journal, and only then the trust root, the listeners and the one-time boot token."""
     from trustcap.gateway.actions import QuarantineReporter, RebootCommand
-    from trustcap.gateway.boot import BootArming, Rebooter, RebootRequests
+    from trustcap.gateway.boot import BootArming, Rebooter, RebootRequests, write_private
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.monitor import CheckRecord, JournalSink, Monitor
     from trustcap.gateway.policy import load_gateway_policy
@@ -353,6 +361,8 @@ def assemble(args: argparse.Namespace, hooks: Hooks = Hooks()) -> Gateway:
         if store is not None:
             requests = RebootRequests(rebooter, store)
     server.on_session = _fan_out(session_hooks)
+    if args.address_file is not None:
+        write_private(args.address_file, root.address + "\n")  # before the token: netboot reads both together
     arming.arm()
     monitor = Monitor(server, policy, sinks=sinks, on_action=on_action, booting=arming.awaiting_boot)
     max_age = args.status_max_age or max(policy.max_quote_age_s, 10 * policy.mean_interval_s)
@@ -403,6 +413,8 @@ def _guard_hpc_link(args: argparse.Namespace) -> Any:
     HPC only the agent channel and netboot reach the Pi, nothing is forwarded beyond it, and every other
     attempt is counted. A run's declared endpoints are added with `allow()` and taken out with `clear()`."""
     if not args.hpc_link:
+        if args.deny_network:
+            raise ConfigError("--deny-network needs --hpc-link: it is a rule of the Pi's guard on that link")
         return None
     import ipaddress
 
@@ -416,7 +428,7 @@ def _guard_hpc_link(args: argparse.Namespace) -> Any:
                           "address (the guard admits the agent channel to exactly that address)") from None
     services = LinkServices(gateway_addr=args.listen[0], agent_port=args.listen[1],
                             tftp_port=args.netboot_tftp_port or None, http_port=args.netboot_http_port or None,
-                            dhcp=args.netboot_dhcp)
+                            dhcp=args.netboot_dhcp, deny=tuple(args.deny_network))
     guard = EgressGuard(args.hpc_link, [], tag=args.hpc_link, services=services)
     guard.apply()
     return guard

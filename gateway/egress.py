@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from trustcap.gateway.errors import EgressError
 from trustcap.violations import Violation
 
-__all__ = ["EgressGuard", "LinkAttacher", "LinkServices", "LocalGatewayAttacher", "check_endpoints"]
+__all__ = ["EgressGuard", "LinkAttacher", "LinkServices", "LocalGatewayAttacher", "check_endpoints", "deny_networks"]
 
 log = logging.getLogger("trustcap.gateway")
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
@@ -69,13 +69,17 @@ def _run(cmd: Sequence[str], what: str, *, stdin: str | None = None, netns: str 
 @dataclass(frozen=True)
 class LinkServices:
     """What the Pi itself serves on its HPC link, and so what the link guard lets in besides declared
-    endpoints: the agent channel, and netboot (DHCP, TFTP, the HTTP boot files) while the HPC boots."""
+    endpoints: the agent channel, and netboot (DHCP, TFTP, the HTTP boot files) while the HPC boots; and
+    the networks (`deny`) that no declared endpoint may be in."""
 
     gateway_addr: str
     agent_port: int
     tftp_port: int | None = 69
     http_port: int | None = None
     dhcp: bool = True
+    # IPv4 networks the HPC never reaches, whatever a manifest declares: the cluster's own (its pod,
+    # service and node networks), which beyond the Pi no address check can tell from the internet.
+    deny: tuple[str, ...] = ()
 
 
 class EgressGuard:
@@ -104,7 +108,11 @@ class EgressGuard:
                 port = getattr(services, name)
                 if port is not None and not 0 < port < 65536:
                     raise EgressError(f"link guard: {name} {port} is not a port (1..65535)")
-        self.v4 = check_endpoints(endpoints, services.gateway_addr if services else None)
+        self.deny = deny_networks(services.deny if services else ())
+        self.v4 = self._check(endpoints)
+
+    def _check(self, endpoints: Sequence[_EndpointLike]) -> list[tuple[str, int]]:
+        return check_endpoints(endpoints, self.services.gateway_addr if self.services else None, deny=self.deny)
 
     def _service_rules(self) -> str:
         """The Pi's own services, accepted on input before anything is recorded as an attempt."""
@@ -126,9 +134,9 @@ class EgressGuard:
         """Per run (`trustcap exec --egress` on a workstation), a declared endpoint may be a service of this
         host, and the input chain admits it. On the Pi it never does: a manifest's egress is the capsule
         author's word, and it must not open the Pi's own services (on any of its addresses) to the HPC; a
-        declared endpoint is only ever forwarded beyond the Pi. Beyond the Pi the guard tells no address
-        from another: a declared address of another cluster machine (a pod, another node's kubelet) is
-        forwarded like any other (docs/threat-model.md, egress: still open)."""
+        declared endpoint is only ever forwarded beyond the Pi, and never into the `deny` networks (the
+        cluster's pods, services and nodes), which the gateway is told since no address check can tell
+        them from the internet."""
         if self.services is not None:
             return ""
         return f"        iifname {json.dumps(self.iface)} ip daddr . meta l4proto . th dport @declared counter name " \
@@ -146,15 +154,24 @@ class EgressGuard:
         established_to = f"ip daddr {self.services.gateway_addr} " if self.services else ""
         record = (f"        iifname {i} meta l4proto {{ tcp, udp }} add @attempts "
                   "{ ip daddr . meta l4proto . th dport }")
+        # the cluster's networks: dropped before the declared set is even looked at, so an opening that
+        # names one (no check lets it in; this is the kernel's own refusal) still carries nothing
+        nets = ", ".join(str(n) for n in self.deny)
+        deny_set = (f"    set deny {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {nets} }} }}\n"
+                    if nets else "")
+        deny_rules = (f"        iifname {i} ip daddr @deny meta l4proto {{ tcp, udp }} add @attempts "
+                      "{ ip daddr . meta l4proto . th dport }\n"
+                      f"        iifname {i} ip daddr @deny log prefix \"trustcap-egress-deny \" level warn "
+                      "counter name denied drop\n") if nets else ""
         return f"""table inet {self.table} {{
     counter allowed {{ }}
     counter denied {{ }}
     counter denied_gateway {{ }}
 {service_counters}    set declared {{ type ipv4_addr . inet_proto . inet_service; flags timeout; {declared} }}
-    set attempts {{ type ipv4_addr . inet_proto . inet_service; flags dynamic; size 4096; counter; }}
+{deny_set}    set attempts {{ type ipv4_addr . inet_proto . inet_service; flags dynamic; size 4096; counter; }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
-        iifname {i} ip daddr . meta l4proto . th dport @declared counter name allowed accept
+{deny_rules}        iifname {i} ip daddr . meta l4proto . th dport @declared counter name allowed accept
         oifname {i} ct state established,related accept
         iifname {i} meta l4proto {{ tcp, udp }} add @attempts {{ ip daddr . meta l4proto . th dport }}
         iifname {i} log prefix "trustcap-egress-deny " level warn counter name denied drop
@@ -184,7 +201,7 @@ class EgressGuard:
         transaction, so no packet sees an empty or a mixed set. With `ttl_s` the kernel itself drops them
         after that many seconds (the run's timeout and margin), so a run's endpoints close even when no
         gateway is left to call clear(): the table outlives the gateway, its openings do not."""
-        v4 = check_endpoints(endpoints, self.services.gateway_addr if self.services else None)
+        v4 = self._check(endpoints)
         if ttl_s is not None and not 0 < ttl_s < 2**31 // 1000:
             raise EgressError(f"link guard: a declared endpoint's timeout of {ttl_s} s is out of range")
         ttl = f" timeout {ttl_s}s" if ttl_s is not None else ""
@@ -246,11 +263,28 @@ def _special(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return ""
 
 
-def check_endpoints(endpoints: Sequence[_EndpointLike], gateway_addr: str | None = None) -> list[tuple[str, int]]:
+def deny_networks(cidrs: Sequence[str]) -> tuple[ipaddress.IPv4Network, ...]:
+    """The deny list as IPv4 networks, or EgressError naming the first entry that is not one."""
+    out = []
+    for text in cidrs:
+        try:
+            net = ipaddress.ip_network(str(text).strip(), strict=True)
+        except ValueError as exc:
+            raise EgressError(f"link guard: deny network {text!r} is not a network in CIDR form ({exc})") from None
+        if not isinstance(net, ipaddress.IPv4Network):
+            raise EgressError(f"link guard: deny network {text!r}: the HPC link carries IPv4 only (IPv6 is "
+                              "dropped whole)")
+        out.append(net)
+    return tuple(out)
+
+
+def check_endpoints(endpoints: Sequence[_EndpointLike], gateway_addr: str | None = None, *,
+                    deny: Sequence[ipaddress.IPv4Network] = ()) -> list[tuple[str, int]]:
     """The endpoints as (IPv4 address, port), or EgressError naming the first that no guard will open: an
     IPv6 address (the HPC link carries IPv4 only; IPv6 is dropped and counted), a port outside 1..65535,
     a loopback, link-local, multicast, unspecified, reserved or broadcast address (none is a destination
-    beyond the Pi; link-local is the HPC link itself), or the Pi's own address on the link."""
+    beyond the Pi; link-local is the HPC link itself), the Pi's own address on the link, or an address in
+    one of the `deny` networks (the cluster's own)."""
     v4: list[tuple[str, int]] = []
     for e in endpoints:
         try:
@@ -267,6 +301,10 @@ def check_endpoints(endpoints: Sequence[_EndpointLike], gateway_addr: str | None
         if gateway_addr is not None and addr == ipaddress.ip_address(gateway_addr):
             raise EgressError(f"egress guard: endpoint {e.host}:{e.port} is the gateway's own address on the HPC "
                               "link: a capsule's egress never opens the gateway's services")
+        denied = next((n for n in deny if addr in n), None)
+        if denied is not None:
+            raise EgressError(f"egress guard: endpoint {e.host}:{e.port} is in {denied}, a network the HPC never "
+                              "reaches (the gateway's --deny-network: the cluster's own machines)")
         if not 0 < int(e.port) < 65536:
             raise EgressError(f"egress guard: endpoint {e.host}:{e.port}: the port must be 1..65535")
         v4.append((str(addr), int(e.port)))

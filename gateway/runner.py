@@ -99,7 +99,7 @@ class EgressLink(Protocol):
     """The Pi's guard of its HPC link (gateway/egress.py `EgressGuard` with LinkServices, decision 0118)."""
 
     @property
-    def services(self) -> Any: ...  # LinkServices: its gateway_addr is never a declared endpoint
+    def services(self) -> Any: ...  # LinkServices: its gateway_addr and deny networks are never declared
     def allow(self, endpoints: Sequence[Any], ttl_s: int | None = None) -> None: ...
     def clear(self) -> None: ...
 
@@ -109,12 +109,13 @@ class _Endpoint(NamedTuple):
     port: int
 
 
-def declared_endpoints(manifest: Manifest, gateway_addr: str | None = None) -> list[_Endpoint]:
+def declared_endpoints(manifest: Manifest, gateway_addr: str | None = None, *,
+                       deny: Sequence[str] = ()) -> list[_Endpoint]:
     """The manifest's egress as (host, port), each one the Pi's link guard can open; RunFailed for a name
     (the guard matches addresses, and a DNS lookup would itself be egress; the agent refuses names for the
     same reason) and for what the guard refuses (gateway/egress.py `check_endpoints`: IPv6, loopback,
-    link-local, multicast, broadcast, the Pi's own address on the link)."""
-    from trustcap.gateway.egress import check_endpoints
+    link-local, multicast, broadcast, the Pi's own address on the link, the cluster's `deny` networks)."""
+    from trustcap.gateway.egress import check_endpoints, deny_networks
 
     out = []
     for text in manifest.egress:
@@ -127,7 +128,7 @@ def declared_endpoints(manifest: Manifest, gateway_addr: str | None = None) -> l
                                       "not names (resolving one would itself be egress)") from None
         out.append(_Endpoint(host, int(port)))
     try:
-        check_endpoints(out, gateway_addr)
+        check_endpoints(out, gateway_addr, deny=deny_networks(deny))
     except TrustcapError as exc:
         raise RunFailed("Failed", f"manifest egress: {exc}") from exc
     return out
@@ -410,9 +411,12 @@ class Runner(PollingLoop):
             if self._holder == tid:
                 self._holder = None
 
-    def _gateway_addr(self) -> str | None:
+    def _endpoints(self, manifest: Manifest) -> list[_Endpoint]:
+        """The manifest's endpoints as the link guard will take them (its gateway address and deny list)."""
         services = self.link.services if self.link is not None else None
-        return str(services.gateway_addr) if services is not None else None
+        if services is None:
+            return declared_endpoints(manifest)
+        return declared_endpoints(manifest, str(services.gateway_addr), deny=tuple(getattr(services, "deny", ())))
 
     def _declare(self, tid: str, manifest: Manifest) -> None:
         """Open the Pi's HPC link to exactly the endpoints of the manifest the pre round attested, before
@@ -420,7 +424,7 @@ class Runner(PollingLoop):
         runs one capsule at a time, so one run holds the link: a second is refused, never merged."""
         if self.link is None:
             return
-        endpoints = declared_endpoints(manifest, self._gateway_addr())
+        endpoints = self._endpoints(manifest)
         ttl_s = int(manifest.timeout_seconds + RESULT_MARGIN_S)
         with self._link_io:  # every allow and clear in turn: a late retried clear cannot undo this allow
             with self._lock:
@@ -467,7 +471,7 @@ class Runner(PollingLoop):
         """Fetch every input and its released key, then start the run; RunFailed before anything is sent."""
         spec = run["spec"]
         if self.link is not None:  # refused before any key is asked for
-            declared_endpoints(manifest, self._gateway_addr())
+            self._endpoints(manifest)
         pre = self.kube.get(ATTESTATIONS, self.namespace, str(spec.get("preRound", "")))
         if pre is None:
             raise RunFailed("Failed", f"the pre-run round {spec.get('preRound')!r} is missing")

@@ -45,6 +45,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                         "a token armed for the next boot, and hand out that token")
     s.add_argument("--agent-endpoint", default="", help="HOST:PORT of the attestation server (default BIND:7443)")
     s.add_argument("--gateway-address", default="", help="0x... address of this gateway's trust root")
+    s.add_argument("--gateway-address-file", type=Path,
+                   help="with --token-file: read that address from the gateway's --address-file with every "
+                        "token armed (a token without a readable address is not served)")
     s.add_argument("--state-dir", type=Path, help="dnsmasq config, leases and log (default: ROOT/../netboot-state)")
     s.add_argument("--stop-after-boot", action="store_true", help="stop once the HPC reports it booted")
     s.add_argument("--events", type=Path, help="append refusals and boot reports here as JSON lines")
@@ -114,6 +117,11 @@ def build_config(args: argparse.Namespace) -> tuple[NetbootConfig, ApprovalSourc
     else:
         approval = pin_directory(root)
     dhcp = None
+    if args.gateway_address_file and args.gateway_address:
+        raise ConfigError("--gateway-address-file and --gateway-address: give one (the file is the gateway's own "
+                          "--address-file, which the chart passes)")
+    if args.gateway_address_file and not args.token_file:
+        raise ConfigError("--gateway-address-file needs --token-file: the address is read with each armed token")
     if args.token_file and not args.dhcp_interface:
         raise ConfigError("--token-file needs --dhcp-interface: the token reaches the HPC by DHCP")
     if args.dhcp_interface:
@@ -158,7 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from trustcap.netboot.tokens import TokenFileWatch
 
         assert cfg.dhcp is not None
-        watch = TokenFileWatch(args.token_file, next(iter(cfg.dhcp.macs)), services)
+        watch = TokenFileWatch(args.token_file, next(iter(cfg.dhcp.macs)), services,
+                               address_path=args.gateway_address_file)
     if args.events:
         events: Path = args.events
 

@@ -83,9 +83,10 @@ class NetbootServices:
     def _dhcp_state(self) -> Path:
         return self.cfg.state_dir or self.cfg.root.parent / "netboot-state"
 
-    def set_token(self, mac: str, token: str | None) -> None:
+    def set_token(self, mac: str, token: str | None, gateway_address: str | None = None) -> None:
         """Serve `mac` with this one-time token from now on (restarting dnsmasq), or, with None, stop
-        answering DHCP at all. Before `start()` this only sets what `start()` will serve."""
+        answering DHCP at all; `gateway_address`, when given, is the trust root the agent is told to pin.
+        Before `start()` this only sets what `start()` will serve."""
         with self._dhcp_lock:
             if self.cfg.dhcp is None or self.stopped.is_set():
                 return
@@ -97,6 +98,8 @@ class NetbootServices:
                 log.info("no enrolment token armed: DHCP stopped, %s is not served", mac)
                 return
             dhcp = dataclasses.replace(self.cfg.dhcp, macs={mac: token})
+            if gateway_address is not None:
+                dhcp = dataclasses.replace(dhcp, gateway_address=gateway_address)
             dhcp.validate()
             self.cfg = dataclasses.replace(self.cfg, dhcp=dhcp)
             if self._started:

@@ -269,6 +269,32 @@ def test_the_gateway_guards_its_hpc_link_when_the_interface_is_named(defaults: l
         assert proc.returncode != 0 and "hpcLink" in proc.stderr, proc.stderr
 
 
+
+def test_the_guarded_link_never_reaches_the_clusters_networks_by_default() -> None:
+    """Beyond the Pi no address check tells a pod from the internet: by default every private and shared
+    IPv4 range is denied (decision 0118), [] denies none, and a value that is no CIDR is refused by name;
+    the rendered arguments are parsed by the gateway's own CLI."""
+    import ipaddress
+
+    from trustcap.gateway.__main__ import parser
+
+    args = _gateway_container(render("--set", "gateway.hpcLink.interface=eth1",
+                                     "--set-json", f'gateway.bootDigests=["sha256:{"ab" * 32}"]'))["args"]
+    denied = [args[i + 1] for i, a in enumerate(args) if a == "--deny-network"]
+    assert denied == ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]
+    for pod in ("10.42.0.7", "10.43.0.1", "192.168.1.20"):  # k3s's pod and service networks, a Pi LAN
+        assert any(ipaddress.ip_address(pod) in ipaddress.ip_network(n) for n in denied), pod
+    parsed = parser().parse_args([a.replace("$(NODE_NAME)", "pi-1").replace("$(POD_IP)", "192.0.2.7")
+                                  for a in args])
+    assert parsed.deny_network == denied
+    none = _gateway_container(render("--set", "gateway.hpcLink.interface=eth1",
+                                     "--set-json", "gateway.hpcLink.denyNetworks=[]"))["args"]
+    assert "--deny-network" not in none
+    proc = helm("template", "rel", str(ROOT), "--set", "gateway.hpcLink.interface=eth1",
+                "--set-json", 'gateway.hpcLink.denyNetworks=["the-cluster"]', check=False)
+    assert proc.returncode != 0 and "denyNetworks" in proc.stderr, proc.stderr
+
+
 def test_the_reboot_wipe_watches_the_named_carrier_link(defaults: list[dict[str, Any]]) -> None:
     """Decision 0119: "" leaves the gateway's default (its --hpc-link); a name is passed with the command."""
     assert "--carrier-link" not in _gateway_container(defaults)["args"]
@@ -581,6 +607,9 @@ def test_netboot_takes_the_args_the_chart_gives_it(sets: tuple[str, ...], tmp_pa
     assert (cfg.dhcp is not None) == bool(sets)
     if cfg.dhcp is not None:
         assert cfg.dhcp.nodes == {"52:54:00:7c:00:01": "pi-1"} and "--token-file" in args
+        # the agent pins the gateway's address, which only the gateway knows: it writes the file netboot reads
+        (g,) = one(docs, "DaemonSet", "rel-trustcap-gateway")["spec"]["template"]["spec"]["containers"]
+        assert args[args.index("--gateway-address-file") + 1] == g["args"][g["args"].index("--address-file") + 1]
 
 
 def test_netboot_dhcp_needs_the_hpcs_mac() -> None:

@@ -100,6 +100,7 @@ def rig(agent_image: BuiltImage, workdir: Path, stack: dict[str, Any], kubeconfi
     objects = create_join_objects(join_cluster, tag, agent_image, address, pub)
     boot_hex = agent_image.bootdigest.split(":", 1)[1]
     token_file, journal, gw_log = workdir / "token", workdir / "journal.jsonl", workdir / "gateway.log"
+    address_file = workdir / "gateway-address"
     qmp = workdir / "qmp.sock"
     state = workdir / "state"
     state.mkdir()
@@ -115,6 +116,7 @@ def rig(agent_image: BuiltImage, workdir: Path, stack: dict[str, Any], kubeconfi
                 "--node", objects.node, "--boot-digest", agent_image.bootdigest,
                 "--policy", str(_policy(workdir / "policy.yaml", objects.node, boot_hex)),
                 "--listen", f"{GW_IP}:{AGENT_PORT}", "--relay", "127.0.0.1:7791", "--token-file", str(token_file),
+                "--address-file", str(address_file),  # as the chart runs it: netboot reads the address from here
                 "--kubeconfig", str(kubeconfig), "--journal", str(journal), "--boot-timeout", str(REBOOT_TIMEOUT),
                 "--reboot-command", f"{sys.executable} {pxelab.__file__} power-cycle {qmp} {lab.link_ns}",
                 "--carrier-link", lab.gw_if,  # the gateway's end of the HPC link: its carrier must drop
@@ -124,9 +126,10 @@ def rig(agent_image: BuiltImage, workdir: Path, stack: dict[str, Any], kubeconfi
             wait_for("the gateway's ready line", lambda: gateway.poll() is not None
                      or "ready agent=" in gw_log.read_text(errors="replace"), timeout=60)
             assert gateway.poll() is None, gw_log.read_text()
+            assert address_file.read_text().strip() == address  # the agent can pin only what it is handed
             netboot = _start_gateway(lab, root, manifest, state, extra=[
                 "--mac", f"{HPC_MAC}@{objects.node}", "--token-file", str(token_file),
-                "--agent-endpoint", f"{GW_IP}:{AGENT_PORT}", "--gateway-address", address,
+                "--agent-endpoint", f"{GW_IP}:{AGENT_PORT}", "--gateway-address-file", str(address_file),
                 "--report-node", objects.node, "--kubeconfig", str(kubeconfig)])
             hpc.start()
             yield RebootRig(lab, hpc, netboot, gateway, gw_log, journal, token_file, address, objects, join_cluster)

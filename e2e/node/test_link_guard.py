@@ -282,3 +282,31 @@ def test_a_runs_endpoints_close_in_the_kernel_at_their_timeout_without_any_gatew
         time.sleep(0.5)
     assert not _tcp_reaches(lab.hpc, BEYOND, DECLARED), "the endpoint outlived its timeout"
     assert _tcp_reaches(lab.hpc, PI_HPC, AGENT), "the Pi's own services are not timed"
+
+
+def test_the_clusters_networks_stay_shut_even_to_an_opening_that_names_them(lab: Lab) -> None:
+    """Attack: a manifest declares a machine of the cluster (here the beyond namespace stands for a pod),
+    which beyond the Pi no address check can tell from the internet. Told the cluster's networks, the
+    guard refuses the endpoint, and the kernel drops traffic to them ahead of the declared set: an opening
+    written straight into the set (as a guard without the check would) still reaches nothing. Positive
+    control: the same direct opening on a guard without the deny list reaches the machine."""
+    from trustcap.gateway.errors import EgressError
+
+    def open_directly(guard: EgressGuard) -> None:
+        run("ip", "netns", "exec", lab.pi, "nft", "add", "element", "inet", guard.table, "declared",
+            f"{{ {BEYOND} . tcp . {DECLARED} }}")
+
+    plain = _guard(lab)
+    plain.apply()
+    open_directly(plain)
+    assert _tcp_reaches(lab.hpc, BEYOND, DECLARED), "positive control: the opening carries without a deny list"
+    guard = EgressGuard(lab.link, [], netns=lab.pi, tag=lab.link,
+                        services=LinkServices(gateway_addr=PI_HPC, agent_port=AGENT, tftp_port=TFTP,
+                                              deny=("198.18.9.0/30",)))
+    guard.apply()  # replaces the plain table, its opening included
+    with pytest.raises(EgressError, match=r"is in 198\.18\.9\.0/30"):
+        guard.allow([Endpoint(BEYOND, DECLARED)])
+    open_directly(guard)
+    assert not _tcp_reaches(lab.hpc, BEYOND, DECLARED), "a cluster machine was reached through an opening"
+    assert (BEYOND, DECLARED) in {(a["host"], a["port"]) for a in guard.read()["attempts"]}
+    assert _tcp_reaches(lab.hpc, PI_HPC, AGENT), "the agent channel stays open"

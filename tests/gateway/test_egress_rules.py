@@ -112,3 +112,37 @@ def test_an_address_that_is_no_destination_beyond_the_pi_is_refused(host: str, w
         guard.allow([E(host, 80)])  # refused before nft is run: nothing half-applied
     assert check_endpoints([E("10.0.0.2", 80), E("198.18.1.1", 443)], "10.0.0.1") == [("10.0.0.2", 80),
                                                                                        ("198.18.1.1", 443)]
+
+
+def test_the_clusters_networks_are_refused_as_endpoints_and_dropped_in_the_kernel() -> None:
+    """Beyond the Pi no address check tells a cluster machine from the internet, so the gateway is told
+    the cluster's networks: an endpoint in one is refused before nft runs, and the forward chain drops
+    them ahead of the declared set (e2e/node/test_link_guard.py shows the drop in the kernel)."""
+    from trustcap.gateway.egress import LinkServices, check_endpoints, deny_networks
+    services = LinkServices(gateway_addr="10.77.0.1", agent_port=7000, deny=("10.42.0.0/16", "10.43.0.0/16"))
+    guard = EgressGuard("tcg1", [], services=services)
+    with pytest.raises(EgressError, match=r"10\.42\.7\.9:443 is in 10\.42\.0\.0/16.*--deny-network"):
+        guard.allow([E("198.18.1.1", 443), E("10.42.7.9", 443)])
+    assert guard.v4 == []  # nothing of the refused run was taken
+    # positive control: the same check passes what lies outside the networks
+    assert check_endpoints([E("198.18.1.1", 443), E("10.44.0.1", 443)], "10.77.0.1", deny=guard.deny) == [
+        ("198.18.1.1", 443), ("10.44.0.1", 443)]
+    rs = guard.ruleset()
+    fwd = rs[rs.index("chain forward"):rs.index("chain input")]
+    assert "set deny { type ipv4_addr; flags interval; auto-merge; elements = { 10.42.0.0/16, 10.43.0.0/16 } }" in rs
+    assert fwd.index("ip daddr @deny log") < fwd.index("@declared counter name allowed accept")
+    assert "@deny" not in EgressGuard("tcg1", [], services=LinkServices(gateway_addr="10.77.0.1",
+                                                                         agent_port=7000)).ruleset()
+    assert check_endpoints([E("10.42.7.9", 443)], "10.77.0.1") == [("10.42.7.9", 443)]  # no list, no refusal
+    assert deny_networks(["192.168.0.0/16"])[0].num_addresses == 65536
+
+
+@pytest.mark.parametrize(("cidr", "why"), [
+    pytest.param("10.42.0.1/16", "host bits set", id="host-bits"),
+    pytest.param("cluster", "not a network in CIDR form", id="a-name"),
+    pytest.param("fd00::/8", "IPv4 only", id="ipv6"),
+])
+def test_a_bad_deny_network_names_itself(cidr: str, why: str) -> None:
+    from trustcap.gateway.egress import LinkServices
+    with pytest.raises(EgressError, match=why):
+        EgressGuard("tcg1", [], services=LinkServices(gateway_addr="10.77.0.1", agent_port=7000, deny=(cidr,)))

@@ -47,6 +47,7 @@ def good(tmp_path: Path) -> dict[str, str]:
     pytest.param("--metrics-address", "0.0.0.0:9466", 1, "is not a loopback address", id="metrics-off-loopback"),
     pytest.param("--metrics-address", "metrics", 2, "is not HOST:PORT", id="bad-metrics-address"),
     pytest.param("--rekey-after", "64", 1, "every 1..32 requests; the agent closes a channel", id="rekey-too-late"),
+    pytest.param("--deny-network", "10.42.0.0/16", 1, "--deny-network needs --hpc-link", id="deny-without-link"),
     pytest.param("--verifier", "0x1234", 1, "'0x1234' is not an Ethereum address", id="bad-verifier-address"),
     pytest.param("--verifier", VERIFIER.lower()[:-1] + "g", 1, "is not an Ethereum address", id="verifier-not-hex"),
     pytest.param("--verifier", VERIFIER[:-1] + ("c" if VERIFIER[-1] == "C" else "C"), 1, "EIP-55",
@@ -76,6 +77,8 @@ def test_no_verifier_directory_is_one_line_saying_to_give_one(good: dict[str, st
     pytest.param({"--listen": "[::1]:7000"}, "must be this link's own IPv4 address", id="ipv6-listen"),
     pytest.param({"--listen": "127.0.0.1:7000", "--netboot-tftp-port": "70000"}, "tftp_port 70000 is not a port",
                  id="bad-tftp-port"),
+    pytest.param({"--listen": "127.0.0.1:7000", "--deny-network": "10.42.0.1/16"}, "'10.42.0.1/16' is not a network",
+                 id="bad-deny-network"),
 ])
 def test_a_guarded_hpc_link_needs_the_links_own_address(good: dict[str, str], tmp_path: Path,
                                                         extra: dict[str, str], needle: str) -> None:
@@ -114,6 +117,7 @@ def test_a_malformed_policy_names_its_field(good: dict[str, str], tmp_path: Path
 def test_starts_mints_one_private_token_and_stops_cleanly_on_sigterm(good: dict[str, str], tmp_path: Path) -> None:
     import signal
 
+    good["--address-file"] = str(tmp_path / "gateway-address")  # netboot hands it to the HPC with the token
     proc = subprocess.Popen([sys.executable, "-P", "-m", "trustcap.gateway", *[x for kv in good.items() for x in kv]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -124,6 +128,9 @@ def test_starts_mints_one_private_token_and_stops_cleanly_on_sigterm(good: dict[
         token = Path(good["--token-file"])
         assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text().strip()) >= 16
         assert Path(good["--journal"]).exists(), "the journal is opened at start"
+        with SoftwareTrustRoot.open(Path(good["--trustroot"]),
+                                    bytes.fromhex(Path(good["--kek-file"]).read_text().strip())) as root:
+            assert Path(good["--address-file"]).read_text() == root.address + "\n"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -468,11 +468,12 @@ class Link:
     validates endpoints as the guard does (`check_endpoints`), and records each allow and clear into the
     runner's op log. `fail_clears` clears fail before one holds."""
 
-    def __init__(self, refuse: str = "", gateway_addr: str = "10.0.0.1", fail_clears: int = 0) -> None:
+    def __init__(self, refuse: str = "", gateway_addr: str = "10.0.0.1", fail_clears: int = 0,
+                 deny: tuple[str, ...] = ()) -> None:
         self.ops: list[str] = []
         self.allowed: list[list[tuple[str, int]]] = []
         self.refuse = refuse
-        self.services = LinkServices(gateway_addr=gateway_addr, agent_port=7000)
+        self.services = LinkServices(gateway_addr=gateway_addr, agent_port=7000, deny=deny)
         self.fail_clears = fail_clears
         self.ttls: list[int | None] = []
 
@@ -558,6 +559,20 @@ def test_an_endpoint_the_guard_cannot_open_fails_the_run_before_any_key_is_asked
     host = egress.rsplit(":", 1)[0].strip("[]")
     assert st["phase"] == "Failed" and why in st["error"] and host in st["error"], st["error"]
     assert link.allowed == [] and "run" not in w.server.ops and st["wipe"]["ran"] is False
+    assert all(b.bodies == [] for b in w.brokers.values()), "a broker was asked for a key"
+
+
+def test_an_endpoint_in_the_clusters_networks_fails_the_run_before_any_key_is_asked(make: Any) -> None:
+    """Attack: the manifest names a cluster machine (a pod here), which no address check can tell from the
+    internet; the gateway's deny list refuses it before a broker is asked (the positive control is the
+    next test, the same run with a routable endpoint)."""
+    link = Link(gateway_addr="10.0.0.1", deny=("10.42.0.0/16",))
+    w = make(egress=["10.9.0.7:443", "10.42.3.4:10250"], link=link)
+    w.prepare()
+    w.order_run()
+    st = w.wait(("Succeeded", "Failed"))
+    assert st["phase"] == "Failed" and "10.42.3.4:10250 is in 10.42.0.0/16" in st["error"], st["error"]
+    assert link.allowed == [] and "run" not in w.server.ops
     assert all(b.bodies == [] for b in w.brokers.values()), "a broker was asked for a key"
 
 
