@@ -90,13 +90,28 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None
     """(direct boot s, PXE boot s, PXE to agent enrolled s, reboot wipe s, accel), all with the agent image.
 
     The reboot wipe is the gateway's whole `reboot` level (gateway/boot.py): revoke, arm a new token,
-    reset the PC over QMP, PXE again, a new key enrolled and quoted, the proof signed."""
-    from trustcap.gateway.boot import BootArming, Rebooter
+    power-cycle the PC (its link's carrier drops, a QMP reset, the carrier returns), PXE again, a new key
+    enrolled and quoted, the proof signed."""
+    from trustcap.gateway.boot import BootArming, CarrierWatch, Rebooter
     from trustcap.gateway.enrol import TokenBook
     from trustcap.gateway.server import AttestationServer
     from trustcap.netboot.image.builder import BuildInputs, build_image, copy_image
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))  # the e2e suite's PXE lab
-    from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, qemu_available, qmp_system_reset
+    from pxelab import GW_IP, HPC_MAC, LabLink, QemuHpc, in_netns, power_cycle, qemu_available
+
+    class NsCarrier(CarrierWatch):
+        """The gateway's end of the lab link lives in the lab's namespace, whose sysfs this process does not
+        see: read the kernel's count there (`ip netns exec` mounts that namespace's /sys)."""
+
+        def __init__(self, ns: str, iface: str) -> None:
+            super().__init__(iface)
+            self.ns = ns
+
+        def changes(self) -> int:
+            path = f"/sys/class/net/{self.iface}/carrier_changes"
+            out = subprocess.run(["ip", "netns", "exec", self.ns, "cat", path],
+                                 capture_output=True, text=True, timeout=10, check=True)
+            return int(out.stdout.strip())
 
     from trustcap.trustroot import SoftwareTrustRoot
 
@@ -140,8 +155,9 @@ def bench_boot(timeout: float) -> tuple[float | None, float | None, float | None
         with LabLink(tag=f"b{os.getpid()}") as lab:
             with in_netns(lab.gw_ns):
                 server = AttestationServer(trust_root, "hpc-bench", tokens, host=GW_IP, port=7443)
-            rebooter = Rebooter(server, arming, lambda _reason: qmp_system_reset(t / "qmp.sock"), trust_root,
-                                boot_timeout_s=timeout)
+            # as the gateway runs it (decision 0119): a power cycle drops the link's carrier, which the proof checks
+            rebooter = Rebooter(server, arming, lambda _reason: power_cycle(t / "qmp.sock", lab.link_ns), trust_root,
+                                boot_timeout_s=timeout, carrier=NsCarrier(lab.gw_ns, lab.gw_if))
             server.on_session = rebooter.on_session
             serve = subprocess.Popen(lab.in_gw([
                 sys.executable, "-P", "-m", "trustcap.cli", "netboot", "serve", "--root", str(root), "--bind", GW_IP,

@@ -136,3 +136,23 @@ def test_recovers_key_is_true_only_for_the_signing_key(seed: int) -> None:
         signing.recovers_key(digest, sig, b"\x04" + bytes(64))
     with pytest.raises(signing.SignatureError):
         signing.recovers_key(digest, sig[:64] + b"\x1d", mine)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_recovers_address_agrees_with_recover_address(seed: int) -> None:
+    """The appraisal compares the 20 address bytes instead of EIP-55 strings: the signer's address passes
+    in either case form (positive control), another address or digest fails, a string that is no address
+    fails, and a malformed signature is an error, never a pass."""
+    rng = random.Random(4000 + seed)  # noqa: S311 - reproducible test inputs
+    secret, other, digest = _secret(rng), _secret(rng), rng.randbytes(32)
+    sig = _secp256k1.sign(secret, digest)
+    mine = signing.address_of(_secp256k1.public_key_from_secret(secret))
+    theirs = signing.address_of(_secp256k1.public_key_from_secret(other))
+    assert signing.recover_address(digest, sig) == mine
+    assert signing.recovers_address(digest, sig, mine) and signing.recovers_address(digest, sig, mine.lower())
+    assert not signing.recovers_address(digest, sig, theirs)
+    assert not signing.recovers_address(bytes([digest[0] ^ 1]) + digest[1:], sig, mine)
+    for bad in (mine[:-1], mine + "0", "0x" + "zz" * 20, mine[2:] + "00", ""):
+        assert not signing.recovers_address(digest, sig, bad)
+    with pytest.raises(signing.SignatureError):
+        signing.recovers_address(digest, sig[:64] + b"\x1d", mine)

@@ -49,7 +49,7 @@ from trustcap.evidence.errors import (
 )
 from trustcap.evidence.failure import Report, Severity
 from trustcap.evidence.freshness import NonceRegistry
-from trustcap.evidence.signing import Signer, recover_address, recovers_key
+from trustcap.evidence.signing import Signer, recovers_address, recovers_key
 from trustcap.forms import field_error
 
 __all__ = [
@@ -239,7 +239,7 @@ def appraise_quote(
         signatures_ok = False
         report.add("quote", fid.QUOTE_SIGNATURE_AGENT, Severity.CRITICAL, f"agent signature is not valid: {exc}")
     try:
-        if recover_address(_gateway_digest(qd, agent_sig), gateway_sig) != gateway_address:
+        if not recovers_address(_gateway_digest(qd, agent_sig), gateway_sig, gateway_address):
             raise SignatureError("signer is not the node's gateway")
     except SignatureError as exc:
         signatures_ok = False

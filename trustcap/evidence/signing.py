@@ -24,7 +24,7 @@ from eth_utils.crypto import keccak
 
 from trustcap.evidence.errors import SignatureError
 
-__all__ = ["SIGNATURE_LEN", "Signer", "address_of", "recover_address", "recovers_key"]
+__all__ = ["SIGNATURE_LEN", "Signer", "address_of", "recover_address", "recovers_address", "recovers_key"]
 
 SIGNATURE_LEN = 65
 _N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -64,6 +64,21 @@ def _address(point: coincurve.PublicKey) -> str:
 def recover_address(digest32: bytes, signature: bytes) -> str:
     """The EIP-55 address whose key made `signature` over `digest32`; SignatureError if malformed."""
     return _address(_recover(digest32, signature))
+
+
+def recovers_address(digest32: bytes, signature: bytes, address: str) -> bool:
+    """Whether `signature` over `digest32` was made by the key of `address` (0x + 40 hex; False for
+    anything else), with the same checks as `recover_address` (SignatureError if the signature is
+    malformed). It compares the 20 address bytes, sparing the EIP-55 checksum (a second keccak and a
+    character loop) that only a display needs."""
+    text = address if isinstance(address, str) else ""
+    if len(text) != 42 or text[:2] not in ("0x", "0X"):
+        return False
+    try:
+        want = bytes.fromhex(text[2:])
+    except ValueError:
+        return False
+    return keccak(_recover(digest32, signature).format(compressed=False)[1:])[-20:] == want
 
 
 def recovers_key(digest32: bytes, signature: bytes, public_key: bytes) -> bool:
