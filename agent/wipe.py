@@ -28,9 +28,10 @@ read `verified: true` as "nothing of the run is left": the HPC's RAM (the capsul
 page cache of its files, which the kernel frees at container exit and unmount without overwriting it,
 unless it boots with init_on_free=1), swap when the HPC has any, and older copies of the backing file's
 blocks on a copy-on-write or data-journaling host file system. The scratch device's own buffers are
-written out and invalidated after the overwrite (BLKFLSBUF, `blockdev --flushbufs`), and the read-back
-bypasses the page cache (O_DIRECT), so the check sees the disk, not memory; `page_cache` in the proof
-says which.
+written out to the backing file and invalidated, and the device detached, before the backing file itself
+is overwritten (BLKFLSBUF, `blockdev --flushbufs`, `losetup -d`: nothing can write through the device
+after the zeros), and the read-back bypasses the page cache (O_DIRECT), so the check sees the disk, not
+memory; `page_cache` in the proof says which.
 """
 
 from __future__ import annotations
@@ -309,13 +310,17 @@ class BlockScratch(Scratch):
         if self._mounted:
             _run(["umount", str(self.mountpoint)], "unmounting scratch")
             self._mounted = False
-        before = hashlib.sha256()
-        # The device's bytes *are* the backing file's, and the file reads faster than the loop device
-        # (one page cache, not two): the digest of what was there is taken from the file, chunk by chunk,
-        # each just before the same range of the device is overwritten.
-        _overwrite(self.device, self.size, before=(before, str(self.backing)))
+        # The device's bytes *are* the backing file's. Its buffers are written out to the file and dropped
+        # (BLKFLSBUF), and the device is detached, so nothing can write through it again; then the file
+        # itself is hashed and overwritten, chunk by chunk, and fsynced: one page cache, not the loop
+        # device's on top of the file's (writing through the device took half again as long).
         _run(["blockdev", "--flushbufs", self.device], "flushing scratch buffers")
         _run(["losetup", "-d", self.device], "detaching scratch")
+        still = _run(["losetup", "--associated", str(self.backing)], "checking the scratch is detached").strip()
+        if still:
+            raise WipeError(f"scratch {self.backing} is still attached after losetup -d: {still}")
+        before = hashlib.sha256()
+        _overwrite(str(self.backing), self.size, before=(before, str(self.backing)))
         # Read back the backing store itself (what anyone scanning the disk would see), after the loop
         # device flushed to it and let go of it, and past the page cache where the file system allows
         # (O_DIRECT): every block the overwrite reached holds written zeros on the disk, not only in memory.
@@ -329,13 +334,13 @@ class BlockScratch(Scratch):
         proof = {"what": "scratch", "path_used": "software-overwrite", "bytes": self.size, "passes": 1,
                  "pattern": "zeros", "discard": False, "device": self.device,
                  "covers": ["/scratch", "/inputs", "/output"] if self._staged else ["/scratch"],
-                 "how": "unmounted; whole loop device hashed and overwritten with zeros, fsynced, flushed; "
-                        f"backing store read back ({read_back}) before it was unlinked",
+                 "how": "unmounted; loop device flushed and detached; its whole backing store hashed and "
+                        f"overwritten with zeros, fsynced, and read back ({read_back}) before it was unlinked",
                  "read_back": read_back,
                  "digest_before": "sha256:" + before.hexdigest(), "digest_after": after, "expected_after": expected,
                  "verified": verified,
-                 "page_cache": "the scratch device's buffers were written out and invalidated after the overwrite "
-                               "(BLKFLSBUF); the read-back " +
+                 "page_cache": "the scratch device's buffers were written out and invalidated before the overwrite "
+                               "(BLKFLSBUF), and the device detached; the read-back " +
                                ("bypassed the page cache (O_DIRECT)" if read_back == "O_DIRECT"
                                 else f"used it ({read_back})"),
                  "not_covered": [*memory_not_covered(),
