@@ -32,34 +32,46 @@ class CanonicalError(TrustcapError):
 
 
 _INT_MAX = 2**53 - 1  # I-JSON: integers a double holds exactly (rfc8785 refuses the rest)
+# Nesting deeper than this is refused on both paths, the same way whatever the caller's stack: no
+# document trustcap signs comes near it, and without a bound the refusal depended on which path ran and
+# how deep the caller's stack already was (a RecursionError at a depth that varied).
+MAX_DEPTH = 64
 
 
 class _NotPlain(Exception):
     """The value needs the reference encoder (or its refusal)."""
 
 
-def _prepare(value: Any) -> Any:
+def _too_deep() -> CanonicalError:
+    return CanonicalError(f"cannot canonically encode value: nested deeper than {MAX_DEPTH} levels")
+
+
+def _prepare(value: Any, depth: int = 0) -> Any:
     if isinstance(value, bytes):
         return "0x" + value.hex()
+    if isinstance(value, (dict, list, tuple)) and depth >= MAX_DEPTH:
+        raise _too_deep()
     if isinstance(value, dict):
-        return {str(k): _prepare(v) for k, v in value.items()}
+        return {str(k): _prepare(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_prepare(v) for v in value]
+        return [_prepare(v, depth + 1) for v in value]
     return value
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, depth: int = 0) -> Any:
     """`_prepare`, for values the C encoder writes as JCS does; _NotPlain for anything else."""
     t = type(value)
     if t is str or value is None or t is bool:
         return value
     if t is dict:
+        if depth >= MAX_DEPTH:
+            raise _too_deep()
         out = {}
         for k, v in value.items():
             key = str(k)
-            if not key.isascii():
+            if type(key) is not str or not key.isascii():  # a str subclass may sort its own way
                 raise _NotPlain
-            out[key] = _plain(v)
+            out[key] = _plain(v, depth + 1)
         return out
     if t is int:
         if -_INT_MAX <= value <= _INT_MAX:
@@ -68,7 +80,9 @@ def _plain(value: Any) -> Any:
     if t is bytes:
         return "0x" + value.hex()
     if t is list or t is tuple:
-        return [_plain(v) for v in value]
+        if depth >= MAX_DEPTH:
+            raise _too_deep()
+        return [_plain(v, depth + 1) for v in value]
     raise _NotPlain  # floats, subclasses (enums), other types: the reference decides
 
 

@@ -81,3 +81,38 @@ def test_a_quote_takes_the_fast_path() -> None:
     assert canonical._plain(quote) == quote
     with pytest.raises(canonical._NotPlain):
         canonical._plain({"f": 1.5})
+
+
+@pytest.mark.parametrize("leaf", [1, 1.5, "x"], ids=["int-fast-path", "float-reference-path", "str"])
+def test_nesting_is_bounded_alike_on_both_paths(leaf: Any) -> None:
+    """Found in review: past ~500 levels the reference's preparation hit RecursionError where the fast
+    path still encoded, so acceptance hung on the leaf's type and on the caller's stack depth. Both paths
+    now refuse anything nested deeper than MAX_DEPTH, and encode what is within it identically."""
+    def nest(depth: int, make: Any) -> Any:
+        v = leaf
+        for i in range(depth):
+            v = make(v, i)
+        return v
+
+    for make in (lambda v, _i: {"a": v}, lambda v, _i: [v], lambda v, i: {"a": v} if i % 2 else (v,)):
+        deepest = nest(canonical.MAX_DEPTH, make)
+        assert canonical.encode(deepest) == _reference(deepest)
+        for depth in (canonical.MAX_DEPTH + 1, 600):
+            with pytest.raises(CanonicalError, match="nested deeper than"):
+                canonical.encode(nest(depth, make))
+
+
+def test_a_key_whose_str_is_a_str_subclass_takes_the_reference_path() -> None:
+    class Odd(str):
+        def __lt__(self, other: object) -> bool:
+            return not str.__lt__(self, other)  # type: ignore[arg-type]
+
+    class Key:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __str__(self) -> str:
+            return Odd(self.name)
+
+    value = {Key("a"): 1, Key("b"): 2}
+    assert canonical.encode(value) == _reference(value) == b'{"a":1,"b":2}'
